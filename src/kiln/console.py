@@ -1,0 +1,77 @@
+"""Terminal output shared by the CLI and the demo: rich consoles and the tables kiln prints."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from kiln.convert import ImportResult
+    from kiln.hardware import HardwareInfo
+
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
+
+
+def error_line(message: str) -> None:
+    """One red line on stderr: what the CLI prints for any user error."""
+    err_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+
+
+def _yes(flag: bool) -> str:
+    return "[green]yes[/]" if flag else "[red]no[/]"
+
+
+def _gib(n: int | None) -> str:
+    return "" if n is None else f"{n / 2**30:.1f} GiB"
+
+
+def doctor_tables(info: HardwareInfo) -> list[Table]:
+    machine = Table(title="This machine", show_header=False, title_justify="left")
+    machine.add_column(style="bold")
+    machine.add_column()
+    machine.add_row("CPU", f"{info.cpu_model} ({info.architecture})")
+    machine.add_row("cores", f"{info.physical_cores} physical, {info.logical_cores} logical")
+    machine.add_row("memory", _gib(info.memory_bytes))
+    machine.add_row("ISA", ", ".join(info.isa) or "none detected")
+    for pkg, ver in info.versions.items():
+        machine.add_row(pkg, ver or "[dim]not installed[/]")
+    machine.add_row("ONNX Runtime providers", ", ".join(info.onnxruntime_providers) or "[dim]none[/]")
+    machine.add_row("OpenVINO devices", ", ".join(info.openvino_devices) or "[dim]none[/]")
+
+    devices = Table(title="Devices and precisions", title_justify="left")
+    for col in ("device", "name", "memory", "bf16", "fp16", "int8"):
+        devices.add_column(col)
+    for d in info.devices:
+        devices.add_row(
+            d.id + (f" (cc {d.compute_capability})" if d.compute_capability else ""),
+            d.name,
+            _gib(d.memory_bytes),
+            *(f"{_yes(s.supported)} [dim]{s.reason}[/]" for s in (d.bf16, d.fp16, d.int8)),
+        )
+    return [machine, devices]
+
+
+def import_summary(result: ImportResult) -> Table:
+    t = Table(title=f"{result.model} version {result.version}" + (" (already imported)" if result.reused else ""),
+              title_justify="left", show_header=False)  # fmt: skip
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("path", str(result.path))
+    t.add_row("exporter", result.manifest.exporter)
+    for tensor in result.spec.inputs:
+        t.add_row(f"input {tensor.name}", f"{tensor.dtype} {list(tensor.shape)}")
+    for tensor in result.spec.outputs:
+        t.add_row(f"output {tensor.name}", f"{tensor.dtype} {list(tensor.shape)}")
+    worst: dict[str, float] = {}
+    for p in result.manifest.parity:
+        worst[p["artifact"]] = max(worst.get(p["artifact"], 0.0), p["max_abs_error"])
+    for artifact, err in worst.items():
+        t.add_row(f"parity {artifact}", f"max abs error {err:.2e} (batches 1 and 4)")
+    for name, digest in result.manifest.artifacts.items():
+        t.add_row(name, f"sha256 {digest[:16]}…")
+    for note in result.notes:
+        t.add_row("note", f"[yellow]{note}[/]")
+    return t

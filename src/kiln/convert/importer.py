@@ -1,0 +1,187 @@
+"""``import_model``: one entry point that turns a trained model into a repository version.
+
+Each source framework has an importer (``from_pytorch``, ``from_onnx``; more register the same way)
+that loads the source, fingerprints it, and stages the artifacts; this module owns the rest: the
+spec, the compatibility check with earlier versions, the manifest, and the atomic publish.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kiln.convert.parity import ParityResult
+from kiln.errors import InvalidSourceError, SpecError
+from kiln.repository import Repository, VersionManifest
+from kiln.spec import DType, ModelSpec, ServingSettings, Task, TensorSpec
+
+
+class ImportConfig(BaseModel):
+    """How to import a model. Fields a source does not need are ignored by its importer."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+    task: Task = "generic"
+    labels: list[str] | None = None
+    input_shapes: list[tuple[int, ...]] | None = Field(
+        default=None, description="example shape per input, batch first (PyTorch sources)"
+    )
+    input_dtypes: list[DType] | None = None
+    input_names: list[str] | None = None
+    output_names: list[str] | None = None
+    dynamic_batch: bool = True
+    weights: Path | None = Field(default=None, description="safetensors file or a state_dict (.pt/.pth)")
+    atol: float = Field(default=1e-4, ge=0)
+    rtol: float = Field(default=1e-3, ge=0)
+    opset: int | None = Field(default=None, ge=7)
+    force: bool = Field(default=False, description="import again even if this exact source is already a version")
+
+
+@dataclass
+class Staged:
+    """What an importer produced in the staging directory."""
+
+    framework: str
+    exporter: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    batched: bool
+    parity: list[ParityResult] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+class Importer(Protocol):
+    framework: str
+    default_name: str
+
+    def source_hash(self) -> str: ...
+
+    def stage(self, staging: Path) -> Staged: ...
+
+
+@dataclass
+class ImportResult:
+    model: str
+    version: int
+    path: Path
+    spec: ModelSpec
+    manifest: VersionManifest
+    reused: bool
+    notes: list[str] = field(default_factory=list)
+
+
+ImporterFactory = Callable[[Any, ImportConfig], Importer]
+_BY_SUFFIX: dict[str, str] = {".onnx": "onnx"}
+_IMPORTERS: dict[str, str] = {
+    "onnx": "kiln.convert.from_onnx:OnnxImporter",
+    "pytorch": "kiln.convert.from_pytorch:TorchImporter",
+}
+
+
+def detect_format(source: Any) -> str:
+    """Which importer reads ``source``: a file by suffix, a factory path, or a Python object."""
+    from kiln.convert.factory import is_factory_path
+
+    if not isinstance(source, (str, Path)):
+        return "pytorch"
+    text = str(source)
+    path = Path(text)
+    if path.suffix.lower() in _BY_SUFFIX:
+        if not path.is_file():
+            raise InvalidSourceError(text, "file not found")
+        return _BY_SUFFIX[path.suffix.lower()]
+    if not path.exists() and is_factory_path(text):
+        return "pytorch"
+    if not path.exists():
+        raise InvalidSourceError(text, "no such file, and not a factory path like 'package.module:callable'")
+    raise InvalidSourceError(
+        text, f"unknown model format {path.suffix or '(no suffix)'!r}; kiln imports {sorted(_BY_SUFFIX)} files "
+        "and PyTorch factories 'package.module:callable'"
+    )  # fmt: skip
+
+
+def make_importer(source: Any, config: ImportConfig) -> Importer:
+    import importlib
+
+    fmt = detect_format(source)
+    module, _, cls = _IMPORTERS[fmt].partition(":")
+    factory: ImporterFactory = getattr(importlib.import_module(module), cls)
+    return factory(source, config)
+
+
+def import_model(
+    source: Any, repo: str | Path | Repository, config: ImportConfig | None = None, **overrides: Any
+) -> ImportResult:
+    """Import ``source`` (an ONNX file, a PyTorch factory path, an ``nn.Module``) as a new version.
+
+    The same source imported twice gives back the existing version (``reused=True``) unless
+    ``force=True``. Keyword arguments override fields of ``config``.
+    """
+    try:
+        config = ImportConfig.model_validate({**(config.model_dump() if config else {}), **overrides})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise SpecError(f"import option {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    repository = repo if isinstance(repo, Repository) else Repository(repo)
+    importer = make_importer(source, config)
+    name = config.name or _safe_name(importer.default_name)
+    source_hash = importer.source_hash()
+    if not config.force and repository.has_model(name):
+        existing = repository.find_source(name, source_hash)
+        if existing is not None:
+            _, vdir = repository.resolve(name, existing)
+            return ImportResult(
+                name, existing, vdir, repository.spec(name), repository.manifest(name, existing), reused=True,
+                notes=[f"{source} is already version {existing} of {name!r}; nothing imported (use force to redo)"],
+            )  # fmt: skip
+    repository.cleanup_staging(name)
+    with repository.new_version(name) as pending:
+        staged = importer.stage(pending.path)
+        spec = _build_spec(repository, name, config, staged)
+        repository.check_compatible(spec)
+        manifest = repository.commit_version(
+            pending.path, framework=staged.framework, source=str(source) if isinstance(source, (str, Path))
+            else f"<{type(source).__name__} object>", source_hash=source_hash, exporter=staged.exporter,
+            parity=[p.to_dict() for p in staged.parity],
+        )  # fmt: skip
+        repository.save_spec(spec)
+    assert pending.version is not None
+    manifest = repository.manifest(name, pending.version)
+    return ImportResult(name, pending.version, repository.root / name / str(pending.version), spec, manifest,
+                        reused=False, notes=staged.notes)  # fmt: skip
+
+
+def _build_spec(repository: Repository, name: str, config: ImportConfig, staged: Staged) -> ModelSpec:
+    base: dict[str, Any] = {}
+    if repository.has_model(name):
+        # A new version keeps what the user set on the model: labels, processing, serving settings.
+        base = repository.spec(name).model_dump(exclude={"inputs", "outputs", "chosen_variant"})
+    serving = ServingSettings.model_validate(base.get("serving", {}))
+    if not staged.batched:
+        serving = serving.model_copy(update={"max_batch_size": 0})
+    data = {
+        **base,
+        "name": name,
+        "task": config.task if config.task != "generic" or "task" not in base else base["task"],
+        "inputs": staged.inputs,
+        "outputs": staged.outputs,
+        "serving": serving,
+    }
+    if config.labels is not None:
+        data["labels"] = config.labels
+    try:
+        return ModelSpec.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise SpecError(f"spec for {name!r}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+
+
+def _safe_name(raw: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9_.\-]+", "-", raw).strip("-.") or "model"
+    return name

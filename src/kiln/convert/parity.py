@@ -1,0 +1,71 @@
+"""Compare an exported artifact's outputs with the source framework's."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from kiln.errors import ParityError
+
+
+@dataclass(frozen=True)
+class ParityResult:
+    artifact: str
+    output: str
+    batch: int
+    max_abs_error: float
+    ok: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def compare(
+    reference: Mapping[str, np.ndarray],
+    candidate: Mapping[str, np.ndarray],
+    batch: int,
+    atol: float,
+    rtol: float,
+    artifact: str = "model.onnx",
+) -> list[ParityResult]:
+    results = []
+    for name, ref in reference.items():
+        got = candidate[name]
+        if got.shape != ref.shape:
+            raise ParityError(name, batch, float("inf"), atol, rtol)
+        if ref.dtype.kind in "fc":
+            diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
+            err = float(diff.max()) if diff.size else 0.0
+            ok = bool(np.all(diff <= atol + rtol * np.abs(ref.astype(np.float64))))
+        else:
+            err = float(np.count_nonzero(got != ref))
+            ok = err == 0
+        results.append(ParityResult(artifact, name, batch, err, ok))
+    return results
+
+
+def raise_on_failure(results: list[ParityResult], atol: float, rtol: float) -> None:
+    for r in results:
+        if not r.ok:
+            raise ParityError(r.output, r.batch, r.max_abs_error, atol, rtol)
+
+
+def random_inputs(specs: list[Any], batch: int, seed: int) -> dict[str, np.ndarray]:
+    """Deterministic random inputs for a list of TensorSpecs (dynamic dims beyond batch become 8)."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, np.ndarray] = {}
+    for t in specs:
+        shape = [batch if i == 0 and d == -1 else (8 if d == -1 else d) for i, d in enumerate(t.shape)]
+        dt = t.numpy_dtype
+        if dt.kind == "f":
+            out[t.name] = rng.standard_normal(shape).astype(dt)
+        elif dt.kind in "iu":
+            out[t.name] = rng.integers(0, 10, size=shape).astype(dt)
+        elif dt.kind == "b":
+            out[t.name] = rng.integers(0, 2, size=shape).astype(bool)
+        else:
+            out[t.name] = np.array([f"text {i}" for i in range(int(np.prod(shape)))], dtype=object).reshape(shape)
+    return out

@@ -1,0 +1,121 @@
+"""``kiln demo``: the whole road on the built-in digits model, end to end, on this machine."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from kiln.console import console, import_summary
+from kiln.errors import AccuracyError, KilnError
+
+MIN_ACCURACY = 0.97
+
+
+@dataclass(frozen=True)
+class EngineResult:
+    engine: str
+    precision: str
+    accuracy: float
+    p50_ms: float
+    p90_ms: float
+
+
+def evaluate(predictor: object, x: np.ndarray, y: np.ndarray, warmup: int = 20) -> tuple[float, list[float]]:
+    """Accuracy over the set and per-request latency, one image at a time (batch 1)."""
+    from kiln.predictor import Predictor
+
+    assert isinstance(predictor, Predictor)
+    name = predictor.spec.inputs[0].name
+    for i in range(warmup):
+        predictor.predict({name: x[i : i + 1]})
+    times: list[float] = []
+    correct = 0
+    for i in range(len(x)):
+        t0 = time.perf_counter()
+        out = predictor.predict({name: x[i : i + 1]})
+        times.append(time.perf_counter() - t0)
+        correct += int(next(iter(out.values())).argmax() == y[i])
+    return correct / len(x), times
+
+
+def run_demo(directory: Path) -> list[EngineResult]:
+    import kiln
+    from kiln.hardware import detect
+    from kiln.zoo import digits
+
+    repo = directory / "repo"
+    console.rule("[bold]kiln demo[/]: the digits CNN, trained offline on scikit-learn's digits")
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:  # fmt: skip
+        task = progress.add_task("training the digits CNN (once; cached afterwards)", total=digits.RECIPE["epochs"])
+        trained = digits.train(progress=lambda done, total: progress.update(task, completed=done))
+    how = "reused cached weights" if trained.cached else f"trained in {trained.train_seconds:.1f} s"
+    console.print(f"[bold]1. train[/]  {how}: validation accuracy {trained.val_accuracy:.2%} → {trained.weights}")
+
+    with console.status("importing: torch.export → ONNX, parity check at batch 1 and 4 …"):
+        result = kiln.import_model(
+            digits.FACTORY, repo, name="digits", weights=trained.weights, input_shapes=[digits.INPUT_SHAPE],
+            input_names=[digits.INPUT_NAME], output_names=["logits"], task="classification", labels=digits.LABELS,
+        )  # fmt: skip
+    console.print("[bold]2. import[/]")
+    console.print(import_summary(result))
+
+    data = digits.load_data()
+    cpu = detect().device("cpu")
+    runs: list[tuple[str, str]] = [("onnxruntime", "fp32"), ("torch", "fp32")]
+    if cpu.bf16.supported:
+        runs.append(("torch", "bf16"))
+    results: list[EngineResult] = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=console,
+                  transient=True) as progress:  # fmt: skip
+        task = progress.add_task("running the validation set at batch 1", total=len(runs))
+        for engine, precision in runs:
+            progress.update(task, description=f"{engine} {precision}: {len(data.y_val)} images at batch 1")
+            with kiln.load(repo, "digits", engine=engine, precision=precision) as predictor:  # type: ignore[arg-type]
+                acc, times = evaluate(predictor, data.x_val, data.y_val)
+            ms = np.array(times) * 1e3
+            results.append(EngineResult(engine, precision, acc, float(np.median(ms)), float(np.percentile(ms, 90))))
+            progress.advance(task)
+
+    table = Table(title=f"3. run: {len(data.y_val)} validation images, batch 1, {cpu.name}", title_justify="left")
+    for col, justify in (("engine", "left"), ("precision", "left"), ("accuracy", "right"),
+                         ("p50 latency", "right"), ("p90 latency", "right")):  # fmt: skip
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for r in results:
+        colour = "green" if r.accuracy >= MIN_ACCURACY else "red"
+        table.add_row(
+            r.engine,
+            r.precision,
+            f"[{colour}]{r.accuracy:.2%}[/]",
+            f"{r.p50_ms:.3f} ms",
+            f"{r.p90_ms:.3f} ms",
+        )
+    console.print(table)
+    if not cpu.bf16.supported:
+        console.print(f"[dim]bf16 skipped: {cpu.bf16.reason}[/]")
+
+    console.print("\n[bold]next[/]")
+    for line in (
+        f"kiln list --repo {repo}                      # what the repository holds",
+        "kiln doctor                                   # what this machine can run (bf16, VNNI, CUDA …)",
+        f"kiln import model.onnx --repo {repo}         # bring your own ONNX model",
+        f"kiln import mypkg.models:build --weights w.safetensors --input-shape 1,3,224,224 --repo {repo}",
+        f"python -c \"import kiln; p = kiln.load('{repo}', 'digits'); print(p.spec.inputs)\"",
+    ):
+        console.print(f"  {line}", highlight=False, markup=False)
+    worst = min(results, key=lambda r: r.accuracy)
+    if worst.accuracy < MIN_ACCURACY:
+        raise AccuracyError(
+            f"{worst.engine} {worst.precision} reached {worst.accuracy:.2%} on the digits validation set, "
+            f"below the demo's {MIN_ACCURACY:.0%}; delete the cached weights ({trained.weights}) and run again"
+        )
+    return results
+
+
+__all__ = ["EngineResult", "KilnError", "evaluate", "run_demo"]

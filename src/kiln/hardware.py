@@ -1,0 +1,236 @@
+"""What this machine can do, detected rather than assumed.
+
+bf16 and fp16 support follow the real rules: on CPU, bf16 needs AVX512-BF16 or AMX-BF16 (without them
+PyTorch and OpenVINO emulate it, slower than fp32); on CUDA, bf16 needs compute capability 8.0 or
+newer (Ampere). ``torch.cuda.is_bf16_supported()`` is asked when torch has CUDA.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+# /proc/cpuinfo flag -> name users know
+_ISA_FLAGS: dict[str, str] = {
+    "avx2": "AVX2",
+    "fma": "FMA",
+    "avx512f": "AVX-512",
+    "avx512_vnni": "AVX512-VNNI",
+    "avx_vnni": "AVX-VNNI",
+    "avx512_bf16": "AVX512-BF16",
+    "avx512_fp16": "AVX512-FP16",
+    "amx_tile": "AMX",
+    "amx_bf16": "AMX-BF16",
+    "amx_int8": "AMX-INT8",
+    "amx_fp16": "AMX-FP16",
+}
+
+
+@dataclass(frozen=True)
+class Support:
+    """Whether a precision runs natively on a device, and why."""
+
+    supported: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class Device:
+    kind: str  # "cpu" or "cuda"
+    index: int
+    name: str
+    bf16: Support
+    fp16: Support
+    int8: Support
+    memory_bytes: int | None = None
+    compute_capability: str | None = None
+
+    @property
+    def id(self) -> str:
+        return "cpu" if self.kind == "cpu" else f"cuda:{self.index}"
+
+
+@dataclass(frozen=True)
+class HardwareInfo:
+    cpu_model: str
+    architecture: str
+    physical_cores: int
+    logical_cores: int
+    memory_bytes: int
+    isa: list[str]
+    devices: list[Device]
+    versions: dict[str, str | None]
+    onnxruntime_providers: list[str]
+    openvino_devices: list[str]
+    notes: list[str] = field(default_factory=list)
+
+    def device(self, device_id: str) -> Device:
+        for d in self.devices:
+            if d.id == device_id or (device_id == "cuda" and d.kind == "cuda"):
+                return d
+        from kiln.errors import UnsupportedError
+
+        raise UnsupportedError(f"device {device_id!r} is not on this machine; found {[d.id for d in self.devices]}")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for d, dev in zip(data["devices"], self.devices, strict=True):
+            d["id"] = dev.id
+        return data
+
+
+def _cpu_flags_and_model() -> tuple[set[str], str]:
+    flags: set[str] = set()
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "model name" and value.strip():
+                model = value.strip()
+            elif key in ("flags", "Features") and not flags:
+                flags = set(value.split())
+    return flags, model
+
+
+def cpu_device(flags: set[str], model: str) -> Device:
+    has = flags.__contains__
+    if has("amx_bf16"):
+        bf16 = Support(True, "AMX-BF16 tiles")
+    elif has("avx512_bf16"):
+        bf16 = Support(True, "AVX512-BF16 instructions")
+    else:
+        bf16 = Support(False, "needs AVX512-BF16 or AMX-BF16; without them bf16 is emulated and slower than fp32")
+    if has("amx_fp16"):
+        fp16 = Support(True, "AMX-FP16 tiles")
+    elif has("avx512_fp16"):
+        fp16 = Support(True, "AVX512-FP16 instructions")
+    else:
+        fp16 = Support(False, "needs AVX512-FP16 or AMX-FP16; fp16 on this CPU is converted to fp32 for compute")
+    if has("amx_int8"):
+        int8 = Support(True, "AMX-INT8 tiles")
+    elif has("avx512_vnni") or has("avx_vnni"):
+        int8 = Support(True, "VNNI dot-product instructions")
+    elif has("avx2"):
+        int8 = Support(True, "AVX2 (no VNNI: int8 gains are smaller)")
+    else:
+        int8 = Support(False, "no AVX2 or VNNI")
+    return Device("cpu", 0, model, bf16=bf16, fp16=fp16, int8=int8)
+
+
+def cuda_rules(major: int, minor: int, torch_says_bf16: bool | None) -> tuple[Support, Support, Support]:
+    """bf16 / fp16 / int8 support for a CUDA device of compute capability ``major.minor``."""
+    cc = f"{major}.{minor}"
+    if torch_says_bf16 is not None:
+        bf16 = Support(torch_says_bf16, f"torch.cuda.is_bf16_supported() = {torch_says_bf16} (compute capability {cc})")
+    elif major >= 8:
+        bf16 = Support(True, f"compute capability {cc} ≥ 8.0")
+    else:
+        bf16 = Support(False, f"compute capability {cc} < 8.0; bf16 needs Ampere (8.0) or newer")
+    fp16 = (
+        Support(True, f"compute capability {cc}" + (" with tensor cores" if major >= 7 else ""))
+        if (major, minor) >= (5, 3)
+        else Support(False, f"compute capability {cc} < 5.3")
+    )
+    int8 = (
+        Support(True, f"compute capability {cc} ≥ 6.1 (DP4A)")
+        if (major, minor) >= (6, 1)
+        else Support(False, f"compute capability {cc} < 6.1")
+    )
+    return bf16, fp16, int8
+
+
+def _cuda_devices(notes: list[str]) -> list[Device]:
+    devices: list[Device] = []
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return devices
+    if not torch.cuda.is_available():
+        return devices
+    for i in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(i)
+        with torch.cuda.device(i):
+            says = bool(torch.cuda.is_bf16_supported())
+        bf16, fp16, int8 = cuda_rules(props.major, props.minor, says)
+        devices.append(
+            Device(
+                "cuda", i, props.name, bf16=bf16, fp16=fp16, int8=int8,
+                memory_bytes=int(props.total_memory), compute_capability=f"{props.major}.{props.minor}",
+            )
+        )  # fmt: skip
+    return devices
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _ort_providers() -> list[str]:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return []
+    return list(ort.get_available_providers())
+
+
+def _openvino_devices(notes: list[str]) -> list[str]:
+    try:
+        import openvino as ov
+    except ImportError:
+        return []
+    try:
+        return list(ov.Core().available_devices)
+    except Exception as exc:  # a broken plugin should not break `kiln doctor`
+        notes.append(f"OpenVINO is installed but listing devices failed: {exc}")
+        return []
+
+
+@lru_cache(maxsize=1)
+def detect() -> HardwareInfo:
+    """Inspect this machine once per process."""
+    import psutil
+
+    notes: list[str] = []
+    flags, model = _cpu_flags_and_model()
+    if not flags:
+        notes.append("CPU flags could not be read (no /proc/cpuinfo); ISA-dependent features are reported unsupported")
+    isa = [name for flag, name in _ISA_FLAGS.items() if flag in flags]
+    devices = [cpu_device(flags, model), *_cuda_devices(notes)]
+    versions = {
+        "python": platform.python_version(),
+        "torch": _version("torch"),
+        "onnxruntime": _version("onnxruntime") or _version("onnxruntime-gpu"),
+        "onnx": _version("onnx"),
+        "openvino": _version("openvino"),
+        "nncf": _version("nncf"),
+        "kiln": _version("kiln"),
+    }
+    return HardwareInfo(
+        cpu_model=model,
+        architecture=platform.machine(),
+        physical_cores=psutil.cpu_count(logical=False) or os.cpu_count() or 1,
+        logical_cores=psutil.cpu_count(logical=True) or os.cpu_count() or 1,
+        memory_bytes=int(psutil.virtual_memory().total),
+        isa=isa,
+        devices=devices,
+        versions=versions,
+        onnxruntime_providers=_ort_providers(),
+        openvino_devices=_openvino_devices(notes),
+        notes=notes,
+    )
+
+
+def physical_cores() -> int:
+    from kiln.settings import get_settings
+
+    return get_settings().num_threads or detect().physical_cores

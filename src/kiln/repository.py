@@ -1,0 +1,233 @@
+"""The model repository on disk, laid out like Triton's so users recognise it::
+
+    repo/<model>/model.yaml                 the ModelSpec
+    repo/<model>/<version>/manifest.json    where it came from, content hashes, parity figures
+    repo/<model>/<version>/model.onnx       (+ model.onnx.data for external weights)
+    repo/<model>/<version>/model.pt2        torch.export program (PyTorch sources)
+    repo/<model>/<version>/variants/<id>/   optimized variants and their figures
+    repo/<model>/<version>/report/          bench reports
+
+Writes are atomic: a version is assembled in a hidden staging directory and renamed into place, and
+files are written to a temporary name then replaced, so an interrupted import never leaves a
+half-written model visible.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from kiln.errors import CorruptModelError, NotFoundError, SpecError
+from kiln.spec import ModelSpec
+
+SPEC_FILE = "model.yaml"
+MANIFEST_FILE = "manifest.json"
+_STAGING_PREFIX = ".staging-"
+
+
+@dataclass
+class PendingVersion:
+    """A version being assembled in ``path``; ``version`` is set once it is published."""
+
+    path: Path
+    version: int | None = None
+
+
+class VersionManifest(BaseModel):
+    """What a version is and where it came from; written once when the version is created."""
+
+    model_config = ConfigDict(extra="allow")
+
+    version: int
+    created: str
+    framework: str
+    source: str
+    source_hash: str = Field(description="hash of what was imported; the same source is not imported twice")
+    artifacts: dict[str, str] = Field(description="file name -> sha256 of its bytes")
+    exporter: str = ""
+    parity: list[dict[str, Any]] = Field(default_factory=list)
+    kiln_version: str = ""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write ``data`` to ``path`` so readers see the old file or the new one, never a partial one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+class Repository:
+    """A directory of models, each with a spec and numbered versions."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"Repository({str(self.root)!r})"
+
+    # ---- reading -----------------------------------------------------------------------------------------
+    def models(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and (p / SPEC_FILE).is_file())
+
+    def has_model(self, model: str) -> bool:
+        return (self.root / model / SPEC_FILE).is_file()
+
+    def versions(self, model: str) -> list[int]:
+        mdir = self.root / model
+        if not mdir.is_dir():
+            return []
+        return sorted(
+            int(p.name) for p in mdir.iterdir() if p.is_dir() and p.name.isdigit() and (p / MANIFEST_FILE).is_file()
+        )
+
+    def spec(self, model: str) -> ModelSpec:
+        if not self.has_model(model):
+            raise NotFoundError(
+                f"model {model!r} is not in repository {self.root}; it holds {self.models() or 'no models'}"
+            )
+        return ModelSpec.load(self.root / model / SPEC_FILE)
+
+    def resolve(self, model: str, version: int | None = None) -> tuple[int, Path]:
+        """The version number and directory for ``version`` (the latest when None)."""
+        versions = self.versions(model)
+        if not versions:
+            if not self.has_model(model):
+                raise NotFoundError(
+                    f"model {model!r} is not in repository {self.root}; it holds {self.models() or 'no models'}"
+                )
+            raise NotFoundError(f"model {model!r} has no versions in {self.root}; import one with `kiln import`")
+        if version is None:
+            version = versions[-1]
+        elif version not in versions:
+            raise NotFoundError(f"model {model!r} has no version {version}; available versions: {versions}")
+        return version, self.root / model / str(version)
+
+    def manifest(self, model: str, version: int | None = None) -> VersionManifest:
+        version, vdir = self.resolve(model, version)
+        return VersionManifest.model_validate_json((vdir / MANIFEST_FILE).read_text())
+
+    def find_source(self, model: str, source_hash: str) -> int | None:
+        """The version that was imported from exactly this source, if any."""
+        for v in reversed(self.versions(model)):
+            if self.manifest(model, v).source_hash == source_hash:
+                return v
+        return None
+
+    def verify(self, model: str, version: int | None = None) -> None:
+        """Recompute each artifact's hash and raise :class:`CorruptModelError` on a mismatch."""
+        version, vdir = self.resolve(model, version)
+        for name, digest in self.manifest(model, version).artifacts.items():
+            path = vdir / name
+            if not path.is_file():
+                raise CorruptModelError(str(path), "the file is missing; re-import the model")
+            if sha256_file(path) != digest:
+                raise CorruptModelError(str(path), "its content hash differs from the manifest; re-import the model")
+
+    # ---- writing -----------------------------------------------------------------------------------------
+    def save_spec(self, spec: ModelSpec) -> Path:
+        path = self.root / spec.name / SPEC_FILE
+        write_atomic(path, spec.to_yaml())
+        return path
+
+    def check_compatible(self, spec: ModelSpec) -> None:
+        """A new version must keep the model's signature; a different one needs a new model name."""
+        if not self.has_model(spec.name):
+            return
+        old = self.spec(spec.name)
+        for kind, a, b in (("inputs", old.inputs, spec.inputs), ("outputs", old.outputs, spec.outputs)):
+            if list(a) != list(b):
+                raise SpecError(
+                    f"model {spec.name!r} already exists with {kind} {_sig(a)}, but the new version has "
+                    f"{_sig(b)}; import it under another --name"
+                )
+
+    @contextlib.contextmanager
+    def new_version(self, model: str) -> Iterator[PendingVersion]:
+        """Yield a staging directory; on success it becomes the next version, on error it is removed.
+
+        Call :meth:`commit_version` inside the block to write the manifest; the rename happens at exit.
+        """
+        mdir = self.root / model
+        mdir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=mdir, prefix=_STAGING_PREFIX))
+        pending = PendingVersion(staging)
+        try:
+            yield pending
+            if not (staging / MANIFEST_FILE).is_file():
+                raise RuntimeError("new_version() block ended without commit_version()")
+            pending.version = self._publish(mdir, staging)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def commit_version(self, staging: Path, **fields: Any) -> VersionManifest:
+        """Hash every file in ``staging`` and write its manifest (the version number is set at publish)."""
+        artifacts = {
+            str(p.relative_to(staging)): sha256_file(p)
+            for p in sorted(staging.rglob("*"))
+            if p.is_file() and p.name != MANIFEST_FILE
+        }
+        from kiln import __version__
+
+        manifest = VersionManifest(
+            version=0,
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
+            artifacts=artifacts,
+            kiln_version=__version__,
+            **fields,
+        )
+        write_atomic(staging / MANIFEST_FILE, manifest.model_dump_json(indent=2))
+        return manifest
+
+    def _publish(self, mdir: Path, staging: Path) -> int:
+        data = json.loads((staging / MANIFEST_FILE).read_text())
+        while True:
+            taken = [int(p.name) for p in mdir.iterdir() if p.name.isdigit()]
+            version = max(taken, default=0) + 1
+            data["version"] = version
+            write_atomic(staging / MANIFEST_FILE, json.dumps(data, indent=2))
+            try:
+                os.rename(staging, mdir / str(version))  # fails if another import took this number
+                return version
+            except OSError:
+                if not (mdir / str(version)).exists():
+                    raise
+        raise AssertionError("unreachable")
+
+    def cleanup_staging(self, model: str) -> None:
+        """Remove staging directories left by a process that was killed mid-import."""
+        for p in (self.root / model).glob(f"{_STAGING_PREFIX}*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _sig(tensors: list[Any]) -> str:
+    return ", ".join(f"{t.name}:{t.dtype}{list(t.shape)}" for t in tensors)

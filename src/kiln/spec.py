@@ -1,0 +1,209 @@
+"""ModelSpec: what a model takes and gives, what it is for, and how it is served.
+
+Stored as ``repo/<model>/model.yaml``. Every later stage reads it: the optimizer for the task metric,
+engines for dtypes, the server for validation and batching.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kiln.errors import InputError, SpecError
+
+Task = Literal["classification", "embedding", "detection", "generic"]
+DType = Literal[
+    "float32", "float16", "float64", "bfloat16",
+    "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+    "bool", "string",
+]  # fmt: skip
+
+# Names that the V2 protocol (and Triton) use for the same types.
+V2_DATATYPES: dict[str, str] = {
+    "float32": "FP32", "float16": "FP16", "float64": "FP64", "bfloat16": "BF16",
+    "int8": "INT8", "int16": "INT16", "int32": "INT32", "int64": "INT64",
+    "uint8": "UINT8", "uint16": "UINT16", "uint32": "UINT32", "uint64": "UINT64",
+    "bool": "BOOL", "string": "BYTES",
+}  # fmt: skip
+
+_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$"
+
+
+def dtype_name(dtype: np.dtype[Any] | type | str) -> str:
+    """The spec's name for a numpy dtype (``object`` and unicode/bytes arrays are ``string``)."""
+    dt = np.dtype(dtype)
+    if dt.kind in ("O", "U", "S"):
+        return "string"
+    return str(dt.name)
+
+
+class TensorSpec(BaseModel):
+    """One input or output tensor. ``-1`` in ``shape`` marks a dynamic dimension."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)
+    dtype: DType
+    shape: tuple[int, ...]
+
+    @field_validator("shape")
+    @classmethod
+    def _dims(cls, shape: tuple[int, ...]) -> tuple[int, ...]:
+        for d in shape:
+            if d == 0 or d < -1:
+                raise ValueError(f"dimension {d} is invalid: use a positive size, or -1 for a dynamic one")
+        return shape
+
+    @property
+    def numpy_dtype(self) -> np.dtype[Any]:
+        return np.dtype(object) if self.dtype == "string" else np.dtype(self.dtype)
+
+    @property
+    def datatype(self) -> str:
+        return V2_DATATYPES[self.dtype]
+
+
+class ProcessingStep(BaseModel):
+    """One pre- or post-processing op, found by name in ``kiln.processing``'s registry."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    op: str = Field(min_length=1)
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class ServingSettings(BaseModel):
+    """How the server batches and limits this model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(default=32, ge=0, description="0 disables batching (the model has no batch dim)")
+    preferred_batch_sizes: list[int] = Field(default_factory=list)
+    max_queue_delay_us: int = Field(default=0, ge=0)
+    max_queue_size: int = Field(default=256, ge=1)
+    instances: int = Field(default=1, ge=1)
+    response_cache: bool = False
+
+    @model_validator(mode="after")
+    def _preferred(self) -> ServingSettings:
+        bad = [b for b in self.preferred_batch_sizes if b < 1 or (self.max_batch_size and b > self.max_batch_size)]
+        if bad:
+            raise ValueError(f"preferred_batch_sizes {bad} must lie in 1..max_batch_size ({self.max_batch_size})")
+        return self
+
+
+class ModelSpec(BaseModel):
+    """A model's contract: tensors, task, labels, processing and serving settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=_NAME)
+    task: Task = "generic"
+    inputs: list[TensorSpec] = Field(min_length=1)
+    outputs: list[TensorSpec] = Field(min_length=1)
+    labels: list[str] | None = None
+    description: str = ""
+    preprocess: list[ProcessingStep] = Field(default_factory=list)
+    postprocess: list[ProcessingStep] = Field(default_factory=list)
+    serving: ServingSettings = Field(default_factory=ServingSettings)
+    chosen_variant: str | None = Field(default=None, description="set by `kiln optimize`; used by default")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> ModelSpec:
+        for kind, tensors in (("input", self.inputs), ("output", self.outputs)):
+            names = [t.name for t in tensors]
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"{kind} names must be unique; repeated: {dupes}")
+        return self
+
+    # ---- I/O -------------------------------------------------------------------------------------------
+    def to_yaml(self) -> str:
+        data = self.model_dump(mode="json", exclude_defaults=False)
+        for t in data["inputs"] + data["outputs"]:
+            t["shape"] = list(t["shape"])
+        return yaml.safe_dump(data, sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str, source: str = "model.yaml") -> ModelSpec:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise SpecError(f"{source} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise SpecError(f"{source} must hold a mapping of spec fields, got {type(data).__name__}")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise SpecError(f"{source} is not a valid model spec: {_first_error(exc)}") from None
+
+    @classmethod
+    def load(cls, path: Path) -> ModelSpec:
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            raise SpecError(f"{path} is missing: every model directory needs its model.yaml") from None
+        return cls.from_yaml(text, source=str(path))
+
+    # ---- request validation ----------------------------------------------------------------------------
+    def input(self, name: str) -> TensorSpec:
+        for t in self.inputs:
+            if t.name == name:
+                return t
+        raise InputError(name, "name", f"one of {[t.name for t in self.inputs]}", repr(name))
+
+    def validate_inputs(self, inputs: Mapping[str, Any], max_batch: int | None = None) -> None:
+        """Check names, dtypes, rank and fixed dimensions; raise :class:`InputError` naming the tensor.
+
+        With ``max_batch`` (the server passes its limit) the shared batch dimension is bounded too.
+        """
+        expected = {t.name for t in self.inputs}
+        for name in inputs:
+            if name not in expected:
+                raise InputError(name, "name", f"one of {sorted(expected)}", repr(name), "unknown input")
+        batch: int | None = None
+        for t in self.inputs:
+            if t.name not in inputs:
+                raise InputError(t.name, "presence", "given", "missing", f"the model needs inputs {sorted(expected)}")
+            arr = inputs[t.name]
+            if not isinstance(arr, np.ndarray):
+                raise InputError(t.name, "type", "a numpy array", type(arr).__name__)
+            got = dtype_name(arr.dtype)
+            if got != t.dtype:
+                raise InputError(t.name, "dtype", t.dtype, got, f"convert with .astype('{t.dtype}')")
+            if arr.ndim != len(t.shape):
+                raise InputError(
+                    t.name,
+                    "rank",
+                    f"{len(t.shape)} (shape {_fmt(t.shape)})",
+                    f"{arr.ndim} (shape {_fmt(arr.shape)})",
+                )
+            for axis, (want, have) in enumerate(zip(t.shape, arr.shape, strict=True)):
+                if want != -1 and want != have:
+                    raise InputError(
+                        t.name,
+                        f"dimension {axis}",
+                        want,
+                        f"{have} (shape {_fmt(arr.shape)}, expected {_fmt(t.shape)})",
+                    )
+            if self.serving.max_batch_size and arr.ndim:
+                if batch is not None and arr.shape[0] != batch:
+                    raise InputError(t.name, "batch size", f"{batch} like the other inputs", arr.shape[0])
+                batch = arr.shape[0]
+                if max_batch is not None and batch > max_batch:
+                    raise InputError(t.name, "batch size", f"at most {max_batch}", batch)
+
+
+def _fmt(shape: tuple[int, ...] | list[int]) -> str:
+    return "[" + ", ".join("?" if d == -1 else str(d) for d in shape) + "]"
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"]) or "spec"
+    return f"{loc}: {err['msg']}"

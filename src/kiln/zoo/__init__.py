@@ -1,0 +1,1 @@
+"""Built-in example models that kiln builds offline from data that packages ship."""
