@@ -10,21 +10,25 @@ import numpy as np
 
 from kiln.engines.base import Engine, EngineOptions, Precision, load_engine
 from kiln.errors import InputError
-from kiln.repository import Repository
+from kiln.repository import RECIPE_FILE, VARIANTS_DIR, Repository, read_recipe
 from kiln.spec import ModelSpec
 
 
 class Predictor:
     """Runs a loaded model: ``predict(array)`` or ``predict({name: array})`` returns ``{output: array}``."""
 
-    def __init__(self, spec: ModelSpec, engine: Engine, version: int, path: Path) -> None:
+    def __init__(self, spec: ModelSpec, engine: Engine, version: int, path: Path, variant: str = "reference") -> None:
         self.spec = spec
         self.engine = engine
         self.version = version
         self.path = path
+        self.variant = variant
 
     def __repr__(self) -> str:
-        return f"Predictor({self.spec.name!r}, version={self.version}, engine={self.engine.name!r})"
+        return (
+            f"Predictor({self.spec.name!r}, version={self.version}, variant={self.variant!r}, "
+            f"engine={self.engine.name!r})"
+        )
 
     def as_feed(self, inputs: Mapping[str, Any] | np.ndarray) -> dict[str, np.ndarray]:
         if isinstance(inputs, np.ndarray):
@@ -51,20 +55,46 @@ class Predictor:
         self.close()
 
 
+REFERENCE = "reference"
+CHOSEN = "chosen"
+
+
 def load(
     repo: str | Path | Repository,
     model: str,
     *,
     version: int | None = None,
-    engine: str = "onnxruntime",
+    variant: str | None = None,
+    engine: str | None = None,
     device: str = "cpu",
-    precision: Precision = "fp32",
+    precision: Precision | None = None,
     threads: int | None = None,
     **extra: Any,
 ) -> Predictor:
-    """Load ``model`` (latest version unless ``version``) from ``repo`` on ``engine``."""
+    """Load ``model`` (latest version unless ``version``) from ``repo``.
+
+    ``variant`` picks what runs: ``"reference"`` (the imported fp32 artifact), ``"chosen"`` (what
+    ``kiln optimize`` chose, falling back to the reference when there is none), or a variant id.
+    The default is ``"chosen"`` unless ``engine`` or ``precision`` is given, which asks for the
+    reference artifact on that engine and precision.
+    """
     repository = repo if isinstance(repo, Repository) else Repository(repo)
     spec = repository.spec(model)
     number, vdir = repository.resolve(model, version)
-    options = EngineOptions(device=device, precision=precision, intra_op_threads=threads, extra=extra)
-    return Predictor(spec, load_engine(engine, vdir, spec, options), number, vdir)
+    if variant is None:
+        variant = REFERENCE if engine is not None or precision is not None else CHOSEN
+    if variant == CHOSEN:
+        chosen = spec.chosen_variant
+        variant = chosen if chosen and (vdir / VARIANTS_DIR / chosen / RECIPE_FILE).is_file() else REFERENCE
+    if variant == REFERENCE:
+        options = EngineOptions(device=device, precision=precision or "fp32", intra_op_threads=threads, extra=extra)
+        return Predictor(spec, load_engine(engine or "onnxruntime", vdir, spec, options), number, vdir)
+    recipe = read_recipe(vdir / VARIANTS_DIR / variant, model, number)
+    options = EngineOptions(
+        device=device,
+        precision=precision or recipe.precision,
+        intra_op_threads=threads,
+        extra={**recipe.options, **extra},
+    )
+    vpath = vdir / VARIANTS_DIR / variant
+    return Predictor(spec, load_engine(engine or recipe.engine, vpath, spec, options), number, vpath, variant)

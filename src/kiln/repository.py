@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -33,6 +33,8 @@ from kiln.spec import ModelSpec
 
 SPEC_FILE = "model.yaml"
 MANIFEST_FILE = "manifest.json"
+VARIANTS_DIR = "variants"
+RECIPE_FILE = "recipe.json"
 _STAGING_PREFIX = ".staging-"
 
 
@@ -58,6 +60,31 @@ class VersionManifest(BaseModel):
     exporter: str = ""
     parity: list[dict[str, Any]] = Field(default_factory=list)
     kiln_version: str = ""
+
+
+class VariantRecipe(BaseModel):
+    """How a variant was built and how to run it; ``variants/<id>/recipe.json``.
+
+    The optimizer writes it (with its own fields: passes, quantization …); ``kiln.load`` reads
+    ``engine``, ``precision`` and ``options`` to run the artifact in that directory.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    engine: str
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+def read_recipe(variant_dir: Path, model: str, version: int) -> VariantRecipe:
+    path = variant_dir / RECIPE_FILE
+    if not path.is_file():
+        available = sorted(p.name for p in variant_dir.parent.glob("*") if (p / RECIPE_FILE).is_file())
+        raise NotFoundError(
+            f"model {model!r} version {version} has no variant {variant_dir.name!r}; "
+            f"available: {available or 'none (run kiln optimize)'}, or 'reference'"
+        )
+    return VariantRecipe.model_validate_json(path.read_text())
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
