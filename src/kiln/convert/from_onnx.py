@@ -32,6 +32,7 @@ class OnnxImporter:
         return h.hexdigest()
 
     def stage(self, staging: Path) -> Staged:
+        external = bool(onnx_io.external_locations(onnx_io.load(self.path, external_data=False)))
         model = onnx_io.load(self.path)
         inputs, outputs = onnx_io.graph_tensors(model)
         onnx_io.rename_io(
@@ -40,7 +41,7 @@ class OnnxImporter:
             {t.name: n for t, n in zip(outputs, self.config.output_names or [], strict=False) if t.name != n},
         )
         dst = staging / onnx_io.ONNX_FILE
-        onnx_io.save(model, dst)
+        onnx_io.save(model, dst, force_external=external)
         del model
         onnx_io.infer_shapes(dst)
         inputs, outputs = onnx_io.graph_tensors(onnx_io.load(dst, external_data=False))

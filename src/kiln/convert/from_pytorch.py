@@ -222,12 +222,18 @@ class TorchImporter:
         if program is not None:
             try:
                 onnx_program = torch.onnx.export(
-                    program, example, dynamo=True, input_names=in_names, output_names=out_names,
-                    opset_version=self.config.opset, optimize=True, verbose=False,
-                )  # fmt: skip
+                    program, example, dynamo=True, opset_version=self.config.opset, optimize=True, verbose=False
+                )
                 if onnx_program is None:
                     raise ExportError("torch.onnx.export returned no program")
                 model = onnx_program.model_proto
+                graph_in = [v.name for v in model.graph.input]
+                graph_out = [v.name for v in model.graph.output]
+                if len(graph_in) != len(in_names) or len(graph_out) != len(out_names):
+                    raise ExportError(f"the exported graph has {len(graph_in)} inputs and {len(graph_out)} outputs")
+                onnx_io.rename_io(
+                    model, dict(zip(graph_in, in_names, strict=True)), dict(zip(graph_out, out_names, strict=True))
+                )
                 onnx_io.name_batch_dim(model)
                 onnx_io.save(model, dst)
                 return f"torch.onnx dynamo exporter (torch {torch.__version__})"

@@ -47,7 +47,7 @@ def save(model: Any, path: Path, force_external: bool = False) -> None:
     if external:
         onnx.save_model(
             model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-            location=EXTERNAL_DATA_FILE, size_threshold=1024,
+            location=EXTERNAL_DATA_FILE, size_threshold=0 if force_external else 1024,
         )  # fmt: skip
     else:
         onnx.save_model(model, str(path))
@@ -91,14 +91,46 @@ def _tensor(value_info: Any) -> TensorSpec:
 
 
 def rename_io(model: Any, inputs: dict[str, str], outputs: dict[str, str]) -> None:
-    """Rename graph inputs/outputs in place, rewriting every node that refers to them."""
-    mapping = {**inputs, **outputs}
+    """Rename graph inputs/outputs in place, rewriting every node that refers to them.
+
+    An internal value that already carries a wanted name (exporters name values after ops, so a
+    value called ``embedding`` is common) is moved aside first, keeping the graph in SSA form.
+    """
+    mapping = {old: new for old, new in {**inputs, **outputs}.items() if old != new}
     if not mapping:
         return
-    for v in list(model.graph.input) + list(model.graph.output):
+    taken = _value_names(model)
+    for new in set(mapping.values()):
+        if new in taken and new not in mapping:
+            spare = _unique(f"{new}__internal", taken)
+            _rename_everywhere(model, {new: spare})
+            taken.add(spare)
+    _rename_everywhere(model, mapping)
+
+
+def _value_names(model: Any) -> set[str]:
+    g = model.graph
+    names = {v.name for v in [*g.input, *g.output, *g.value_info]} | {t.name for t in g.initializer}
+    for node in g.node:
+        names.update(node.input)
+        names.update(node.output)
+    return names
+
+
+def _unique(base: str, taken: set[str]) -> str:
+    i, name = 0, base
+    while name in taken:
+        i += 1
+        name = f"{base}{i}"
+    return name
+
+
+def _rename_everywhere(model: Any, mapping: dict[str, str]) -> None:
+    g = model.graph
+    for v in [*g.input, *g.output, *g.value_info, *g.initializer]:
         if v.name in mapping:
             v.name = mapping[v.name]
-    for node in model.graph.node:
+    for node in g.node:
         for i, name in enumerate(node.input):
             if name in mapping:
                 node.input[i] = mapping[name]

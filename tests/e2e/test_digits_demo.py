@@ -1,0 +1,50 @@
+"""The built-in example end to end: training, import, both engines, the demo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import kiln
+from kiln.demo import MIN_ACCURACY, run_demo
+from kiln.zoo import digits
+
+pytestmark = pytest.mark.slow
+
+
+def test_training_reaches_the_target_and_is_cached(digits_trained: digits.TrainedDigits) -> None:
+    assert digits_trained.val_accuracy >= 0.97
+    assert digits_trained.weights.suffix == ".safetensors"
+    again = digits.train()
+    assert again.cached and again.weights == digits_trained.weights
+    assert again.val_accuracy == pytest.approx(digits_trained.val_accuracy, abs=1e-6)
+
+
+def test_split_is_fixed() -> None:
+    a, b = digits.load_data(), digits.load_data()
+    np.testing.assert_array_equal(a.y_val, b.y_val)
+    assert len(a.y_val) == 360 and a.x_val.shape[1:] == (1, 8, 8)
+
+
+def test_both_engines_agree_on_the_validation_set(digits_trained: digits.TrainedDigits, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    kiln.import_model(digits.FACTORY, repo, name="digits", weights=digits_trained.weights,
+                      input_shapes=[digits.INPUT_SHAPE], task="classification")  # fmt: skip
+    data = digits.load_data()
+    ort_logits = kiln.load(repo, "digits", engine="onnxruntime").predict(data.x_val)["output"]
+    torch_logits = kiln.load(repo, "digits", engine="torch").predict(data.x_val)["output"]
+    np.testing.assert_allclose(ort_logits, torch_logits, rtol=1e-3, atol=1e-4)
+    assert digits.accuracy(ort_logits, data.y_val) == pytest.approx(digits_trained.val_accuracy, abs=1e-6)
+
+
+def test_demo_runs_end_to_end(digits_trained: digits.TrainedDigits, tmp_path: Path) -> None:
+    results = run_demo(tmp_path / "demo")
+    engines = {(r.engine, r.precision) for r in results}
+    assert {("onnxruntime", "fp32"), ("torch", "fp32")} <= engines
+    assert all(r.accuracy >= MIN_ACCURACY for r in results)
+    assert all(r.p50_ms > 0 for r in results)
+    # A second run reuses the trained weights and the imported version.
+    run_demo(tmp_path / "demo")
+    assert kiln.Repository(tmp_path / "demo" / "repo").versions("digits") == [1]
