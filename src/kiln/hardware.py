@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -147,24 +147,52 @@ def cuda_rules(major: int, minor: int, torch_says_bf16: bool | None) -> tuple[Su
 
 
 def _cuda_devices(notes: list[str]) -> list[Device]:
+    """CUDA devices from torch when it has CUDA, else from NVML (a CPU torch beside a GPU runtime)."""
     devices: list[Device] = []
     try:
         import torch
     except ImportError:  # pragma: no cover - torch is a dependency
+        torch = None  # type: ignore[assignment]
+    if torch is not None and torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            with torch.cuda.device(i):
+                says = bool(torch.cuda.is_bf16_supported())
+            bf16, fp16, int8 = cuda_rules(props.major, props.minor, says)
+            devices.append(
+                Device(
+                    "cuda", i, props.name, bf16=bf16, fp16=fp16, int8=int8,
+                    memory_bytes=int(props.total_memory), compute_capability=f"{props.major}.{props.minor}",
+                )
+            )  # fmt: skip
         return devices
-    if not torch.cuda.is_available():
-        return devices
-    for i in range(torch.cuda.device_count()):
-        props = torch.cuda.get_device_properties(i)
-        with torch.cuda.device(i):
-            says = bool(torch.cuda.is_bf16_supported())
-        bf16, fp16, int8 = cuda_rules(props.major, props.minor, says)
-        devices.append(
-            Device(
-                "cuda", i, props.name, bf16=bf16, fp16=fp16, int8=int8,
-                memory_bytes=int(props.total_memory), compute_capability=f"{props.major}.{props.minor}",
-            )
-        )  # fmt: skip
+    return _nvml_devices(notes)
+
+
+def _nvml_devices(notes: list[str]) -> list[Device]:
+    try:
+        import pynvml
+    except ImportError:
+        return []
+    try:
+        pynvml.nvmlInit()
+    except Exception:  # no driver: no NVIDIA GPU here
+        return []
+    devices: list[Device] = []
+    try:
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+            name = pynvml.nvmlDeviceGetName(handle)
+            memory = int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)
+            bf16, fp16, int8 = cuda_rules(major, minor, None)
+            devices.append(
+                Device("cuda", i, name if isinstance(name, str) else name.decode(), bf16=bf16, fp16=fp16,
+                       int8=int8, memory_bytes=memory, compute_capability=f"{major}.{minor}")
+            )  # fmt: skip
+        notes.append("CUDA devices found through NVML; this torch build has no CUDA, so the torch engine runs on CPU")
+    finally:
+        pynvml.nvmlShutdown()
     return devices
 
 
@@ -205,7 +233,9 @@ def detect() -> HardwareInfo:
     if not flags:
         notes.append("CPU flags could not be read (no /proc/cpuinfo); ISA-dependent features are reported unsupported")
     isa = [name for flag, name in _ISA_FLAGS.items() if flag in flags]
-    devices = [cpu_device(flags, model), *_cuda_devices(notes)]
+    cpu = cpu_device(flags, model)
+    memory = int(psutil.virtual_memory().total)
+    devices = [replace(cpu, memory_bytes=memory), *_cuda_devices(notes)]
     versions = {
         "python": platform.python_version(),
         "torch": _version("torch"),
@@ -220,7 +250,7 @@ def detect() -> HardwareInfo:
         architecture=platform.machine(),
         physical_cores=psutil.cpu_count(logical=False) or os.cpu_count() or 1,
         logical_cores=psutil.cpu_count(logical=True) or os.cpu_count() or 1,
-        memory_bytes=int(psutil.virtual_memory().total),
+        memory_bytes=memory,
         isa=isa,
         devices=devices,
         versions=versions,
