@@ -100,15 +100,18 @@ def run_demo(directory: Path) -> list[EngineResult]:
     if not cpu.bf16.supported:
         console.print(f"[dim]bf16 skipped: {cpu.bf16.reason}[/]")
 
-    console.print("\n[bold]next[/]")
-    for line in (
-        f"kiln list --repo {repo}                      # what the repository holds",
-        "kiln doctor                                   # what this machine can run (bf16, VNNI, CUDA …)",
-        f"kiln import model.onnx --repo {repo}         # bring your own ONNX model",
-        f"kiln import mypkg.models:build --weights w.safetensors --input-shape 1,3,224,224 --repo {repo}",
-        f"python -c \"import kiln; p = kiln.load('{repo}', 'digits'); print(p.spec.inputs)\"",
-    ):
-        console.print(f"  {line}", highlight=False, markup=False)
+    nxt = Table(title="next", title_justify="left", show_header=False, box=None, padding=(0, 2))
+    nxt.add_column(style="bold cyan", no_wrap=True)
+    nxt.add_column(style="dim")
+    for cmd, why in (
+        (f"kiln list --repo {repo}", "what the repository holds"),
+        ("kiln doctor", "what this machine can run: bf16, VNNI, CUDA …"),
+        (f"kiln import model.onnx --repo {repo}", "bring your own ONNX model"),
+        (f"kiln import mypkg.models:build --weights w.safetensors --input-shape 1,3,224,224 --repo {repo}",
+         "or a PyTorch model"),
+    ):  # fmt: skip
+        nxt.add_row(cmd, why)
+    console.print(nxt)
     worst = min(results, key=lambda r: r.accuracy)
     if worst.accuracy < MIN_ACCURACY:
         raise AccuracyError(
