@@ -100,9 +100,7 @@ def run_demo(directory: Path) -> list[EngineResult]:
     if not cpu.bf16.supported:
         console.print(f"[dim]bf16 skipped: {cpu.bf16.reason}[/]")
 
-    nxt = Table(title="next", title_justify="left", show_header=False, box=None, padding=(0, 2))
-    nxt.add_column(style="bold cyan", no_wrap=True)
-    nxt.add_column(style="dim")
+    console.print("\n[bold]next[/]")
     for cmd, why in (
         (f"kiln list --repo {repo}", "what the repository holds"),
         ("kiln doctor", "what this machine can run: bf16, VNNI, CUDA …"),
@@ -110,8 +108,7 @@ def run_demo(directory: Path) -> list[EngineResult]:
         (f"kiln import mypkg.models:build --weights w.safetensors --input-shape 1,3,224,224 --repo {repo}",
          "or a PyTorch model"),
     ):  # fmt: skip
-        nxt.add_row(cmd, why)
-    console.print(nxt)
+        console.print(f"  [dim]# {why}[/]\n  [bold cyan]{cmd}[/]", highlight=False)
     worst = min(results, key=lambda r: r.accuracy)
     if worst.accuracy < MIN_ACCURACY:
         raise AccuracyError(
