@@ -125,6 +125,109 @@ def demo(
     run_demo(directory)
 
 
+def _csv(text: str, kind: type = str) -> list[Any]:
+    items = [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        return [kind(p) for p in items]
+    except ValueError:
+        raise SpecError(f"{text!r}: expected a comma-separated list of {kind.__name__} values, e.g. 1,4,8") from None
+
+
+@app.command("bench")
+def bench_cmd(
+    model: Annotated[str | None, typer.Argument(help="model in --repo to measure in-process")] = None,
+    repo: Annotated[Path | None, typer.Option("--repo", "-r", help="model repository directory")] = None,
+    variants: Annotated[
+        str, typer.Option(help="reference, chosen, all, or variant ids, comma-separated")
+    ] = "reference,chosen",
+    batch_sizes: Annotated[str, typer.Option(help="comma-separated batch sizes")] = "1,2,4,8,16,32",
+    scenario: Annotated[list[str] | None, typer.Option(help="single-stream, offline, server, multi-stream")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write every figure as JSON")] = None,
+    report_out: Annotated[Path | None, typer.Option("--report", help="write a self-contained HTML report")] = None,
+    min_time: Annotated[float, typer.Option(help="seconds of timed runs per batch size")] = 1.0,
+    repeats: Annotated[int, typer.Option(help="repeats per batch size (spread is reported)")] = 3,
+    threads: Annotated[int | None, typer.Option(help="engine intra-op threads")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda[:N]")] = "cpu",
+    qps: Annotated[float | None, typer.Option(help="server scenario / open loop: offered queries per second")] = None,
+    find_max_qps: Annotated[
+        bool, typer.Option(help="server scenario: search the highest QPS meeting --slo-ms")
+    ] = False,
+    slo_ms: Annotated[float, typer.Option(help="server scenario: p99 latency bound")] = 20.0,
+    fps: Annotated[float, typer.Option(help="multi-stream scenario: frames per second per stream")] = 30.0,
+    seconds: Annotated[float, typer.Option(help="length of each server / multi-stream trial")] = 3.0,
+    url: Annotated[
+        str | None, typer.Option(help="drive a running V2 server: http://127.0.0.1:8000 or grpc://…")
+    ] = None,
+    concurrency: Annotated[str, typer.Option(help="--url: closed-loop concurrency levels, comma-separated")] = "1",
+    requests: Annotated[int, typer.Option(help="--url: at most this many requests per level")] = 1000,
+    duration: Annotated[float, typer.Option(help="--url: at most this many seconds per level")] = 10.0,
+    batch: Annotated[int, typer.Option(help="--url: batch size of each request")] = 1,
+    json_tensors: Annotated[bool, typer.Option(help="--url: send JSON tensors instead of binary")] = False,
+    allow_remote: Annotated[bool, typer.Option(help="--url: allow a non-loopback server")] = False,
+    compare: Annotated[
+        list[Path] | None, typer.Option(help="compare two bench JSON files: --compare a.json --compare b.json")
+    ] = None,
+    threshold: Annotated[float, typer.Option(help="--compare: regression threshold (0.1 = 10 %)")] = 0.10,
+) -> None:
+    """Measure latency, throughput, memory and load time; drive a V2 server; compare two runs."""
+    from kiln.bench import report
+
+    if compare:
+        if len(compare) != 2:
+            raise SpecError(f"--compare takes exactly two JSON files, got {len(compare)}")
+        diff = report.compare(report.load_json(compare[0]), report.load_json(compare[1]), threshold)
+        console.print(report.compare_table(diff))
+        if diff.regressions:
+            console.print(f"[red]{len(diff.regressions)} regression(s) beyond {threshold:.0%}[/]")
+            raise typer.Exit(1)
+        return
+    if url is not None:
+        from kiln.bench import loadgen
+
+        if model is None:
+            raise SpecError("--url needs the MODEL to load, e.g. kiln bench digits --url http://127.0.0.1:8000")
+        rows = []
+        for level in _csv(concurrency, int):
+            with console.status(f"{url} · concurrency {level} …"):
+                rows.append(loadgen.load(url, model, concurrency=level, qps=qps, requests=requests, seconds=duration,
+                                         batch=batch, binary=not json_tensors, allow_remote=allow_remote))  # fmt: skip
+        console.print(report.load_table(rows))
+        if json_out:
+            from kiln.repository import write_atomic
+
+            write_atomic(json_out, json.dumps([r.to_dict() for r in rows], indent=2))
+        return
+    if model is None or repo is None:
+        raise SpecError("kiln bench needs MODEL and --repo (or --url, or --compare)")
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from kiln.bench import BenchConfig, bench
+
+    config = BenchConfig.from_options(
+        variants=_csv(variants), batch_sizes=_csv(batch_sizes, int), scenarios=scenario or ["single-stream", "offline"],
+        min_time_s=min_time, repeats=repeats, threads=threads, device=device, server_qps=qps,
+        find_max_qps=find_max_qps, slo_ms=slo_ms, stream_fps=fps, scenario_seconds=seconds,
+    )  # fmt: skip
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                  transient=True) as progress:  # fmt: skip
+        task = progress.add_task("loading …")
+        result = bench(repo, model, config, progress=lambda msg: progress.update(task, description=msg))
+    console.print(report.bench_table(result))
+    console.print(report.variant_table(result))
+    if (table := report.scenario_table(result)) is not None:
+        console.print(table)
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
+    if json_out:
+        report.write_json(result, json_out)
+        console.print(f"wrote {json_out}")
+    if report_out:
+        report.write_html(result, report_out, report.pareto_points(repo, model, result.version))
+        console.print(f"wrote {report_out}")
+    if result.interrupted:
+        raise typer.Exit(130)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one red line and exit code 2, never a traceback."""
     try:

@@ -1,0 +1,243 @@
+"""Load scenarios after MLPerf Inference's: single-stream, offline, server and multi-stream.
+
+Server and multi-stream send requests on a schedule (Poisson arrivals, or N periodic camera streams)
+through kiln's dynamic batcher, and measure each request's latency from its *scheduled* arrival, so
+a backlog shows up as latency instead of being hidden (no coordinated omission).
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from kiln.bench.stats import latency_stats
+
+if TYPE_CHECKING:
+    from kiln.bench.config import BenchConfig
+    from kiln.bench.runner import BenchResult, ScenarioResult
+    from kiln.repository import Repository
+
+
+class Submitter(Protocol):
+    """Anything that accepts one request and answers with a future (the dynamic batcher does)."""
+
+    def submit(self, inputs: dict[str, np.ndarray]) -> Future[Any]: ...
+
+
+@dataclass(frozen=True)
+class RunStats:
+    offered_qps: float
+    achieved_qps: float
+    sent: int
+    completed: int
+    rejected: int
+    failed: int
+    latency: dict[str, float]
+
+    def meets(self, slo_ms: float, percentile: str = "p99_ms") -> bool:
+        return (
+            self.rejected == 0
+            and self.failed == 0
+            and self.completed == self.sent
+            and self.latency[percentile] <= slo_ms
+        )
+
+
+def scheduled_run(
+    submitter: Submitter, inputs: dict[str, np.ndarray], arrivals: np.ndarray, timeout_s: float = 30.0
+) -> RunStats:
+    """Submit one request at each arrival time (seconds from start); collect latencies."""
+    lock = threading.Lock()
+    latencies: list[float] = []
+    failures = [0]
+    finished = threading.Event()
+    outstanding = [len(arrivals)]
+    rejected = 0
+    last_done = [0.0]
+    clock = time.perf_counter
+
+    def record(fut: Future[Any], due: float) -> None:
+        now = clock()
+        with lock:
+            if fut.exception() is None:
+                latencies.append(now - due)
+            else:
+                failures[0] += 1
+            last_done[0] = max(last_done[0], now)
+            outstanding[0] -= 1
+            if outstanding[0] == 0:
+                finished.set()
+
+    start = clock()
+    for t in arrivals:
+        due = start + float(t)
+        delay = due - clock()
+        if delay > 0:
+            time.sleep(delay)  # pacing the offered load, not waiting for a result
+        try:
+            fut = submitter.submit(inputs)
+        except Exception:  # a full queue answers at once: that request is rejected
+            rejected += 1
+            with lock:
+                outstanding[0] -= 1
+                if outstanding[0] == 0:
+                    finished.set()
+            continue
+        fut.add_done_callback(functools.partial(_done, record, due))
+    if len(arrivals) == 0:
+        finished.set()
+    finished.wait(timeout_s)
+    span = (last_done[0] or clock()) - start
+    duration = float(arrivals[-1]) if len(arrivals) else 0.0
+    return RunStats(
+        offered_qps=len(arrivals) / duration if duration else 0.0,
+        achieved_qps=len(latencies) / span if span > 0 else 0.0,
+        sent=len(arrivals), completed=len(latencies), rejected=rejected, failed=failures[0],
+        latency=latency_stats(latencies).to_dict(),
+    )  # fmt: skip
+
+
+def _done(record: Callable[[Future[Any], float], None], due: float, fut: Future[Any]) -> None:
+    record(fut, due)
+
+
+def poisson_arrivals(qps: float, seconds: float, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    n = max(1, int(qps * seconds))
+    return np.cumsum(rng.exponential(1.0 / qps, n))
+
+
+def stream_arrivals(streams: int, fps: float, seconds: float, seed: int = 0) -> np.ndarray:
+    """N cameras at ``fps`` each, with random phases, merged into one schedule."""
+    rng = np.random.default_rng(seed)
+    frames = max(1, int(fps * seconds))
+    period = 1.0 / fps
+    times = [rng.uniform(0, period) + np.arange(frames) * period for _ in range(streams)]
+    return np.sort(np.concatenate(times))
+
+
+def search_max(ok: Callable[[float], bool], start: float, integer: bool = False, steps: int = 5) -> float:
+    """Largest value for which ``ok`` holds: double from ``start`` until it fails, then bisect."""
+    lo, hi, value = 0.0, None, max(start, 1.0)
+    for _ in range(12):
+        if ok(value):
+            lo = value
+            value *= 2
+        else:
+            hi = value
+            break
+    if hi is None:
+        return lo
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        if integer:
+            mid = float(round(mid))
+            if mid in (lo, hi):
+                break
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+# ---- scenario entry points ---------------------------------------------------------------------------
+def run(
+    scenario: str, repo: Repository, model: str, version: int, variant: str, config: BenchConfig, result: BenchResult
+) -> ScenarioResult | None:
+    from kiln.bench.runner import ScenarioResult
+
+    measured = next((v for v in result.variants if v.variant == variant), None)
+    if scenario == "single-stream":
+        b1 = next((b for b in measured.batches if b.batch == 1), None) if measured else None
+        if b1 is None:
+            return None
+        return ScenarioResult("single-stream", variant, {"batch": 1},
+                              {"p90_ms": b1.latency.p90_ms, "p50_ms": b1.latency.p50_ms, "qps": 1e3 / b1.latency.p50_ms})  # fmt: skip
+    if scenario == "offline":
+        if not measured or not measured.batches:
+            return None
+        best = max(measured.batches, key=lambda b: b.items_per_s)
+        return ScenarioResult("offline", variant, {"batch_sizes": [b.batch for b in measured.batches]},
+                              {"items_per_s": best.items_per_s, "best_batch": best.batch})  # fmt: skip
+    estimate = (
+        1e3 / measured.batches[0].latency.p50_ms * measured.batches[0].batch if measured and measured.batches else 100.0
+    )
+    with batcher_for(repo, model, version, variant, config) as submitter:
+        inputs = _one_request(submitter)
+        if scenario == "server":
+            return _server(submitter, inputs, variant, config, estimate)
+        return _multi_stream(submitter, inputs, variant, config, estimate)
+
+
+def _server(
+    submitter: Any, inputs: dict[str, np.ndarray], variant: str, config: BenchConfig, estimate: float
+) -> ScenarioResult:
+    from kiln.bench.runner import ScenarioResult
+
+    params: dict[str, Any] = {"slo_ms": config.slo_ms, "seconds": config.scenario_seconds,
+                              "max_batch_size": config.max_batch_size, "max_queue_delay_ms": config.max_queue_delay_ms}  # fmt: skip
+    metrics: dict[str, Any] = {}
+    if config.find_max_qps:
+        trials: list[dict[str, Any]] = []
+
+        def ok(qps: float) -> bool:
+            stats = scheduled_run(submitter, inputs, poisson_arrivals(qps, config.scenario_seconds, seed=len(trials)))
+            trials.append({"qps": qps, "p99_ms": stats.latency["p99_ms"], "ok": stats.meets(config.slo_ms)})
+            return stats.meets(config.slo_ms)
+
+        metrics["max_qps"] = search_max(ok, estimate / 2)
+        metrics["trials"] = trials
+    qps = config.server_qps or metrics.get("max_qps") or estimate / 2
+    stats = scheduled_run(submitter, inputs, poisson_arrivals(qps, config.scenario_seconds, seed=99))
+    params["qps"] = qps
+    metrics.update({k: v for k, v in stats.__dict__.items()})
+    metrics["meets_slo"] = stats.meets(config.slo_ms)
+    return ScenarioResult("server", variant, params, metrics)
+
+
+def _multi_stream(
+    submitter: Any, inputs: dict[str, np.ndarray], variant: str, config: BenchConfig, estimate: float
+) -> ScenarioResult:
+    from kiln.bench.runner import ScenarioResult
+
+    deadline_ms = 1e3 / config.stream_fps
+    trials: list[dict[str, Any]] = []
+
+    def ok(streams: float) -> bool:
+        stats = scheduled_run(
+            submitter,
+            inputs,
+            stream_arrivals(int(streams), config.stream_fps, config.scenario_seconds, seed=len(trials)),
+        )
+        trials.append({"streams": int(streams), "p99_ms": stats.latency["p99_ms"], "ok": stats.meets(deadline_ms)})
+        return stats.meets(deadline_ms)
+
+    streams = int(search_max(ok, max(1.0, estimate / config.stream_fps / 2), integer=True))
+    return ScenarioResult(
+        "multi-stream", variant, {"fps": config.stream_fps, "deadline_ms": deadline_ms, "seconds": config.scenario_seconds},
+        {"max_streams": streams, "trials": trials},
+    )  # fmt: skip
+
+
+def _one_request(submitter: Any) -> dict[str, np.ndarray]:
+    from kiln.convert.parity import random_inputs
+
+    return random_inputs(submitter.spec.inputs, 1, seed=0)
+
+
+def batcher_for(repo: Repository, model: str, version: int, variant: str, config: BenchConfig) -> Any:
+    """A dynamic batcher over ``variant``, as the server would run it (wired to kiln.serving)."""
+    import importlib
+
+    # The one place bench reaches right, to serving: the server scenario must measure the batcher
+    # that `kiln serve` runs, not a copy of it.
+    serving = importlib.import_module("kiln.serving.batcher")
+    return serving.bench_batcher(repo, model, version, variant, config)
