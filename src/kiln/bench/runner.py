@@ -10,8 +10,7 @@ import functools
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -140,17 +139,19 @@ def artifact_size(predictor: Predictor) -> int:
     return sum(p.stat().st_size for p in files)
 
 
-@contextmanager
-def _cuda_peak(device: str) -> Iterator[list[int]]:
-    box = [0]
-    if not device.startswith("cuda"):
-        yield box
-        return
-    import torch
+def _cuda_peak_reset(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
 
-    torch.cuda.reset_peak_memory_stats()
-    yield box
-    box[0] = int(torch.cuda.max_memory_allocated())
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_memory(device: str, memory: PeakMemory) -> tuple[int, str]:
+    if device.startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.max_memory_allocated()), "cuda-max-allocated"
+    return memory.delta, "rss-delta"
 
 
 def _figures(predictor: Predictor) -> dict[str, Any]:
@@ -164,11 +165,19 @@ def _figures(predictor: Predictor) -> dict[str, Any]:
 
 
 def measure_variant(
-    repo: Repository, model: str, version: int | None, variant: str, config: BenchConfig, say: Progress
+    repo: Repository,
+    model: str,
+    version: int | None,
+    variant: str,
+    config: BenchConfig,
+    say: Progress,
+    sink: list[VariantResult],
 ) -> VariantResult:
-    """Load one variant and time every batch size. KeyboardInterrupt leaves what was measured."""
+    """Load one variant and time every batch size, appending to ``sink`` as soon as it loads, so a
+    KeyboardInterrupt leaves every batch size measured so far in the results."""
     memory = PeakMemory()
-    with memory, _cuda_peak(config.device) as cuda:
+    _cuda_peak_reset(config.device)
+    with memory:
         t0 = time.perf_counter()
         predictor = load(repo, model, version=version, variant=variant, device=config.device, threads=config.threads)
         load_s = time.perf_counter() - t0
@@ -177,6 +186,7 @@ def measure_variant(
             load_s=load_s, first_run_ms=float("nan"), size_bytes=artifact_size(predictor),
             peak_memory_bytes=0, memory_kind="rss-delta", figures=_figures(predictor),
         )  # fmt: skip
+        sink.append(result)
         try:
             for i, batch in enumerate(config.batch_sizes):
                 say(f"{variant} · batch {batch}")
@@ -190,10 +200,8 @@ def measure_variant(
                     call()
                 result.batches.append(_time_batch(call, batch, config))
         finally:
+            result.peak_memory_bytes, result.memory_kind = _peak_memory(config.device, memory)
             predictor.close()
-    result.peak_memory_bytes = cuda[0] if config.device.startswith("cuda") else memory.delta
-    if config.device.startswith("cuda"):
-        result.memory_kind = "cuda-max-allocated"
     return result
 
 
@@ -244,8 +252,7 @@ def bench(
     )  # fmt: skip
     try:
         for variant in variants:
-            measured = measure_variant(repository, model, number, variant, config, say)
-            result.variants.append(measured)
+            measured = measure_variant(repository, model, number, variant, config, say, result.variants)
             result.warnings += [w for b in measured.batches for w in (f"{variant}: {x}" for x in b.warnings)]
         for scenario in config.scenarios:
             for variant in variants:
