@@ -100,6 +100,18 @@ def run_demo(directory: Path) -> list[EngineResult]:
     if not cpu.bf16.supported:
         console.print(f"[dim]bf16 skipped: {cpu.bf16.reason}[/]")
 
+    bench_step(repo, directory)
+    print_next(repo)
+    worst = min(results, key=lambda r: r.accuracy)
+    if worst.accuracy < MIN_ACCURACY:
+        raise AccuracyError(
+            f"{worst.engine} {worst.precision} reached {worst.accuracy:.2%} on the digits validation set, "
+            f"below the demo's {MIN_ACCURACY:.0%}; delete the cached weights ({trained.weights}) and run again"
+        )
+    return results
+
+
+def print_next(repo: Path) -> None:
     console.print("\n[bold]next[/]")
     for cmd, why in (
         (f"kiln list --repo {repo}", "what the repository holds"),
@@ -109,13 +121,21 @@ def run_demo(directory: Path) -> list[EngineResult]:
          "or a PyTorch model"),
     ):  # fmt: skip
         console.print(f"  [dim]# {why}[/]\n  [bold cyan]{cmd}[/]", highlight=False)
-    worst = min(results, key=lambda r: r.accuracy)
-    if worst.accuracy < MIN_ACCURACY:
-        raise AccuracyError(
-            f"{worst.engine} {worst.precision} reached {worst.accuracy:.2%} on the digits validation set, "
-            f"below the demo's {MIN_ACCURACY:.0%}; delete the cached weights ({trained.weights}) and run again"
-        )
-    return results
+
+
+def bench_step(repo: Path, directory: Path) -> Path:
+    """A short bench of the reference and the chosen variant, written as an HTML report."""
+    from kiln.bench import BenchConfig, bench
+    from kiln.bench import report as bench_report
+
+    config = BenchConfig(variants=["reference", "chosen"], batch_sizes=[1, 8, 32], min_time_s=0.3, repeats=2)
+    with console.status("bench: reference vs chosen at batch 1, 8, 32 …"):
+        result = bench(repo, "digits", config)
+    console.print(bench_report.bench_table(result))
+    page = directory / "report.html"
+    bench_report.write_html(result, page, bench_report.pareto_points(repo, "digits", result.version))
+    console.print(f"[bold]bench[/]  report with plots → {page}")
+    return page
 
 
 __all__ = ["EngineResult", "KilnError", "evaluate", "run_demo"]
