@@ -1,0 +1,91 @@
+"""Prometheus metrics (prometheus-client), one registry per server so that tests can run several.
+
+Label values are only names the server knows (models in the repository), never raw request text, so
+a client cannot blow up the series count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+Protocol = Literal["http", "grpc"]
+Outcome = Literal["ok", "client_error", "not_found", "unavailable", "timeout", "error"]
+
+_LATENCY = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+_BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def outcome_for(status: int) -> Outcome:
+    if status < 400:
+        return "ok"
+    if status == 404:
+        return "not_found"
+    if status == 503:
+        return "unavailable"
+    if status == 504:
+        return "timeout"
+    return "client_error" if status < 500 else "error"
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "kiln_requests", "Inference requests by model, version, protocol and outcome",
+            ["model", "version", "protocol", "outcome"], registry=r,
+        )  # fmt: skip
+        self.request_seconds = Histogram(
+            "kiln_request_seconds", "Time from request decoded to response ready", ["model", "version", "protocol"],
+            buckets=_LATENCY, registry=r,
+        )  # fmt: skip
+        self.queue_seconds = Histogram(
+            "kiln_queue_seconds", "Time a request waited in the batch queue", ["model", "version"],
+            buckets=_LATENCY, registry=r,
+        )  # fmt: skip
+        self.compute_seconds = Histogram(
+            "kiln_compute_seconds", "Engine time per batch", ["model", "version"], buckets=_LATENCY, registry=r
+        )
+        self.batch_size = Histogram(
+            "kiln_batch_size", "Rows per executed batch", ["model", "version"], buckets=_BATCH, registry=r
+        )
+        self.cache = Counter("kiln_cache", "Response cache lookups", ["model", "result"], registry=r)
+        self.load_seconds = Histogram(
+            "kiln_model_load_seconds", "Time to load and warm a model version", ["model"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=r,
+        )  # fmt: skip
+        self.models_loaded = Gauge("kiln_models_loaded", "Model versions loaded and ready", registry=r)
+        self.memory_bytes = Gauge("kiln_model_memory_bytes", "Estimated memory of loaded models", registry=r)
+        self.in_flight = Gauge("kiln_inflight_requests", "Requests being served", ["protocol"], registry=r)
+        self.fallbacks = Counter(
+            "kiln_fallback", "Batches rerun on the reference variant after the chosen one failed",
+            ["model", "version"], registry=r,
+        )  # fmt: skip
+        self.evictions = Counter("kiln_evictions", "Models unloaded to fit the memory budget", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def observer(self, model: str, version: int) -> BatchMetrics:
+        return BatchMetrics(self, model, str(version))
+
+
+class BatchMetrics:
+    """The batcher's per-batch figures, with label children resolved once (they sit on the hot path)."""
+
+    def __init__(self, m: Metrics, model: str, version: str) -> None:
+        self._queue = m.queue_seconds.labels(model, version)
+        self._compute = m.compute_seconds.labels(model, version)
+        self._batch = m.batch_size.labels(model, version)
+
+    def batch_done(self, size: int, rows: int, queue_s: Sequence[float], compute_s: float) -> None:
+        for q in queue_s:
+            self._queue.observe(q)
+        self._compute.observe(compute_s)
+        self._batch.observe(rows)
