@@ -367,6 +367,7 @@ class ModelManager:
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise KilnError(f"model {name!r} version {version} failed its warm-up run: {first_line}") from exc
         batcher.start()
+        self.metrics.queue_depth.labels(name, str(version)).set_function(lambda: batcher.depth)
         self._generation += 1
         vdir = self.repository.resolve(name, version)[1]
         return ServedVersion(

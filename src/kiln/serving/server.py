@@ -68,6 +68,8 @@ class Server:
         family = socket.AF_INET6 if ":" in s.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # inherited by accepted sockets
         sock.bind((s.host, s.http_port))
         sock.listen(2048)
         sock.setblocking(False)
