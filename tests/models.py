@@ -53,16 +53,20 @@ def mixed_model(path: Path) -> Path:
 
 
 def big_model(path: Path, megabytes: int = 96) -> Path:
-    """y = x + sum(w): a float32 weight of ``megabytes`` MiB, for memory tests."""
+    """y = w[int(x)]: a float32 weight of ``megabytes`` MiB that ONNX Runtime cannot fold away."""
     n = megabytes * 2**20 // 4
     rng = np.random.default_rng(0)
     w = rng.standard_normal(n).astype(np.float32)
     graph = helper.make_graph(
-        [helper.make_node("ReduceSum", ["w"], ["s"], keepdims=1), helper.make_node("Add", ["x", "s"], ["y"])],
+        [
+            helper.make_node("Cast", ["x"], ["i"], to=TensorProto.INT64),
+            helper.make_node("Gather", ["w", "i"], ["g"], axis=0),
+            helper.make_node("Squeeze", ["g", "axes"], ["y"]),
+        ],
         "big",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])],
-        [numpy_helper.from_array(w, "w")],
+        [numpy_helper.from_array(w.reshape(-1, 1), "w"), numpy_helper.from_array(np.array([2], np.int64), "axes")],
     )
     return _save(graph, path)
 

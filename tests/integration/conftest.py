@@ -58,7 +58,8 @@ class ServeProcess:
         raise TimeoutError(f"kiln serve was not ready within {timeout} s:\n{self.output()}")
 
     def output(self) -> str:
-        self._log_file.flush()
+        if not self._log_file.closed:
+            self._log_file.flush()
         return self.log.read_text(errors="replace")[-5000:]
 
     def metric(self, name: str, **labels: str) -> float:
