@@ -100,7 +100,7 @@ def test_hot_reload_under_a_steady_stream_loses_no_request(tmp_path: Path, serve
     values = [y for _, y in results]
     assert 1.0 in values[: max(before, 1)] and values[-1] == 2.0
     assert {k for k, y in results[after:] if y == 2.0} == {"http", "grpc"}
-    assert len(results) > 40
+    assert after > before, "no request was answered while the new version loaded"
 
 
 def test_full_queue_answers_503_at_once_and_sigterm_drains_in_flight_requests(tmp_path: Path, serve_process: Start) -> None:
