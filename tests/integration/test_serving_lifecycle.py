@@ -105,7 +105,7 @@ def test_hot_reload_under_a_steady_stream_loses_no_request(tmp_path: Path, serve
 
 def test_full_queue_answers_503_at_once_and_sigterm_drains_in_flight_requests(tmp_path: Path, serve_process: Start) -> None:
     repo = tmp_path / "repo"
-    kiln.import_model(models.slow_model(tmp_path / "slow.onnx"), repo, name="slow")
+    kiln.import_model(models.slow_model(tmp_path / "slow.onnx", layers=120), repo, name="slow")
     repository = Repository(repo)
     spec = repository.spec("slow")
     serving = spec.serving.model_copy(update={"max_batch_size": 256, "max_queue_size": 2})
