@@ -47,7 +47,10 @@ def mixed_model(path: Path) -> Path:
             helper.make_tensor_value_info("ids_out", TensorProto.INT64, ["N", 3]),
             helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 2]),
         ],
-        [numpy_helper.from_array(np.array([1], np.int64), "one"), numpy_helper.from_array(np.array([2.0], np.float32), "two")],
+        [
+            numpy_helper.from_array(np.array([1], np.int64), "one"),
+            numpy_helper.from_array(np.array([2.0], np.float32), "two"),
+        ],
     )
     return _save(graph, path)
 
@@ -73,7 +76,7 @@ def big_model(path: Path, megabytes: int = 96) -> Path:
 
 def slow_model(path: Path, layers: int = 40, width: int = 512) -> Path:
     """A chain of ``layers`` MatMuls with one shared [width, width] weight: slow enough to be in flight."""
-    w = (np.eye(width, dtype=np.float32))
+    w = np.eye(width, dtype=np.float32)
     nodes = []
     prev = "x"
     for i in range(layers):

@@ -130,7 +130,9 @@ def serve(
     repo: Annotated[Path, typer.Argument(help="model repository directory")],
     http_port: Annotated[int, typer.Option(help="HTTP port (0 picks a free one)")] = 8000,
     grpc_port: Annotated[int, typer.Option(help="gRPC port (0 picks a free one, -1 turns gRPC off)")] = 8001,
-    host: Annotated[str, typer.Option(help="interface to bind; 0.0.0.0 exposes the server to the network")] = "127.0.0.1",
+    host: Annotated[
+        str, typer.Option(help="interface to bind; 0.0.0.0 exposes the server to the network")
+    ] = "127.0.0.1",
     token: Annotated[
         str | None, typer.Option(envvar="KILN_SERVE_TOKEN", help="bearer token for the model-repository endpoints")
     ] = None,

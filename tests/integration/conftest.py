@@ -68,9 +68,8 @@ class ServeProcess:
         want = [f'{k}="{v}"' for k, v in labels.items()]
         total = 0.0
         for line in text.splitlines():
-            if line.startswith(name + "{") or line.startswith(name + " "):
-                if all(w in line for w in want):
-                    total += float(line.rsplit(" ", 1)[1])
+            if (line.startswith(name + "{") or line.startswith(name + " ")) and all(w in line for w in want):
+                total += float(line.rsplit(" ", 1)[1])
         return total
 
     def terminate(self, timeout: float = 60.0) -> int:

@@ -67,7 +67,9 @@ def _inputs(module: object, arrays: dict[str, np.ndarray]) -> list[object]:
     return out
 
 
-def test_health_and_server_metadata(http: httpclient.InferenceServerClient, grpc: grpcclient.InferenceServerClient) -> None:
+def test_health_and_server_metadata(
+    http: httpclient.InferenceServerClient, grpc: grpcclient.InferenceServerClient
+) -> None:
     assert http.is_server_live() and http.is_server_ready()
     assert grpc.is_server_live() and grpc.is_server_ready()
     assert http.is_model_ready("add") and grpc.is_model_ready("add", "1")
@@ -77,7 +79,9 @@ def test_health_and_server_metadata(http: httpclient.InferenceServerClient, grpc
     assert "model_repository" in grpc.get_server_metadata(as_json=True)["extensions"]
 
 
-def test_model_metadata_and_config(http: httpclient.InferenceServerClient, grpc: grpcclient.InferenceServerClient) -> None:
+def test_model_metadata_and_config(
+    http: httpclient.InferenceServerClient, grpc: grpcclient.InferenceServerClient
+) -> None:
     md = http.get_model_metadata("mixed")
     assert md["versions"] == ["1"]
     assert {t["name"]: (t["datatype"], t["shape"]) for t in md["inputs"]} == {
@@ -105,7 +109,9 @@ def test_fp32_infer_equals_in_process_predict(
     np.testing.assert_array_equal(got_grpc, want)
     # JSON outputs too (binary_data=False), and a specific version in the URL
     out = httpclient.InferRequestedOutput("y", binary_data=False)
-    np.testing.assert_array_equal(http.infer("add", _inputs(httpclient, {"x": x}), "1", outputs=[out]).as_numpy("y"), want)
+    np.testing.assert_array_equal(
+        http.infer("add", _inputs(httpclient, {"x": x}), "1", outputs=[out]).as_numpy("y"), want
+    )
 
 
 def test_bytes_int64_fp32_infer_equals_in_process_predict(
@@ -145,11 +151,15 @@ def test_repository_index_load_unload_need_the_token(
     grpc.load_model("add", headers=grpc_auth)
     assert grpc.is_model_ready("add")
     rows = grpc.get_model_repository_index(headers=grpc_auth, as_json=True)["models"]
-    assert {"name": "add", "version": "1", "state": "READY"} in [{k: r.get(k) for k in ("name", "version", "state")} for r in rows]
+    assert {"name": "add", "version": "1", "state": "READY"} in [
+        {k: r.get(k) for k in ("name", "version", "state")} for r in rows
+    ]
     assert http.infer("add", _inputs(httpclient, {"x": np.zeros((1, 4), np.float32)})).as_numpy("y").sum() == 4
 
 
-def _post(server: ServeProcess, path: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str]]:
+def _post(
+    server: ServeProcess, path: str, body: bytes, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str]]:
     conn = httplib.HTTPConnection("127.0.0.1", server.http_port, timeout=30)
     try:
         conn.request("POST", path, body, headers or {})
@@ -208,7 +218,9 @@ def test_response_cache_counts_hits_and_misses(server: ServeProcess, http: httpc
     assert server.metric("kiln_cache_total", model="cached", result="hit") == 1
 
 
-def test_metrics_cover_requests_latency_batches_and_models(server: ServeProcess, http: httpclient.InferenceServerClient) -> None:
+def test_metrics_cover_requests_latency_batches_and_models(
+    server: ServeProcess, http: httpclient.InferenceServerClient
+) -> None:
     http.infer("mixed", _inputs(httpclient, {
         "text": np.array([["a", "b"]], dtype=object), "ids": np.zeros((1, 3), np.int64), "x": np.zeros((1, 2), np.float32),
     }))  # fmt: skip

@@ -103,7 +103,9 @@ def test_hot_reload_under_a_steady_stream_loses_no_request(tmp_path: Path, serve
     assert after > before, "no request was answered while the new version loaded"
 
 
-def test_full_queue_answers_503_at_once_and_sigterm_drains_in_flight_requests(tmp_path: Path, serve_process: Start) -> None:
+def test_full_queue_answers_503_at_once_and_sigterm_drains_in_flight_requests(
+    tmp_path: Path, serve_process: Start
+) -> None:
     repo = tmp_path / "repo"
     kiln.import_model(models.slow_model(tmp_path / "slow.onnx", layers=120), repo, name="slow")
     repository = Repository(repo)
@@ -190,7 +192,10 @@ def _broken_variant(repo: Path, model: str) -> None:
         "fixed",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
-        [numpy_helper.from_array(np.array([1, 4], np.int64), "shape"), numpy_helper.from_array(np.ones(4, np.float32), "c")],
+        [
+            numpy_helper.from_array(np.array([1, 4], np.int64), "shape"),
+            numpy_helper.from_array(np.ones(4, np.float32), "c"),
+        ],
     )
     onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx_model.ir_version = 9

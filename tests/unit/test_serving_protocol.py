@@ -67,10 +67,18 @@ def test_json_inputs_decode() -> None:
 @pytest.mark.parametrize(
     ("mutate", "error", "match"),
     [
-        (lambda d: d.update(inputs=[{**d["inputs"][0], "datatype": "INT64"}, d["inputs"][1]]), InputError, "datatype must be FP32"),
+        (
+            lambda d: d.update(inputs=[{**d["inputs"][0], "datatype": "INT64"}, d["inputs"][1]]),
+            InputError,
+            "datatype must be FP32",
+        ),
         (lambda d: d["inputs"][0].update(name="nope"), InputError, "one of \\['text', 'x'\\]|one of \\['x', 'text'\\]"),
         (lambda d: d["inputs"][0].update(shape="2x2"), ProtocolError, "shape"),
-        (lambda d: d["inputs"][0].update(data=[1, 2, 3]), ProtocolError, "holds 3 elements but shape \\[1, 2\\] needs 2"),
+        (
+            lambda d: d["inputs"][0].update(data=[1, 2, 3]),
+            ProtocolError,
+            "holds 3 elements but shape \\[1, 2\\] needs 2",
+        ),
         (lambda d: d["inputs"][0].pop("data"), ProtocolError, "input 'x': data: is missing"),
         (lambda d: d["inputs"][1].update(data=[3]), ProtocolError, "BYTES elements in JSON must be strings"),
         (lambda d: d.update(outputs=[{"name": "zz"}]), ProtocolError, "unknown output 'zz'"),

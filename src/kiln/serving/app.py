@@ -199,6 +199,4 @@ async def _not_found(request: Request, exc: Exception) -> Response:
 
 
 async def _not_allowed(request: Request, exc: Exception) -> Response:
-    return JSONResponse(
-        {"error": f"{request.method} is not allowed on {request.url.path!r}"}, status_code=405
-    )
+    return JSONResponse({"error": f"{request.method} is not allowed on {request.url.path!r}"}, status_code=405)

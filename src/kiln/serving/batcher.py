@@ -230,7 +230,9 @@ class Batcher:
         return len(self.queue)
 
     # ---- the hot path -------------------------------------------------------------------------------------
-    def submit(self, inputs: Mapping[str, np.ndarray], rows: int, done: Done, timeout_s: float | None = None) -> Pending:
+    def submit(
+        self, inputs: Mapping[str, np.ndarray], rows: int, done: Done, timeout_s: float | None = None
+    ) -> Pending:
         """Queue a request; ``done(outputs, error)`` is called from a worker thread when it finishes."""
         now = self.clock()
         item = Pending(inputs, rows, now, done, None if timeout_s is None else now + timeout_s, timeout_s or 0.0)

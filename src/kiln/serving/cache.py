@@ -25,7 +25,7 @@ def cache_key(model: str, version: int, inputs: Mapping[str, np.ndarray], output
                 h.update(len(b).to_bytes(4, "little"))
                 h.update(b)
         else:
-            h.update(memoryview(np.ascontiguousarray(arr)).cast("B"))
+            h.update(memoryview(np.ascontiguousarray(arr)).cast("B"))  # type: ignore[arg-type]
     return h.digest()
 
 
@@ -76,4 +76,3 @@ class ResponseCache:
             while self._bytes > self.max_bytes:
                 _, (_, n) = self._entries.popitem(last=False)
                 self._bytes -= n
-

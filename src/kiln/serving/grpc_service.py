@@ -82,7 +82,7 @@ def decode_grpc(request: Any, spec: ModelSpec) -> InferRequest:
             raise ProtocolError(
                 f"input {t.name!r}: contents", f"hold {len(values)} elements but shape {list(shape)} needs {count}"
             )
-        if dtype == object:
+        if dtype.kind == "O":
             try:
                 arr = np.array([bytes(v).decode() for v in values] or [], dtype=object)
             except UnicodeDecodeError:
@@ -110,7 +110,7 @@ def encode_grpc(model: str, version: int, req: InferRequest, outputs: dict[str, 
     return resp
 
 
-class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, service: Service) -> None:
         self.service = service
         self._in_flight = service.metrics.in_flight.labels("grpc")

@@ -10,6 +10,7 @@ With a memory budget the least recently used models are unloaded to make room.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import enum
 import gc
@@ -30,7 +31,7 @@ from kiln.spec import ModelSpec
 log = logging.getLogger("kiln.serving")
 
 
-class State(str, enum.Enum):
+class State(enum.StrEnum):
     UNAVAILABLE = "UNAVAILABLE"
     LOADING = "LOADING"
     READY = "READY"
@@ -103,10 +104,8 @@ def artifact_bytes(vdir: Path, spec: ModelSpec) -> int:
 def release_memory() -> None:
     """Collect garbage and ask glibc to return free heap pages, so an unload shows in RSS."""
     gc.collect()
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 class ModelManager:

@@ -67,7 +67,9 @@ class Metrics:
             "kiln_fallback", "Batches rerun on the reference variant after the chosen one failed",
             ["model", "version"], registry=r,
         )  # fmt: skip
-        self.queue_depth = Gauge("kiln_queue_depth", "Requests waiting in a batch queue", ["model", "version"], registry=r)
+        self.queue_depth = Gauge(
+            "kiln_queue_depth", "Requests waiting in a batch queue", ["model", "version"], registry=r
+        )
         self.evictions = Counter("kiln_evictions", "Models unloaded to fit the memory budget", registry=r)
 
     def render(self) -> bytes:

@@ -84,7 +84,9 @@ def deserialize_bytes(buf: bytes | memoryview, count: int, name: str) -> np.ndar
         (n,) = _LEN.unpack_from(view, pos)
         pos += 4
         if pos + n > len(view):
-            raise ProtocolError(f"input {name!r}", f"BYTES element {i} claims {n} bytes but only {len(view) - pos} remain")
+            raise ProtocolError(
+                f"input {name!r}", f"BYTES element {i} claims {n} bytes but only {len(view) - pos} remain"
+            )
         try:
             out[i] = str(view[pos : pos + n], "utf-8")
         except UnicodeDecodeError:
@@ -114,7 +116,7 @@ def check_shape(name: str, shape: Any) -> tuple[int, ...]:
 def from_raw(name: str, raw: bytes | memoryview, dtype: np.dtype[Any], shape: tuple[int, ...]) -> np.ndarray:
     """A tensor from its binary (raw) form: a zero-copy view for fixed-size types."""
     count = int(np.prod(shape)) if shape else 1
-    if dtype == object:
+    if dtype.kind == "O":
         return deserialize_bytes(raw, count, name).reshape(shape)
     want = count * dtype.itemsize
     if len(raw) != want:
@@ -130,7 +132,7 @@ def to_raw(arr: np.ndarray) -> bytes | memoryview:
         return serialize_bytes(arr)
     if not arr.flags.c_contiguous:
         arr = np.ascontiguousarray(arr)
-    return memoryview(arr).cast("B")
+    return memoryview(arr).cast("B")  # type: ignore[arg-type]
 
 
 def output_datatype(arr: np.ndarray) -> str:
@@ -183,7 +185,9 @@ def decode_http(body: bytes, header_length: int | None, spec: ModelSpec) -> Infe
         size = params.get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or size < 0:
-                raise ProtocolError(f"input {name!r}: binary_data_size", f"must be a non-negative integer, got {size!r}")
+                raise ProtocolError(
+                    f"input {name!r}: binary_data_size", f"must be a non-negative integer, got {size!r}"
+                )
             if offset + size > len(body):
                 raise ProtocolError(
                     f"input {name!r}: binary_data_size",
@@ -224,14 +228,16 @@ def _from_json(name: str, data: Any, dtype: np.dtype[Any], shape: tuple[int, ...
         data = [data]
     count = int(np.prod(shape)) if shape else 1
     try:
-        if dtype == object:
+        if dtype.kind == "O":
             flat = np.array([_to_text(x) for x in _flatten(data)] or [], dtype=object)
         else:
             flat = np.asarray(data, dtype=dtype).reshape(-1)
     except (TypeError, ValueError, OverflowError) as exc:
         raise ProtocolError(f"input {name!r}: data", f"cannot be read as {dtype} ({exc})") from None
     if flat.size != count:
-        raise ProtocolError(f"input {name!r}: data", f"holds {flat.size} elements but shape {list(shape)} needs {count}")
+        raise ProtocolError(
+            f"input {name!r}: data", f"holds {flat.size} elements but shape {list(shape)} needs {count}"
+        )
     return flat.reshape(shape)
 
 

@@ -8,6 +8,7 @@ until it is reloaded.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import threading
@@ -165,10 +166,8 @@ class ProcessEngine:
         return out
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError, ValueError):
             self._conn.send(None)
-        except (OSError, ValueError):
-            pass
         self._proc.join(5)
         if self._proc.is_alive():
             self._proc.kill()
