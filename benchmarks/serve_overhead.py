@@ -158,7 +158,9 @@ def main() -> None:
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise RuntimeError((work / "serve.log").read_text())
             time.sleep(0.05)
-        print(f"\n{'protocol':8} {'conc':>4} {'req/s':>9} {'served/engine':>14} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}")
+        print(
+            f"\n{'protocol':8} {'conc':>4} {'req/s':>9} {'served/engine':>14} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}"
+        )
         for protocol, url in (("http", f"127.0.0.1:{http_port}"), ("grpc", f"127.0.0.1:{grpc_port}")):
             for c in args.concurrency:
                 rate, p50, p99, errors = drive(protocol, url, x, c, args.seconds)

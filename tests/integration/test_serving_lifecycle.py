@@ -122,15 +122,18 @@ def test_full_queue_answers_503_at_once_and_sigterm_drains_in_flight_requests(
         finally:
             client.close()
 
-    with ThreadPoolExecutor(3) as pool:
-        futures = [pool.submit(call) for _ in range(3)]
-        # one runs, two wait: poll the queue-depth gauge (with a deadline) until both are queued
-        for _ in range(2000):
-            if server.metric("kiln_queue_depth", model="slow") == 2:
-                break
+    def wait_for(metric: str, value: float) -> None:
+        for _ in range(3000):  # readiness polling with a deadline
+            if server.metric(metric, model="slow") == value:
+                return
             threading.Event().wait(0.01)
-        else:
-            pytest.fail(f"the queue never held 2 requests:\n{server.output()}")
+        pytest.fail(f"{metric} never reached {value}:\n{server.output()}")
+
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(call)]
+        wait_for("kiln_instances_busy", 1)  # the first request runs ...
+        futures += [pool.submit(call) for _ in range(2)]
+        wait_for("kiln_queue_depth", 2)  # ... and two wait: the queue is full
         client = httpclient.InferenceServerClient(server.http_url)
         with pytest.raises(InferenceServerException, match="overloaded") as info:
             client.infer("slow", _http_input(x))

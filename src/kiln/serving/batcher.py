@@ -229,6 +229,11 @@ class Batcher:
     def depth(self) -> int:
         return len(self.queue)
 
+    @property
+    def busy(self) -> int:
+        """Instances running a batch now."""
+        return self._busy
+
     # ---- the hot path -------------------------------------------------------------------------------------
     def submit(
         self, inputs: Mapping[str, np.ndarray], rows: int, done: Done, timeout_s: float | None = None

@@ -367,6 +367,7 @@ class ModelManager:
             raise KilnError(f"model {name!r} version {version} failed its warm-up run: {first_line}") from exc
         batcher.start()
         self.metrics.queue_depth.labels(name, str(version)).set_function(lambda: batcher.depth)
+        self.metrics.busy.labels(name, str(version)).set_function(lambda: batcher.busy)
         self._generation += 1
         vdir = self.repository.resolve(name, version)[1]
         return ServedVersion(

@@ -70,6 +70,7 @@ class Metrics:
         self.queue_depth = Gauge(
             "kiln_queue_depth", "Requests waiting in a batch queue", ["model", "version"], registry=r
         )
+        self.busy = Gauge("kiln_instances_busy", "Instances running a batch", ["model", "version"], registry=r)
         self.evictions = Counter("kiln_evictions", "Models unloaded to fit the memory budget", registry=r)
 
     def render(self) -> bytes:
