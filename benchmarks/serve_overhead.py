@@ -43,6 +43,23 @@ def build_cnn() -> Any:
     ).eval()  # fmt: skip
 
 
+def build_floor_model(path: Path) -> Path:
+    """y = x + 1 on 4 floats: served, it shows the protocol and client cost with no engine time."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["input", "one"], ["logits"])], "floor",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])],
+        [numpy_helper.from_array(np.ones(4, np.float32), "one")],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save(model, str(path))
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -73,7 +90,9 @@ def engine_baseline(repo: Path, x: np.ndarray, seconds: float) -> tuple[float, f
     return rate, p50, p99
 
 
-def drive(protocol: str, url: str, x: np.ndarray, concurrency: int, seconds: float) -> tuple[float, float, float, int]:
+def drive(
+    protocol: str, url: str, x: np.ndarray, concurrency: int, seconds: float, model: str = "cnn"
+) -> tuple[float, float, float, int]:
     import tritonclient.grpc as grpcclient
     import tritonclient.http as httpclient
 
@@ -88,13 +107,13 @@ def drive(protocol: str, url: str, x: np.ndarray, concurrency: int, seconds: flo
         inp = module.InferInput("input", list(x.shape), "FP32")
         inp.set_data_from_numpy(x)
         for _ in range(20):
-            client.infer("cnn", [inp])
+            client.infer(model, [inp])
         warmed.wait()
         mine = lat[i]
         while not stop.is_set():
             t = time.perf_counter()
             try:
-                client.infer("cnn", [inp])
+                client.infer(model, [inp])
             except Exception:
                 errors[i] += 1
                 continue
@@ -121,6 +140,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     ap.add_argument("--max-queue-delay-us", type=int, default=0)
+    ap.add_argument("--no-inline", action="store_true", help="always hand requests to the batcher's thread")
     args = ap.parse_args()
 
     import kiln
@@ -130,6 +150,7 @@ def main() -> None:
     repo = work / "repo"
     kiln.import_model(f"{Path(__file__).resolve()}:build_cnn", repo, name="cnn", input_shapes=[INPUT_SHAPE],
                       input_names=["input"], output_names=["logits"])  # fmt: skip
+    kiln.import_model(build_floor_model(work / "floor.onnx"), repo, name="floor")
     repository = Repository(repo)
     spec = repository.spec("cnn")
     serving = spec.serving.model_copy(update={"max_queue_delay_us": args.max_queue_delay_us})
@@ -142,9 +163,10 @@ def main() -> None:
 
     http_port, grpc_port = free_port(), free_port()
     log = open(work / "serve.log", "wb")  # noqa: SIM115 - closed in finally
+    env = {**os.environ, "KILN_SERVE_INLINE_BELOW_MS": "0" if args.no_inline else "3"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "kiln.cli", "serve", str(repo), "--http-port", str(http_port), "--grpc-port",
-         str(grpc_port), "--engine-threads", "1"], stdout=log, stderr=subprocess.STDOUT,
+         str(grpc_port), "--engine-threads", "1"], stdout=log, stderr=subprocess.STDOUT, env=env,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 60
@@ -158,21 +180,35 @@ def main() -> None:
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise RuntimeError((work / "serve.log").read_text())
             time.sleep(0.05)
+        urls = {"http": f"127.0.0.1:{http_port}", "grpc": f"127.0.0.1:{grpc_port}"}
+        rows: list[tuple[str, int, float, float, float, int]] = []
+        for c in args.concurrency:  # protocols alternate, so drift on a shared machine hits both alike
+            for protocol in ("http", "grpc"):
+                rows.append((protocol, c, *drive(protocol, urls[protocol], x, c, args.seconds)))
+        floor = {p: drive(p, urls[p], np.ones((1, 4), np.float32), 1, args.seconds, "floor") for p in ("http", "grpc")}
+        rate1, p50_1, _ = engine_baseline(repo, x, args.seconds)
+        rate_e, p50_e = (rate0 + rate1) / 2, (p50_0 + p50_1) / 2
+        print(f"in-process engine again, after the served runs: {rate1:8.1f} req/s   p50 {p50_1:.3f} ms")
+        print(f"ratios below use the mean of the two: {rate_e:.1f} req/s, p50 {p50_e:.3f} ms")
         print(
             f"\n{'protocol':8} {'conc':>4} {'req/s':>9} {'served/engine':>14} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}"
         )
-        for protocol, url in (("http", f"127.0.0.1:{http_port}"), ("grpc", f"127.0.0.1:{grpc_port}")):
-            for c in args.concurrency:
-                rate, p50, p99, errors = drive(protocol, url, x, c, args.seconds)
-                print(f"{protocol:8} {c:>4} {rate:9.1f} {rate / rate0:14.2f} {p50:8.3f} {p99:8.3f} {errors:>6}")
+        for protocol in ("http", "grpc"):
+            for proto, c, rate, p50, p99, errors in rows:
+                if proto != protocol:
+                    continue
+                print(f"{protocol:8} {c:>4} {rate:9.1f} {rate / rate_e:14.2f} {p50:8.3f} {p99:8.3f} {errors:>6}")
                 if c == 1:
-                    print(f"{'':8} {'':>4} p50 added by serving at concurrency 1: {p50 - p50_0:.3f} ms")
+                    print(f"{'':8} {'':>4} p50 added by serving at concurrency 1: {p50 - p50_e:.3f} ms")
+            f_rate, f_p50, _, _ = floor[protocol]
+            print(f"{protocol:8} floor: a 4-float Add model served at concurrency 1: p50 {f_p50:.3f} ms, "
+                  f"{f_rate:.0f} req/s (protocol + client + server, almost no engine time)")  # fmt: skip
         with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5) as r:
             text = r.read().decode()
         sums = {}
         for line in text.splitlines():
             for name in ("kiln_batch_size_sum", "kiln_batch_size_count", "kiln_compute_seconds_sum"):
-                if line.startswith(name + "{"):
+                if line.startswith(name + "{") and 'model="cnn"' in line:
                     sums[name] = float(line.rsplit(" ", 1)[1])
         if sums.get("kiln_batch_size_count"):
             n = sums["kiln_batch_size_count"]

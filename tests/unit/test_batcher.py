@@ -246,3 +246,44 @@ def test_closed_batcher_refuses_new_work_but_finishes_queued_work() -> None:
     assert col.all_done.is_set()
     assert all(err is None for _, err in col.results)
     assert runner.batches == [1, 1]
+
+
+def test_an_idle_batcher_lends_its_instance_and_the_worker_waits_for_it() -> None:
+    runner = GatedRunner()
+    runner.release.set()
+    batcher = Batcher("m", [runner], BatchPolicy(max_batch_size=4))
+    batcher.start()
+    col = Collector(1)
+    try:
+        lent = batcher.lend()
+        assert lent is runner and batcher.busy == 1
+        assert batcher.lend() is None  # one caller at a time
+        batcher.give_back(lent, rows=2, compute_s=0.002)
+        assert batcher.row_seconds == pytest.approx(0.001) and batcher.busy == 0
+        with pytest.raises(RuntimeError, match="not lent"):
+            batcher.give_back(runner, rows=1, compute_s=0.001)
+        lent = batcher.lend()
+        assert lent is runner
+        batcher.submit({"x": np.zeros((1, 2), np.float32)}, 1, col.done)  # queued while lent: must wait
+        assert not col.all_done.wait(0.05)  # bounded check that the worker did not run it meanwhile
+        assert runner.batches == []
+        batcher.give_back(lent, rows=1, compute_s=0.001)
+        assert col.all_done.wait(10)  # given back: the worker takes the queued request
+    finally:
+        batcher.close()
+    assert runner.batches == [1]
+
+
+def test_a_busy_or_queued_batcher_lends_nothing() -> None:
+    runner = GatedRunner()
+    batcher = Batcher("m", [runner], BatchPolicy(max_batch_size=4))
+    batcher.start()
+    col = Collector(1)
+    try:
+        batcher.submit({"x": np.zeros((1, 2), np.float32)}, 1, col.done)
+        assert runner.entered.wait(10)
+        assert batcher.lend() is None
+        runner.release.set()
+        assert col.all_done.wait(10)
+    finally:
+        batcher.close()

@@ -99,6 +99,7 @@ def build_app(service: Service) -> Starlette:
         version = ""
         status = 200
         in_flight.inc()
+        service.note_client(("http", request.scope.get("client")))
         try:
             sv = await service.resolve(model, p.get("version"))
             version = str(sv.version)
@@ -161,7 +162,9 @@ def build_app(service: Service) -> Starlette:
         return Response(service.metrics.render(), media_type=service.metrics.content_type)
 
     m, mv = "/v2/models/{model}", "/v2/models/{model}/versions/{version}"
-    routes = [
+    routes = [  # infer first: the router tries routes in order, and infer is the hot path
+        Route(f"{m}/infer", infer, methods=["POST"]),
+        Route(f"{mv}/infer", infer, methods=["POST"]),
         Route("/v2/health/live", live, methods=["GET"]),
         Route("/v2/health/ready", ready, methods=["GET"]),
         Route("/v2", server_metadata, methods=["GET"]),
@@ -171,8 +174,6 @@ def build_app(service: Service) -> Starlette:
         Route(f"{mv}/ready", model_ready, methods=["GET"]),
         Route(f"{m}/config", model_config, methods=["GET"]),
         Route(f"{mv}/config", model_config, methods=["GET"]),
-        Route(f"{m}/infer", infer, methods=["POST"]),
-        Route(f"{mv}/infer", infer, methods=["POST"]),
         Route("/v2/repository/index", repository_index, methods=["POST"]),
         Route("/v2/repository/models/{model}/load", repository_load, methods=["POST"]),
         Route("/v2/repository/models/{model}/unload", repository_unload, methods=["POST"]),

@@ -197,6 +197,8 @@ class Batcher:
         self._cond = threading.Condition()
         self._closing = False
         self._busy = 0
+        self._lent: Runner | None = None
+        self.row_seconds = float("inf")  # engine time per row, averaged; unknown until a batch is timed
         self._threads: list[threading.Thread] = []
         self._name = name or model
 
@@ -245,14 +247,52 @@ class Batcher:
             if self._closing:
                 raise ShuttingDownError(f"model {self.model!r} is unloading; retry to reach its new version")
             self.queue.put(item)
-            self._cond.notify()
+            if self._lent is None:
+                self._cond.notify()
+            else:  # the lent instance's worker may be the one a single notify() would wake
+                self._cond.notify_all()
         return item
+
+    def lend(self) -> Runner | None:
+        """An instance to run one request on in the caller's thread, when all are idle and nothing is queued.
+
+        This is how an idle server adds no hand-off latency: the caller runs the engine itself and
+        returns the instance with :meth:`give_back`; meanwhile the instance's worker takes nothing.
+        """
+        with self._cond:
+            if self._closing or self._busy or self._lent is not None or len(self.queue):
+                return None
+            self._lent = self.runners[0]
+            self._busy += 1
+            return self._lent
+
+    def record_compute(self, seconds: float, rows: int) -> None:
+        """Fold one batch's engine time per row into the running average that decides inline runs."""
+        per_row = seconds / max(rows, 1)
+        prev = self.row_seconds
+        self.row_seconds = per_row if prev == float("inf") else 0.8 * prev + 0.2 * per_row
+
+    def give_back(self, runner: Runner, rows: int, compute_s: float) -> None:
+        self.record_compute(compute_s, rows)
+        with self._cond:
+            if runner is not self._lent:
+                raise RuntimeError("give_back() of an instance that was not lent")
+            self._lent = None
+            self._busy -= 1
+            if len(self.queue) or self._closing:  # waking an idle worker for nothing costs a GIL round trip
+                self._cond.notify_all()
+        if self.observer is not None:
+            with contextlib.suppress(Exception):
+                self.observer.batch_done(1, rows, [0.0], compute_s)
 
     def _work(self, runner: Runner) -> None:
         batched = self.policy.max_batch_size > 0
         while True:
             with self._cond:
                 while True:
+                    if self._lent is runner:
+                        self._cond.wait()
+                        continue
                     take = self.queue.take(self.clock())
                     if take.batch:
                         self._busy += 1
@@ -282,6 +322,7 @@ class Batcher:
                 _finish(p, None, exc)
             return
         end = self.clock()
+        self.record_compute(end - start, sum(p.rows for p in batch))
         for p, out in zip(batch, parts, strict=True):
             _finish(p, out, None)
         if self.observer is not None:

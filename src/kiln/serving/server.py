@@ -84,6 +84,7 @@ class Server:
             timeout_graceful_shutdown=int(s.drain_timeout_s) or None,
             timeout_keep_alive=30,
             server_header=False,
+            proxy_headers=False,
             date_header=False,
         )
         self._uvicorn = _Uvicorn(config)

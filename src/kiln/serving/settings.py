@@ -50,6 +50,12 @@ class ServerSettings(BaseSettings):
     drain_timeout_s: float = Field(default=30.0, ge=0)
     engine_threads: int = Field(default_factory=default_engine_threads, ge=1)
     cache_max_bytes: int = Field(default=64 * 2**20, ge=0, description="response cache size, shared by all models")
+    inline_below_ms: float = Field(
+        default=3.0,
+        ge=0,
+        description="a request that finds the server otherwise idle runs on the event loop's thread when the "
+        "model's batches take less than this (saves two thread hand-offs); 0 turns it off",
+    )
     log_format: Literal["json", "text"] = "json"
     log_level: str = "INFO"
     access_log: bool = Field(default=False, description="log every request (costs a few µs each)")
