@@ -99,7 +99,6 @@ def build_app(service: Service) -> Starlette:
         version = ""
         status = 200
         in_flight.inc()
-        service.note_client(("http", request.scope.get("client")))
         try:
             sv = await service.resolve(model, p.get("version"))
             version = str(sv.version)

@@ -170,7 +170,6 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         version = ""
         status = 200
         self._in_flight.inc()
-        self.service.note_client(("grpc", context.peer()))
         try:
             sv = await self.service.resolve(model, request.model_version)
             version = str(sv.version)

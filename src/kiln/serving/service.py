@@ -23,7 +23,7 @@ from kiln.serving.settings import ServerSettings
 from kiln.spec import ModelSpec
 
 log = logging.getLogger("kiln.serving")
-_CLIENT_WINDOW_S = 1.0
+_CONTENTION_MEMORY_S = 0.5
 
 EXTENSIONS = ["binary_tensor_data", "model_configuration", "model_repository", "model_repository(unload_dependents)"]
 
@@ -47,8 +47,7 @@ class Service:
         self._children: dict[tuple[str, str, str, str], Any] = {}
         self._timers: dict[tuple[str, str, str], Any] = {}
         self.active = 0  # requests inside infer(); all on the event loop's thread
-        self._clients: dict[object, float] = {}  # client (protocol, peer) -> when it last sent a request
-        self._prune_at = 0.0
+        self._contended_until = 0.0  # requests overlapped recently: use the batcher, not inline runs
 
     # ---- health and auth ----------------------------------------------------------------------------------
     @property
@@ -71,22 +70,14 @@ class Service:
         sv = self.manager.lookup(model, v)
         return sv if sv is not None else await self.manager.get(model, v)
 
-    def note_client(self, key: object) -> None:
-        """Remember who sends requests: inline runs are only for a server with one client at a time."""
-        now = time.monotonic()
-        self._clients[key] = now
-        if now >= self._prune_at:
-            stale = now - _CLIENT_WINDOW_S
-            self._clients = {k: t for k, t in self._clients.items() if t >= stale}
-            self._prune_at = now + _CLIENT_WINDOW_S / 2
-
-    def _may_run_inline(self, sv: ServedVersion, rows: int) -> bool:
-        # One request in the server, one client of late, and a run short enough to block the loop for.
-        return (
-            self.active == 1
-            and len(self._clients) <= 1
-            and sv.batcher.row_seconds * rows < self.settings.inline_below_ms / 1e3
-        )
+    async def _may_run_inline(self, sv: ServedVersion, rows: int) -> bool:
+        """True when this request is alone: no overlap seen of late, and a run short enough to block the loop."""
+        if sv.batcher.row_seconds * rows >= self.settings.inline_below_ms / 1e3:
+            return False
+        if time.monotonic() < self._contended_until:
+            return False
+        await asyncio.sleep(0)  # let requests that arrived together start first, so they count in `active`
+        return self.active == 1
 
     async def infer(self, sv: ServedVersion, req: InferRequest) -> Outputs:
         """Validate, look in the cache, queue on the batcher, await the outputs (within the timeout)."""
@@ -102,6 +93,8 @@ class Service:
             if hit is not None:
                 return hit
         self.active += 1
+        if self.active > 1:
+            self._contended_until = time.monotonic() + _CONTENTION_MEMORY_S
         try:
             outputs = await self._run(sv, req, rows)
         finally:
@@ -114,7 +107,7 @@ class Service:
 
     async def _run(self, sv: ServedVersion, req: InferRequest, rows: int) -> Outputs:
         batcher = sv.batcher
-        if self._may_run_inline(sv, rows):
+        if await self._may_run_inline(sv, rows):
             runner = batcher.lend()  # nothing else in flight and the engine idle: run here, no hand-off
             if runner is not None:
                 start = time.perf_counter()
