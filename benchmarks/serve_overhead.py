@@ -71,6 +71,26 @@ def percentiles(lat: list[float]) -> tuple[float, float]:
     return float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
 
 
+def batch_scaling(repo: Path, x: np.ndarray) -> dict[int, float]:
+    """Engine ms per row at batch 1, 2, 4, 8, 16: where batching stops paying on this CPU."""
+    import kiln
+
+    out: dict[int, float] = {}
+    with kiln.load(repo, "cnn", threads=1) as p:
+        name = p.spec.inputs[0].name
+        for b in (1, 2, 4, 8, 16):
+            feed = {name: np.repeat(x, b, axis=0)}
+            for _ in range(5):
+                p.engine.run(feed)
+            times = []
+            for _ in range(max(10, 160 // b)):
+                t = time.perf_counter()
+                p.engine.run(feed)
+                times.append(time.perf_counter() - t)
+            out[b] = float(np.median(times)) / b * 1e3
+    return out
+
+
 def engine_baseline(repo: Path, x: np.ndarray, seconds: float) -> tuple[float, float, float]:
     import kiln
 
@@ -153,13 +173,19 @@ def main() -> None:
     kiln.import_model(build_floor_model(work / "floor.onnx"), repo, name="floor")
     repository = Repository(repo)
     spec = repository.spec("cnn")
-    serving = spec.serving.model_copy(update={"max_queue_delay_us": args.max_queue_delay_us})
-    repository.save_spec(spec.model_copy(update={"serving": serving}))
     x = np.random.default_rng(0).standard_normal(INPUT_SHAPE).astype(np.float32)
-
+    per_row = batch_scaling(repo, x)
+    # The largest batch that costs each row at most 10 % more than the cheapest: bigger ones only add latency.
+    preferred = [max(b for b, t in per_row.items() if t <= 1.1 * min(per_row.values()))]
+    update: dict[str, Any] = {"max_queue_delay_us": args.max_queue_delay_us, "preferred_batch_sizes": preferred}
+    serving = spec.serving.model_copy(update=update)
+    repository.save_spec(spec.model_copy(update={"serving": serving}))
     rate0, p50_0, p99_0 = engine_baseline(repo, x, args.seconds)
     print(f"machine: {os.cpu_count()} logical cores; server engine threads: 1; clients in this process")
     print(f"in-process engine (ORT, 1 thread, batch 1): {rate0:8.1f} req/s   p50 {p50_0:.3f} ms   p99 {p99_0:.3f} ms")
+    print("engine ms per row by batch size: " + ", ".join(f"{b}: {t:.3f}" for b, t in per_row.items()))
+    print(f"served with max_batch_size {serving.max_batch_size}, preferred_batch_sizes {serving.preferred_batch_sizes}, "
+          f"max_queue_delay_us {serving.max_queue_delay_us} (batches past the preferred size gain nothing here)")  # fmt: skip
 
     http_port, grpc_port = free_port(), free_port()
     log = open(work / "serve.log", "wb")  # noqa: SIM115 - closed in finally

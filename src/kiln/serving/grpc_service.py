@@ -7,6 +7,7 @@ Errors map to status codes: 400 -> INVALID_ARGUMENT, 401 -> UNAUTHENTICATED, 404
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -77,7 +78,7 @@ def decode_grpc(request: Any, spec: ModelSpec) -> InferRequest:
             continue
         field = _CONTENTS.get(t.datatype)
         values = getattr(t.contents, field) if field else []
-        count = int(np.prod(shape)) if shape else 1
+        count = math.prod(shape)
         if len(values) != count:
             raise ProtocolError(
                 f"input {t.name!r}: contents", f"hold {len(values)} elements but shape {list(shape)} needs {count}"

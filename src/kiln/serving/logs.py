@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import itertools
 import json
 import logging
 import sys
@@ -15,8 +16,13 @@ request_id: contextvars.ContextVar[str] = contextvars.ContextVar("kiln_request_i
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
 
+_PREFIX = uuid.uuid4().hex[:12]
+_counter = itertools.count(1)
+
+
 def new_request_id() -> str:
-    return uuid.uuid4().hex
+    """Unique per process start and request; cheaper than a uuid4 per request."""
+    return f"{_PREFIX}-{next(_counter)}"
 
 
 class JsonFormatter(logging.Formatter):

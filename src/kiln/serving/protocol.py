@@ -9,6 +9,7 @@ copy); binary outputs are joined into the response body once. gRPC messages use 
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -115,7 +116,7 @@ def check_shape(name: str, shape: Any) -> tuple[int, ...]:
 
 def from_raw(name: str, raw: bytes | memoryview, dtype: np.dtype[Any], shape: tuple[int, ...]) -> np.ndarray:
     """A tensor from its binary (raw) form: a zero-copy view for fixed-size types."""
-    count = int(np.prod(shape)) if shape else 1
+    count = math.prod(shape)
     if dtype.kind == "O":
         return deserialize_bytes(raw, count, name).reshape(shape)
     want = count * dtype.itemsize
@@ -226,7 +227,7 @@ def decode_http(body: bytes, header_length: int | None, spec: ModelSpec) -> Infe
 def _from_json(name: str, data: Any, dtype: np.dtype[Any], shape: tuple[int, ...]) -> np.ndarray:
     if not isinstance(data, list):
         data = [data]
-    count = int(np.prod(shape)) if shape else 1
+    count = math.prod(shape)
     try:
         if dtype.kind == "O":
             flat = np.array([_to_text(x) for x in _flatten(data)] or [], dtype=object)
