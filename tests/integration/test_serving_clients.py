@@ -200,6 +200,9 @@ def test_bad_requests_get_4xx_naming_the_problem_and_the_server_keeps_serving(
     with pytest.raises(InferenceServerException, match="not in repository") as info:
         grpc.infer("nope", _inputs(grpcclient, {"x": np.zeros((1, 4), np.float32)}))
     assert "NOT_FOUND" in str(info.value.status())
+    with pytest.raises(InferenceServerException) as big:  # over --max-body-bytes: refused by the transport
+        grpc.infer("add", _inputs(grpcclient, {"x": np.zeros((70_000, 4), np.float32)}))
+    assert "RESOURCE_EXHAUSTED" in str(big.value.status())
     with pytest.raises(InferenceServerException, match="batch size must be at most 32"):
         http.infer("add", _inputs(httpclient, {"x": np.zeros((33, 4), np.float32)}))
     # still serving, and the outcomes were counted
@@ -230,3 +233,18 @@ def test_metrics_cover_requests_latency_batches_and_models(
     assert server.metric("kiln_batch_size_count", model="mixed") >= 1
     assert server.metric("kiln_models_loaded") == 3
     assert server.metric("kiln_model_load_seconds_count", model="mixed") == 1
+
+
+def test_statistics_extension_counts_inferences(
+    http: httpclient.InferenceServerClient, grpc: grpcclient.InferenceServerClient
+) -> None:
+    before = http.get_inference_statistics("add")["model_stats"]
+    count0 = before[0]["inference_count"] if before else 0
+    http.infer("add", _inputs(httpclient, {"x": np.zeros((3, 4), np.float32)}))
+    stats = http.get_inference_statistics("add", "1")["model_stats"][0]
+    assert stats["inference_count"] == count0 + 3
+    assert stats["inference_stats"]["success"]["count"] >= 1
+    gstats = grpc.get_inference_statistics("add", as_json=True)["model_stats"][0]
+    assert int(gstats["inference_count"]) >= count0 + 3 and int(gstats["execution_count"]) >= 1
+    with pytest.raises(InferenceServerException, match="not in repository"):
+        http.get_inference_statistics("nope")

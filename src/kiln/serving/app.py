@@ -157,6 +157,16 @@ def build_app(service: Service) -> Starlette:
         except Exception as exc:
             return error_response(exc)
 
+    async def statistics(request: Request) -> Response:
+        p = request.path_params
+        try:
+            model = p.get("model")
+            if model is not None:
+                service.manager.spec(model)  # unknown model: 404
+            return JSONResponse({"model_stats": service.metrics.statistics(model, p.get("version"))})
+        except Exception as exc:
+            return error_response(exc)
+
     async def metrics(request: Request) -> Response:
         return Response(service.metrics.render(), media_type=service.metrics.content_type)
 
@@ -164,6 +174,7 @@ def build_app(service: Service) -> Starlette:
     routes = [  # infer first: the router tries routes in order, and infer is the hot path
         Route(f"{m}/infer", infer, methods=["POST"]),
         Route(f"{mv}/infer", infer, methods=["POST"]),
+        Route("/v2/models/stats", statistics, methods=["GET"]),  # before /v2/models/{model}
         Route("/v2/health/live", live, methods=["GET"]),
         Route("/v2/health/ready", ready, methods=["GET"]),
         Route("/v2", server_metadata, methods=["GET"]),
@@ -176,6 +187,8 @@ def build_app(service: Service) -> Starlette:
         Route("/v2/repository/index", repository_index, methods=["POST"]),
         Route("/v2/repository/models/{model}/load", repository_load, methods=["POST"]),
         Route("/v2/repository/models/{model}/unload", repository_unload, methods=["POST"]),
+        Route(f"{m}/stats", statistics, methods=["GET"]),
+        Route(f"{mv}/stats", statistics, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]
     app = Starlette(routes=routes, exception_handlers={404: _not_found, 405: _not_allowed})

@@ -163,6 +163,15 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         except Exception as exc:
             await self._fail(context, exc)
 
+    async def ModelStatistics(self, request: Any, context: Any) -> Any:
+        try:
+            if request.name:
+                self.service.manager.spec(request.name)
+            stats = self.service.metrics.statistics(request.name or None, request.version or None)
+            return json_format.ParseDict({"model_stats": stats}, service_pb2.ModelStatisticsResponse())
+        except Exception as exc:
+            await self._fail(context, exc)
+
     # ---- inference ---------------------------------------------------------------------------------------
     async def ModelInfer(self, request: Any, context: Any) -> Any:
         start = time.perf_counter()

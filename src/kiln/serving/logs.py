@@ -13,7 +13,7 @@ from typing import Any
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("kiln_request_id", default="")
 
-_RESERVED = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+_RESERVED = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime", "color_message"}
 
 
 _PREFIX = uuid.uuid4().hex[:12]

@@ -25,7 +25,7 @@ from kiln.spec import ModelSpec
 log = logging.getLogger("kiln.serving")
 _CONTENTION_MEMORY_S = 0.5
 
-EXTENSIONS = ["binary_tensor_data", "model_configuration", "model_repository", "model_repository(unload_dependents)"]
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "model_repository", "statistics"]
 
 
 def parse_version(text: str | None) -> int | None:
@@ -89,7 +89,7 @@ class Service:
         if sv.cache_enabled:
             key = cache_key(f"{sv.model}#{sv.generation}", sv.version, req.inputs, req.output_names)
             hit = self.cache.get(key)
-            self.metrics.cache.labels(sv.model, "hit" if hit is not None else "miss").inc()
+            self.metrics.cache_lookup(sv.model, sv.version, hit is not None)
             if hit is not None:
                 return hit
         self.active += 1
@@ -135,6 +135,8 @@ class Service:
         if child is None:
             child = self._children[k] = self.metrics.requests.labels(*k)
         child.inc()
+        if version:
+            self.metrics.request_done(model, version, status < 400, seconds)
         if status < 400:
             tk = (model, version, protocol)
             timer = self._timers.get(tk)
