@@ -20,7 +20,7 @@ from starlette.routing import Route
 from kiln.errors import PayloadTooLargeError, ProtocolError
 from kiln.serving import logs
 from kiln.serving.protocol import decode_http, encode_http
-from kiln.serving.service import Service, error_status
+from kiln.serving.service import Service, error_status, parse_version
 
 log = logging.getLogger("kiln.serving")
 access = logging.getLogger("kiln.serving.access")
@@ -81,8 +81,6 @@ def build_app(service: Service) -> Starlette:
     async def model_ready(request: Request) -> Response:
         p = request.path_params
         try:
-            from kiln.serving.service import parse_version
-
             if service.manager.is_ready(p["model"], parse_version(p.get("version"))):
                 return Response(b"", 200)
             service.manager.spec(p["model"])  # unknown model: 404 rather than 'not ready'
@@ -107,6 +105,7 @@ def build_app(service: Service) -> Starlette:
             if hlen is not None and not hlen.isdigit():
                 raise ProtocolError("Inference-Header-Content-Length", f"must be a byte count, got {hlen!r}")
             req = decode_http(body, int(hlen) if hlen is not None else None, sv.spec)
+            req.version = parse_version(p.get("version"))
             outputs = await service.infer(sv, req)
             parts, header_len = encode_http(model, sv.version, req, outputs)
             if header_len is None:

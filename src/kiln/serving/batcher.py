@@ -33,6 +33,10 @@ Outputs = dict[str, np.ndarray]
 Done = Callable[[Outputs | None, BaseException | None], None]
 
 
+class BatcherClosedError(ShuttingDownError):
+    """The batcher of a version being retired (reload or unload); the caller may retry on the new one."""
+
+
 class Runner(Protocol):
     """What an instance runs a batch on (a :class:`~kiln.serving.runner.ModelRunner`, or a fake)."""
 
@@ -245,7 +249,7 @@ class Batcher:
         item = Pending(inputs, rows, now, done, None if timeout_s is None else now + timeout_s, timeout_s or 0.0)
         with self._cond:
             if self._closing:
-                raise ShuttingDownError(f"model {self.model!r} is unloading; retry to reach its new version")
+                raise BatcherClosedError(f"model {self.model!r} is unloading; retry to reach its new version")
             self.queue.put(item)
             if self._lent is None:
                 self._cond.notify()
@@ -339,4 +343,14 @@ def _finish(p: Pending, out: Outputs | None, err: BaseException | None) -> None:
         log.exception("completing a request failed")
 
 
-__all__ = ["BatchPolicy", "BatchQueue", "Batcher", "Pending", "Runner", "Take", "concat_inputs", "split_outputs"]
+__all__ = [
+    "BatchPolicy",
+    "BatchQueue",
+    "Batcher",
+    "BatcherClosedError",
+    "Pending",
+    "Runner",
+    "Take",
+    "concat_inputs",
+    "split_outputs",
+]

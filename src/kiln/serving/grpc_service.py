@@ -184,6 +184,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             sv = await self.service.resolve(model, request.model_version)
             version = str(sv.version)
             req = decode_grpc(request, sv.spec)
+            req.version = parse_version(request.model_version)
             outputs = await self.service.infer(sv, req)
             return encode_grpc(model, sv.version, req, outputs)
         except Exception as exc:

@@ -54,6 +54,7 @@ class InferRequest:
     outputs: list[RequestedOutput] | None = None  # None: every output
     binary_output: bool = False  # request-level ``binary_data_output``
     parameters: dict[str, Any] = field(default_factory=dict)
+    version: int | None = None  # the version asked for; None: the model's default
 
     @property
     def output_names(self) -> tuple[str, ...] | None:

@@ -14,7 +14,7 @@ from typing import Any
 
 from kiln import __version__
 from kiln.errors import KilnError, NotFoundError, RequestTimeoutError, UnauthorizedError
-from kiln.serving.batcher import Outputs
+from kiln.serving.batcher import BatcherClosedError, Outputs
 from kiln.serving.cache import ResponseCache, cache_key
 from kiln.serving.manager import ModelManager, ServedVersion
 from kiln.serving.metrics import Metrics, outcome_for
@@ -121,10 +121,22 @@ class Service:
         def done(out: Outputs | None, err: BaseException | None) -> None:
             loop.call_soon_threadsafe(_settle, fut, out, err)
 
-        pending = batcher.submit(req.inputs, rows, done, sv.timeout_s)
+        while True:
+            try:
+                pending = sv.batcher.submit(req.inputs, rows, done, sv.timeout_s)
+                break
+            except BatcherClosedError:
+                # A reload switched versions after this request resolved its model: follow it to the new one.
+                fresh = self.manager.lookup(sv.model, req.version)
+                if fresh is None or fresh is sv:
+                    raise
+                sv = fresh
         timer = loop.call_later(sv.timeout_s, _expire, fut, pending, sv.model, sv.timeout_s)
         try:
             return await fut
+        except asyncio.CancelledError:  # the client went away: do not run it if it is still queued
+            pending.cancelled = True
+            raise
         finally:
             timer.cancel()
 
