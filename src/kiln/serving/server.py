@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import signal
 import socket
 import threading
@@ -81,7 +82,7 @@ class Server:
             lifespan="off",
             access_log=False,
             log_config=None,
-            timeout_graceful_shutdown=int(s.drain_timeout_s) or None,
+            timeout_graceful_shutdown=math.ceil(s.drain_timeout_s),
             timeout_keep_alive=30,
             server_header=False,
             proxy_headers=False,
@@ -108,8 +109,13 @@ class Server:
         log.info("ready: %s", ", ".join(r["name"] + ":" + r["version"] for r in self.manager.index(ready_only=True)))
 
     def request_stop(self) -> None:
-        if self._stop is not None:
-            self._stop.set()
+        """First call: drain and stop. A second (another Ctrl-C): stop waiting for in-flight requests."""
+        if self._stop is None:
+            return
+        if self._stop.is_set() and self._uvicorn is not None:
+            log.warning("second stop signal: not waiting for in-flight requests")
+            self._uvicorn.force_exit = True
+        self._stop.set()
 
     async def wait(self) -> None:
         if self._stop is None:
