@@ -36,7 +36,9 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
-    proc = ServeProcess(repo, "--token", TOKEN, "--max-body-bytes", "1MB", log=tmp_path_factory.mktemp("log") / "s.log")
+    proc = ServeProcess(
+        repo, "--token", TOKEN, "--max-body-bytes", "1MB", "--access-log", log=tmp_path_factory.mktemp("log") / "s.log"
+    )
     try:
         yield proc.wait_ready()
     finally:
@@ -248,3 +250,11 @@ def test_statistics_extension_counts_inferences(
     assert int(gstats["inference_count"]) >= count0 + 3 and int(gstats["execution_count"]) >= 1
     with pytest.raises(InferenceServerException, match="not in repository"):
         http.get_inference_statistics("nope")
+
+
+def test_logs_are_json_lines_carrying_the_request_id(server: ServeProcess) -> None:
+    status, _ = _post(server, "/v2/models/add/infer", b"{broken", {"X-Request-ID": "trace-me-42"})
+    assert status == 400
+    lines = [json.loads(line) for line in server.output().splitlines() if line.startswith("{")]
+    mine = [d for d in lines if d.get("request_id") == "trace-me-42"]
+    assert mine and mine[-1]["status"] == 400 and mine[-1]["model"] == "add" and mine[-1]["level"] == "info"

@@ -113,3 +113,23 @@ def test_lazy_mode_loads_once_for_concurrent_first_requests(tmp_path: Path) -> N
         await service.manager.close()
 
     asyncio.run(scenario())
+
+
+def test_two_instances_run_batches_in_parallel_threads(tmp_path: Path) -> None:
+    repo = _repo(tmp_path, 1)
+    repository = Repository(repo)
+    spec = repository.spec("m")
+    repository.save_spec(spec.model_copy(update={"serving": spec.serving.model_copy(update={"instances": 2})}))
+    service = _service(repo, inline_below_ms=0)
+
+    async def scenario() -> list[float]:
+        await service.manager.start()
+        sv = await service.resolve("m", None)
+        assert len(sv.batcher.runners) == 2
+        assert sv.memory_bytes == 2 * (repo / "m" / "1" / "model.onnx").stat().st_size  # one copy per instance
+        reqs = [InferRequest(id="", inputs={"x": np.full((1, 4), i, np.float32)}) for i in range(16)]
+        outs = await asyncio.gather(*(service.infer(sv, r) for r in reqs))
+        await service.manager.close()
+        return [float(o["y"][0, 0]) for o in outs]
+
+    assert asyncio.run(scenario()) == [i + 1.0 for i in range(16)]
