@@ -190,7 +190,9 @@ class InferEndpoint:
             body = await self._body(headers, receive)
             hlen = headers.get(b"inference-header-content-length")
             if hlen is not None and not hlen.isdigit():
-                raise ProtocolError("Inference-Header-Content-Length", f"must be a byte count, got {hlen.decode('latin-1')!r}")
+                raise ProtocolError(
+                    "Inference-Header-Content-Length", f"must be a byte count, got {hlen.decode('latin-1')!r}"
+                )
             req = decode_http(body, int(hlen) if hlen is not None else None, sv.spec)
             req.version = parse_version(version_text)
             outputs = await service.infer(sv, req)
