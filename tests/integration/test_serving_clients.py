@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client as httplib
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -255,6 +256,11 @@ def test_statistics_extension_counts_inferences(
 def test_logs_are_json_lines_carrying_the_request_id(server: ServeProcess) -> None:
     status, _ = _post(server, "/v2/models/add/infer", b"{broken", {"X-Request-ID": "trace-me-42"})
     assert status == 400
-    lines = [json.loads(line) for line in server.output().splitlines() if line.startswith("{")]
-    mine = [d for d in lines if d.get("request_id") == "trace-me-42"]
+    mine: list[dict[str, object]] = []
+    for _ in range(500):  # the line is written just after the response is sent: poll, with a bound
+        lines = [json.loads(line) for line in server.output().splitlines() if line.startswith("{")]
+        mine = [d for d in lines if d.get("request_id") == "trace-me-42"]
+        if mine:
+            break
+        threading.Event().wait(0.01)
     assert mine and mine[-1]["status"] == 400 and mine[-1]["model"] == "add" and mine[-1]["level"] == "info"
