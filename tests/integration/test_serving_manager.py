@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import kiln
-from kiln.errors import ModelNotReadyError, NotFoundError
+from kiln.errors import ModelNotReadyError, NotFoundError, RequestTimeoutError
 from kiln.repository import Repository
 from kiln.serving.manager import ModelManager
 from kiln.serving.metrics import Metrics
@@ -133,3 +133,24 @@ def test_two_instances_run_batches_in_parallel_threads(tmp_path: Path) -> None:
         return [float(o["y"][0, 0]) for o in outs]
 
     assert asyncio.run(scenario()) == [i + 1.0 for i in range(16)]
+
+
+def test_a_request_past_its_timeout_is_answered_504_while_the_engine_finishes(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    kiln.import_model(models.slow_model(tmp_path / "slow.onnx", layers=120), repo, name="slow")
+    repository = Repository(repo)
+    spec = repository.spec("slow")
+    serving = spec.serving.model_copy(update={"timeout_ms": 20, "max_batch_size": 256})
+    repository.save_spec(spec.model_copy(update={"serving": serving}))
+    service = _service(repo, inline_below_ms=0)
+
+    async def scenario() -> None:
+        await service.manager.start()
+        sv = await service.resolve("slow", None)
+        req = InferRequest(id="", inputs={"x": np.ones((256, 512), np.float32)})
+        with pytest.raises(RequestTimeoutError, match=r"did not finish within 0\.02 s") as info:
+            await service.infer(sv, req)
+        assert info.value.http_status == 504
+        await service.manager.close()  # drains: the engine's run finishes, then the version unloads
+
+    asyncio.run(scenario())
