@@ -146,6 +146,8 @@ def test_repository_index_load_unload_need_the_token(
     assert "UNAUTHENTICATED" in str(info.value.status())
     index = {(r["name"], r["version"]): r["state"] for r in http.get_model_repository_index(headers=auth)}
     assert index[("add", "1")] == "READY" and index[("mixed", "1")] == "READY"
+    with pytest.raises(InferenceServerException, match=r"\['config'\] are not supported"):
+        http.load_model("add", headers=auth, config='{"max_batch_size": 1}')
     http.unload_model("add", headers=auth)
     assert not http.is_model_ready("add")
     with pytest.raises(InferenceServerException, match="not loaded"):

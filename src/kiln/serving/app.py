@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from kiln.errors import PayloadTooLargeError, ProtocolError
 from kiln.serving import logs
 from kiln.serving.protocol import decode_http, encode_http
-from kiln.serving.service import Service, error_status, parse_version
+from kiln.serving.service import Service, check_load_parameters, error_status, parse_version
 
 log = logging.getLogger("kiln.serving")
 access = logging.getLogger("kiln.serving.access")
@@ -101,7 +101,8 @@ def build_app(service: Service) -> ASGIApp:
     async def repository_load(request: Request) -> Response:
         try:
             service.check_token(request.headers.get("authorization"))
-            _json_object(await read_body(request, limit))
+            doc = _json_object(await read_body(request, limit))
+            check_load_parameters(doc.get("parameters") or {})
             await service.manager.load(request.path_params["model"])
             return Response(b"", 200)
         except Exception as exc:

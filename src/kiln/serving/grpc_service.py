@@ -27,7 +27,7 @@ from kiln.serving.protocol import (
     output_datatype,
     to_raw,
 )
-from kiln.serving.service import Service, error_status, parse_version
+from kiln.serving.service import Service, check_load_parameters, error_status, parse_version
 from kiln.spec import ModelSpec
 
 _CODES = {
@@ -209,6 +209,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
         try:
             self._check_token(context)
+            check_load_parameters(dict(request.parameters))
             await self.service.manager.load(request.model_name)
             return service_pb2.RepositoryModelLoadResponse()
         except Exception as exc:

@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from kiln import __version__
-from kiln.errors import KilnError, NotFoundError, RequestTimeoutError, UnauthorizedError
+from kiln.errors import KilnError, NotFoundError, ProtocolError, RequestTimeoutError, UnauthorizedError
 from kiln.serving.batcher import BatcherClosedError, Outputs
 from kiln.serving.cache import ResponseCache, cache_key
 from kiln.serving.manager import ModelManager, ServedVersion
@@ -34,6 +34,19 @@ def parse_version(text: str | None) -> int | None:
     if not text.isdigit():
         raise NotFoundError(f"model version {text!r} is not a version number; versions are positive integers")
     return int(text)
+
+
+def check_load_parameters(parameters: Any) -> None:
+    """kiln loads what the repository holds; Triton's config and file overrides are refused, not ignored."""
+    if not isinstance(parameters, dict):
+        raise ProtocolError("parameters", "must be an object")
+    unsupported = sorted(k for k in parameters if k == "config" or k.startswith("file:"))
+    if unsupported:
+        raise ProtocolError(
+            "parameters",
+            f"{unsupported} are not supported: kiln loads the model as the repository holds it; "
+            "change model.yaml (or import a new version) and load again",
+        )
 
 
 class Service:
