@@ -228,6 +228,53 @@ def bench_cmd(
         raise typer.Exit(130)
 
 
+@app.command()
+def serve(
+    repo: Annotated[Path, typer.Argument(help="model repository directory")],
+    http_port: Annotated[int, typer.Option(help="HTTP port (0 picks a free one)")] = 8000,
+    grpc_port: Annotated[int, typer.Option(help="gRPC port (0 picks a free one, -1 turns gRPC off)")] = 8001,
+    host: Annotated[
+        str, typer.Option(help="interface to bind; 0.0.0.0 exposes the server to the network")
+    ] = "127.0.0.1",
+    token: Annotated[
+        str | None, typer.Option(envvar="KILN_SERVE_TOKEN", help="bearer token for the model-repository endpoints")
+    ] = None,
+    max_memory: Annotated[str | None, typer.Option(help="memory budget for loaded models, e.g. 2GB (LRU)")] = None,
+    model: Annotated[list[str] | None, typer.Option(help="preload only these models (repeatable)")] = None,
+    lazy: Annotated[bool, typer.Option(help="load each model on its first request instead of at start")] = False,
+    engine_threads: Annotated[int | None, typer.Option(help="intra-op threads per engine (default: cores - 1)")] = None,
+    max_body_bytes: Annotated[str, typer.Option(help="largest request body, e.g. 64MB")] = "64MB",
+    timeout: Annotated[float, typer.Option(help="request timeout in seconds")] = 30.0,
+    drain_timeout: Annotated[float, typer.Option(help="seconds to finish in-flight requests on SIGTERM")] = 30.0,
+    log_format: Annotated[str, typer.Option(help="json or text")] = "json",
+    access_log: Annotated[bool, typer.Option(help="log every request")] = False,
+) -> None:
+    """Serve the repository over the Open Inference Protocol (HTTP and gRPC) until SIGTERM."""
+    from pydantic import ValidationError
+
+    from kiln.serving import ServerSettings
+    from kiln.serving import serve as run_server
+
+    fields: dict[str, Any] = {
+        "repo": repo, "host": host, "http_port": http_port, "grpc_port": None if grpc_port < 0 else grpc_port,
+        "token": token, "max_memory": max_memory, "models": model or [], "load_mode": "lazy" if lazy else "preload",
+        "max_body_bytes": max_body_bytes, "request_timeout_s": timeout, "drain_timeout_s": drain_timeout,
+        "log_format": log_format, "access_log": access_log,
+    }  # fmt: skip
+    if engine_threads is not None:
+        fields["engine_threads"] = engine_threads
+    if not repo.is_dir():
+        raise SpecError(f"repository {repo} is not a directory; import a model first with `kiln import`")
+    try:
+        settings = ServerSettings(**fields)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise SpecError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
+    code = run_server(settings)
+    if code:
+        raise typer.Exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one red line and exit code 2, never a traceback."""
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -100,6 +101,7 @@ def run_demo(directory: Path) -> list[EngineResult]:
     if not cpu.bf16.supported:
         console.print(f"[dim]bf16 skipped: {cpu.bf16.reason}[/]")
 
+    serve_step(repo, data.x_val[:4], data.y_val[:4])
     bench_step(repo, directory)
     print_next(repo)
     worst = min(results, key=lambda r: r.accuracy)
@@ -116,6 +118,7 @@ def print_next(repo: Path) -> None:
     for cmd, why in (
         (f"kiln list --repo {repo}", "what the repository holds"),
         ("kiln doctor", "what this machine can run: bf16, VNNI, CUDA …"),
+        (f"kiln serve {repo}", "Open Inference Protocol on 127.0.0.1: HTTP :8000, gRPC :8001"),
         (f"kiln import model.onnx --repo {repo}", "bring your own ONNX model"),
         (f"kiln import mypkg.models:build --weights w.safetensors --input-shape 1,3,224,224 --repo {repo}",
          "or a PyTorch model"),
@@ -138,4 +141,40 @@ def bench_step(repo: Path, directory: Path) -> Path:
     return page
 
 
-__all__ = ["EngineResult", "KilnError", "evaluate", "run_demo"]
+# ---- serve: the same model behind the V2 protocol, driven by Triton's own clients -------------------------
+def serve_step(repo: Path, images: np.ndarray, labels: np.ndarray) -> list[tuple[str, int, int]]:
+    """Start ``kiln serve`` in process, classify a few images over HTTP and gRPC, and shut down."""
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    from kiln.serving import ServerSettings
+    from kiln.serving.server import ServerThread
+
+    settings = ServerSettings(repo=repo, http_port=0, grpc_port=0, models=["digits"], log_level="WARNING")
+    answers: list[tuple[str, int, int]] = []
+    with console.status("serving: starting kiln serve on 127.0.0.1 …"), ServerThread(settings) as server:
+        for protocol, module, url in (
+            ("http", httpclient, f"127.0.0.1:{server.http_port}"),
+            ("grpc", grpcclient, f"127.0.0.1:{server.grpc_port}"),
+        ):
+            client: Any = module.InferenceServerClient(url)
+            for image, label in zip(images, labels, strict=True):
+                x = image[None].astype(np.float32)
+                inp = module.InferInput("pixels", list(x.shape), "FP32")
+                inp.set_data_from_numpy(x)
+                logits = client.infer("digits", [inp]).as_numpy("logits")
+                answers.append((protocol, int(logits.argmax()), int(label)))
+            client.close()
+        ports = f"HTTP :{server.http_port}, gRPC :{server.grpc_port}"
+    table = Table(title=f"4. serve: kiln serve ({ports}), Triton's clients, binary tensors", title_justify="left")
+    for col in ("protocol", "predicted", "label"):
+        table.add_column(col)
+    for protocol, predicted, label in answers:
+        colour = "green" if predicted == label else "red"
+        table.add_row(protocol, f"[{colour}]{predicted}[/]", str(label))
+    console.print(table)
+    console.print(f"  [dim]kiln serve {repo} --http-port 8000 --grpc-port 8001   # the same, from the shell[/]")
+    return answers
+
+
+__all__ = ["EngineResult", "KilnError", "evaluate", "run_demo", "serve_step"]

@@ -114,3 +114,86 @@ class ParityError(AccuracyError):
         self.max_abs_error = max_abs_error
         self.atol = atol
         self.rtol = rtol
+
+
+# ---- serving -------------------------------------------------------------------------------------------
+class ProtocolError(KilnError):
+    """A request that does not follow the inference protocol: malformed JSON, a missing or bad field."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+class PayloadTooLargeError(KilnError):
+    """A request body over the server's limit."""
+
+    http_status = 413
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(
+            f"request body of {size} bytes exceeds the limit of {limit} bytes; send smaller batches "
+            "or raise --max-body-bytes"
+        )
+        self.size = size
+        self.limit = limit
+
+
+class UnauthorizedError(KilnError):
+    """A management request without the bearer token the server was started with."""
+
+    http_status = 401
+
+
+class ModelNotReadyError(KilnError):
+    """A model that is known but not loaded (or still loading, or draining)."""
+
+    http_status = 503
+
+
+class QueueFullError(KilnError):
+    """Back-pressure: the model's queue holds as many requests as it may; retry later."""
+
+    http_status = 503
+
+    def __init__(self, model: str, queued: int, limit: int) -> None:
+        super().__init__(
+            f"model {model!r} is overloaded: {queued} requests queued, the limit is {limit}; retry later "
+            "or raise serving.max_queue_size / serving.instances"
+        )
+        self.model = model
+        self.queued = queued
+        self.limit = limit
+
+
+class RequestTimeoutError(KilnError):
+    """A request that did not finish within its timeout."""
+
+    http_status = 504
+
+    def __init__(self, model: str, timeout_s: float) -> None:
+        super().__init__(f"request to model {model!r} did not finish within {timeout_s:g} s")
+        self.model = model
+        self.timeout_s = timeout_s
+
+
+class MemoryBudgetError(KilnError):
+    """A model that does not fit in the server's memory budget even after evicting the others."""
+
+    http_status = 507
+
+    def __init__(self, model: str, needed: int, budget: int) -> None:
+        super().__init__(
+            f"model {model!r} needs about {needed / 2**20:.1f} MiB, more than the memory budget of "
+            f"{budget / 2**20:.1f} MiB; raise --max-memory"
+        )
+        self.model = model
+        self.needed = needed
+        self.budget = budget
+
+
+class ShuttingDownError(KilnError):
+    """The server is draining and takes no new work."""
+
+    http_status = 503

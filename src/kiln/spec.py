@@ -88,12 +88,24 @@ class ServingSettings(BaseModel):
     max_queue_size: int = Field(default=256, ge=1)
     instances: int = Field(default=1, ge=1)
     response_cache: bool = False
+    version_policy: Literal["latest", "all", "specific"] = Field(
+        default="latest", description="which versions the server loads: the latest N, all, or the listed ones"
+    )
+    num_versions: int = Field(default=1, ge=1, description="N for version_policy 'latest'")
+    versions: list[int] = Field(default_factory=list, description="the versions for version_policy 'specific'")
+    timeout_ms: int | None = Field(default=None, ge=1, description="per-request timeout; default: the server's")
+    warmup: bool = Field(default=True, description="run a batch at load, before the model reports ready")
+    fallback_after: int = Field(
+        default=3, ge=1, description="consecutive failures of the chosen variant before staying on the reference"
+    )
 
     @model_validator(mode="after")
     def _preferred(self) -> ServingSettings:
         bad = [b for b in self.preferred_batch_sizes if b < 1 or (self.max_batch_size and b > self.max_batch_size)]
         if bad:
             raise ValueError(f"preferred_batch_sizes {bad} must lie in 1..max_batch_size ({self.max_batch_size})")
+        if self.version_policy == "specific" and not self.versions:
+            raise ValueError("version_policy 'specific' needs the list of versions to serve, e.g. versions: [1, 3]")
         return self
 
 

@@ -1,0 +1,266 @@
+"""The HTTP front end: the V2 / Open Inference Protocol REST API on Starlette, plus ``/metrics``.
+
+``POST …/infer`` is a bare ASGI handler in front of Starlette (its middleware, router and
+Request/Response objects cost about a fifth of the server's CPU per request, measured); everything
+else goes through Starlette's routing. No per-request validation layer: the spec validates tensors. Known errors answer 4xx/5xx with ``{"error": "..."}``; anything else
+is logged with its traceback and answered 500 with a generic message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from kiln.errors import PayloadTooLargeError, ProtocolError
+from kiln.serving import logs
+from kiln.serving.protocol import decode_http, encode_http
+from kiln.serving.service import Service, check_load_parameters, error_status, parse_version
+
+log = logging.getLogger("kiln.serving")
+access = logging.getLogger("kiln.serving.access")
+
+_EMPTY = Response(b"", 200)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) past ``limit`` bytes before reading more than that."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(int(declared), limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLargeError(size, limit)
+        chunks.append(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    status, message = error_status(exc)
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def build_app(service: Service) -> ASGIApp:
+    limit = service.settings.max_body_bytes
+
+    async def live(request: Request) -> Response:
+        return _EMPTY if service.live else JSONResponse({"error": "not live"}, status_code=503)
+
+    async def ready(request: Request) -> Response:
+        if service.ready:
+            return Response(b"", 200)
+        return JSONResponse({"error": "the server is starting or shutting down"}, status_code=503)
+
+    async def server_metadata(request: Request) -> Response:
+        return JSONResponse(service.server_metadata())
+
+    async def model_metadata(request: Request) -> Response:
+        p = request.path_params
+        try:
+            return JSONResponse(service.model_metadata(p["model"], p.get("version")))
+        except Exception as exc:
+            return error_response(exc)
+
+    async def model_config(request: Request) -> Response:
+        p = request.path_params
+        try:
+            return JSONResponse(service.model_config(p["model"], p.get("version")))
+        except Exception as exc:
+            return error_response(exc)
+
+    async def model_ready(request: Request) -> Response:
+        p = request.path_params
+        try:
+            if service.manager.is_ready(p["model"], parse_version(p.get("version"))):
+                return Response(b"", 200)
+            service.manager.spec(p["model"])  # unknown model: 404 rather than 'not ready'
+            return JSONResponse({"error": f"model {p['model']!r} is not ready"}, status_code=503)
+        except Exception as exc:
+            return error_response(exc)
+
+    async def repository_index(request: Request) -> Response:
+        try:
+            service.check_token(request.headers.get("authorization"))
+            body = await read_body(request, limit)
+            doc = _json_object(body)
+            return JSONResponse(service.manager.index(ready_only=bool(doc.get("ready", False))))
+        except Exception as exc:
+            return error_response(exc)
+
+    async def repository_load(request: Request) -> Response:
+        try:
+            service.check_token(request.headers.get("authorization"))
+            doc = _json_object(await read_body(request, limit))
+            check_load_parameters(doc.get("parameters") or {})
+            await service.manager.load(request.path_params["model"])
+            return Response(b"", 200)
+        except Exception as exc:
+            return error_response(exc)
+
+    async def repository_unload(request: Request) -> Response:
+        try:
+            service.check_token(request.headers.get("authorization"))
+            _json_object(await read_body(request, limit))
+            await service.manager.unload(request.path_params["model"])
+            return Response(b"", 200)
+        except Exception as exc:
+            return error_response(exc)
+
+    async def statistics(request: Request) -> Response:
+        p = request.path_params
+        try:
+            model = p.get("model")
+            if model is not None:
+                service.manager.spec(model)  # unknown model: 404
+            return JSONResponse({"model_stats": service.metrics.statistics(model, p.get("version"))})
+        except Exception as exc:
+            return error_response(exc)
+
+    async def metrics(request: Request) -> Response:
+        return Response(service.metrics.render(), media_type=service.metrics.content_type)
+
+    m, mv = "/v2/models/{model}", "/v2/models/{model}/versions/{version}"
+    routes = [
+        Route("/v2/models/stats", statistics, methods=["GET"]),  # before /v2/models/{model}
+        Route("/v2/health/live", live, methods=["GET"]),
+        Route("/v2/health/ready", ready, methods=["GET"]),
+        Route("/v2", server_metadata, methods=["GET"]),
+        Route(m, model_metadata, methods=["GET"]),
+        Route(mv, model_metadata, methods=["GET"]),
+        Route(f"{m}/ready", model_ready, methods=["GET"]),
+        Route(f"{mv}/ready", model_ready, methods=["GET"]),
+        Route(f"{m}/config", model_config, methods=["GET"]),
+        Route(f"{mv}/config", model_config, methods=["GET"]),
+        Route("/v2/repository/index", repository_index, methods=["POST"]),
+        Route("/v2/repository/models/{model}/load", repository_load, methods=["POST"]),
+        Route("/v2/repository/models/{model}/unload", repository_unload, methods=["POST"]),
+        Route(f"{m}/stats", statistics, methods=["GET"]),
+        Route(f"{mv}/stats", statistics, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]
+    rest = Starlette(routes=routes, exception_handlers={404: _not_found, 405: _not_allowed})
+    infer = InferEndpoint(service)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        # The hot path skips Starlette's middleware, router and Request/Response objects: plain ASGI.
+        if scope["type"] == "http" and scope["method"] == "POST":
+            match = _INFER_PATH.match(scope["path"])
+            if match is not None:
+                await infer(match.group("model"), match.group("version"), scope, receive, send)
+                return
+        await rest(scope, receive, send)
+
+    return app
+
+
+_INFER_PATH = re.compile(r"^/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer$")
+
+
+class InferEndpoint:
+    """``POST /v2/models/{m}[/versions/{v}]/infer`` as a bare ASGI handler."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.limit = service.settings.max_body_bytes
+        self.access_log = service.settings.access_log
+        self.in_flight = service.metrics.in_flight.labels("http")
+
+    async def __call__(self, model: str, version_text: str | None, scope: Scope, receive: Receive, send: Send) -> None:
+        start = time.perf_counter()
+        service = self.service
+        headers = {k: v for k, v in scope["headers"] if k in _WANTED}
+        rid = headers[b"x-request-id"].decode("latin-1") if b"x-request-id" in headers else logs.new_request_id()
+        logs.request_id.set(rid)
+        version = ""
+        status = 200
+        self.in_flight.inc()
+        try:
+            sv = await service.resolve(model, version_text)
+            version = str(sv.version)
+            body = await self._body(headers, receive)
+            hlen = headers.get(b"inference-header-content-length")
+            if hlen is not None and not hlen.isdigit():
+                raise ProtocolError(
+                    "Inference-Header-Content-Length", f"must be a byte count, got {hlen.decode('latin-1')!r}"
+                )
+            req = decode_http(body, int(hlen) if hlen is not None else None, sv.spec)
+            req.version = parse_version(version_text)
+            outputs = await service.infer(sv, req)
+            parts, header_len = encode_http(model, sv.version, req, outputs)
+            out_headers = [(b"x-request-id", rid.encode("latin-1"))]
+            if header_len is None:
+                payload = parts[0]
+                out_headers.append((b"content-type", b"application/json"))
+            else:
+                payload = b"".join(parts)
+                out_headers.append((b"content-type", b"application/octet-stream"))
+                out_headers.append((b"inference-header-content-length", str(header_len).encode()))
+        except Exception as exc:
+            status, message = error_status(exc)
+            payload = json.dumps({"error": message}).encode()
+            out_headers = [(b"x-request-id", rid.encode("latin-1")), (b"content-type", b"application/json")]
+            if status >= 500:
+                log.warning("infer %s failed: %s", model, message, extra={"status": status})
+        finally:
+            self.in_flight.dec()
+        out_headers.append((b"content-length", str(len(payload)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": out_headers})
+        await send({"type": "http.response.body", "body": payload})
+        elapsed = time.perf_counter() - start
+        service.record(service.model_label(model) if status >= 400 else model, version, "http", status, elapsed)
+        if self.access_log:
+            access.info("infer", extra={"model": model, "version": version, "status": status, "ms": elapsed * 1e3})
+
+    async def _body(self, headers: dict[bytes, bytes], receive: Receive) -> bytes:
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            raise PayloadTooLargeError(int(declared), self.limit)
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ProtocolError("body", "the client closed the connection before sending the whole body")
+            chunk = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > self.limit:
+                    raise PayloadTooLargeError(size, self.limit)
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+_WANTED = frozenset((b"x-request-id", b"content-length", b"inference-header-content-length"))
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    if not body.strip():
+        return {}
+    try:
+        doc = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError("body", f"not valid JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise ProtocolError("body", f"must be a JSON object, got {type(doc).__name__}")
+    return doc
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    return JSONResponse({"error": f"no endpoint {request.url.path!r}; see /v2 for the protocol"}, status_code=404)
+
+
+async def _not_allowed(request: Request, exc: Exception) -> Response:
+    return JSONResponse({"error": f"{request.method} is not allowed on {request.url.path!r}"}, status_code=405)

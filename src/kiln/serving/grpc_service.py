@@ -1,0 +1,236 @@
+"""The gRPC front end: ``inference.GRPCInferenceService`` on grpc.aio, with tritonclient's generated
+stubs (``service_pb2``, ``model_config_pb2``), so that Triton's clients and tools work unchanged.
+
+Errors map to status codes: 400 -> INVALID_ARGUMENT, 401 -> UNAUTHENTICATED, 404 -> NOT_FOUND,
+413/507 -> RESOURCE_EXHAUSTED, 503 -> UNAVAILABLE, 504 -> DEADLINE_EXCEEDED, else INTERNAL.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import grpc
+import numpy as np
+from google.protobuf import json_format
+from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
+
+from kiln.errors import ProtocolError
+from kiln.serving import logs
+from kiln.serving.protocol import (
+    InferRequest,
+    RequestedOutput,
+    check_datatype,
+    check_outputs,
+    from_raw,
+    output_datatype,
+    to_raw,
+)
+from kiln.serving.service import Service, check_load_parameters, error_status, parse_version
+from kiln.spec import ModelSpec
+
+_CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    404: grpc.StatusCode.NOT_FOUND,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    422: grpc.StatusCode.INVALID_ARGUMENT,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+    507: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+# Typed ``contents`` fields per V2 datatype (used when a client does not send raw_input_contents).
+_CONTENTS = {
+    "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+    "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
+    "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents",
+}  # fmt: skip
+
+
+def status_code(http_status: int) -> grpc.StatusCode:
+    return _CODES.get(http_status, grpc.StatusCode.INTERNAL)
+
+
+def _param(p: Any) -> Any:
+    which = p.WhichOneof("parameter_choice")
+    return getattr(p, which) if which else None
+
+
+def decode_grpc(request: Any, spec: ModelSpec) -> InferRequest:
+    """A ``ModelInferRequest`` as an :class:`InferRequest`; raw contents become zero-copy views."""
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise ProtocolError(
+            "raw_input_contents", f"holds {len(raw)} tensors for {len(request.inputs)} inputs; send one per input"
+        )
+    inputs: dict[str, np.ndarray] = {}
+    for i, t in enumerate(request.inputs):
+        spec.input(t.name)
+        if t.name in inputs:
+            raise ProtocolError(f"inputs[{i}].name", f"input {t.name!r} is given twice")
+        dtype = check_datatype(spec, t.name, t.datatype)
+        shape = tuple(int(d) for d in t.shape)
+        if any(d < 0 for d in shape):
+            raise ProtocolError(f"input {t.name!r}: shape", f"must hold non-negative sizes, got {list(shape)}")
+        if raw:
+            inputs[t.name] = from_raw(t.name, raw[i], dtype, shape)
+            continue
+        field = _CONTENTS.get(t.datatype)
+        values = getattr(t.contents, field) if field else []
+        count = math.prod(shape)
+        if len(values) != count:
+            raise ProtocolError(
+                f"input {t.name!r}: contents", f"hold {len(values)} elements but shape {list(shape)} needs {count}"
+            )
+        if dtype.kind == "O":
+            try:
+                arr = np.array([bytes(v).decode() for v in values] or [], dtype=object)
+            except UnicodeDecodeError:
+                raise ProtocolError(f"input {t.name!r}: contents", "BYTES elements must be UTF-8 text") from None
+        else:
+            arr = np.asarray(values, dtype=dtype)
+        inputs[t.name] = arr.reshape(shape)
+    req = InferRequest(id=request.id, inputs=inputs)
+    req.parameters = {k: _param(v) for k, v in request.parameters.items()}
+    if request.outputs:
+        req.outputs = [RequestedOutput(o.name, True) for o in request.outputs]
+        check_outputs(spec, [o.name for o in request.outputs])
+    return req
+
+
+def encode_grpc(model: str, version: int, req: InferRequest, outputs: dict[str, np.ndarray]) -> Any:
+    resp = service_pb2.ModelInferResponse(model_name=model, model_version=str(version), id=req.id)
+    raws: list[bytes] = []
+    for name in req.output_names or tuple(outputs):
+        arr = outputs[name]
+        resp.outputs.add(name=name, datatype=output_datatype(arr), shape=arr.shape)
+        r = to_raw(arr)
+        raws.append(r if isinstance(r, bytes) else r.tobytes())
+    resp.raw_output_contents.extend(raws)
+    return resp
+
+
+class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self._in_flight = service.metrics.in_flight.labels("grpc")
+
+    async def _fail(self, context: Any, exc: BaseException) -> None:
+        status, message = error_status(exc)
+        await context.abort(status_code(status), message)
+
+    def _check_token(self, context: Any) -> None:
+        md = {k.lower(): v for k, v in (context.invocation_metadata() or ())}
+        self.service.check_token(md.get("authorization"))
+
+    # ---- health and metadata ---------------------------------------------------------------------------
+    async def ServerLive(self, request: Any, context: Any) -> Any:
+        return service_pb2.ServerLiveResponse(live=self.service.live)
+
+    async def ServerReady(self, request: Any, context: Any) -> Any:
+        return service_pb2.ServerReadyResponse(ready=self.service.ready)
+
+    async def ModelReady(self, request: Any, context: Any) -> Any:
+        try:
+            v = parse_version(request.version)
+            ready = self.service.manager.is_ready(request.name, v)
+            if not ready:
+                self.service.manager.spec(request.name)
+            return service_pb2.ModelReadyResponse(ready=ready)
+        except Exception as exc:
+            await self._fail(context, exc)
+
+    async def ServerMetadata(self, request: Any, context: Any) -> Any:
+        return service_pb2.ServerMetadataResponse(**self.service.server_metadata())
+
+    async def ModelMetadata(self, request: Any, context: Any) -> Any:
+        try:
+            md = self.service.model_metadata(request.name, request.version)
+            resp = service_pb2.ModelMetadataResponse(name=md["name"], versions=md["versions"], platform=md["platform"])
+            for key in ("inputs", "outputs"):
+                for t in md[key]:
+                    getattr(resp, key).add(name=t["name"], datatype=t["datatype"], shape=t["shape"])
+            return resp
+        except Exception as exc:
+            await self._fail(context, exc)
+
+    async def ModelConfig(self, request: Any, context: Any) -> Any:
+        try:
+            cfg = self.service.model_config(request.name, request.version)
+            config = json_format.ParseDict(cfg, model_config_pb2.ModelConfig(), ignore_unknown_fields=True)
+            return service_pb2.ModelConfigResponse(config=config)
+        except Exception as exc:
+            await self._fail(context, exc)
+
+    async def ModelStatistics(self, request: Any, context: Any) -> Any:
+        try:
+            if request.name:
+                self.service.manager.spec(request.name)
+            stats = self.service.metrics.statistics(request.name or None, request.version or None)
+            return json_format.ParseDict({"model_stats": stats}, service_pb2.ModelStatisticsResponse())
+        except Exception as exc:
+            await self._fail(context, exc)
+
+    # ---- inference ---------------------------------------------------------------------------------------
+    async def ModelInfer(self, request: Any, context: Any) -> Any:
+        start = time.perf_counter()
+        model = request.model_name
+        logs.request_id.set(request.id or logs.new_request_id())
+        version = ""
+        status = 200
+        self._in_flight.inc()
+        try:
+            sv = await self.service.resolve(model, request.model_version)
+            version = str(sv.version)
+            req = decode_grpc(request, sv.spec)
+            req.version = parse_version(request.model_version)
+            outputs = await self.service.infer(sv, req)
+            return encode_grpc(model, sv.version, req, outputs)
+        except Exception as exc:
+            status, message = error_status(exc)
+            await context.abort(status_code(status), message)
+        finally:
+            self._in_flight.dec()
+            label = model if status < 400 else self.service.model_label(model)
+            self.service.record(label, version, "grpc", status, time.perf_counter() - start)
+
+    # ---- model repository --------------------------------------------------------------------------------
+    async def RepositoryIndex(self, request: Any, context: Any) -> Any:
+        try:
+            self._check_token(context)
+            resp = service_pb2.RepositoryIndexResponse()
+            for row in self.service.manager.index(ready_only=request.ready):
+                resp.models.add(**row)
+            return resp
+        except Exception as exc:
+            await self._fail(context, exc)
+
+    async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
+        try:
+            self._check_token(context)
+            check_load_parameters(dict(request.parameters))
+            await self.service.manager.load(request.model_name)
+            return service_pb2.RepositoryModelLoadResponse()
+        except Exception as exc:
+            await self._fail(context, exc)
+
+    async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:
+        try:
+            self._check_token(context)
+            await self.service.manager.unload(request.model_name)
+            return service_pb2.RepositoryModelUnloadResponse()
+        except Exception as exc:
+            await self._fail(context, exc)
+
+
+def build_grpc_server(service: Service, max_message_bytes: int) -> Any:
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service), server)
+    return server

@@ -1,0 +1,401 @@
+"""The model manager: which model versions are loaded, and their lifecycle.
+
+Versions follow each model's policy (latest N, all, or specific). A model loads at start
+(``preload``) or on its first request (``lazy``), is warmed before it reports ready, reloads without
+failing a request (the new versions load and warm beside the old, the switch is one assignment in the
+event loop, the old ones drain), and unloads for real (engines closed, memory handed back to the OS).
+With a memory budget the least recently used models are unloaded to make room.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import enum
+import gc
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kiln.errors import KilnError, MemoryBudgetError, ModelNotReadyError, NotFoundError, ShuttingDownError
+from kiln.repository import RECIPE_FILE, VARIANTS_DIR, Repository
+from kiln.serving.batcher import Batcher, BatchPolicy
+from kiln.serving.metrics import Metrics
+from kiln.serving.runner import FallbackState, ModelRunner, open_instance, warmup_inputs
+from kiln.serving.settings import ServerSettings
+from kiln.spec import ModelSpec
+
+log = logging.getLogger("kiln.serving")
+
+
+class State(enum.StrEnum):
+    UNAVAILABLE = "UNAVAILABLE"
+    LOADING = "LOADING"
+    READY = "READY"
+    UNLOADING = "UNLOADING"
+
+
+@dataclass(eq=False)
+class ServedVersion:
+    """One loaded model version: its spec, its batcher (and, through it, its instances)."""
+
+    model: str
+    version: int
+    spec: ModelSpec
+    batcher: Batcher
+    variant: str
+    memory_bytes: int
+    generation: int
+    fallback: FallbackState
+    timeout_s: float
+
+    @property
+    def cache_enabled(self) -> bool:
+        return self.spec.serving.response_cache
+
+
+@dataclass(eq=False)
+class ModelEntry:
+    name: str
+    state: State = State.UNAVAILABLE
+    versions: dict[int, ServedVersion] = field(default_factory=dict)
+    default: ServedVersion | None = None
+    reason: str = ""
+    last_used: float = 0.0
+
+    @property
+    def memory_bytes(self) -> int:
+        return sum(v.memory_bytes for v in self.versions.values())
+
+
+def policy_versions(spec: ModelSpec, available: list[int]) -> list[int]:
+    s = spec.serving
+    if s.version_policy == "all":
+        return list(available)
+    if s.version_policy == "specific":
+        missing = [v for v in s.versions if v not in available]
+        if missing:
+            raise NotFoundError(
+                f"model {spec.name!r}: serving.versions lists {missing}, which the repository lacks; "
+                f"available versions: {available}"
+            )
+        return sorted(s.versions)
+    return list(available[-s.num_versions :])
+
+
+def policy_text(spec: ModelSpec) -> str:
+    s = spec.serving
+    if s.version_policy == "latest":
+        return f"latest {s.num_versions}"
+    return "all" if s.version_policy == "all" else f"specific {s.versions}"
+
+
+def artifact_bytes(vdir: Path, spec: ModelSpec) -> int:
+    """Bytes of what the engine loads: the chosen variant's files, else the reference ONNX model."""
+    chosen = spec.chosen_variant
+    if chosen and (vdir / VARIANTS_DIR / chosen / RECIPE_FILE).is_file():
+        return sum(p.stat().st_size for p in (vdir / VARIANTS_DIR / chosen).iterdir() if p.is_file())
+    return sum(p.stat().st_size for p in vdir.glob("model.onnx*") if p.is_file())
+
+
+def release_memory() -> None:
+    """Collect garbage and ask glibc to return free heap pages, so an unload shows in RSS."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class ModelManager:
+    def __init__(
+        self,
+        settings: ServerSettings,
+        metrics: Metrics,
+        repository: Repository | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.repository = repository or Repository(settings.repo)
+        self.clock = clock
+        self.entries: dict[str, ModelEntry] = {}
+        self.draining = False
+        self._generation = 0
+        self._lock: asyncio.Lock | None = None
+
+    @property
+    def lock(self) -> asyncio.Lock:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        return self._lock
+
+    # ---- startup and shutdown ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self.settings.load_mode == "lazy":
+            return
+        names = self.settings.models or self.repository.models()
+        for name in names:
+            await self.load(name)
+
+    async def close(self) -> None:
+        self.draining = True
+        async with self.lock:
+            for entry in list(self.entries.values()):
+                await self._unload_entry(entry)
+
+    # ---- lookups (the hot path) ---------------------------------------------------------------------------
+    def lookup(self, name: str, version: int | None) -> ServedVersion | None:
+        """The served version when ready, without awaiting; None when the slow path must decide."""
+        entry = self.entries.get(name)
+        if entry is None or entry.state is not State.READY:
+            return None
+        sv = entry.default if version is None else entry.versions.get(version)
+        if sv is not None:
+            entry.last_used = self.clock()
+        return sv
+
+    async def get(self, name: str, version: int | None) -> ServedVersion:
+        sv = self.lookup(name, version)
+        if sv is not None:
+            return sv
+        if self.draining:
+            raise ShuttingDownError("the server is shutting down and takes no new requests")
+        spec = self.repository.spec(name)  # NotFoundError names the models there are
+        entry = self.entries.get(name)
+        if entry is None or entry.state is not State.READY:
+            if self.settings.load_mode == "lazy":
+                await self.load(name, if_needed=True)
+            elif entry is not None and entry.state is State.LOADING:
+                raise ModelNotReadyError(f"model {name!r} is loading; retry when /v2/models/{name}/ready says so")
+            else:
+                raise ModelNotReadyError(
+                    f"model {name!r} is not loaded{f' ({entry.reason})' if entry and entry.reason else ''}; "
+                    f"load it with POST /v2/repository/models/{name}/load"
+                )
+        sv = self.lookup(name, version)
+        if sv is not None:
+            return sv
+        available = self.repository.versions(name)
+        if version is not None and version in available:
+            served = sorted(self.entries[name].versions)
+            raise NotFoundError(
+                f"model {name!r} version {version} is not served: its version policy ({policy_text(spec)}) "
+                f"serves {served}"
+            )
+        raise NotFoundError(f"model {name!r} has no version {version}; available versions: {available}")
+
+    def spec(self, name: str) -> ModelSpec:
+        """The spec of a loaded model, else the one on disk (metadata needs no load)."""
+        entry = self.entries.get(name)
+        if entry is not None and entry.default is not None:
+            return entry.default.spec
+        return self.repository.spec(name)
+
+    def served_versions(self, name: str) -> list[int]:
+        entry = self.entries.get(name)
+        if entry is not None and entry.versions:
+            return sorted(entry.versions)
+        spec = self.repository.spec(name)
+        return policy_versions(spec, self.repository.versions(name))
+
+    def is_ready(self, name: str, version: int | None = None) -> bool:
+        entry = self.entries.get(name)
+        if entry is None or entry.state is not State.READY:
+            return False
+        return version is None or version in entry.versions
+
+    def index(self, ready_only: bool = False) -> list[dict[str, str]]:
+        rows: list[dict[str, str]] = []
+        for name in sorted(set(self.repository.models()) | set(self.entries)):
+            entry = self.entries.get(name)
+            versions = self.repository.versions(name) or sorted(entry.versions if entry else [])
+            for v in versions:
+                served = entry is not None and v in entry.versions
+                state = State.READY if served and entry and entry.state is State.READY else State.UNAVAILABLE
+                if entry is not None and entry.state in (State.LOADING, State.UNLOADING) and not served:
+                    state = entry.state
+                if ready_only and state is not State.READY:
+                    continue
+                row = {"name": name, "version": str(v), "state": state.value, "reason": ""}
+                if entry is not None and entry.reason and state is not State.READY:
+                    row["reason"] = entry.reason
+                rows.append(row)
+        return rows
+
+    # ---- load / reload / unload --------------------------------------------------------------------------
+    async def load(self, name: str, if_needed: bool = False) -> ModelEntry:
+        """Load (or reload) ``name``: new versions load and warm first, then replace the served ones."""
+        if self.draining:
+            raise ShuttingDownError("the server is shutting down and loads no models")
+        spec = self.repository.spec(name)
+        async with self.lock:
+            entry = self.entries.setdefault(name, ModelEntry(name))
+            if if_needed and entry.state is State.READY:
+                return entry
+            spec = self.repository.spec(name)
+            versions = policy_versions(spec, self.repository.versions(name))
+            if not versions:
+                raise NotFoundError(f"model {name!r} has no versions in {self.repository.root}")
+            need = sum(artifact_bytes(self.repository.resolve(name, v)[1], spec) for v in versions)
+            need *= spec.serving.instances
+            await self._make_room(entry, need)
+            was = entry.state
+            if was is not State.READY:
+                entry.state = State.LOADING
+            start = time.perf_counter()
+            try:
+                loaded = await asyncio.to_thread(self._open_versions, spec, versions)
+            except Exception as exc:
+                entry.state = was if was is State.READY else State.UNAVAILABLE
+                entry.reason = str(exc) if isinstance(exc, KilnError) else "load failed; see the server log"
+                if not isinstance(exc, KilnError):
+                    log.exception("loading model %s failed", name)
+                raise
+            old = list(entry.versions.values())
+            entry.versions = {sv.version: sv for sv in loaded}
+            entry.default = entry.versions[max(entry.versions)]
+            entry.state = State.READY
+            entry.reason = ""
+            entry.last_used = self.clock()
+            self.metrics.load_seconds.labels(name).observe(time.perf_counter() - start)
+            self._update_gauges()
+            log.info(
+                "model %s ready: versions %s on %s", name, sorted(entry.versions),
+                ", ".join(sorted({sv.variant for sv in loaded})), extra={"model": name},
+            )  # fmt: skip
+        if old:
+            await asyncio.to_thread(self._retire, old)
+        return entry
+
+    async def unload(self, name: str) -> None:
+        entry = self.entries.get(name)
+        if entry is None:
+            self.repository.spec(name)  # a model that does not exist: NotFoundError
+            return
+        async with self.lock:
+            await self._unload_entry(entry)
+
+    async def _unload_entry(self, entry: ModelEntry) -> None:
+        old = list(entry.versions.values())
+        entry.versions = {}
+        entry.default = None
+        entry.state = State.UNLOADING
+        try:
+            await asyncio.to_thread(self._retire, old)
+        finally:
+            entry.state = State.UNAVAILABLE
+            self._update_gauges()
+        if old:
+            log.info("model %s unloaded", entry.name, extra={"model": entry.name})
+
+    async def _make_room(self, entry: ModelEntry, need: int) -> None:
+        budget = self.settings.max_memory
+        if budget is None:
+            return
+        if need > budget:
+            raise MemoryBudgetError(entry.name, need, budget)
+        while True:
+            others = [e for e in self.entries.values() if e is not entry and e.versions]
+            if sum(e.memory_bytes for e in others) + need <= budget:
+                return
+            victim = min(others, key=lambda e: e.last_used)
+            log.info("evicting model %s (least recently used) to load %s", victim.name, entry.name)
+            self.metrics.evictions.inc()
+            await self._unload_entry(victim)
+            victim.reason = f"evicted to fit {entry.name!r} in the memory budget"
+
+    # ---- work done in a thread -----------------------------------------------------------------------------
+    def _open_versions(self, spec: ModelSpec, versions: list[int]) -> list[ServedVersion]:
+        loaded: list[ServedVersion] = []
+        try:
+            for v in versions:
+                loaded.append(self._open_version(spec, v))
+        except BaseException:
+            self._retire(loaded)
+            raise
+        return loaded
+
+    def _open_version(self, spec: ModelSpec, version: int) -> ServedVersion:
+        s = spec.serving
+        name = spec.name
+        repo = self.repository.root
+        threads = self.settings.engine_threads
+        first = open_instance(repo, name, version, "chosen", threads, process=False)
+        instances = [first]
+        try:
+            in_process = first.predictor.engine.releases_gil or s.instances == 1
+            if not in_process:
+                first.close()
+                instances = []
+            while len(instances) < s.instances:
+                instances.append(open_instance(repo, name, version, "chosen", threads, process=not in_process))
+        except BaseException:
+            for inst in instances:
+                inst.close()
+            raise
+        variant = first.variant
+        fallback = FallbackState(s.fallback_after)
+        label = f"{name}:{version}"
+        counter = self.metrics.fallbacks.labels(name, str(version))
+
+        def reference() -> object:
+            return open_instance(repo, name, version, "reference", threads, process=not in_process)
+
+        runners = [
+            ModelRunner(inst, reference if variant != "reference" else None, fallback, label, counter.inc)
+            for inst in instances
+        ]
+        policy = BatchPolicy(
+            max_batch_size=s.max_batch_size,
+            preferred_batch_sizes=tuple(sorted(s.preferred_batch_sizes)),
+            max_queue_delay_s=s.max_queue_delay_us / 1e6,
+            max_queue_size=s.max_queue_size,
+        )
+        batcher = Batcher(name, runners, policy, observer=self.metrics.observer(name, version), name=label)
+        try:
+            if s.warmup:
+                sizes = {1, *(s.preferred_batch_sizes[-1:] if s.preferred_batch_sizes else [])}
+                for runner in runners:
+                    for rows in sorted(sizes):
+                        feed = warmup_inputs(spec, rows)
+                        runner.run(feed)
+                        if rows == 1:  # timed a second time, warm, to seed the inline decision
+                            t0 = time.perf_counter()
+                            runner.run(feed)
+                            batcher.record_compute(time.perf_counter() - t0, 1)
+        except Exception as exc:
+            for r in runners:
+                r.close()
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise KilnError(f"model {name!r} version {version} failed its warm-up run: {first_line}") from exc
+        batcher.start()
+        self.metrics.queue_depth.labels(name, str(version)).set_function(lambda: batcher.depth)
+        self.metrics.busy.labels(name, str(version)).set_function(lambda: batcher.busy)
+        self._generation += 1
+        vdir = self.repository.resolve(name, version)[1]
+        return ServedVersion(
+            model=name,
+            version=version,
+            spec=spec,
+            batcher=batcher,
+            variant=variant,
+            memory_bytes=artifact_bytes(vdir, spec) * s.instances,
+            generation=self._generation,
+            fallback=fallback,
+            timeout_s=(s.timeout_ms / 1e3) if s.timeout_ms else self.settings.request_timeout_s,
+        )
+
+    def _retire(self, versions: list[ServedVersion]) -> None:
+        for sv in versions:
+            sv.batcher.close(drain=True, timeout=self.settings.drain_timeout_s)
+        if versions:
+            del sv
+            versions.clear()
+            release_memory()
+
+    def _update_gauges(self) -> None:
+        ready = [e for e in self.entries.values() if e.state is State.READY]
+        self.metrics.models_loaded.set(sum(len(e.versions) for e in ready))
+        self.metrics.memory_bytes.set(sum(e.memory_bytes for e in ready))

@@ -1,0 +1,183 @@
+"""Prometheus metrics (prometheus-client), one registry per server so that tests can run several.
+
+Label values are only names the server knows (models in the repository), never raw request text, so
+a client cannot blow up the series count.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from typing import Literal
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+Protocol = Literal["http", "grpc"]
+Outcome = Literal["ok", "client_error", "not_found", "unavailable", "timeout", "error"]
+
+_LATENCY = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+_BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def outcome_for(status: int) -> Outcome:
+    if status < 400:
+        return "ok"
+    if status == 404:
+        return "not_found"
+    if status == 503:
+        return "unavailable"
+    if status == 504:
+        return "timeout"
+    return "client_error" if status < 500 else "error"
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "kiln_requests", "Inference requests by model, version, protocol and outcome",
+            ["model", "version", "protocol", "outcome"], registry=r,
+        )  # fmt: skip
+        self.request_seconds = Histogram(
+            "kiln_request_seconds", "Time from request decoded to response ready", ["model", "version", "protocol"],
+            buckets=_LATENCY, registry=r,
+        )  # fmt: skip
+        self.queue_seconds = Histogram(
+            "kiln_queue_seconds", "Time a request waited in the batch queue", ["model", "version"],
+            buckets=_LATENCY, registry=r,
+        )  # fmt: skip
+        self.compute_seconds = Histogram(
+            "kiln_compute_seconds", "Engine time per batch", ["model", "version"], buckets=_LATENCY, registry=r
+        )
+        self.batch_size = Histogram(
+            "kiln_batch_size", "Rows per executed batch", ["model", "version"], buckets=_BATCH, registry=r
+        )
+        self.cache = Counter("kiln_cache", "Response cache lookups", ["model", "result"], registry=r)
+        self.load_seconds = Histogram(
+            "kiln_model_load_seconds", "Time to load and warm a model version", ["model"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=r,
+        )  # fmt: skip
+        self.models_loaded = Gauge("kiln_models_loaded", "Model versions loaded and ready", registry=r)
+        self.memory_bytes = Gauge("kiln_model_memory_bytes", "Estimated memory of loaded models", registry=r)
+        self.in_flight = Gauge("kiln_inflight_requests", "Requests being served", ["protocol"], registry=r)
+        self.fallbacks = Counter(
+            "kiln_fallback", "Batches rerun on the reference variant after the chosen one failed",
+            ["model", "version"], registry=r,
+        )  # fmt: skip
+        self.queue_depth = Gauge(
+            "kiln_queue_depth", "Requests waiting in a batch queue", ["model", "version"], registry=r
+        )
+        self.busy = Gauge("kiln_instances_busy", "Instances running a batch", ["model", "version"], registry=r)
+        self.evictions = Counter("kiln_evictions", "Models unloaded to fit the memory budget", registry=r)
+        self._observers: dict[tuple[str, str], BatchMetrics] = {}
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def observer(self, model: str, version: int) -> BatchMetrics:
+        key = (model, str(version))
+        obs = self._observers.get(key)
+        if obs is None:
+            obs = self._observers[key] = BatchMetrics(self, model, str(version))
+        return obs
+
+    def request_done(self, model: str, version: str, ok: bool, seconds: float) -> None:
+        obs = self._observers.get((model, version))
+        if obs is not None:
+            obs.stats.request(ok, seconds)
+
+    def cache_lookup(self, model: str, version: int, hit: bool) -> None:
+        self.cache.labels(model, "hit" if hit else "miss").inc()
+        obs = self._observers.get((model, str(version)))
+        if obs is not None:
+            obs.stats.add("cache_hit" if hit else "cache_miss", 0.0)
+
+    def statistics(self, model: str | None = None, version: str | None = None) -> list[dict[str, object]]:
+        """Triton's model statistics (the statistics extension) for the versions that have served."""
+        return [
+            obs.stats.as_dict(m, v)
+            for (m, v), obs in sorted(self._observers.items())
+            if (model is None or m == model) and (version is None or v == version)
+        ]
+
+
+class TritonStats:
+    """Counters in the shape of Triton's statistics extension (perf_analyzer reads them)."""
+
+    _KINDS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output", "cache_hit", "cache_miss")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.inference_count = 0
+        self.execution_count = 0
+        self.last_inference_ms = 0
+        self.totals = {k: [0, 0] for k in self._KINDS}  # kind -> [count, ns]
+        self.batches: dict[int, list[int]] = {}  # batch size -> [count, compute ns]
+
+    def add(self, kind: str, seconds: float) -> None:
+        with self.lock:
+            t = self.totals[kind]
+            t[0] += 1
+            t[1] += int(seconds * 1e9)
+
+    def request(self, ok: bool, seconds: float) -> None:
+        self.add("success" if ok else "fail", seconds)
+        self.last_inference_ms = int(time.time() * 1000)
+
+    def batch(self, rows: int, queue_s: Sequence[float], compute_s: float) -> None:
+        ns = int(compute_s * 1e9)
+        with self.lock:
+            self.inference_count += rows
+            self.execution_count += 1
+            q = self.totals["queue"]
+            q[0] += len(queue_s)
+            q[1] += int(sum(queue_s) * 1e9)
+            c = self.totals["compute_infer"]
+            c[0] += 1
+            c[1] += ns
+            b = self.batches.setdefault(rows, [0, 0])
+            b[0] += 1
+            b[1] += ns
+
+    def as_dict(self, model: str, version: str) -> dict[str, object]:
+        with self.lock:
+            zero = {"count": 0, "ns": 0}
+            return {
+                "name": model,
+                "version": version,
+                "last_inference": self.last_inference_ms,
+                "inference_count": self.inference_count,
+                "execution_count": self.execution_count,
+                "inference_stats": {k: {"count": c, "ns": ns} for k, (c, ns) in self.totals.items()},
+                "batch_stats": [
+                    {
+                        "batch_size": size,
+                        "compute_input": zero,
+                        "compute_infer": {"count": c, "ns": ns},
+                        "compute_output": zero,
+                    }
+                    for size, (c, ns) in sorted(self.batches.items())
+                ],
+            }
+
+
+class BatchMetrics:
+    """The batcher's per-batch figures, with label children resolved once (they sit on the hot path)."""
+
+    def __init__(self, m: Metrics, model: str, version: str) -> None:
+        self._queue = m.queue_seconds.labels(model, version)
+        self._compute = m.compute_seconds.labels(model, version)
+        self._batch = m.batch_size.labels(model, version)
+        self.stats = TritonStats()
+
+    def batch_done(self, size: int, rows: int, queue_s: Sequence[float], compute_s: float) -> None:
+        self.stats.batch(rows, queue_s, compute_s)
+        for q in queue_s:
+            self._queue.observe(q)
+        self._compute.observe(compute_s)
+        self._batch.observe(rows)

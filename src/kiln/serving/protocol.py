@@ -1,0 +1,288 @@
+"""The V2 (Open Inference Protocol) tensor codec: JSON, the binary tensor extension, BYTES tensors.
+
+Decoding checks every field against the model's spec and raises :class:`ProtocolError` or
+:class:`InputError` naming it. Binary tensors become ``np.frombuffer`` views of the request body (no
+copy); binary outputs are joined into the response body once. gRPC messages use the same helpers
+(see ``grpc_service.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from kiln.errors import InputError, ProtocolError
+from kiln.spec import V2_DATATYPES, ModelSpec
+
+# V2 datatype -> numpy dtype; BYTES is an object array (of ``str`` once decoded).
+NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+    "BYTES": np.dtype(object),
+}
+_LEN = struct.Struct("<I")
+
+
+@dataclass(frozen=True)
+class RequestedOutput:
+    name: str
+    binary: bool
+
+
+@dataclass
+class InferRequest:
+    """A decoded inference request: validated input arrays and the outputs asked for."""
+
+    id: str
+    inputs: dict[str, np.ndarray]
+    outputs: list[RequestedOutput] | None = None  # None: every output
+    binary_output: bool = False  # request-level ``binary_data_output``
+    parameters: dict[str, Any] = field(default_factory=dict)
+    version: int | None = None  # the version asked for; None: the model's default
+
+    @property
+    def output_names(self) -> tuple[str, ...] | None:
+        return None if self.outputs is None else tuple(o.name for o in self.outputs)
+
+
+# ---- BYTES tensors ---------------------------------------------------------------------------------------
+def serialize_bytes(arr: np.ndarray) -> bytes:
+    """Each element as a 4-byte little-endian length and its bytes, row-major (Triton's layout)."""
+    parts: list[bytes] = []
+    for item in arr.reshape(-1):
+        b = item.encode() if isinstance(item, str) else bytes(item)
+        parts.append(_LEN.pack(len(b)))
+        parts.append(b)
+    return b"".join(parts)
+
+
+def deserialize_bytes(buf: bytes | memoryview, count: int, name: str) -> np.ndarray:
+    """The inverse of :func:`serialize_bytes`; exactly ``count`` elements must fill ``buf``.
+
+    Elements become ``str`` (UTF-8): string tensors in ONNX Runtime, like ``predict`` in process, take text.
+    """
+    view = memoryview(buf)
+    out = np.empty(count, dtype=object)
+    pos = 0
+    for i in range(count):
+        if pos + 4 > len(view):
+            raise ProtocolError(f"input {name!r}", f"BYTES data ends after {i} of {count} elements")
+        (n,) = _LEN.unpack_from(view, pos)
+        pos += 4
+        if pos + n > len(view):
+            raise ProtocolError(
+                f"input {name!r}", f"BYTES element {i} claims {n} bytes but only {len(view) - pos} remain"
+            )
+        try:
+            out[i] = str(view[pos : pos + n], "utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolError(f"input {name!r}", f"BYTES element {i} is not valid UTF-8 text") from None
+        pos += n
+    if pos != len(view):
+        raise ProtocolError(f"input {name!r}", f"{len(view) - pos} bytes left over after {count} BYTES elements")
+    return out
+
+
+# ---- shared checks ---------------------------------------------------------------------------------------
+def check_datatype(spec: ModelSpec, name: str, datatype: Any) -> np.dtype[Any]:
+    want = spec.input(name).datatype
+    if datatype != want:
+        raise InputError(name, "datatype", want, repr(datatype))
+    if want not in NUMPY_DTYPES:
+        raise InputError(name, "datatype", f"one of {sorted(NUMPY_DTYPES)}", want, "this server cannot carry it")
+    return NUMPY_DTYPES[want]
+
+
+def check_shape(name: str, shape: Any) -> tuple[int, ...]:
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise ProtocolError(f"input {name!r}: shape", f"must be a list of non-negative integers, got {shape!r}")
+    return tuple(shape)
+
+
+def from_raw(name: str, raw: bytes | memoryview, dtype: np.dtype[Any], shape: tuple[int, ...]) -> np.ndarray:
+    """A tensor from its binary (raw) form: a zero-copy view for fixed-size types."""
+    count = math.prod(shape)
+    if dtype.kind == "O":
+        return deserialize_bytes(raw, count, name).reshape(shape)
+    want = count * dtype.itemsize
+    if len(raw) != want:
+        raise ProtocolError(
+            f"input {name!r}", f"binary data holds {len(raw)} bytes, but shape {list(shape)} of {dtype} needs {want}"
+        )
+    return np.frombuffer(raw, dtype=dtype, count=count).reshape(shape)
+
+
+def to_raw(arr: np.ndarray) -> bytes | memoryview:
+    """The binary form of an output tensor (a view where the array is contiguous)."""
+    if arr.dtype == object or arr.dtype.kind in ("U", "S"):
+        return serialize_bytes(arr)
+    if not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr)
+    return memoryview(arr).cast("B")  # type: ignore[arg-type]
+
+
+def output_datatype(arr: np.ndarray) -> str:
+    if arr.dtype == object or arr.dtype.kind in ("U", "S"):
+        return "BYTES"
+    return V2_DATATYPES.get(str(arr.dtype), str(arr.dtype).upper())
+
+
+def check_outputs(spec: ModelSpec, names: Sequence[str]) -> None:
+    known = {t.name for t in spec.outputs}
+    for n in names:
+        if n not in known:
+            raise ProtocolError("outputs", f"unknown output {n!r}; the model has outputs {sorted(known)}")
+
+
+# ---- HTTP (JSON + binary extension) ----------------------------------------------------------------------
+def decode_http(body: bytes, header_length: int | None, spec: ModelSpec) -> InferRequest:
+    """Decode an HTTP infer body; ``header_length`` is ``Inference-Header-Content-Length`` when present."""
+    if header_length is not None and not 0 < header_length <= len(body):
+        raise ProtocolError(
+            "Inference-Header-Content-Length", f"{header_length} must lie in 1..{len(body)} (the body size)"
+        )
+    end = len(body) if header_length is None else header_length
+    try:
+        doc = json.loads(body[:end])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError("body", f"not valid JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise ProtocolError("body", f"must be a JSON object, got {type(doc).__name__}")
+    raw_inputs = doc.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise ProtocolError("inputs", "must be a non-empty list of tensors")
+    binary = memoryview(body)
+    offset = end
+    inputs: dict[str, np.ndarray] = {}
+    for i, t in enumerate(raw_inputs):
+        if not isinstance(t, dict):
+            raise ProtocolError(f"inputs[{i}]", "must be an object with name, shape, datatype and data")
+        name = t.get("name")
+        if not isinstance(name, str):
+            raise ProtocolError(f"inputs[{i}].name", "is missing or not a string")
+        spec.input(name)  # unknown names raise, listing the known ones
+        if name in inputs:
+            raise ProtocolError(f"inputs[{i}].name", f"input {name!r} is given twice")
+        dtype = check_datatype(spec, name, t.get("datatype"))
+        shape = check_shape(name, t.get("shape"))
+        params = t.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise ProtocolError(f"input {name!r}: parameters", "must be an object")
+        size = params.get("binary_data_size")
+        if size is not None:
+            if not isinstance(size, int) or size < 0:
+                raise ProtocolError(
+                    f"input {name!r}: binary_data_size", f"must be a non-negative integer, got {size!r}"
+                )
+            if offset + size > len(body):
+                raise ProtocolError(
+                    f"input {name!r}: binary_data_size",
+                    f"{size} bytes announced but only {len(body) - offset} binary bytes remain in the body",
+                )
+            inputs[name] = from_raw(name, binary[offset : offset + size], dtype, shape)
+            offset += size
+        else:
+            if "data" not in t:
+                raise ProtocolError(f"input {name!r}: data", "is missing (and no binary_data_size parameter)")
+            inputs[name] = _from_json(name, t["data"], dtype, shape)
+    if offset != len(body):
+        raise ProtocolError("body", f"{len(body) - offset} bytes of binary data are not claimed by any input")
+    req = InferRequest(id=str(doc.get("id", "")), inputs=inputs)
+    params = doc.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ProtocolError("parameters", "must be an object")
+    req.parameters = params
+    req.binary_output = bool(params.get("binary_data_output", False))
+    outs = doc.get("outputs")
+    if outs is not None:
+        if not isinstance(outs, list):
+            raise ProtocolError("outputs", "must be a list of {name, parameters}")
+        req.outputs = []
+        for j, o in enumerate(outs):
+            if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+                raise ProtocolError(f"outputs[{j}]", "must be an object with a string name")
+            oparams = o.get("parameters") or {}
+            if "classification" in oparams:
+                raise ProtocolError(f"outputs[{j}].parameters.classification", "is not supported by this server")
+            req.outputs.append(RequestedOutput(o["name"], bool(oparams.get("binary_data", req.binary_output))))
+        check_outputs(spec, req.output_names or ())
+    return req
+
+
+def _from_json(name: str, data: Any, dtype: np.dtype[Any], shape: tuple[int, ...]) -> np.ndarray:
+    if not isinstance(data, list):
+        data = [data]
+    count = math.prod(shape)
+    try:
+        if dtype.kind == "O":
+            flat = np.array([_to_text(x) for x in _flatten(data)] or [], dtype=object)
+        else:
+            flat = np.asarray(data, dtype=dtype).reshape(-1)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ProtocolError(f"input {name!r}: data", f"cannot be read as {dtype} ({exc})") from None
+    if flat.size != count:
+        raise ProtocolError(
+            f"input {name!r}: data", f"holds {flat.size} elements but shape {list(shape)} needs {count}"
+        )
+    return flat.reshape(shape)
+
+
+def _flatten(data: list[Any]) -> list[Any]:
+    out: list[Any] = []
+    for x in data:
+        if isinstance(x, list):
+            out.extend(_flatten(x))
+        else:
+            out.append(x)
+    return out
+
+
+def _to_text(x: Any) -> str:
+    if isinstance(x, str):
+        return x
+    raise TypeError(f"BYTES elements in JSON must be strings, got {type(x).__name__}")
+
+
+def encode_http(
+    model: str, version: int, req: InferRequest, outputs: Mapping[str, np.ndarray]
+) -> tuple[list[bytes | memoryview], int | None]:
+    """The response body as parts to join, and the JSON header length when binary parts follow."""
+    names = req.output_names or tuple(outputs)
+    wanted = {o.name: o.binary for o in req.outputs} if req.outputs is not None else {}
+    tensors: list[dict[str, Any]] = []
+    blobs: list[bytes | memoryview] = []
+    for name in names:
+        arr = outputs[name]
+        entry: dict[str, Any] = {"name": name, "datatype": output_datatype(arr), "shape": list(arr.shape)}
+        if wanted.get(name, req.binary_output):
+            raw = to_raw(arr)
+            entry["parameters"] = {"binary_data_size": len(raw) if isinstance(raw, bytes) else raw.nbytes}
+            blobs.append(raw)
+        elif arr.dtype == object:
+            entry["data"] = [x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x) for x in arr.reshape(-1)]
+        else:
+            entry["data"] = arr.reshape(-1).tolist()
+        tensors.append(entry)
+    doc: dict[str, Any] = {"model_name": model, "model_version": str(version), "outputs": tensors}
+    if req.id:
+        doc["id"] = req.id
+    header = json.dumps(doc, separators=(",", ":")).encode()
+    if not blobs:
+        return [header], None
+    return [header, *blobs], len(header)

@@ -1,0 +1,266 @@
+"""What HTTP and gRPC share: inference through cache and batcher, metadata, model configuration.
+
+The front ends decode their wire format into an :class:`InferRequest`, call :meth:`Service.infer`, and
+encode the outputs; everything between (validation, cache, batching, timeout, metrics) lives here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from typing import Any
+
+from kiln import __version__
+from kiln.errors import KilnError, NotFoundError, ProtocolError, RequestTimeoutError, UnauthorizedError
+from kiln.serving.batcher import BatcherClosedError, Outputs
+from kiln.serving.cache import ResponseCache, cache_key
+from kiln.serving.manager import ModelManager, ServedVersion
+from kiln.serving.metrics import Metrics, outcome_for
+from kiln.serving.protocol import InferRequest
+from kiln.serving.settings import ServerSettings
+from kiln.spec import ModelSpec
+
+log = logging.getLogger("kiln.serving")
+_CONTENTION_MEMORY_S = 0.5
+
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "model_repository", "statistics"]
+
+
+def parse_version(text: str | None) -> int | None:
+    if text is None or text == "":
+        return None
+    if not text.isdigit():
+        raise NotFoundError(f"model version {text!r} is not a version number; versions are positive integers")
+    return int(text)
+
+
+def check_load_parameters(parameters: Any) -> None:
+    """kiln loads what the repository holds; Triton's config and file overrides are refused, not ignored."""
+    if not isinstance(parameters, dict):
+        raise ProtocolError("parameters", "must be an object")
+    unsupported = sorted(k for k in parameters if k == "config" or k.startswith("file:"))
+    if unsupported:
+        raise ProtocolError(
+            "parameters",
+            f"{unsupported} are not supported: kiln loads the model as the repository holds it; "
+            "change model.yaml (or import a new version) and load again",
+        )
+
+
+class Service:
+    def __init__(self, settings: ServerSettings, manager: ModelManager, metrics: Metrics) -> None:
+        self.settings = settings
+        self.manager = manager
+        self.metrics = metrics
+        self.cache = ResponseCache(settings.cache_max_bytes)
+        self.live = True
+        self.started = False
+        self._children: dict[tuple[str, str, str, str], Any] = {}
+        self._timers: dict[tuple[str, str, str], Any] = {}
+        self.active = 0  # requests inside infer(); all on the event loop's thread
+        self._contended_until = 0.0  # requests overlapped recently: use the batcher, not inline runs
+
+    # ---- health and auth ----------------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self.started and not self.manager.draining
+
+    def check_token(self, authorization: str | None) -> None:
+        token = self.settings.token
+        if token is None:
+            return
+        given = (authorization or "").removeprefix("Bearer ").removeprefix("bearer ").strip()
+        if not given or not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
+            raise UnauthorizedError(
+                "the model-repository endpoints need the server's token: send 'Authorization: Bearer <token>'"
+            )
+
+    # ---- inference ----------------------------------------------------------------------------------------
+    async def resolve(self, model: str, version: str | None) -> ServedVersion:
+        v = parse_version(version)
+        sv = self.manager.lookup(model, v)
+        return sv if sv is not None else await self.manager.get(model, v)
+
+    async def _may_run_inline(self, sv: ServedVersion, rows: int) -> bool:
+        """True when this request is alone: no overlap seen of late, and a run short enough to block the loop."""
+        if sv.batcher.row_seconds * rows >= self.settings.inline_below_ms / 1e3:
+            return False
+        if time.monotonic() < self._contended_until:
+            return False
+        await asyncio.sleep(0)  # let requests that arrived together start first, so they count in `active`
+        return self.active == 1
+
+    async def infer(self, sv: ServedVersion, req: InferRequest) -> Outputs:
+        """Validate, look in the cache, queue on the batcher, await the outputs (within the timeout)."""
+        spec = sv.spec
+        mbs = spec.serving.max_batch_size
+        spec.validate_inputs(req.inputs, max_batch=mbs or None)
+        rows = next(iter(req.inputs.values())).shape[0] if mbs else 1
+        key = None
+        if sv.cache_enabled:
+            key = cache_key(f"{sv.model}#{sv.generation}", sv.version, req.inputs, req.output_names)
+            hit = self.cache.get(key)
+            self.metrics.cache_lookup(sv.model, sv.version, hit is not None)
+            if hit is not None:
+                return hit
+        self.active += 1
+        if self.active > 1:
+            self._contended_until = time.monotonic() + _CONTENTION_MEMORY_S
+        try:
+            outputs = await self._run(sv, req, rows)
+        finally:
+            self.active -= 1
+        if req.outputs is not None:
+            outputs = {o.name: outputs[o.name] for o in req.outputs}
+        if key is not None:
+            self.cache.put(key, outputs)
+        return outputs
+
+    async def _run(self, sv: ServedVersion, req: InferRequest, rows: int) -> Outputs:
+        batcher = sv.batcher
+        if await self._may_run_inline(sv, rows):
+            runner = batcher.lend()  # nothing else in flight and the engine idle: run here, no hand-off
+            if runner is not None:
+                start = time.perf_counter()
+                try:
+                    return runner.run(req.inputs)
+                finally:
+                    batcher.give_back(runner, rows, time.perf_counter() - start)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Outputs] = loop.create_future()
+
+        def done(out: Outputs | None, err: BaseException | None) -> None:
+            loop.call_soon_threadsafe(_settle, fut, out, err)
+
+        while True:
+            try:
+                pending = sv.batcher.submit(req.inputs, rows, done, sv.timeout_s)
+                break
+            except BatcherClosedError:
+                # A reload switched versions after this request resolved its model: follow it to the new one.
+                fresh = self.manager.lookup(sv.model, req.version)
+                if fresh is None or fresh is sv:
+                    raise
+                sv = fresh
+        timer = loop.call_later(sv.timeout_s, _expire, fut, pending, sv.model, sv.timeout_s)
+        try:
+            return await fut
+        except asyncio.CancelledError:  # the client went away: do not run it if it is still queued
+            pending.cancelled = True
+            raise
+        finally:
+            timer.cancel()
+
+    def record(self, model: str, version: str, protocol: str, status: int, seconds: float) -> None:
+        """Count a finished request; ``model`` is empty for names the repository does not hold."""
+        k = (model, version, protocol, outcome_for(status))
+        child = self._children.get(k)
+        if child is None:
+            child = self._children[k] = self.metrics.requests.labels(*k)
+        child.inc()
+        if version:
+            self.metrics.request_done(model, version, status < 400, seconds)
+        if status < 400:
+            tk = (model, version, protocol)
+            timer = self._timers.get(tk)
+            if timer is None:
+                timer = self._timers[tk] = self.metrics.request_seconds.labels(*tk)
+            timer.observe(seconds)
+
+    def model_label(self, name: str) -> str:
+        return name if name in self.manager.entries or self.manager.repository.has_model(name) else ""
+
+    # ---- metadata and configuration ---------------------------------------------------------------------
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": "kiln", "version": __version__, "extensions": EXTENSIONS}
+
+    def model_metadata(self, model: str, version: str | None) -> dict[str, Any]:
+        spec, versions = self._spec_versions(model, version)
+        return {
+            "name": model,
+            "versions": [str(v) for v in versions],
+            "platform": "onnxruntime_onnx",
+            "inputs": [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in spec.inputs],
+            "outputs": [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in spec.outputs],
+        }
+
+    def model_config(self, model: str, version: str | None = None) -> dict[str, Any]:
+        """Triton's model configuration (as JSON), so Triton's tools (perf_analyzer …) can drive kiln."""
+        spec, _ = self._spec_versions(model, version)
+        s = spec.serving
+        batched = s.max_batch_size > 0
+
+        def tensor(t: Any) -> dict[str, Any]:
+            dims = list(t.shape[1:] if batched else t.shape)
+            return {"name": t.name, "data_type": triton_type(t.datatype), "dims": dims}
+
+        policy: dict[str, Any]
+        if s.version_policy == "latest":
+            policy = {"latest": {"num_versions": s.num_versions}}
+        elif s.version_policy == "all":
+            policy = {"all": {}}
+        else:
+            policy = {"specific": {"versions": list(s.versions)}}
+        config: dict[str, Any] = {
+            "name": model,
+            "platform": "onnxruntime_onnx",
+            "backend": "onnxruntime",
+            "version_policy": policy,
+            "max_batch_size": s.max_batch_size,
+            "input": [tensor(t) for t in spec.inputs],
+            "output": [tensor(t) for t in spec.outputs],
+            "instance_group": [{"name": f"{model}_0", "count": s.instances, "kind": "KIND_CPU"}],
+            "response_cache": {"enable": s.response_cache},
+        }
+        if batched:
+            config["dynamic_batching"] = {
+                "preferred_batch_size": list(s.preferred_batch_sizes),
+                "max_queue_delay_microseconds": s.max_queue_delay_us,
+                "default_queue_policy": {
+                    "max_queue_size": s.max_queue_size,
+                    "default_timeout_microseconds": int(
+                        (s.timeout_ms * 1000) if s.timeout_ms else self.settings.request_timeout_s * 1e6
+                    ),
+                },
+            }
+        return config
+
+    def _spec_versions(self, model: str, version: str | None) -> tuple[ModelSpec, list[int]]:
+        spec = self.manager.spec(model)
+        versions = self.manager.served_versions(model)
+        v = parse_version(version)
+        if v is not None and v not in versions:
+            raise NotFoundError(f"model {model!r} has no served version {v}; served versions: {versions}")
+        return spec, versions
+
+
+def triton_type(datatype: str) -> str:
+    return "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
+
+
+def _settle(fut: asyncio.Future[Outputs], out: Outputs | None, err: BaseException | None) -> None:
+    if fut.done():
+        return
+    if err is not None:
+        fut.set_exception(err)
+    else:
+        fut.set_result(out if out is not None else {})
+
+
+def _expire(fut: asyncio.Future[Outputs], pending: Any, model: str, timeout_s: float) -> None:
+    pending.cancelled = True
+    if not fut.done():
+        fut.set_exception(RequestTimeoutError(model, timeout_s))
+
+
+def error_status(exc: BaseException) -> tuple[int, str]:
+    """HTTP status and message for an exception: known errors say what is wrong; others are logged."""
+    if isinstance(exc, KilnError):
+        return exc.http_status, str(exc)
+    log.error("unexpected error while serving a request", exc_info=exc)
+    return 500, "internal server error; the server log has the details"
+
+
+__all__ = ["Service", "error_status", "parse_version", "triton_type"]

@@ -1,0 +1,66 @@
+"""Server settings: flags of ``kiln serve`` and environment variables ``KILN_SERVE_*``."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
+          "g": 2**30, "gb": 2**30, "gib": 2**30}  # fmt: skip
+
+
+def parse_size(value: Any) -> int | None:
+    """``512MB``, ``2G``, ``1048576`` -> bytes (binary units)."""
+    if value is None or isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"{value!r} is not a size; write it like 512MB, 2GB or a number of bytes")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def default_engine_threads() -> int:
+    """One core fewer than the machine has: the server's own threads need the other (see MEASURED.md)."""
+    from kiln.hardware import physical_cores
+
+    return max(1, physical_cores() - 1)
+
+
+class ServerSettings(BaseSettings):
+    """How ``kiln serve`` runs. Every field can be set as ``KILN_SERVE_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="KILN_SERVE_", extra="forbid")
+
+    repo: Path
+    host: str = Field(default="127.0.0.1", description="interface to bind; 0.0.0.0 exposes the server")
+    http_port: int = Field(default=8000, ge=0, le=65535, description="0 picks a free port")
+    grpc_port: int | None = Field(default=8001, ge=0, le=65535, description="0 picks a free port; None: no gRPC")
+    token: SecretStr | None = Field(default=None, description="bearer token for the model-repository endpoints")
+    load_mode: Literal["preload", "lazy"] = Field(
+        default="preload", description="preload: load at start; lazy: load a model on its first request"
+    )
+    models: list[str] = Field(default_factory=list, description="models to preload (default: all)")
+    max_memory: int | None = Field(default=None, ge=1, description="memory budget for loaded models (LRU eviction)")
+    max_body_bytes: int = Field(default=64 * 2**20, ge=1024)
+    request_timeout_s: float = Field(default=30.0, gt=0)
+    drain_timeout_s: float = Field(default=30.0, ge=0)
+    engine_threads: int = Field(default_factory=default_engine_threads, ge=1)
+    cache_max_bytes: int = Field(default=64 * 2**20, ge=0, description="response cache size, shared by all models")
+    inline_below_ms: float = Field(
+        default=3.0,
+        ge=0,
+        description="a request that finds the server otherwise idle runs on the event loop's thread when the "
+        "model's batches take less than this (saves two thread hand-offs); 0 turns it off",
+    )
+    log_format: Literal["json", "text"] = "json"
+    log_level: str = "INFO"
+    access_log: bool = Field(default=False, description="log every request (costs a few µs each)")
+
+    @field_validator("max_memory", "max_body_bytes", "cache_max_bytes", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> Any:
+        return parse_size(v)

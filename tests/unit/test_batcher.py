@@ -1,0 +1,289 @@
+"""The batching policy with a fake clock, and the batcher's threads driven by events (no sleeps)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+
+import numpy as np
+import pytest
+
+from kiln.errors import QueueFullError, RequestTimeoutError, ShuttingDownError
+from kiln.serving.batcher import Batcher, BatchPolicy, BatchQueue, Pending, concat_inputs, split_outputs
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _req(clock: FakeClock, rows: int = 1, deadline: float | None = None, tag: int = 0) -> Pending:
+    return Pending({"x": np.full((rows, 2), tag, np.float32)}, rows, clock(), lambda o, e: None, deadline)
+
+
+def test_idle_queue_takes_a_single_request_at_once() -> None:
+    clock = FakeClock()
+    q = BatchQueue("m", BatchPolicy(max_batch_size=8))
+    a = _req(clock)
+    q.put(a)
+    take = q.take(clock())
+    assert take.batch == [a] and take.wait_s is None and not take.expired
+
+
+def test_requests_queued_while_busy_leave_together_up_to_max_batch() -> None:
+    clock = FakeClock()
+    q = BatchQueue("m", BatchPolicy(max_batch_size=4))
+    reqs = [_req(clock, tag=i) for i in range(6)]
+    for r in reqs:
+        q.put(r)
+    assert q.take(clock()).batch == reqs[:4]
+    assert q.take(clock()).batch == reqs[4:]
+    assert q.take(clock()).batch == []
+
+
+def test_rows_count_against_max_batch_and_requests_are_never_split() -> None:
+    clock = FakeClock()
+    q = BatchQueue("m", BatchPolicy(max_batch_size=4))
+    a, b, c = _req(clock, rows=3), _req(clock, rows=2), _req(clock, rows=1)
+    for r in (a, b, c):
+        q.put(r)
+    assert q.take(clock()).batch == [a]
+    assert q.take(clock()).batch == [b, c]
+
+
+def test_queue_delay_waits_for_a_fuller_batch_then_gives_up() -> None:
+    clock = FakeClock()
+    q = BatchQueue("m", BatchPolicy(max_batch_size=8, preferred_batch_sizes=(4,), max_queue_delay_s=0.002))
+    first = _req(clock)
+    q.put(first)
+    take = q.take(clock())
+    assert take.batch == [] and take.wait_s == pytest.approx(0.002)
+    clock.now += 0.001
+    second = _req(clock)
+    q.put(second)
+    take = q.take(clock())
+    assert take.batch == [] and take.wait_s == pytest.approx(0.001)
+    clock.now += 0.001
+    assert q.take(clock()).batch == [first, second]
+
+
+def test_preferred_size_reached_runs_without_waiting_and_cuts_there() -> None:
+    clock = FakeClock()
+    q = BatchQueue("m", BatchPolicy(max_batch_size=8, preferred_batch_sizes=(2, 4), max_queue_delay_s=1.0))
+    reqs = [_req(clock, tag=i) for i in range(5)]
+    for r in reqs:
+        q.put(r)
+    assert q.take(clock()).batch == reqs[:4]
+    take = q.take(clock())
+    assert take.batch == [] and take.wait_s == pytest.approx(1.0)
+
+
+def test_full_queue_refuses_at_once() -> None:
+    clock = FakeClock()
+    q = BatchQueue("m", BatchPolicy(max_batch_size=4, max_queue_size=2))
+    q.put(_req(clock))
+    q.put(_req(clock))
+    with pytest.raises(QueueFullError, match="2 requests queued, the limit is 2"):
+        q.put(_req(clock))
+
+
+def test_expired_and_cancelled_requests_leave_the_queue_without_running() -> None:
+    clock = FakeClock()
+    q = BatchQueue("m", BatchPolicy(max_batch_size=4))
+    stale = _req(clock, deadline=clock() + 0.5)
+    gone = _req(clock)
+    gone.cancelled = True
+    fresh = _req(clock, deadline=clock() + 5)
+    for r in (stale, gone, fresh):
+        q.put(r)
+    clock.now += 1.0
+    take = q.take(clock())
+    assert take.expired == [stale]
+    assert take.batch == [fresh]
+
+
+def test_unbatched_models_run_one_request_at_a_time() -> None:
+    clock = FakeClock()
+    q = BatchQueue("m", BatchPolicy(max_batch_size=0))
+    a, b = _req(clock), _req(clock)
+    q.put(a)
+    q.put(b)
+    assert q.take(clock()).batch == [a]
+
+
+def test_concat_and_split_copy_once_and_return_views() -> None:
+    clock = FakeClock()
+    reqs = [_req(clock, rows=r, tag=i) for i, r in enumerate((1, 2, 3))]
+    single = concat_inputs(reqs[:1], batched=True)
+    assert single["x"] is reqs[0].inputs["x"]  # one request: no copy at all
+    merged = concat_inputs(reqs, batched=True)["x"]
+    assert merged.shape == (6, 2)
+    parts = split_outputs({"y": merged * 10}, reqs, batched=True)
+    assert [p["y"].shape[0] for p in parts] == [1, 2, 3]
+    assert np.array_equal(parts[2]["y"], np.full((3, 2), 20, np.float32))
+    assert parts[1]["y"].base is not None  # a view of the batch output
+
+
+class GatedRunner:
+    """Blocks in run() until released, recording every batch it is given."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.batches: list[int] = []
+        self.closed = False
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.batches.append(inputs["x"].shape[0])
+        self.entered.set()
+        if not self.release.wait(10):
+            raise RuntimeError("test runner was never released")
+        return {"y": inputs["x"] + 1}
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class Collector:
+    def __init__(self, n: int) -> None:
+        self.results: list[tuple[object, object]] = []
+        self.all_done = threading.Event()
+        self.n = n
+        self.lock = threading.Lock()
+
+    def done(self, out: object, err: object) -> None:
+        with self.lock:
+            self.results.append((out, err))
+            if len(self.results) == self.n:
+                self.all_done.set()
+
+
+def test_batcher_merges_requests_that_arrive_while_the_engine_is_busy() -> None:
+    runner = GatedRunner()
+    batcher = Batcher("m", [runner], BatchPolicy(max_batch_size=8))
+    batcher.start()
+    col = Collector(4)
+    try:
+        batcher.submit({"x": np.zeros((1, 2), np.float32)}, 1, col.done)
+        assert runner.entered.wait(10)  # the first request runs alone, at once
+        for i in range(3):
+            batcher.submit({"x": np.full((1, 2), i, np.float32)}, 1, col.done)
+        runner.release.set()
+        assert col.all_done.wait(10)
+    finally:
+        batcher.close()
+    assert runner.batches == [1, 3]
+    assert all(err is None for _, err in col.results)
+    assert runner.closed
+
+
+def test_batcher_delivers_engine_errors_to_every_caller_and_keeps_serving() -> None:
+    class Failing:
+        calls = 0
+
+        def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+            Failing.calls += 1
+            if Failing.calls == 1:
+                raise ValueError("boom")
+            return {"y": inputs["x"]}
+
+        def close(self) -> None:
+            pass
+
+    batcher = Batcher("m", [Failing()], BatchPolicy(max_batch_size=4))
+    batcher.start()
+    first, second = Collector(1), Collector(1)
+    try:
+        batcher.submit({"x": np.zeros((1, 2), np.float32)}, 1, first.done)
+        assert first.all_done.wait(10)
+        batcher.submit({"x": np.zeros((1, 2), np.float32)}, 1, second.done)
+        assert second.all_done.wait(10)
+    finally:
+        batcher.close()
+    assert isinstance(first.results[0][1], ValueError)
+    assert second.results[0][1] is None
+
+
+def test_request_that_waits_past_its_timeout_fails_without_running() -> None:
+    clock = FakeClock()
+    runner = GatedRunner()
+    batcher = Batcher("m", [runner], BatchPolicy(max_batch_size=4), clock=clock)
+    batcher.start()
+    first, late = Collector(1), Collector(1)
+    try:
+        batcher.submit({"x": np.zeros((1, 2), np.float32)}, 1, first.done)
+        assert runner.entered.wait(10)
+        batcher.submit({"x": np.zeros((1, 2), np.float32)}, 1, late.done, timeout_s=0.5)
+        clock.now += 1.0  # the queued request's deadline passes while the engine is busy
+        runner.release.set()
+        assert late.all_done.wait(10)
+    finally:
+        batcher.close()
+    assert isinstance(late.results[0][1], RequestTimeoutError)
+    assert runner.batches == [1]
+
+
+def test_closed_batcher_refuses_new_work_but_finishes_queued_work() -> None:
+    runner = GatedRunner()
+    batcher = Batcher("m", [runner], BatchPolicy(max_batch_size=1))
+    batcher.start()
+    col = Collector(2)
+    batcher.submit({"x": np.zeros((1, 2), np.float32)}, 1, col.done)
+    assert runner.entered.wait(10)
+    batcher.submit({"x": np.zeros((1, 2), np.float32)}, 1, col.done)
+    closer = threading.Thread(target=batcher.close)
+    closer.start()
+    with pytest.raises(ShuttingDownError):
+        # close() marks the batcher closing before it joins; wait for that flag through the condition
+        with batcher._cond:
+            batcher._cond.wait_for(lambda: batcher._closing, timeout=10)
+        batcher.submit({"x": np.zeros((1, 2), np.float32)}, 1, col.done)
+    runner.release.set()
+    closer.join(10)
+    assert col.all_done.is_set()
+    assert all(err is None for _, err in col.results)
+    assert runner.batches == [1, 1]
+
+
+def test_an_idle_batcher_lends_its_instance_and_the_worker_waits_for_it() -> None:
+    runner = GatedRunner()
+    runner.release.set()
+    batcher = Batcher("m", [runner], BatchPolicy(max_batch_size=4))
+    batcher.start()
+    col = Collector(1)
+    try:
+        lent = batcher.lend()
+        assert lent is runner and batcher.busy == 1
+        assert batcher.lend() is None  # one caller at a time
+        batcher.give_back(lent, rows=2, compute_s=0.002)
+        assert batcher.row_seconds == pytest.approx(0.001) and batcher.busy == 0
+        with pytest.raises(RuntimeError, match="not lent"):
+            batcher.give_back(runner, rows=1, compute_s=0.001)
+        lent = batcher.lend()
+        assert lent is runner
+        batcher.submit({"x": np.zeros((1, 2), np.float32)}, 1, col.done)  # queued while lent: must wait
+        assert not col.all_done.wait(0.05)  # bounded check that the worker did not run it meanwhile
+        assert runner.batches == []
+        batcher.give_back(lent, rows=1, compute_s=0.001)
+        assert col.all_done.wait(10)  # given back: the worker takes the queued request
+    finally:
+        batcher.close()
+    assert runner.batches == [1]
+
+
+def test_a_busy_or_queued_batcher_lends_nothing() -> None:
+    runner = GatedRunner()
+    batcher = Batcher("m", [runner], BatchPolicy(max_batch_size=4))
+    batcher.start()
+    col = Collector(1)
+    try:
+        batcher.submit({"x": np.zeros((1, 2), np.float32)}, 1, col.done)
+        assert runner.entered.wait(10)
+        assert batcher.lend() is None
+        runner.release.set()
+        assert col.all_done.wait(10)
+    finally:
+        batcher.close()
