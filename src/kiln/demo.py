@@ -100,9 +100,12 @@ def run_demo(directory: Path) -> list[EngineResult]:
     if not cpu.bf16.supported:
         console.print(f"[dim]bf16 skipped: {cpu.bf16.reason}[/]")
 
+    optimize_step(repo)
+
     console.print("\n[bold]next[/]")
     for line in (
         f"kiln list --repo {repo}                      # what the repository holds",
+        f"kiln optimize digits --repo {repo}           # the full search (torch.compile included)",
         "kiln doctor                                   # what this machine can run (bf16, VNNI, CUDA …)",
         f"kiln import model.onnx --repo {repo}         # bring your own ONNX model",
         f"kiln import mypkg.models:build --weights w.safetensors --input-shape 1,3,224,224 --repo {repo}",
@@ -118,4 +121,21 @@ def run_demo(directory: Path) -> list[EngineResult]:
     return results
 
 
-__all__ = ["EngineResult", "KilnError", "evaluate", "run_demo"]
+# ---- 4. optimize (self-contained: the serve step goes after it) -----------------------------------------
+def optimize_step(repo: Path) -> object:
+    """Search the digits model's variants with the quick preset (no torch.compile: seconds, not
+    minutes), show the table, and leave the choice in the spec for `kiln.load` and `kiln serve`."""
+    import kiln
+    from kiln.optimize.report import progress_bar, result_table, summary_lines
+
+    with progress_bar(console, "4. optimize") as hook:
+        result = kiln.optimize(repo, "digits", preset="quick", max_drop=0.005, progress=hook)
+    console.print("[bold]4. optimize[/]  every variant this machine runs, checked on the validation split and timed")
+    console.print(result_table(result))
+    for line in summary_lines(result):
+        console.print(line)
+    console.print(f"[dim]the full search, torch.compile included: kiln optimize digits --repo {repo}[/]")
+    return result
+
+
+__all__ = ["EngineResult", "KilnError", "evaluate", "optimize_step", "run_demo"]

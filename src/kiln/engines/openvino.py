@@ -107,7 +107,8 @@ class OpenVINOEngine(Engine):
     @property
     def inference_precision(self) -> str:
         """What OpenVINO actually runs at (``f32``, ``bf16`` …), read back from the compiled model."""
-        return str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+        value = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+        return str(value.get_type_name()) if hasattr(value, "get_type_name") else str(value)
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         result = self.request.infer(dict(inputs))

@@ -87,6 +87,7 @@ class OptimizeConfig(BaseModel):
     threads: int | None = Field(default=None, ge=1, description="intra-op threads (default: physical cores)")
     min_time_s: float = Field(default=0.5, gt=0, description="minimum timed seconds per variant and batch size")
     warmup: int = Field(default=10, ge=1)
+    finalists: int = Field(default=3, ge=0, description="fastest variants timed again, interleaved, before choosing")
     retime: bool = Field(default=False, description="time cached variants again instead of reusing figures")
     choose: bool = Field(default=True, description="record the choice in the model's spec")
 

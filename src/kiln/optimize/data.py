@@ -93,6 +93,8 @@ def load_split(
             "no validation data (pass --data): accuracy is output drift on random inputs, and static int8 "
             "variants are skipped rather than calibrated on noise"
         )
+    if validation.labels is not None and len(validation.labels) != len(validation):
+        raise DataError(source, f"{len(validation.labels)} labels for {len(validation)} samples")
     if calibration is None and data is not None:
         n = len(validation)
         if n >= 2 * calibration_samples:

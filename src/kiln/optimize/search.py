@@ -8,6 +8,7 @@ figures are reused while the validation data and timing settings are unchanged.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -49,6 +50,7 @@ class VariantResult:
     passes: list[dict[str, Any]] = field(default_factory=list)
     pareto: bool = False
     speedup: float | None = None
+    fresh: bool = False  # timed in this run (not read from figures.json)
 
     def objective(self, objective: str) -> float | None:
         """Lower is better: batch-1 ms, or seconds per item."""
@@ -135,6 +137,8 @@ def optimize(
     results += [VariantResult(id="-", label=s.label, recipe=None, status="skipped", reason=s.reason) for s in skipped]
     baseline = _baseline(results)
     _judge(results, config, baseline)
+    if searcher.final_round(results):
+        _judge(results, config, baseline)
     chosen = _choose(results, config.objective)
     notes = list(split.notes)
     if chosen is None:
@@ -216,6 +220,7 @@ class _Search:
             if tim and figures.get("timing_key") == self.timing_key and not self.config.retime:
                 result.timing = timing.Timing(**tim)
             if result.accuracy is None or result.timing is None:
+                result.fresh = True
                 self._measure(recipe, vpath, result, say)
                 write_atomic(vpath / FIGURES_FILE, json.dumps({
                     "variant": vid, "label": result.label, "measured": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -236,6 +241,44 @@ class _Search:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             result.status, result.reason = "failed", f"{type(exc).__name__}: {first}"
         return result
+
+    def final_round(self, results: list[VariantResult]) -> bool:
+        """Time the fastest few accepted variants again, round-robin, and keep those figures: a choice
+        between close variants should not hang on which one ran while the machine was busy."""
+        obj = self.config.objective
+        ranked = sorted((v for v in results if v.status == "accepted" and v.timing is not None),
+                        key=lambda v: v.objective(obj) or float("inf"))  # fmt: skip
+        finalists = ranked[: self.config.finalists]
+        if len(finalists) < 2 or not any(v.fresh for v in results):
+            return False
+        self.progress(f"final round: {len(finalists)} fastest variants, interleaved", 0, 1)
+        validation = self.split.validation
+        feed1, feed_n = validation.first(1), validation.first(self.config.batch_size)
+        engines = []
+        try:
+            for v in finalists:
+                if v.recipe is None:
+                    continue
+                r = v.recipe
+                options = EngineOptions(precision=r.precision, intra_op_threads=self.threads, extra=dict(r.options))
+                engine = load_engine(r.engine, self.vdir / VARIANTS_DIR / v.id, self.spec, options)
+                engines.append(engine)
+                for _ in range(3):  # warm-up (compiles again for torch.compile variants)
+                    engine.run(feed1)
+                    engine.run(feed_n)
+            figures = timing.interleave([e.run for e in engines], feed1, feed_n, min_time_s=self.config.min_time_s)
+        finally:
+            for e in engines:
+                e.close()
+        for v, (latency, throughput) in zip(finalists, figures, strict=True):
+            if v.timing is None:
+                continue
+            v.timing = dataclasses.replace(v.timing, latency_ms=latency, throughput=throughput)
+            path = self.vdir / VARIANTS_DIR / v.id / FIGURES_FILE
+            stored = _read_json(path)
+            stored["timing"], stored["final_round"] = v.timing.to_dict(), True
+            write_atomic(path, json.dumps(stored, indent=2))
+        return True
 
     def _build(self, recipe: Recipe, vid: str, vpath: Path) -> None:
         variants = self.vdir / VARIANTS_DIR

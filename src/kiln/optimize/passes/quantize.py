@@ -11,6 +11,7 @@ import contextlib
 import io
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from kiln.optimize.passes.base import PassContext, PassNotApplicable, PassReport, op_histogram, register_pass
@@ -35,9 +36,10 @@ def ort_dynamic_pass(ctx: PassContext, params: dict[str, Any]) -> PassReport:
 
     path = ctx.work / ONNX
     ops = op_histogram(path)
-    targets = [op for op in params.get("op_types", DYNAMIC_OPS) if ops.get(op)]
-    if not targets:
-        raise PassNotApplicable(f"no {'/'.join(DYNAMIC_OPS)} nodes for dynamic quantization")
+    targets = list(params.get("op_types", DYNAMIC_OPS))  # all of them: the quantizer turns Gemm into MatMul
+    if not any(ops.get(op) for op in targets):
+        raise PassNotApplicable(f"no {'/'.join(targets)} nodes for dynamic quantization")
+    _strip_value_info(path)
     tmp = ctx.work / ".quantized.onnx"
     with _quiet():
         quantize_dynamic(
@@ -50,6 +52,19 @@ def ort_dynamic_pass(ctx: PassContext, params: dict[str, Any]) -> PassReport:
         "ort-dynamic", nodes_before=sum(ops.values()), nodes_after=sum(after.values()),
         details={"quantized_nodes": sum(after.get(op, 0) for op in _INT_OPS), "op_types": targets},
     )  # fmt: skip
+
+
+def _strip_value_info(path: Path) -> None:
+    """Drop the exporter's intermediate shape annotations: the quantizer re-infers shapes and fails
+    when its own inference and a stale annotation disagree (it rewrites Gemm as MatMul)."""
+    import onnx
+
+    from kiln.optimize.passes.graph import _save_onnx
+
+    model = onnx.load(str(path))
+    if len(model.graph.value_info):
+        del model.graph.value_info[:]
+        _save_onnx(model, path)
 
 
 class _Reader:
@@ -88,6 +103,7 @@ def ort_static_pass(ctx: PassContext, params: dict[str, Any]) -> PassReport:
 
     path = ctx.work / ONNX
     before = op_histogram(path)
+    _strip_value_info(path)
     tmp = ctx.work / ".quantized.onnx"
     with _quiet(), contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print progress
         quantize_static(
