@@ -226,6 +226,7 @@ class _Search:
                     "variant": vid, "label": result.label, "measured": datetime.now(UTC).isoformat(timespec="seconds"),
                     "accuracy": {**result.accuracy.to_dict(), "fingerprint": fingerprint} if result.accuracy else None,
                     "timing": result.timing.to_dict() if result.timing else None, "timing_key": self.timing_key,
+                    "compile_s": result.timing.first_run_s if result.timing and recipe.options.get("compile") else None,
                     "passes": result.passes, "data": self.split.source,
                 }, indent=2))  # fmt: skip
             if result.accuracy is not None:
