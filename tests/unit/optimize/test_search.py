@@ -95,6 +95,13 @@ def test_search_on_a_tiny_cnn_chooses_caches_and_records(cnn: Imported) -> None:
         assert predictor.predict({"x": cnn.x[:3]})["y"].shape == (3, 10)
     with kiln.load(cnn.repo, cnn.name, variant="reference") as predictor:
         assert predictor.variant == "reference"
+    # Every built variant loads through kiln.load from its recipe alone, whatever its engine.
+    built = [v for v in result.variants if v.status != "skipped"]
+    assert {v.recipe.engine for v in built} == {"onnxruntime", "openvino", "torch"}  # type: ignore[union-attr]
+    for v in built:
+        with kiln.load(cnn.repo, cnn.name, variant=v.id) as predictor:
+            assert predictor.engine.name == v.recipe.engine  # type: ignore[union-attr]
+            assert predictor.predict({"x": cnn.x[:2]})["y"].dtype == "float32"
     # A second run builds nothing and chooses the same.
     again = kiln.optimize(cnn.repo, cnn.name, data=str(cnn.data), engines=["onnxruntime", "openvino", "torch"], **FAST)
     assert again.built == 0 and again.chosen == result.chosen
