@@ -9,11 +9,22 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["ImportConfig", "KilnError", "ModelSpec", "Predictor", "Repository", "import_model", "load"]
+__all__ = [
+    "ImportConfig",
+    "KilnError",
+    "ModelSpec",
+    "OptimizeConfig",
+    "Predictor",
+    "Repository",
+    "import_model",
+    "load",
+    "optimize",
+]
 
 if TYPE_CHECKING:
     from kiln.convert import ImportConfig, import_model
     from kiln.errors import KilnError
+    from kiln.optimize import OptimizeConfig, optimize
     from kiln.predictor import Predictor, load
     from kiln.repository import Repository
     from kiln.spec import ModelSpec
@@ -22,6 +33,8 @@ _LAZY = {
     "ImportConfig": "kiln.convert",
     "import_model": "kiln.convert",
     "KilnError": "kiln.errors",
+    "OptimizeConfig": "kiln.optimize",
+    "optimize": "kiln.optimize",
     "Predictor": "kiln.predictor",
     "load": "kiln.predictor",
     "Repository": "kiln.repository",

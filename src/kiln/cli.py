@@ -116,6 +116,56 @@ def doctor(
 
 
 @app.command()
+def optimize(
+    model: Annotated[str, typer.Argument(help="model name in the repository")],
+    repo: RepoOpt,
+    version: Annotated[int | None, typer.Option(help="version (default: the latest)")] = None,
+    preset: Annotated[str | None, typer.Option(help="cpu-latency, cpu-throughput, quick or thorough")] = None,
+    objective: Annotated[str | None, typer.Option(help="latency (batch 1) or throughput (batch N)")] = None,
+    max_drop: Annotated[float | None, typer.Option(help="allowed drop of top-1, agreement or mean cosine")] = None,
+    metric: Annotated[str | None, typer.Option(help="auto, top1, agreement, cosine, sqnr or max-abs")] = None,
+    min_sqnr_db: Annotated[float | None, typer.Option(help="budget when the metric is sqnr")] = None,
+    max_abs_error: Annotated[float | None, typer.Option(help="also bound the max abs error")] = None,
+    data: Annotated[str | None, typer.Option(help="validation/calibration data: a .npz or 'module:callable'")] = None,
+    engine: Annotated[list[str] | None, typer.Option(help="engines to try (default: all)")] = None,
+    int8: Annotated[list[str] | None, typer.Option(help="ort-dynamic, ort-static, nncf, torch-dynamic")] = None,
+    no_int8: Annotated[bool, typer.Option("--no-int8", help="build no int8 variants")] = False,
+    compile_mode: Annotated[
+        list[str] | None, typer.Option("--compile", help="torch.compile modes: default, max-autotune")
+    ] = None,
+    no_compile: Annotated[bool, typer.Option("--no-compile", help="skip torch.compile")] = False,
+    include: Annotated[list[str] | None, typer.Option(help="only variants whose label contains this")] = None,
+    exclude: Annotated[list[str] | None, typer.Option(help="drop variants whose label contains this")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="batch for throughput and accuracy runs")] = None,
+    threads: Annotated[int | None, typer.Option(help="intra-op threads")] = None,
+    min_time: Annotated[float | None, typer.Option(help="seconds timed per variant and batch size")] = None,
+    retime: Annotated[bool, typer.Option(help="time cached variants again")] = False,
+    choose: Annotated[bool, typer.Option(help="record the choice in the model's spec")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+) -> None:
+    """Build, check and time this machine's variants; choose the fastest within the accuracy budget."""
+    from kiln.optimize import optimize as run_optimize
+    from kiln.optimize.report import progress_bar, result_table, summary_lines
+
+    options: dict[str, Any] = {
+        "preset": preset, "objective": objective, "max_drop": max_drop, "metric": metric,
+        "min_sqnr_db": min_sqnr_db, "max_abs_error": max_abs_error, "data": data, "engines": engine,
+        "int8": [] if no_int8 else int8, "compile_modes": [] if no_compile else compile_mode,
+        "include": include, "exclude": exclude, "batch_size": batch_size, "threads": threads,
+        "min_time_s": min_time, "retime": retime or None, "choose": choose,
+    }  # fmt: skip
+    options = {k: v for k, v in options.items() if v is not None}
+    with progress_bar(console, f"optimizing {model}") as hook:
+        result = run_optimize(repo, model, version=version, progress=hook, **options)
+    if as_json:
+        sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
+        return
+    console.print(result_table(result))
+    for line in summary_lines(result):
+        console.print(line)
+
+
+@app.command()
 def demo(
     directory: Annotated[Path, typer.Option("--dir", help="where the demo writes its repository")] = Path("kiln-demo"),
 ) -> None:

@@ -101,6 +101,7 @@ def run_demo(directory: Path) -> list[EngineResult]:
     if not cpu.bf16.supported:
         console.print(f"[dim]bf16 skipped: {cpu.bf16.reason}[/]")
 
+    optimize_step(repo)
     serve_step(repo, data.x_val[:4], data.y_val[:4])
     bench_step(repo, directory)
     print_next(repo)
@@ -118,6 +119,7 @@ def print_next(repo: Path) -> None:
     for cmd, why in (
         (f"kiln list --repo {repo}", "what the repository holds"),
         ("kiln doctor", "what this machine can run: bf16, VNNI, CUDA …"),
+        (f"kiln optimize digits --repo {repo}", "the full search, torch.compile included"),
         (f"kiln serve {repo}", "Open Inference Protocol on 127.0.0.1: HTTP :8000, gRPC :8001"),
         (f"kiln import model.onnx --repo {repo}", "bring your own ONNX model"),
         (f"kiln import mypkg.models:build --weights w.safetensors --input-shape 1,3,224,224 --repo {repo}",
@@ -134,10 +136,11 @@ def bench_step(repo: Path, directory: Path) -> Path:
     config = BenchConfig(variants=["reference", "chosen"], batch_sizes=[1, 8, 32], min_time_s=0.3, repeats=2)
     with console.status("bench: reference vs chosen at batch 1, 8, 32 …"):
         result = bench(repo, "digits", config)
+    console.print("[bold]6. bench[/]  the reference and the chosen variant, in process")
     console.print(bench_report.bench_table(result))
     page = directory / "report.html"
     bench_report.write_html(result, page, bench_report.pareto_points(repo, "digits", result.version))
-    console.print(f"[bold]bench[/]  report with plots → {page}")
+    console.print(f"  report with plots → {page}")
     return page
 
 
@@ -166,7 +169,7 @@ def serve_step(repo: Path, images: np.ndarray, labels: np.ndarray) -> list[tuple
                 answers.append((protocol, int(logits.argmax()), int(label)))
             client.close()
         ports = f"HTTP :{server.http_port}, gRPC :{server.grpc_port}"
-    table = Table(title=f"4. serve: kiln serve ({ports}), Triton's clients, binary tensors", title_justify="left")
+    table = Table(title=f"5. serve: kiln serve ({ports}), Triton's clients, binary tensors", title_justify="left")
     for col in ("protocol", "predicted", "label"):
         table.add_column(col)
     for protocol, predicted, label in answers:
@@ -177,4 +180,21 @@ def serve_step(repo: Path, images: np.ndarray, labels: np.ndarray) -> list[tuple
     return answers
 
 
-__all__ = ["EngineResult", "KilnError", "evaluate", "run_demo", "serve_step"]
+# ---- optimize: the fastest variant within the accuracy budget ---------------------------------------
+def optimize_step(repo: Path) -> object:
+    """Search the digits model's variants with the quick preset (no torch.compile: seconds, not
+    minutes), show the table, and leave the choice in the spec for `kiln.load` and `kiln serve`."""
+    import kiln
+    from kiln.optimize.report import progress_bar, result_table, summary_lines
+
+    with progress_bar(console, "4. optimize") as hook:
+        result = kiln.optimize(repo, "digits", preset="quick", max_drop=0.005, progress=hook)
+    console.print("[bold]4. optimize[/]  every variant this machine runs, checked on the validation split and timed")
+    console.print(result_table(result))
+    for line in summary_lines(result):
+        console.print(line)
+    console.print(f"[dim]the full search, torch.compile included: kiln optimize digits --repo {repo}[/]")
+    return result
+
+
+__all__ = ["EngineResult", "KilnError", "evaluate", "optimize_step", "run_demo", "serve_step"]

@@ -116,6 +116,43 @@ class ParityError(AccuracyError):
         self.rtol = rtol
 
 
+class DataError(KilnError):
+    """Validation or calibration data that cannot be read or does not fit the model's inputs."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__(f"data {source!r}: {reason}")
+        self.source = source
+        self.reason = reason
+
+
+class AccuracyBudgetError(AccuracyError):
+    """An optimized variant whose task metric or output drift is outside the accuracy budget."""
+
+    def __init__(self, variant: str, metric: str, value: float, bound: float, rule: str) -> None:
+        super().__init__(
+            f"variant {variant!r}: {metric} {value:.6g} is outside the budget ({rule} {bound:.6g}); "
+            "loosen the budget (--max-drop, --min-sqnr-db) or exclude this kind of variant"
+        )
+        self.variant = variant
+        self.metric = metric
+        self.value = value
+        self.bound = bound
+        self.rule = rule
+
+
+class NoVariantWithinBudgetError(AccuracyError):
+    """Not one variant, not even the fp32 reference, stayed inside the accuracy budget."""
+
+    def __init__(self, model: str, tried: int, budget: str) -> None:
+        super().__init__(
+            f"none of the {tried} variants of {model!r} stayed within the budget ({budget}), not even fp32; "
+            "check that the validation data and labels match the model, or loosen the budget"
+        )
+        self.model = model
+        self.tried = tried
+        self.budget = budget
+
+
 # ---- serving -------------------------------------------------------------------------------------------
 class ProtocolError(KilnError):
     """A request that does not follow the inference protocol: malformed JSON, a missing or bad field."""

@@ -25,6 +25,7 @@ Precision = Literal["fp32", "bf16", "fp16"]
 _BUILTIN: dict[str, str] = {
     "onnxruntime": "kiln.engines.ort",
     "torch": "kiln.engines.pytorch",
+    "openvino": "kiln.engines.openvino",
 }
 _REGISTRY: dict[str, type[Engine]] = {}
 

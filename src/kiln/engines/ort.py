@@ -37,7 +37,9 @@ class OrtEngine(Engine):
     name = "onnxruntime"
     artifact = "model.onnx"
     devices = ("cpu", "cuda")
-    precisions = ("fp32",)  # reduced precision is a property of the ONNX graph (see optimize/), not a flag
+    # Reduced precision is a property of the ONNX graph (the ort-fp16 pass), not a run flag; fp16 is
+    # accepted so that such a variant states it, and the hardware check keeps it to CUDA.
+    precisions = ("fp32", "fp16")
 
     def __init__(self, spec: ModelSpec, options: EngineOptions, session: Any) -> None:
         super().__init__(spec, options)

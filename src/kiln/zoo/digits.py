@@ -167,3 +167,10 @@ def _shift(x: Any, gen: np.random.Generator, max_shift: int) -> Any:
     padded = torch.nn.functional.pad(x, (max_shift, max_shift, max_shift, max_shift))
     h, w = x.shape[-2:]
     return padded[..., max_shift + dy : max_shift + dy + h, max_shift + dx : max_shift + dx + w]
+
+
+def optimize_data() -> tuple[tuple[dict[str, np.ndarray], np.ndarray], tuple[dict[str, np.ndarray], np.ndarray]]:
+    """``(calibration, validation)`` for ``kiln optimize``: calibrate on training images, validate on
+    the held-out split, so calibration never sees the images that accuracy is measured on."""
+    data = load_data()
+    return ({INPUT_NAME: data.x_train}, data.y_train), ({INPUT_NAME: data.x_val}, data.y_val)

@@ -1,0 +1,120 @@
+"""OpenVINO engine: an OpenVINO IR (``model.xml`` + ``model.bin``) or, failing that, the ONNX file read
+directly, compiled for the CPU with a LATENCY or THROUGHPUT hint.
+
+Run options (``EngineOptions.extra``): ``hint`` (``"latency"`` or ``"throughput"``), ``num_requests``.
+The precision is always set explicitly: on CPUs with AVX512-BF16 or AMX OpenVINO runs **bf16 by
+default**, so an fp32 variant must ask for ``f32`` or it silently is not one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kiln.engines.base import Engine, EngineOptions, cast_outputs, register
+from kiln.errors import CorruptModelError, EngineUnavailableError, UnsupportedError
+from kiln.spec import ModelSpec
+
+IR_FILE = "model.xml"
+ONNX_FILE = "model.onnx"
+HINTS = {"latency": "LATENCY", "throughput": "THROUGHPUT"}
+_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+
+
+def artifact_path(artifact_dir: Path) -> Path | None:
+    """The IR when there is one, else the ONNX file (OpenVINO converts it on load), else None."""
+    for name in (IR_FILE, ONNX_FILE):
+        if (artifact_dir / name).is_file():
+            return artifact_dir / name
+    return None
+
+
+def compile_config(options: EngineOptions, threads: int) -> dict[str, Any]:
+    """The properties passed to ``Core.compile_model``; precision is never left to the default."""
+    hint = str(options.extra.get("hint", "latency"))
+    if hint not in HINTS:
+        raise UnsupportedError(f"OpenVINO hint {hint!r} is unknown; use one of {sorted(HINTS)}")
+    config: dict[str, Any] = {
+        "PERFORMANCE_HINT": HINTS[hint],
+        "INFERENCE_PRECISION_HINT": _PRECISION[options.precision],
+        "INFERENCE_NUM_THREADS": threads,
+    }
+    if "num_requests" in options.extra:
+        config["PERFORMANCE_HINT_NUM_REQUESTS"] = int(options.extra["num_requests"])
+    return config
+
+
+@register
+class OpenVINOEngine(Engine):
+    name = "openvino"
+    artifact = IR_FILE
+    devices = ("cpu",)
+    precisions = ("fp32", "bf16")
+
+    def __init__(self, spec: ModelSpec, options: EngineOptions, compiled: Any) -> None:
+        super().__init__(spec, options)
+        self.compiled = compiled
+        self.request = compiled.create_infer_request()
+        names = [o.get_any_name() for o in compiled.outputs]
+        wanted = [t.name for t in spec.outputs]
+        # Outputs keep their ONNX names through conversion; fall back to order if a tool renamed them.
+        self._outputs = [(w, w if w in names else names[i]) for i, w in enumerate(wanted)]
+
+    @classmethod
+    def check_options(cls, artifact_dir: Path, options: EngineOptions) -> None:
+        if artifact_path(artifact_dir) is None:
+            raise EngineUnavailableError(
+                f"engine 'openvino' needs {IR_FILE} or {ONNX_FILE} in {artifact_dir}, and neither is there"
+            )
+        if options.device.split(":")[0] not in cls.devices:
+            raise UnsupportedError(f"engine 'openvino' runs on {list(cls.devices)} here, not {options.device!r}")
+        if options.precision not in cls.precisions:
+            raise UnsupportedError(
+                f"engine 'openvino' supports precisions {list(cls.precisions)}, not {options.precision!r}"
+            )
+        if options.precision == "bf16":
+            from kiln.hardware import detect
+
+            support = detect().device("cpu").bf16
+            if not support.supported:
+                raise UnsupportedError(f"bf16 on cpu: {support.reason}")
+
+    @classmethod
+    def load(cls, artifact_dir: Path, spec: ModelSpec, options: EngineOptions) -> OpenVINOEngine:
+        try:
+            import openvino as ov
+        except ImportError as exc:
+            raise EngineUnavailableError(f"engine 'openvino' needs the openvino package: {exc}") from None
+        from kiln.hardware import physical_cores
+
+        path = artifact_path(artifact_dir)
+        if path is None:  # check_options ran first; this keeps the type checker honest
+            raise EngineUnavailableError(f"no OpenVINO artifact in {artifact_dir}")
+        core = ov.Core()
+        try:
+            model = core.read_model(str(path))
+            compiled = core.compile_model(
+                model, "CPU", compile_config(options, options.intra_op_threads or physical_cores())
+            )
+        except Exception as exc:  # openvino raises RuntimeError with long C++ traces
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CorruptModelError(str(path), f"OpenVINO cannot compile it: {first}") from None
+        return cls(spec, options, compiled)
+
+    @property
+    def inference_precision(self) -> str:
+        """What OpenVINO actually runs at (``f32``, ``bf16`` …), read back from the compiled model."""
+        value = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+        return str(value.get_type_name()) if hasattr(value, "get_type_name") else str(value)
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        result = self.request.infer(dict(inputs))
+        # The request reuses its output buffers on the next call: copy them out.
+        return cast_outputs(self.spec, {want: np.array(result[name], copy=True) for want, name in self._outputs})
+
+    def close(self) -> None:
+        self.request = None
+        self.compiled = None

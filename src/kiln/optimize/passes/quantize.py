@@ -1,0 +1,169 @@
+"""int8 passes: ONNX Runtime dynamic and static (QDQ) quantization, NNCF post-training quantization of
+the OpenVINO IR, and the check behind torch's dynamic quantization of Linear layers.
+
+Static quantization needs real calibration data. Without it these passes refuse to run rather than
+calibrate on noise; the search skips their variants with a note.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from kiln.optimize.passes.base import PassContext, PassNotApplicable, PassReport, op_histogram, register_pass
+from kiln.optimize.passes.graph import IR, ONNX, PT2, _quiet
+
+NO_CALIBRATION = "static int8 needs calibration data (--data, or a zoo model's own split); none was given"
+# Op types that dynamic quantization targets: MatMul-like ops gain from it, ConvInteger is slow on CPU.
+DYNAMIC_OPS = ("MatMul", "Gemm", "Attention", "LSTM")
+_INT_OPS = ("MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv", "DynamicQuantizeMatMul")
+
+
+def _require_calibration(ctx: PassContext) -> list[dict[str, Any]]:
+    if not ctx.calibration:
+        raise PassNotApplicable(NO_CALIBRATION)
+    return ctx.calibration
+
+
+@register_pass("ort-dynamic")
+def ort_dynamic_pass(ctx: PassContext, params: dict[str, Any]) -> PassReport:
+    """Weights int8 ahead of time, activations quantized per batch at run time (MatMul/Gemm)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    path = ctx.work / ONNX
+    ops = op_histogram(path)
+    targets = list(params.get("op_types", DYNAMIC_OPS))  # all of them: the quantizer turns Gemm into MatMul
+    if not any(ops.get(op) for op in targets):
+        raise PassNotApplicable(f"no {'/'.join(targets)} nodes for dynamic quantization")
+    _strip_value_info(path)
+    tmp = ctx.work / ".quantized.onnx"
+    with _quiet():
+        quantize_dynamic(
+            str(path), str(tmp), weight_type=QuantType.QInt8, per_channel=bool(params.get("per_channel", False)),
+            op_types_to_quantize=targets,
+        )  # fmt: skip
+    tmp.replace(path)
+    after = op_histogram(path)
+    return PassReport(
+        "ort-dynamic", nodes_before=sum(ops.values()), nodes_after=sum(after.values()),
+        details={"quantized_nodes": sum(after.get(op, 0) for op in _INT_OPS), "op_types": targets},
+    )  # fmt: skip
+
+
+def _strip_value_info(path: Path) -> None:
+    """Drop the exporter's intermediate shape annotations: the quantizer re-infers shapes and fails
+    when its own inference and a stale annotation disagree (it rewrites Gemm as MatMul)."""
+    import onnx
+
+    from kiln.optimize.passes.graph import _save_onnx
+
+    model = onnx.load(str(path))
+    if len(model.graph.value_info):
+        del model.graph.value_info[:]
+        _save_onnx(model, path)
+
+
+class _Reader:
+    """onnxruntime's CalibrationDataReader over kiln's calibration batches."""
+
+    def __init__(self, batches: list[dict[str, Any]]) -> None:
+        self._it = iter(batches)
+
+    def get_next(self) -> dict[str, Any] | None:
+        return next(self._it, None)
+
+    def rewind(self) -> None:  # pragma: no cover - the calibrators in use read once
+        pass
+
+
+@register_pass("ort-static")
+def ort_static_pass(ctx: PassContext, params: dict[str, Any]) -> PassReport:
+    """QDQ static quantization: activations uint8 with ranges from calibration, weights int8."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    batches = _require_calibration(ctx)
+    method = str(params.get("method", "minmax"))
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}  # fmt: skip
+    if method not in methods:
+        raise ValueError(f"calibration method {method!r}: use one of {sorted(methods)}")
+
+    class Reader(_Reader, CalibrationDataReader):
+        pass
+
+    path = ctx.work / ONNX
+    before = op_histogram(path)
+    _strip_value_info(path)
+    tmp = ctx.work / ".quantized.onnx"
+    with _quiet(), contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print progress
+        quantize_static(
+            str(path), str(tmp), Reader(batches), quant_format=QuantFormat.QDQ,
+            per_channel=bool(params.get("per_channel", True)), calibrate_method=methods[method],
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        )  # fmt: skip
+    tmp.replace(path)
+    after = op_histogram(path)
+    return PassReport(
+        "ort-static", nodes_before=sum(before.values()), nodes_after=sum(after.values()),
+        details={"method": method, "quantize_linear": after.get("QuantizeLinear", 0),
+                 "dequantize_linear": after.get("DequantizeLinear", 0), "calibration_batches": len(batches)},
+    )  # fmt: skip
+
+
+@register_pass("nncf")
+def nncf_pass(ctx: PassContext, params: dict[str, Any]) -> PassReport:
+    """NNCF post-training quantization of the OpenVINO IR (transformer-aware when it sees Softmax)."""
+    import nncf
+    import openvino as ov
+
+    batches = _require_calibration(ctx)
+    items = [{k: v[i : i + 1] for k, v in b.items()} for b in batches for i in range(len(next(iter(b.values()))))]
+    core = ov.Core()
+    model = core.read_model(str(ctx.work / IR))
+    before = len(model.get_ops())
+    transformer = any(op.get_type_name() == "Softmax" for op in model.get_ops())
+    kwargs: dict[str, Any] = {"subset_size": len(items)}
+    if transformer:
+        kwargs["model_type"] = nncf.ModelType.TRANSFORMER
+    with _quiet(), _nncf_quiet():
+        quantized = nncf.quantize(model, nncf.Dataset(items), **kwargs)
+    tmp = ctx.work / ".quantized.xml"
+    ov.save_model(quantized, str(tmp), compress_to_fp16=False)
+    tmp.replace(ctx.work / IR)
+    tmp.with_suffix(".bin").replace(ctx.work / "model.bin")
+    fq = sum(1 for op in quantized.get_ops() if op.get_type_name() == "FakeQuantize")
+    return PassReport("nncf", nodes_before=before, nodes_after=len(quantized.get_ops()),
+                      details={"fake_quantize": fq, "samples": len(items), "transformer": transformer})  # fmt: skip
+
+
+@contextlib.contextmanager
+def _nncf_quiet() -> Iterator[None]:
+    import nncf
+
+    nncf.set_log_level(logging.ERROR)
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
+@register_pass("torch-dynamic")
+def torch_dynamic_pass(ctx: PassContext, params: dict[str, Any]) -> PassReport:
+    """Check that the program has Linear layers for the engine to quantize at load (its packed int8
+    weights are not something ``torch.export`` saves), and count them."""
+    from kiln.engines.pytorch import load_exported
+    from kiln.engines.torch_runtime import linear_to_modules
+
+    gm = load_exported(ctx.work / PT2)
+    count = linear_to_modules(gm)
+    if count == 0:
+        raise PassNotApplicable("no Linear layers for torch dynamic int8")
+    return PassReport("torch-dynamic", details={"linear_layers": count})

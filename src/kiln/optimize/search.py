@@ -1,0 +1,473 @@
+"""``kiln.optimize``: build every variant this machine can run, check its accuracy against the original
+model, time it, and choose the fastest within the budget, with the evidence.
+
+Everything is cached by variant id (recipe + source hash): a recipe is never built twice, and its
+figures are reused while the validation data and timing settings are unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from kiln.engines.base import EngineOptions, load_engine
+from kiln.errors import AccuracyBudgetError, KilnError, NoVariantWithinBudgetError
+from kiln.optimize import accuracy, timing
+from kiln.optimize.config import OptimizeConfig, Recipe
+from kiln.optimize.data import DataSplit, Samples, load_split
+from kiln.optimize.passes import PassContext, PassNotApplicable, run_passes
+from kiln.optimize.plan import enumerate_variants
+from kiln.repository import RECIPE_FILE, VARIANTS_DIR, Repository, write_atomic
+from kiln.spec import ModelSpec
+
+FIGURES_FILE = "figures.json"
+REPORT_FILE = "optimize.json"
+SKIPS_FILE = ".not-applicable.json"  # variant id -> why its pass had nothing to do
+Status = Literal["chosen", "accepted", "rejected", "skipped", "failed"]
+ProgressHook = Callable[[str, int, int], None]  # (what is happening, done, total)
+
+
+@dataclass
+class VariantResult:
+    id: str
+    label: str
+    recipe: Recipe | None
+    status: Status = "accepted"
+    reason: str = ""
+    built: bool = False
+    accuracy: accuracy.AccuracyFigures | None = None
+    timing: timing.Timing | None = None
+    passes: list[dict[str, Any]] = field(default_factory=list)
+    pareto: bool = False
+    speedup: float | None = None
+    fresh: bool = False  # timed in this run (not read from figures.json)
+
+    def objective(self, objective: str) -> float | None:
+        """Lower is better: batch-1 ms, or seconds per item."""
+        if self.timing is None:
+            return None
+        return self.timing.latency_ms if objective == "latency" else 1.0 / self.timing.throughput
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "label": self.label, "status": self.status, "reason": self.reason, "built": self.built,
+            "pareto": self.pareto, "speedup": self.speedup,
+            "recipe": None if self.recipe is None else self.recipe.model_dump(mode="json"),
+            "accuracy": None if self.accuracy is None else self.accuracy.to_dict(),
+            "timing": None if self.timing is None else self.timing.to_dict(), "passes": self.passes,
+        }  # fmt: skip
+
+
+@dataclass
+class OptimizeResult:
+    model: str
+    version: int
+    objective: str
+    metric: str
+    budget: str
+    variants: list[VariantResult]
+    chosen: str | None
+    baseline: str | None
+    data_source: str
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def built(self) -> int:
+        return sum(v.built for v in self.variants)
+
+    @property
+    def reused(self) -> int:
+        return sum(1 for v in self.variants if v.recipe is not None and not v.built and v.status != "skipped")
+
+    def variant(self, variant_id: str) -> VariantResult:
+        for v in self.variants:
+            if v.id == variant_id:
+                return v
+        raise KeyError(variant_id)
+
+    @property
+    def chosen_variant(self) -> VariantResult | None:
+        return None if self.chosen is None else self.variant(self.chosen)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model, "version": self.version, "objective": self.objective, "metric": self.metric,
+            "budget": self.budget, "chosen": self.chosen, "baseline": self.baseline, "data": self.data_source,
+            "notes": self.notes, "seconds": round(self.seconds, 1), "built": self.built, "reused": self.reused,
+            "variants": [v.to_dict() for v in self.variants],
+        }  # fmt: skip
+
+
+def optimize(
+    repo: str | Path | Repository,
+    model: str,
+    config: OptimizeConfig | None = None,
+    *,
+    version: int | None = None,
+    progress: ProgressHook | None = None,
+    **overrides: Any,
+) -> OptimizeResult:
+    """Search the variants of ``model`` for the fastest within the accuracy budget and record it."""
+    from kiln.hardware import detect, physical_cores
+
+    start = time.perf_counter()
+    config = OptimizeConfig.build(config, **overrides)
+    repository = repo if isinstance(repo, Repository) else Repository(repo)
+    spec = repository.spec(model)
+    number, vdir = repository.resolve(model, version)
+    manifest = repository.manifest(model, number)
+    split = load_split(spec, config.data, manifest.source, config.calibration_samples, config.validation_samples)
+    metric = accuracy.choose_metric(config, spec, split.validation)
+    device = detect().device("cpu")
+    recipes, skipped = enumerate_variants(config, vdir, device, split.calibration is not None)
+    threads = config.threads or physical_cores()
+    searcher = _Search(config, spec, vdir, manifest.source_hash, split, metric, threads, progress)
+    results = searcher.run(recipes)
+    results += [VariantResult(id="-", label=s.label, recipe=None, status="skipped", reason=s.reason) for s in skipped]
+    searcher.confirm_int8(results)
+    baseline = _baseline(results)
+    _judge(results, config, baseline)
+    if searcher.final_round(results):
+        _judge(results, config, baseline)
+    chosen = _choose(results, config.objective)
+    notes = list(split.notes)
+    if chosen is None:
+        tried = sum(1 for v in results if v.accuracy is not None)
+        raise NoVariantWithinBudgetError(model, tried, config.budget_text(metric))
+    result = OptimizeResult(
+        model, number, config.objective, metric, config.budget_text(metric), _order(results, config.objective),
+        chosen.id, baseline.id if baseline else None, split.source, notes, time.perf_counter() - start,
+    )  # fmt: skip
+    write_atomic(vdir / "report" / REPORT_FILE, json.dumps(result.to_dict(), indent=2))
+    if config.choose and repository.spec(model).chosen_variant != chosen.id:
+        repository.save_spec(repository.spec(model).model_copy(update={"chosen_variant": chosen.id}))
+    return result
+
+
+class _Search:
+    def __init__(
+        self, config: OptimizeConfig, spec: ModelSpec, vdir: Path, source_hash: str, split: DataSplit,
+        metric: str, threads: int, progress: ProgressHook | None,
+    ) -> None:  # fmt: skip
+        self.config = config
+        self.spec = spec
+        self.vdir = vdir
+        self.source_hash = source_hash
+        self.split = split
+        self.metric = metric
+        self.threads = threads
+        self.progress = progress or (lambda what, done, total: None)
+        self.reference: accuracy.Outputs | None = None
+        self.timing_key = {"batch": config.batch_size, "threads": threads, "min_time_s": config.min_time_s}
+        self.calibration = None if split.calibration is None else split.calibration.batches(config.batch_size)
+        self.skips_file = vdir / VARIANTS_DIR / SKIPS_FILE
+        self.skips: dict[str, str] = _read_json(self.skips_file)
+
+    def _remember_skip(self, vid: str, reason: str) -> None:
+        """A pass with nothing to do is a property of the model: remember it so reruns build nothing."""
+        self.skips[vid] = reason
+        write_atomic(self.skips_file, json.dumps(self.skips, indent=2))
+
+    def run(self, recipes: list[Recipe]) -> list[VariantResult]:
+        total = len(recipes) + 1
+        self.progress("running the original model on the validation data", 0, total)
+        self.reference = self._reference_outputs()
+        results = []
+        for i, recipe in enumerate(recipes, start=1):
+            results.append(self._one(recipe, self._say(recipe.label(), i, total)))
+        self.progress("done", total, total)
+        return results
+
+    def _say(self, label: str, done: int, total: int) -> Callable[[str], None]:
+        return lambda what: self.progress(f"{label}: {what}", done, total)
+
+    def _reference_outputs(self) -> accuracy.Outputs:
+        """The original model's outputs: eager PyTorch when imported from PyTorch, else ONNX Runtime fp32."""
+        engine = "torch" if (self.vdir / "model.pt2").is_file() else "onnxruntime"
+        options = EngineOptions(intra_op_threads=self.threads)
+        with load_engine(engine, self.vdir, self.spec, options) as e:
+            return accuracy.run_all(e.run, self.split.validation, self.config.batch_size)
+
+    def _one(self, recipe: Recipe, say: Callable[[str], None]) -> VariantResult:
+        vid = recipe.variant_id(self.source_hash)
+        vpath = self.vdir / VARIANTS_DIR / vid
+        result = VariantResult(id=vid, label=recipe.label(), recipe=recipe)
+        try:
+            if vid in self.skips:
+                raise PassNotApplicable(self.skips[vid])
+            if not (vpath / RECIPE_FILE).is_file():
+                say("building")
+                self._build(recipe, vid, vpath)
+                result.built = True
+            stored = json.loads((vpath / RECIPE_FILE).read_text())
+            result.passes = stored.get("pass_reports", [])
+            figures = _read_json(vpath / FIGURES_FILE)
+            fingerprint = self.split.fingerprint()
+            acc = figures.get("accuracy")
+            if acc and acc.get("fingerprint") == fingerprint and acc.get("metric") == self.metric:
+                result.accuracy = accuracy.AccuracyFigures(**{k: v for k, v in acc.items() if k != "fingerprint"})
+            tim = figures.get("timing")
+            if tim and figures.get("timing_key") == self.timing_key and not self.config.retime:
+                result.timing = timing.Timing(**tim)
+            if result.accuracy is None or result.timing is None:
+                result.fresh = True
+                self._measure(recipe, vpath, result, say)
+                write_atomic(vpath / FIGURES_FILE, json.dumps({
+                    "variant": vid, "label": result.label, "measured": datetime.now(UTC).isoformat(timespec="seconds"),
+                    "accuracy": {**result.accuracy.to_dict(), "fingerprint": fingerprint} if result.accuracy else None,
+                    "timing": result.timing.to_dict() if result.timing else None, "timing_key": self.timing_key,
+                    "compile_s": result.timing.first_run_s if result.timing and recipe.options.get("compile") else None,
+                    "passes": result.passes, "data": self.split.source,
+                }, indent=2))  # fmt: skip
+            if result.accuracy is not None:
+                accuracy.check(vid, result.accuracy, self.config)
+        except PassNotApplicable as exc:
+            result.status, result.reason = "skipped", str(exc)
+            self._remember_skip(vid, str(exc))
+        except AccuracyBudgetError as exc:
+            result.status, result.reason = "rejected", _budget_reason(exc)
+        except KilnError as exc:
+            result.status, result.reason = "failed", str(exc)
+        except Exception as exc:  # a library failing on one variant must not end the search
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            result.status, result.reason = "failed", f"{type(exc).__name__}: {first}"
+        return result
+
+    def confirm_int8(self, results: list[VariantResult]) -> None:
+        """Before an int8 variant is rejected as slower than its engine's fp32, time the two again,
+        interleaved: on a shared machine one burst of load must not decide it."""
+        obj = self.config.objective
+        plain = _plain_fp32(results)
+        for v in results:
+            if v.recipe is None or v.recipe.int8 is None or v.status != "accepted" or v.timing is None:
+                continue
+            ref = plain.get(_engine_key(v.recipe))
+            if ref is not None and (v.fresh or ref.fresh) and (v.objective(obj) or 0) > (ref.objective(obj) or 0):
+                self._retime([v, ref], f"{v.label}: slower than {ref.label}? timing both again")
+
+    def final_round(self, results: list[VariantResult]) -> bool:
+        """Time the fastest few accepted variants again, round-robin, and keep those figures: a choice
+        between close variants should not hang on which one ran while the machine was busy."""
+        obj = self.config.objective
+        ranked = sorted((v for v in results if v.status == "accepted" and v.timing is not None),
+                        key=lambda v: v.objective(obj) or float("inf"))  # fmt: skip
+        finalists = ranked[: self.config.finalists]
+        if len(finalists) < 2 or not any(v.fresh for v in results):
+            return False
+        self._retime(finalists, f"final round: the {len(finalists)} fastest variants, interleaved")
+        return True
+
+    def _retime(self, variants: list[VariantResult], what: str) -> None:
+        self.progress(what, 0, 1)
+        validation = self.split.validation
+        feed1, feed_n = validation.first(1), validation.first(self.config.batch_size)
+        timed = [v for v in variants if v.recipe is not None and v.timing is not None]
+        engines = []
+        try:
+            for v in timed:
+                r = v.recipe
+                if r is None:  # filtered above; keeps the type checker informed
+                    continue
+                options = EngineOptions(precision=r.precision, intra_op_threads=self.threads, extra=dict(r.options))
+                engine = load_engine(r.engine, self.vdir / VARIANTS_DIR / v.id, self.spec, options)
+                engines.append(engine)
+                for _ in range(3):  # warm-up (compiles again for torch.compile variants)
+                    engine.run(feed1)
+                    engine.run(feed_n)
+            figures = timing.interleave([e.run for e in engines], feed1, feed_n, min_time_s=self.config.min_time_s)
+        finally:
+            for e in engines:
+                e.close()
+        for v, (latency, throughput) in zip(timed, figures, strict=True):
+            if v.timing is None:
+                continue
+            v.timing = dataclasses.replace(v.timing, latency_ms=latency, throughput=throughput)
+            path = self.vdir / VARIANTS_DIR / v.id / FIGURES_FILE
+            stored = _read_json(path)
+            stored["timing"], stored["retimed_interleaved"] = v.timing.to_dict(), True
+            write_atomic(path, json.dumps(stored, indent=2))
+
+    def _build(self, recipe: Recipe, vid: str, vpath: Path) -> None:
+        variants = self.vdir / VARIANTS_DIR
+        variants.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=variants, prefix=".staging-"))
+        try:
+            key = recipe.artifact_key(self.source_hash)
+            donor = _find_artifact(variants, key)
+            if donor is not None:  # same files, other run options (an OpenVINO hint, a precision)
+                _link_artifacts(donor, staging)
+                reports = json.loads((donor / RECIPE_FILE).read_text()).get("pass_reports", [])
+            else:
+                _link_base(self.vdir, staging, recipe.base_artifact)
+                ctx = PassContext(staging, self.spec, self.calibration)
+                reports = [r.to_dict() for r in run_passes(recipe.passes, ctx)]
+            from kiln import __version__
+
+            record = {
+                **recipe.model_dump(mode="json"), "label": recipe.label(), "variant_id": vid, "artifact_key": key,
+                "source_hash": self.source_hash, "pass_reports": reports, "kiln_version": __version__,
+                "built": datetime.now(UTC).isoformat(timespec="seconds"),
+            }  # fmt: skip
+            write_atomic(staging / RECIPE_FILE, json.dumps(record, indent=2))
+            try:
+                os.rename(staging, vpath)
+            except OSError:
+                if not (vpath / RECIPE_FILE).is_file():  # another process built it meanwhile: keep theirs
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _measure(self, recipe: Recipe, vpath: Path, result: VariantResult, say: Callable[[str], None]) -> None:
+        options = EngineOptions(precision=recipe.precision, intra_op_threads=self.threads, extra=dict(recipe.options))
+        t0 = time.perf_counter()
+        engine = load_engine(recipe.engine, vpath, self.spec, options)
+        load_s = time.perf_counter() - t0
+        try:
+            validation: Samples = self.split.validation
+            feed1, feed_n = validation.first(1), validation.first(self.config.batch_size)
+            if recipe.options.get("compile"):
+                say("compiling")
+            say("timing")
+            result.timing = timing.measure(engine.run, feed1, feed_n, min_time_s=self.config.min_time_s,
+                                           warmup=self.config.warmup, load_s=load_s, threads=self.threads)  # fmt: skip
+            say("checking accuracy")
+            outputs = accuracy.run_all(engine.run, validation, self.config.batch_size)
+            if self.reference is None:
+                raise RuntimeError("the reference outputs are computed before any variant")
+            result.accuracy = accuracy.measure(self.metric, self.spec, self.reference, outputs, validation.labels)
+        finally:
+            engine.close()
+            if recipe.options.get("compile"):
+                import torch
+
+                torch._dynamo.reset()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+        data = json.loads(path.read_text())
+        if isinstance(data, dict):
+            return data
+    return {}
+
+
+def _find_artifact(variants: Path, key: str) -> Path | None:
+    for d in variants.iterdir():
+        if d.name.startswith(".") or not (d / RECIPE_FILE).is_file():
+            continue
+        if _read_json(d / RECIPE_FILE).get("artifact_key") == key:
+            return d
+    return None
+
+
+def _link(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _link_artifacts(donor: Path, staging: Path) -> None:
+    for p in donor.iterdir():
+        if p.is_file() and p.name not in (RECIPE_FILE, FIGURES_FILE):
+            _link(p, staging / p.name)
+
+
+def _link_base(vdir: Path, staging: Path, artifact: str) -> None:
+    """Hard-link the imported artifact (and its external data) into the variant; passes replace files,
+    never write through a link, so the version's own files stay as imported."""
+    for p in vdir.glob(artifact + "*"):
+        if p.is_file():
+            _link(p, staging / p.name)
+
+
+def _budget_reason(exc: AccuracyBudgetError) -> str:
+    return f"out of budget: {exc.metric} {exc.value:.4g} (needs {exc.rule} {exc.bound:.4g})"
+
+
+def _baseline(results: list[VariantResult]) -> VariantResult | None:
+    """What speed-ups are quoted against: torch eager fp32 (the original), else ONNX Runtime fp32."""
+    for engine in ("torch", "onnxruntime"):
+        for v in results:
+            r = v.recipe
+            if r is not None and r.engine == engine and not r.passes and r.is_reference and v.timing is not None:
+                return v
+    return None
+
+
+def _engine_key(recipe: Recipe) -> tuple[str, Any]:
+    return recipe.engine, recipe.options.get("hint")
+
+
+def _plain_fp32(results: list[VariantResult]) -> dict[tuple[str, Any], VariantResult]:
+    """Each engine's (and OpenVINO hint's) plain fp32 variant: what its int8 variants must beat."""
+    return {
+        _engine_key(v.recipe): v
+        for v in results
+        if v.recipe is not None and v.recipe.is_reference and v.timing is not None
+    }
+
+
+def _judge(results: list[VariantResult], config: OptimizeConfig, baseline: VariantResult | None) -> None:
+    """Reject int8 slower than its engine's fp32; mark the Pareto frontier; compute speed-ups."""
+    obj = config.objective
+    plain = _plain_fp32(results)
+    for v in results:
+        if v.recipe is None or v.recipe.int8 is None or v.status != "accepted" or v.timing is None:
+            continue
+        ref = plain.get(_engine_key(v.recipe))
+        if ref is not None and (v.objective(obj) or 0) > (ref.objective(obj) or 0):
+            unit = _fmt_objective(v, obj), _fmt_objective(ref, obj)
+            v.status, v.reason = "rejected", f"int8 slower than {ref.label} ({unit[0]} vs {unit[1]})"
+    measured = [v for v in results if v.timing is not None and v.accuracy is not None]
+    for v in measured:
+        speed, quality = -(v.objective(obj) or 0), v.accuracy.quality if v.accuracy else 0
+        v.pareto = not any(
+            (-(u.objective(obj) or 0) >= speed and u.accuracy is not None and u.accuracy.quality >= quality)
+            and (-(u.objective(obj) or 0) > speed or u.accuracy.quality > quality)
+            for u in measured
+            if u is not v
+        )
+    if baseline is not None and baseline.timing is not None:
+        b = baseline.objective(obj) or 0
+        for v in results:
+            if v.timing is not None:
+                v.speedup = b / (v.objective(obj) or 1)
+
+
+def _fmt_objective(v: VariantResult, objective: str) -> str:
+    if v.timing is None:
+        return "-"
+    if objective == "latency":
+        return f"{v.timing.latency_ms:.3f} ms"
+    return f"{v.timing.throughput:.0f}/s"
+
+
+def _choose(results: list[VariantResult], objective: str) -> VariantResult | None:
+    accepted = [v for v in results if v.status == "accepted" and v.timing is not None]
+    if not accepted:
+        return None
+    best = min(accepted, key=lambda v: v.objective(objective) or float("inf"))
+    best.status = "chosen"
+    return best
+
+
+def _order(results: list[VariantResult], objective: str) -> list[VariantResult]:
+    rank = {"chosen": 0, "accepted": 0, "rejected": 0, "failed": 1, "skipped": 2}
+
+    def key(v: VariantResult) -> tuple[int, float]:
+        o = v.objective(objective)
+        return (rank[v.status] if o is not None else max(rank[v.status], 1), o if o is not None else 0.0)
+
+    return sorted(results, key=key)

@@ -1,0 +1,190 @@
+"""Each pass on a tiny model: the structure it leaves (dtypes, quantized nodes) and an accuracy bound."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kiln.engines.base import EngineOptions, load_engine
+from kiln.optimize.accuracy import sqnr_db
+from kiln.optimize.config import PassStep
+from kiln.optimize.passes import PassContext, PassNotApplicable, get_pass, known_passes, run_passes
+from kiln.optimize.passes.base import op_histogram
+from kiln.repository import Repository
+from tests.unit.optimize.conftest import Imported
+
+
+def _work(imported: Imported, dst: Path, artifact: str) -> PassContext:
+    for p in imported.version_dir.glob(artifact + "*"):
+        os.link(p, dst / p.name)
+    spec = Repository(imported.repo).spec(imported.name)
+    calib = np.load(imported.data)["calibration/x"]
+    return PassContext(dst, spec, [{"x": calib[i : i + 16]} for i in range(0, len(calib), 16)])
+
+
+def _run(engine: str, directory: Path, imported: Imported, **options: object) -> np.ndarray:
+    spec = Repository(imported.repo).spec(imported.name)
+    precision = options.pop("precision", "fp32")
+    with load_engine(engine, directory, spec, EngineOptions(precision=precision, extra=options)) as e:  # type: ignore[arg-type]
+        return e.run({"x": imported.x})["y"]
+
+
+def _reference(imported: Imported) -> np.ndarray:
+    return _run("onnxruntime", imported.version_dir, imported)
+
+
+def test_registry_lists_known_passes_and_rejects_unknown_names() -> None:
+    names = known_passes()
+    for name in ("onnxslim", "ort-optimize", "fold-conv-bn", "ov-convert", "ort-fp16", "ort-dynamic",
+                 "ort-static", "nncf", "torch-dynamic"):  # fmt: skip
+        assert name in names
+    from kiln.errors import KilnError
+
+    with pytest.raises(KilnError, match="known passes"):
+        get_pass("no-such-pass")
+
+
+def test_passes_never_write_through_the_hard_link_to_the_version(cnn: Imported, work: Path) -> None:
+    original = (cnn.version_dir / "model.onnx").read_bytes()
+    ctx = _work(cnn, work, "model.onnx")
+    run_passes([PassStep(name="onnxslim"), PassStep(name="ort-static", params={"method": "minmax"})], ctx)
+    assert (cnn.version_dir / "model.onnx").read_bytes() == original
+    assert (work / "model.onnx").read_bytes() != original
+
+
+@pytest.mark.parametrize("name", ["onnxslim", "ort-optimize"])
+def test_graph_passes_report_node_counts_and_keep_outputs(cnn: Imported, work: Path, name: str) -> None:
+    ctx = _work(cnn, work, "model.onnx")
+    [report] = run_passes([PassStep(name=name)], ctx)
+    assert report.nodes_before is not None and report.nodes_after is not None
+    assert report.nodes_after <= report.nodes_before
+    np.testing.assert_allclose(_run("onnxruntime", work, cnn), _reference(cnn), atol=1e-4)
+
+
+def test_fold_conv_bn_removes_batch_norm_and_keeps_outputs(cnn: Imported, work: Path) -> None:
+    import torch
+
+    from kiln.engines.pytorch import load_exported
+
+    ctx = _work(cnn, work, "model.pt2")
+    [report] = run_passes([PassStep(name="fold-conv-bn")], ctx)
+    assert report.details["folded"] == 2
+    assert report.nodes_after == report.nodes_before - 2
+    targets = {str(n.target) for n in load_exported(work / "model.pt2").graph.nodes}
+    assert not any("batch_norm" in t for t in targets)
+    np.testing.assert_allclose(_run("torch", work, cnn), _run("torch", cnn.version_dir, cnn), atol=1e-4)
+    assert torch.export.load(str(work / "model.pt2")) is not None
+
+
+def test_fold_conv_bn_is_not_applicable_without_batch_norm(mlp: Imported, work: Path) -> None:
+    with pytest.raises(PassNotApplicable, match="Conv"):
+        run_passes([PassStep(name="fold-conv-bn")], _work(mlp, work, "model.pt2"))
+
+
+def test_ort_dynamic_quantizes_every_matmul(mlp: Imported, work: Path) -> None:
+    [report] = run_passes([PassStep(name="ort-dynamic")], _work(mlp, work, "model.onnx"))
+    ops = op_histogram(work / "model.onnx")
+    assert ops.get("MatMulInteger", 0) + ops.get("DynamicQuantizeMatMul", 0) == 2 == report.details["quantized_nodes"]
+    assert sqnr_db(_reference(mlp), _run("onnxruntime", work, mlp)) > 25
+
+
+@pytest.mark.parametrize("method", ["minmax", "entropy", "percentile"])
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_ort_static_inserts_qdq_with_per_channel_weights(
+    cnn: Imported, work: Path, method: str, per_channel: bool
+) -> None:
+    import onnx
+
+    steps = [PassStep(name="ort-static", params={"method": method, "per_channel": per_channel})]
+    [report] = run_passes(steps, _work(cnn, work, "model.onnx"))
+    model = onnx.load(str(work / "model.onnx"))
+    ops = op_histogram(work / "model.onnx")
+    assert ops["QuantizeLinear"] >= 3 and ops["DequantizeLinear"] > ops["QuantizeLinear"]
+    assert report.details["quantize_linear"] == ops["QuantizeLinear"]
+    int8_weights = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) >= 2]
+    assert len(int8_weights) == 3  # two convolutions and the Linear layer
+    per_channel_scales = [
+        t for t in model.graph.initializer if t.name.endswith("_scale") and len(t.dims) == 1 and t.dims[0] > 1
+    ]
+    assert bool(per_channel_scales) is per_channel
+    assert sqnr_db(_reference(cnn), _run("onnxruntime", work, cnn)) > 20
+
+
+def test_static_quantization_refuses_to_run_without_calibration_data(cnn: Imported, work: Path) -> None:
+    ctx = _work(cnn, work, "model.onnx")
+    ctx.calibration = None
+    for step in ("ort-static",):
+        with pytest.raises(PassNotApplicable, match="calibration data"):
+            run_passes([PassStep(name=step)], ctx)
+
+
+def test_ov_convert_and_nncf_quantize_with_a_bound(cnn: Imported, work: Path) -> None:
+    ctx = _work(cnn, work, "model.onnx")
+    run_passes([PassStep(name="ov-convert")], ctx)
+    assert (work / "model.xml").is_file() and not (work / "model.onnx").exists()
+    fp32 = _run("openvino", work, cnn)
+    np.testing.assert_allclose(fp32, _reference(cnn), atol=1e-4)  # f32 hint: a true fp32 run
+    int8_dir = work / "int8"
+    int8_dir.mkdir()
+    for p in ("model.xml", "model.bin"):
+        shutil.copy(work / p, int8_dir / p)
+    ctx.work = int8_dir
+    [report] = run_passes([PassStep(name="nncf")], ctx)
+    assert report.details["fake_quantize"] >= 3
+    assert sqnr_db(fp32, _run("openvino", int8_dir, cnn)) > 15
+
+
+def test_ort_fp16_converts_weights_and_keeps_fp32_io(mlp: Imported, work: Path) -> None:
+    import onnx
+
+    [report] = run_passes([PassStep(name="ort-fp16")], _work(mlp, work, "model.onnx"))
+    model = onnx.load(str(work / "model.onnx"))
+    floats = [t for t in model.graph.initializer if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)]
+    assert floats and all(t.data_type == onnx.TensorProto.FLOAT16 for t in floats)
+    assert report.details["fp16_initializers"] == len(floats)
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+
+
+def test_torch_dynamic_int8_quantizes_linear_layers(mlp: Imported, work: Path) -> None:
+    from kiln.engines.torch_runtime import count_dynamic_quantized
+
+    [report] = run_passes([PassStep(name="torch-dynamic")], _work(mlp, work, "model.pt2"))
+    assert report.details["linear_layers"] == 2
+    spec = Repository(mlp.repo).spec(mlp.name)
+    with load_engine("torch", work, spec, EngineOptions(extra={"quantize": "dynamic-int8"})) as engine:
+        assert count_dynamic_quantized(engine.module) == 2  # type: ignore[attr-defined]
+        out = engine.run({"x": mlp.x})["y"]
+    assert out.dtype == np.float32
+    assert sqnr_db(_run("torch", mlp.version_dir, mlp), out) > 25
+
+
+def test_torch_bf16_cast_runs_bf16_weights(mlp: Imported) -> None:
+    import torch
+
+    from kiln.hardware import detect
+
+    if not detect().device("cpu").bf16.supported:
+        pytest.skip("no native bf16 on this CPU")
+    spec = Repository(mlp.repo).spec(mlp.name)
+    with load_engine("torch", mlp.version_dir, spec, EngineOptions(precision="bf16", extra={"cast": True})) as e:
+        dtypes = {p.dtype for p in e.module.parameters()}  # type: ignore[attr-defined]
+        out = e.run({"x": mlp.x})["y"]
+    assert dtypes == {torch.bfloat16}
+    assert out.dtype == np.float32
+    assert sqnr_db(_run("torch", mlp.version_dir, mlp), out) > 20
+
+
+def test_openvino_engine_sets_the_precision_it_was_asked_for(mlp: Imported) -> None:
+    from kiln.hardware import detect
+
+    spec = Repository(mlp.repo).spec(mlp.name)
+    with load_engine("openvino", mlp.version_dir, spec, EngineOptions()) as e:  # reads model.onnx directly
+        assert e.inference_precision == "f32"  # type: ignore[attr-defined]
+    if detect().device("cpu").bf16.supported:
+        with load_engine("openvino", mlp.version_dir, spec, EngineOptions(precision="bf16")) as e:
+            assert e.inference_precision == "bf16"  # type: ignore[attr-defined]

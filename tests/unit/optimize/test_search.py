@@ -1,0 +1,136 @@
+"""The search: what it builds, rejects and chooses, its cache, and what it records."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import kiln
+from kiln.errors import NoVariantWithinBudgetError
+from kiln.optimize import OptimizeConfig, Recipe
+from kiln.optimize.accuracy import AccuracyFigures
+from kiln.optimize.config import PassStep
+from kiln.optimize.search import VariantResult, _choose, _judge
+from kiln.optimize.timing import Timing
+from kiln.repository import Repository
+from tests.unit.optimize.conftest import Imported
+
+FAST = {"min_time_s": 0.02, "warmup": 2, "compile_modes": [], "calibration_methods": ["minmax"], "batch_size": 8}
+
+
+def _fig(value: float = 1.0) -> AccuracyFigures:
+    return AccuracyFigures("top1", value, 1.0, 0.0, 40.0, 1.0, 10, value, value)
+
+
+def _v(name: str, latency: float, recipe: Recipe, value: float = 1.0, status: str = "accepted") -> VariantResult:
+    t = Timing(latency, latency, 1000 / latency, 8, 0.0, 0.0, 10, 1)
+    return VariantResult(id=name, label=recipe.label(), recipe=recipe, status=status, accuracy=_fig(value), timing=t)  # type: ignore[arg-type]
+
+
+ORT = Recipe(engine="onnxruntime")
+ORT_INT8 = Recipe(engine="onnxruntime", int8="ort-dynamic", passes=(PassStep(name="ort-dynamic"),))
+OV = Recipe(engine="openvino", passes=(PassStep(name="ov-convert"),), options={"hint": "latency"})
+OV_INT8 = Recipe(engine="openvino", int8="nncf", passes=(PassStep(name="ov-convert"), PassStep(name="nncf")),
+                 options={"hint": "latency"})  # fmt: skip
+TORCH = Recipe(engine="torch")
+
+
+def test_int8_slower_than_its_engines_fp32_is_rejected_with_the_reason() -> None:
+    results = [
+        _v("ort", 1.0, ORT),
+        _v("ort-int8", 1.2, ORT_INT8),
+        _v("ov", 2.0, OV),
+        _v("ov-int8", 0.5, OV_INT8, 0.995),
+    ]
+    _judge(results, OptimizeConfig(), None)
+    assert results[1].status == "rejected" and "slower than onnxruntime fp32" in results[1].reason
+    assert results[3].status == "accepted"
+    assert _choose(results, "latency") is results[3] and results[3].status == "chosen"
+
+
+def test_choice_ignores_rejected_variants_even_when_fastest() -> None:
+    results = [_v("torch", 5.0, TORCH), _v("ort", 1.0, ORT), _v("fast-but-wrong", 0.1, ORT_INT8, 0.5, "rejected")]
+    _judge(results, OptimizeConfig(), results[0])
+    assert _choose(results, "latency") is results[1]
+    assert results[1].speedup == pytest.approx(5.0)
+
+
+def test_throughput_objective_chooses_by_items_per_second() -> None:
+    a, b = _v("a", 1.0, ORT), _v("b", 2.0, TORCH)
+    b.timing = Timing(2.0, 2.0, 5000.0, 8, 0.0, 0.0, 10, 1)
+    assert _choose([a, b], "throughput") is b
+
+
+def test_pareto_frontier_is_accuracy_against_speed() -> None:
+    results = [_v("fast-less-accurate", 1.0, ORT_INT8, 0.97), _v("slow-accurate", 2.0, ORT, 1.0),
+               _v("dominated", 3.0, TORCH, 0.98)]  # fmt: skip
+    _judge(results, OptimizeConfig(), None)
+    assert [r.pareto for r in results] == [True, True, False]
+
+
+@pytest.mark.slow
+def test_search_on_a_tiny_cnn_chooses_caches_and_records(cnn: Imported) -> None:
+    result = kiln.optimize(cnn.repo, cnn.name, data=str(cnn.data), engines=["onnxruntime", "openvino", "torch"], **FAST)
+    by_label = {v.label: v for v in result.variants}
+    assert result.metric == "top1"
+    chosen = result.chosen_variant
+    assert chosen is not None and chosen.status == "chosen"
+    accepted = [v for v in result.variants if v.status in ("chosen", "accepted")]
+    assert all(chosen.timing.latency_ms <= v.timing.latency_ms for v in accepted)  # type: ignore[union-attr]
+    for v in result.variants:
+        if v.status == "rejected":
+            assert v.reason.startswith(("out of budget", "int8 slower"))
+    assert by_label["torch fp32"].accuracy.sqnr_db == float("inf")  # type: ignore[union-attr]
+    assert {"onnxruntime int8 static-minmax + onnxslim", "openvino int8 nncf", "torch fp32 + fold-conv-bn"} <= set(
+        by_label
+    )
+    # Evidence on disk, the choice in the spec, and kiln.load uses it by default.
+    vdir = cnn.version_dir / "variants" / chosen.id
+    figures = json.loads((vdir / "figures.json").read_text())
+    assert figures["timing"]["latency_ms"] == chosen.timing.latency_ms  # type: ignore[union-attr]
+    assert Repository(cnn.repo).spec(cnn.name).chosen_variant == chosen.id
+    with kiln.load(cnn.repo, cnn.name) as predictor:
+        assert predictor.variant == chosen.id
+        assert predictor.predict({"x": cnn.x[:3]})["y"].shape == (3, 10)
+    with kiln.load(cnn.repo, cnn.name, variant="reference") as predictor:
+        assert predictor.variant == "reference"
+    # Every built variant loads through kiln.load from its recipe alone, whatever its engine.
+    built = [v for v in result.variants if v.status != "skipped"]
+    assert {v.recipe.engine for v in built} == {"onnxruntime", "openvino", "torch"}  # type: ignore[union-attr]
+    for v in built:
+        with kiln.load(cnn.repo, cnn.name, variant=v.id) as predictor:
+            assert predictor.engine.name == v.recipe.engine  # type: ignore[union-attr]
+            assert predictor.predict({"x": cnn.x[:2]})["y"].dtype == "float32"
+    # A second run builds nothing and chooses the same.
+    again = kiln.optimize(cnn.repo, cnn.name, data=str(cnn.data), engines=["onnxruntime", "openvino", "torch"], **FAST)
+    assert again.built == 0 and again.chosen == result.chosen
+    assert again.reused == sum(1 for v in again.variants if v.status != "skipped")
+
+
+@pytest.mark.slow
+def test_no_variant_in_budget_is_an_accuracy_error(mlp: Imported) -> None:
+    with pytest.raises(NoVariantWithinBudgetError, match="not even fp32"):
+        kiln.optimize(mlp.repo, mlp.name, data=str(mlp.data), engines=["onnxruntime"], int8=["ort-dynamic"],
+                      metric="sqnr", min_sqnr_db=500, choose=False, **FAST)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_out_of_budget_variants_are_shown_and_rejected(mlp: Imported) -> None:
+    result = kiln.optimize(mlp.repo, mlp.name, data=str(mlp.data), engines=["onnxruntime"], metric="sqnr",
+                           min_sqnr_db=60, choose=False, **FAST)  # fmt: skip
+    int8 = [v for v in result.variants if v.recipe is not None and v.recipe.int8]
+    assert int8 and all(v.status == "rejected" and "SQNR" in v.reason for v in int8)
+    assert all(v.timing is not None and v.accuracy is not None for v in int8)  # shown with their figures
+    assert result.chosen_variant is not None and result.chosen_variant.recipe.int8 is None  # type: ignore[union-attr]
+    assert Repository(mlp.repo).spec(mlp.name).chosen_variant is None  # choose=False records nothing
+
+
+@pytest.mark.slow
+def test_without_calibration_data_static_variants_are_skipped_with_a_note(mlp: Imported) -> None:
+    result = kiln.optimize(mlp.repo, mlp.name, engines=["onnxruntime", "openvino"], choose=False, **FAST)
+    skipped = {v.label: v.reason for v in result.variants if v.status == "skipped"}
+    assert "calibration data" in skipped["onnxruntime int8 static"]
+    assert "calibration data" in skipped["openvino int8 nncf"]
+    assert not any(v.recipe is not None and v.recipe.int8 in ("ort-static", "nncf") for v in result.variants)
+    assert result.metric == "agreement" and any("random inputs" in n for n in result.notes)
