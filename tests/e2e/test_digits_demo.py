@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import kiln
+from kiln.bench.report import pareto_points
 from kiln.demo import MIN_ACCURACY, run_demo
 from kiln.zoo import digits
 
@@ -45,6 +46,13 @@ def test_demo_runs_end_to_end(digits_trained: digits.TrainedDigits, tmp_path: Pa
     assert {("onnxruntime", "fp32"), ("torch", "fp32")} <= engines
     assert all(r.accuracy >= MIN_ACCURACY for r in results)
     assert all(r.p50_ms > 0 for r in results)
+    demo_repo = tmp_path / "demo" / "repo"
+    # The optimizer's search feeds the report's accuracy-vs-latency plot, its choice marked once.
+    points = pareto_points(demo_repo, "digits", 1)
+    assert len(points) >= 3
+    assert sum(p["chosen"] for p in points) == 1
+    assert any(p["frontier"] for p in points)
+    assert (tmp_path / "demo" / "report_plots" / "accuracy_pareto.png").is_file()
     # A second run reuses the trained weights and the imported version.
     run_demo(tmp_path / "demo")
     assert kiln.Repository(tmp_path / "demo" / "repo").versions("digits") == [1]

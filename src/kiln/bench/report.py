@@ -303,18 +303,22 @@ def load_table(rows: list[Any]) -> Table:
 
 
 def pareto_points(repo: Path | str, model: str, version: int) -> list[dict[str, Any]]:
-    """Accuracy vs latency of every variant the optimizer measured (its ``figures.json`` files)."""
-    from kiln.repository import VARIANTS_DIR, Repository
+    """Accuracy vs batch-1 latency of every variant the optimizer measured (its ``report/optimize.json``)."""
+    from kiln.optimize.search import REPORT_FILE
+    from kiln.repository import Repository
 
-    repository = Repository(repo)
-    _, vdir = repository.resolve(model, version)
-    chosen = repository.spec(model).chosen_variant
+    _, vdir = Repository(repo).resolve(model, version)
+    path = vdir / "report" / REPORT_FILE
+    if not path.is_file():
+        return []
+    search = json.loads(path.read_text())
     points = []
-    for fig in sorted((vdir / VARIANTS_DIR).glob("*/figures.json")):
-        data = json.loads(fig.read_text())
-        accuracy, latency = data.get("accuracy"), data.get("latency_ms")
-        if isinstance(accuracy, (int, float)) and isinstance(latency, (int, float)):
-            points.append({"label": fig.parent.name, "accuracy": float(accuracy), "latency_ms": float(latency),
-                           "metric": data.get("metric", "accuracy"), "chosen": fig.parent.name == chosen,
-                           "frontier": bool(data.get("pareto", False))})  # fmt: skip
+    for v in search.get("variants", []):
+        accuracy, timing = v.get("accuracy") or {}, v.get("timing") or {}
+        value, latency = accuracy.get("value"), timing.get("latency_ms")
+        if isinstance(value, (int, float)) and isinstance(latency, (int, float)):
+            points.append({"label": v.get("label", v.get("id")), "accuracy": float(value), "latency_ms": float(latency),
+                           "metric": accuracy.get("metric", search.get("metric", "accuracy")),
+                           "chosen": v.get("status") == "chosen", "frontier": bool(v.get("pareto")),
+                           "status": v.get("status")})  # fmt: skip
     return points
