@@ -13,6 +13,7 @@ part in worker threads and skip bad instances instead of failing the whole batch
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,7 +83,30 @@ class Pipeline:
                 raise
             except (ValueError, TypeError, OSError) as exc:
                 raise ProcessingError(op.name, str(exc), index=index) from None
+        if self.collate_op is None and self.spec.serving.max_batch_size:
+            self._check_instance(value, index)
         return Prepared(value, meta)
+
+    def _check_instance(self, value: Any, index: int) -> None:
+        """An instance must fit the spec's input shape without the batch dim (rank and fixed sizes)."""
+        if isinstance(value, Mapping):
+            items = [(t, value.get(t.name)) for t in self.spec.inputs]
+        elif len(self.spec.inputs) == 1:
+            items = [(self.spec.inputs[0], value)]
+        else:
+            return  # stack_instances explains that several inputs need a dict
+        for t, v in items:
+            if v is None:
+                continue
+            shape = np.shape(v)
+            want = t.shape[1:]
+            if len(shape) != len(want) or any(w not in (-1, s) for w, s in zip(want, shape, strict=True)):
+                raise ProcessingError(
+                    "collate",
+                    f"input {t.name!r} instances must have shape {_fmt(want)} (the spec's shape without the batch "
+                    f"dim), got {list(shape)}",
+                    index=index,
+                )
 
     def collate(self, prepared: Sequence[Prepared]) -> Batch:
         """Turn prepared instances into the engine's input arrays."""
@@ -125,12 +149,12 @@ def stack_instances(values: Sequence[Any], inputs: Sequence[TensorSpec]) -> dict
     out = {}
     for t in inputs:
         arrays = per_input[t.name]
-        first = arrays[0].shape
+        common = collections.Counter(a.shape for a in arrays).most_common(1)[0][0]
         for i, a in enumerate(arrays):
-            if a.shape != first:
+            if a.shape != common:
                 raise ProcessingError(
                     "collate",
-                    f"input {t.name!r} has shape {list(a.shape)} but instance 0 has {list(first)}; "
+                    f"input {t.name!r} has shape {list(a.shape)} but the other instances have {list(common)}; "
                     "resize or pad instances to one shape",
                     index=i,
                 )
@@ -138,6 +162,10 @@ def stack_instances(values: Sequence[Any], inputs: Sequence[TensorSpec]) -> dict
                 raise ProcessingError("collate", f"input {t.name!r} must be {t.dtype}, got {a.dtype}", index=i)
         out[t.name] = np.stack(arrays).astype(t.numpy_dtype, copy=False)
     return out
+
+
+def _fmt(shape: Sequence[int]) -> str:
+    return "[" + ", ".join("?" if d == -1 else str(d) for d in shape) + "]"
 
 
 def _batch_size(outputs: Mapping[str, np.ndarray]) -> int:

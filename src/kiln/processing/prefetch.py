@@ -39,6 +39,9 @@ class Result(Generic[T]):
 
 
 def _one_line(exc: BaseException) -> str:
+    """The reason, without the in-batch instance index (the result names its item already)."""
+    if isinstance(exc, ProcessingError):
+        return f"{exc.op}: {exc.reason}"
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 
