@@ -89,7 +89,9 @@ class DecodeImage(InstanceOp):
             img = _as_image(value)
         else:
             raise TypeError(f"expected encoded image bytes, {{'b64': ...}} or an array, got {type(value).__name__}")
-        img = img.convert("RGB" if self.args.mode == "BGR" else self.args.mode)
+        mode = "RGB" if self.args.mode == "BGR" else self.args.mode
+        if img.mode != mode:
+            img = img.convert(mode)
         meta["orig_size"] = (img.height, img.width)
         meta.setdefault("transform", (1.0, 1.0, 0.0, 0.0))
         if self.args.mode == "BGR":
@@ -211,16 +213,33 @@ class Normalize(InstanceOp):
             raise SpecError(f"normalize: mean has {len(args.mean)} values but std has {len(args.std)}")
         self._mul = (args.scale / np.asarray(args.std, np.float32)).astype(np.float32)
         self._add = (-np.asarray(args.mean, np.float32) / np.asarray(args.std, np.float32)).astype(np.float32)
+        self._rows: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+
+    def _row(self, width: int, channels: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel factors tiled over one image row: numpy is slow when the innermost axis is 3 long."""
+        key = (width, channels)
+        row = self._rows.get(key)
+        if row is None:
+            mul = np.resize(self._mul, channels) if len(self._mul) == 1 else self._mul
+            add = np.resize(self._add, channels) if len(self._add) == 1 else self._add
+            row = (np.tile(mul, width), np.tile(add, width))
+            self._rows[key] = row  # a benign race: threads would store equal arrays
+        return row
 
     def __call__(self, value: Any, meta: dict[str, Any]) -> Any:
         arr = np.asarray(value)
         if arr.ndim == 2:
             arr = arr[..., None]
-        if arr.shape[-1] != len(self._mul) and len(self._mul) != 1:
-            raise ValueError(f"image has {arr.shape[-1]} channels but normalize has {len(self._mul)} means")
+        if arr.ndim != 3:
+            raise ValueError(f"expected an [H, W, C] image, got shape {list(arr.shape)}")
+        h, w, c = arr.shape
+        if c != len(self._mul) and len(self._mul) != 1:
+            raise ValueError(f"image has {c} channels but normalize has {len(self._mul)} means")
         out = arr.astype(np.float32)
-        out *= self._mul
-        out += self._add
+        mul, add = self._row(w, c)
+        flat = out.reshape(h, w * c)
+        flat *= mul
+        flat += add
         return out
 
 
