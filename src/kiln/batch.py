@@ -158,9 +158,8 @@ def predict_files(
 ) -> Summary:
     """Predict every instance in ``files`` (see :func:`plan`) and write one JSON line per instance to
     ``out``: ``{"input": key, "output": ...}`` or ``{"input": key, "error": "..."}``."""
-    rank = len(pipeline.spec.inputs[0].shape) if not pipeline.takes_raw_inputs else None
     summary = Summary()
-    items = iter_items(files, rank)
+    items = iter_items(files, input_rank(pipeline))
     for result in predict_overlapped(items, load_item, pipeline, run, batch_size, workers, prefetch):
         summary.total += 1
         record: dict[str, Any] = {"input": result.item.key}
@@ -176,16 +175,11 @@ def predict_files(
     return summary
 
 
-def count_items(files: Sequence[Path]) -> int:
-    """How many instances ``files`` hold (for a progress bar): lines of text files count one each."""
-    n = 0
-    for path in files:
-        if path.is_file() and _kind(path) == "text":
-            try:
-                with path.open(encoding="utf-8", errors="replace") as f:
-                    n += sum(1 for line in f if line.strip())
-            except OSError:
-                n += 1
-        else:
-            n += 1
-    return n
+def input_rank(pipeline: Pipeline) -> int | None:
+    """The model input's rank when instances are arrays (a ``.npy`` of that rank holds a batch)."""
+    return len(pipeline.spec.inputs[0].shape) if not pipeline.takes_raw_inputs else None
+
+
+def count_items(pipeline: Pipeline, files: Sequence[Path]) -> int:
+    """How many instances ``files`` hold, for a progress bar (reads text files and .npy headers only)."""
+    return sum(1 for _ in iter_items(files, input_rank(pipeline)))

@@ -160,7 +160,7 @@ def predict(
         raise
     sink = output.open("w", encoding="utf-8") if output is not None else sys.stdout
     try:
-        with predict_progress(count_items(files)) as advance:
+        with predict_progress(count_items(pipeline, files)) as advance:
             summary = predict_files(
                 pipeline, predictor.predict, files, sink, batch_size, workers, prefetch, on_result=advance
             )

@@ -54,7 +54,7 @@ RECIPE: dict[str, Any] = {
     "seed": 0,
     "train_images": 2400,
     "val_images": 300,
-    "epochs": 8,
+    "epochs": 6,
     "batch_size": 32,
     "lr": 5e-3,
     "sizes": [12, 28],
