@@ -7,7 +7,9 @@ already-decoded batches of the same size, with the same engine threads, measured
 
 ``--model cnn`` is a small ResNet-style classifier (random weights: throughput does not depend on
 them) fed larger PNGs with resize + center-crop, for a model whose compute outweighs decoding.
-Rounds alternate between the two measurements so that load from other processes hits both alike.
+Each round times the engine alone, then the overlapped run, then a run without prefetch (one worker),
+back to back; the ratios are taken within a round and the median over rounds is printed, so that load
+from other processes on a shared machine hits both sides of each ratio alike.
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="engine intra-op threads to try")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--untrained", action="store_true", help="detector: skip training (few boxes to NMS)")
     args = parser.parse_args()
 
