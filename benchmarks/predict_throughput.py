@@ -126,7 +126,8 @@ def main() -> None:
         n = len(paths)
         print(f"{n} PNG files ({size_kb:.1f} KiB each), batch size {args.batch_size}, {args.workers} workers")
         print(
-            f"{'engine threads':>14} {'engine img/s':>13} {'predict img/s':>14} {'ratio':>6} {'no-prefetch ratio':>18}"
+            f"{'engine threads':>14} {'engine img/s':>13} {'predict img/s':>14} {'ratio':>6} {'(range)':>12} "
+            f"{'no-prefetch ratio':>18}"
         )
         for threads in args.threads:
             predictor = kiln.load(repo, name, threads=threads)
@@ -146,8 +147,12 @@ def main() -> None:
                     sink.append(summary.succeeded / (time.perf_counter() - start))
                     if summary.failed:
                         sys.exit(f"{summary.failed} images failed: {summary.errors[:3]}")
-            e, o, s = (statistics.median(v) for v in (engine, overlapped, sequential))
-            print(f"{threads:>14} {e:>13.0f} {o:>14.0f} {o / e:>6.2f} {s / e:>18.2f}", flush=True)
+            ratios = [o / e for o, e in zip(overlapped, engine, strict=True)]
+            seq_ratios = [s / e for s, e in zip(sequential, engine, strict=True)]
+            e, o = statistics.median(engine), statistics.median(overlapped)
+            r, s = statistics.median(ratios), statistics.median(seq_ratios)
+            spread = f"{min(ratios):.2f}-{max(ratios):.2f}"
+            print(f"{threads:>14} {e:>13.0f} {o:>14.0f} {r:>6.2f} {spread:>12} {s:>18.2f}", flush=True)
             predictor.close()
 
 
