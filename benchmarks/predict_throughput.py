@@ -7,6 +7,9 @@ already-decoded batches of the same size, with the same engine threads, measured
 
 ``--model cnn`` is a small ResNet-style classifier (random weights: throughput does not depend on
 them) fed larger PNGs with resize + center-crop, for a model whose compute outweighs decoding.
+The CPU columns (this process, all threads) show how much work decoding adds: on a machine whose
+cores are all busy, the ratio cannot beat engine CPU / predict CPU however well the two overlap.
+
 Each round times the engine alone, then the overlapped run, then a run without prefetch (one worker),
 back to back; the ratios are taken within a round and the median over rounds is printed, so that load
 from other processes on a shared machine hits both sides of each ratio alike.
@@ -127,24 +130,28 @@ def main() -> None:
         print(f"{n} PNG files ({size_kb:.1f} KiB each), batch size {args.batch_size}, {args.workers} workers")
         print(
             f"{'engine threads':>14} {'engine img/s':>13} {'predict img/s':>14} {'ratio':>6} {'(range)':>12} "
-            f"{'no-prefetch ratio':>18}"
+            f"{'no-prefetch ratio':>18} {'CPU ms/img engine':>18} {'CPU ms/img predict':>19}"
         )
         for threads in args.threads:
             predictor = kiln.load(repo, name, threads=threads)
             for b in batches[:2]:
                 predictor.predict(b)  # warm up
             engine, overlapped, sequential = [], [], []
+            cpu: dict[str, list[float]] = {"engine": [], "predict": []}
             for _ in range(args.rounds):
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 for b in batches:
                     predictor.predict(b)
                 engine.append(n / (time.perf_counter() - start))
+                cpu["engine"].append((time.process_time() - cpu_start) / n * 1e3)
                 for prefetch, workers, sink in ((2, args.workers, overlapped), (0, 1, sequential)):
-                    start = time.perf_counter()
+                    start, cpu_start = time.perf_counter(), time.process_time()
                     summary = predict_files(
                         pipe, predictor.predict, plan(pipe, [folder]), io.StringIO(), args.batch_size, workers, prefetch
                     )
                     sink.append(summary.succeeded / (time.perf_counter() - start))
+                    if prefetch:
+                        cpu["predict"].append((time.process_time() - cpu_start) / n * 1e3)
                     if summary.failed:
                         sys.exit(f"{summary.failed} images failed: {summary.errors[:3]}")
             ratios = [o / e for o, e in zip(overlapped, engine, strict=True)]
@@ -152,7 +159,11 @@ def main() -> None:
             e, o = statistics.median(engine), statistics.median(overlapped)
             r, s = statistics.median(ratios), statistics.median(seq_ratios)
             spread = f"{min(ratios):.2f}-{max(ratios):.2f}"
-            print(f"{threads:>14} {e:>13.0f} {o:>14.0f} {r:>6.2f} {spread:>12} {s:>18.2f}", flush=True)
+            ce, cp = statistics.median(cpu["engine"]), statistics.median(cpu["predict"])
+            print(
+                f"{threads:>14} {e:>13.0f} {o:>14.0f} {r:>6.2f} {spread:>12} {s:>18.2f} {ce:>18.2f} {cp:>19.2f}",
+                flush=True,
+            )
             predictor.close()
 
 
