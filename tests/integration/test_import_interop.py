@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -12,10 +11,9 @@ import pytest
 import torch
 
 import kiln
+from kiln.convert.from_keras import import_keras
 from kiln.errors import InvalidSourceError, UntrustedSourceError
 from tests.fixtures import tiny_models
-
-os.environ.setdefault("KERAS_BACKEND", "torch")  # before anything imports keras
 
 
 def parity_rows(result: Any) -> set[tuple[str, int]]:
@@ -37,7 +35,7 @@ def run_both(repo: Path, name: str, feed: dict[str, np.ndarray]) -> dict[str, di
 
 # ---- Keras ----------------------------------------------------------------------------------------------
 def keras_two_in_two_out() -> Any:
-    import keras
+    keras = import_keras()  # keras on the torch backend, as kiln loads it
 
     keras.utils.set_random_seed(0)
     seq = keras.Input((None, 6), name="seq")  # dynamic sequence length
@@ -70,7 +68,7 @@ def test_keras_file_with_two_inputs_two_outputs_and_a_dynamic_sequence(repo: Pat
 
 
 def test_legacy_h5_file_imports(repo: Path, tmp_path: Path) -> None:
-    import keras
+    keras = import_keras()  # keras on the torch backend, as kiln loads it
 
     keras.utils.set_random_seed(1)
     model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(2)])
@@ -84,7 +82,7 @@ def test_legacy_h5_file_imports(repo: Path, tmp_path: Path) -> None:
 
 
 def test_keras_lambda_layers_are_refused_by_safe_mode(repo: Path, tmp_path: Path) -> None:
-    import keras
+    keras = import_keras()  # keras on the torch backend, as kiln loads it
 
     inp = keras.Input((3,))
     model = keras.Model(inp, keras.layers.Lambda(lambda t: t * 2)(inp))
