@@ -5,7 +5,8 @@ from a fixed seed (nothing is downloaded). The model: a small CSP backbone, a PA
 anchor-free head per level (class logits trained with Quality Focal Loss on the IoU, ltrb distances
 trained with GIoU loss, as in DAMO-YOLO's ZeroHead, without the distribution regression). Trained
 weights are cached as safetensors under the kiln cache, keyed by the recipe, with the validation
-mAP@0.5 in their metadata; training takes a couple of minutes on 2 cores, once.
+mAP@0.5 in their metadata; training takes about 25 s on 2 idle cores (about 5 minutes when other
+processes keep both cores busy), once.
 
 Import it like any PyTorch model; :data:`PREPROCESS` and :data:`POSTPROCESS` are the processing steps
 to write into its spec, so ``kiln predict`` turns PNG files into labelled boxes::
