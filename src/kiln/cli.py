@@ -66,6 +66,9 @@ def import_cmd(
     processing: Annotated[
         Path | None, typer.Option(help="YAML file with 'preprocess' and/or 'postprocess' step lists for the spec")
     ] = None,
+    asset: Annotated[
+        list[Path] | None, typer.Option(help="file copied into the version, e.g. tokenizer.json (steps name it)")
+    ] = None,
 ) -> None:
     """Import a trained model into the repository as a validated ONNX artifact plus a spec."""
     from kiln.console import import_summary
@@ -83,6 +86,8 @@ def import_cmd(
         if value:
             options[key] = value
     options.update(interop_options(dynamic_axis, trust_pickle, processing))
+    if asset:
+        options["assets"] = asset
     if labels is not None:
         if not labels.is_file():
             raise SpecError(f"--labels {labels}: file not found")

@@ -235,3 +235,23 @@ def test_bad_dynamic_axes(repo: Path, kwargs: dict[str, Any], message: str) -> N
     options: dict[str, Any] = {"input_shapes": [(1, 3, 8, 8)], **kwargs}
     with pytest.raises(InvalidSourceError, match=message):
         kiln.import_model("tests.fixtures.tiny_models:tiny_fcn", repo, **options)
+
+
+def test_assets_are_copied_hashed_and_part_of_the_source(repo: Path, tmp_path: Path) -> None:
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("a\nb\n")
+    first = kiln.import_model(MLP_FACTORY, repo, name="m", input_shapes=[(1, 4)], assets=[vocab])
+    assert (first.path / "vocab.txt").read_text() == "a\nb\n"
+    assert "vocab.txt" in first.manifest.artifacts
+    assert kiln.import_model(MLP_FACTORY, repo, name="m", input_shapes=[(1, 4)], assets=[vocab]).reused
+    vocab.write_text("a\nb\nc\n")  # same model, new asset: a new version
+    assert kiln.import_model(MLP_FACTORY, repo, name="m", input_shapes=[(1, 4)], assets=[vocab]).version == 2
+    with pytest.raises(InvalidSourceError, match=r"asset .*missing\.txt does not exist"):
+        kiln.import_model(MLP_FACTORY, repo, name="m", input_shapes=[(1, 4)], assets=[tmp_path / "missing.txt"])
+    onnx_named = tmp_path / "model.onnx"
+    onnx_named.write_text("x")
+    with pytest.raises(kiln.KilnError, match=r"already holds a file named 'model\.onnx'"):
+        kiln.import_model(MLP_FACTORY, repo, name="m2", input_shapes=[(1, 4)], assets=[onnx_named])
+
+
+MLP_FACTORY = "tests.fixtures.tiny_models:mlp"

@@ -88,9 +88,12 @@ def test_text_file_one_sentence_a_line_with_mean_pooling(repo: Path, tmp_path: P
     kiln.import_model(
         "tests.fixtures.tiny_models:token_embedder", repo, name="emb", input_shapes=[(1, 6), (1, 6)],
         input_dtypes=["int64", "int64"], dynamic_axes={"input_ids": {1: "seq"}, "attention_mask": {1: "seq"}},
-        preprocess=[{"op": "tokenize", "args": {"tokenizer": str(tok), "buckets": [4, 8]}}],
+        assets=[tok], preprocess=[{"op": "tokenize", "args": {"tokenizer": "tokenizer.json", "buckets": [4, 8]}}],
         postprocess=[{"op": "mean_pool"}],
     )  # fmt: skip
+    tok.unlink()  # the version holds its own copy: the spec names it relative to the version directory
+    assert (repo / "emb" / "1" / "tokenizer.json").is_file()
+    assert "tokenizer.json" in kiln.Repository(repo).manifest("emb").artifacts
     sentences = tmp_path / "sentences.txt"
     sentences.write_text("the kiln fires clay\nhot pots\n\nclay pots cool slowly in the kiln\n")
     out = tmp_path / "emb.jsonl"

@@ -43,6 +43,9 @@ class ImportConfig(BaseModel):
     trust_pickle: bool = Field(
         default=False, description="allow loading pickles (scikit-learn .pkl/.joblib): they run code from the file"
     )
+    assets: list[Path] | None = Field(
+        default=None, description="files copied into the version (a tokenizer.json); steps name them relative to it"
+    )
     preprocess: list[ProcessingStep] | None = Field(default=None, description="pre-processing steps for the spec")
     postprocess: list[ProcessingStep] | None = Field(default=None, description="post-processing steps for the spec")
     weights: Path | None = Field(default=None, description="safetensors file or a state_dict (.pt/.pth)")
@@ -171,7 +174,7 @@ def import_model(
     repository = repo if isinstance(repo, Repository) else Repository(repo)
     importer = make_importer(source, config)
     name = config.name or _safe_name(importer.default_name)
-    source_hash = importer.source_hash()
+    source_hash = _with_assets(importer.source_hash(), config.assets or [], str(source))
     if not config.force and repository.has_model(name):
         existing = repository.find_source(name, source_hash)
         if existing is not None:
@@ -183,6 +186,7 @@ def import_model(
     repository.cleanup_staging(name)
     with repository.new_version(name) as pending:
         staged = importer.stage(pending.path)
+        _copy_assets(config.assets or [], pending.path)
         spec = _build_spec(repository, name, config, staged)
         repository.check_compatible(spec)
         manifest = repository.commit_version(
@@ -195,6 +199,32 @@ def import_model(
     manifest = repository.manifest(name, pending.version)
     return ImportResult(name, pending.version, repository.root / name / str(pending.version), spec, manifest,
                         reused=False, notes=staged.notes)  # fmt: skip
+
+
+def _with_assets(source_hash: str, assets: list[Path], source: str) -> str:
+    """The source hash extended with the assets' names and contents (a new tokenizer is a new version)."""
+    if not assets:
+        return source_hash
+    import hashlib
+
+    from kiln.repository import sha256_file
+
+    h = hashlib.sha256(source_hash.encode())
+    for path in assets:
+        if not Path(path).is_file():
+            raise InvalidSourceError(source, f"asset {path} does not exist")
+        h.update(f"{Path(path).name}|{sha256_file(Path(path))}".encode())
+    return h.hexdigest()
+
+
+def _copy_assets(assets: list[Path], staging: Path) -> None:
+    import shutil
+
+    for path in assets:
+        dst = staging / Path(path).name
+        if dst.exists():
+            raise SpecError(f"asset {path}: the version already holds a file named {dst.name!r}; rename the asset")
+        shutil.copyfile(path, dst)
 
 
 def _build_spec(repository: Repository, name: str, config: ImportConfig, staged: Staged) -> ModelSpec:
