@@ -34,6 +34,14 @@ def digits_trained(kiln_cache: Path):  # type: ignore[no-untyped-def]
     return digits.train()
 
 
+@pytest.fixture(scope="session")
+def detector_trained(kiln_cache: Path):  # type: ignore[no-untyped-def]
+    """The shapes detector, trained once per session in the session cache (a few minutes on 2 cores)."""
+    from kiln.zoo import detector
+
+    return detector.train()
+
+
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
     return tmp_path / "repo"

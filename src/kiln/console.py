@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
@@ -21,6 +23,17 @@ if not console.is_terminal and "COLUMNS" not in os.environ:
 def error_line(message: str) -> None:
     """One red line on stderr: what the CLI prints for any user error."""
     err_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+
+
+@contextlib.contextmanager
+def predict_progress(total: int) -> Iterator[Callable[[Any], None]]:
+    """A progress bar on stderr for ``kiln predict``; yields the per-result callback."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("predicting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err_console, transient=False) as progress:
+        task = progress.add_task("predict", total=total)
+        yield lambda _result: progress.advance(task)
 
 
 def _yes(flag: bool) -> str:

@@ -43,6 +43,14 @@ class InvalidSourceError(KilnError):
         self.reason = reason
 
 
+class UntrustedSourceError(InvalidSourceError):
+    """A source whose loading would run code from the file (a pickle) and that was not marked trusted."""
+
+    def __init__(self, source: str, reason: str, flag: str = "--trust-pickle") -> None:
+        super().__init__(source, reason)
+        self.flag = flag
+
+
 class CorruptModelError(KilnError):
     """A model file that exists but is not a valid model (truncated, wrong format, failing the checker)."""
 
@@ -234,3 +242,14 @@ class ShuttingDownError(KilnError):
     """The server is draining and takes no new work."""
 
     http_status = 503
+
+
+class ProcessingError(KilnError):
+    """A raw instance that pre- or post-processing cannot handle; ``index`` names the instance in its batch."""
+
+    def __init__(self, op: str, reason: str, index: int | None = None) -> None:
+        where = f"instance {index}: " if index is not None else ""
+        super().__init__(f"{where}{op}: {reason}")
+        self.op = op
+        self.reason = reason
+        self.index = index

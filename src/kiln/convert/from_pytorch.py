@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import inspect
 import logging
+import re
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -116,51 +117,180 @@ class TorchImporter:
             raise InvalidSourceError(
                 self.source, "PyTorch models need an example input shape, e.g. --input-shape 1,3,224,224"
             )
-        dtypes: list[DType] = list(config.input_dtypes or ["float32"] * len(shapes))
-        if len(dtypes) != len(shapes):
-            raise InvalidSourceError(self.source, f"{len(shapes)} input shapes but {len(dtypes)} input dtypes")
-        names = list(config.input_names or self._forward_names(len(shapes)))
-        if len(names) != len(shapes):
-            raise InvalidSourceError(self.source, f"{len(shapes)} input shapes but {len(names)} input names")
-        batch = -1 if config.dynamic_batch else None
-        self.inputs = [
-            TensorSpec(name=n, dtype=d, shape=(batch or s[0], *s[1:]) if s else ())
-            for n, d, s in zip(names, dtypes, shapes, strict=True)
-        ]
-
-    def _forward_names(self, n: int) -> list[str]:
-        params = [
-            p.name for p in inspect.signature(self.module.forward).parameters.values()
-            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-        ]  # fmt: skip
-        return params[:n] if len(params) >= n else [f"input_{i}" for i in range(n)]
+        names = list(config.input_names or forward_names(self.module, len(shapes)))
+        self.export = TorchExport.from_config(self.module, self.source, config, names, shapes)
+        self.inputs = self.export.inputs
 
     def source_hash(self) -> str:
-        import torch
-
         h = hashlib.sha256(f"pytorch|{type(self.module).__qualname__}|{self.source}".encode())
-        for key, tensor in self.module.state_dict().items():
-            h.update(key.encode())
-            h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        cfg = self.config
-        h.update(repr((self.inputs, cfg.output_names, cfg.dynamic_batch, cfg.opset, cfg.atol, cfg.rtol)).encode())
+        update_with_state(h, self.module)
+        h.update(self.export.fingerprint().encode())
         return h.hexdigest()
+
+    def stage(self, staging: Path) -> Staged:
+        return self.export.stage(staging)
+
+
+def forward_names(module: Any, n: int) -> list[str]:
+    """The first ``n`` positional parameter names of ``module.forward`` (``input_i`` when it has fewer)."""
+    try:
+        params = [
+            p.name for p in inspect.signature(module.forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]  # fmt: skip
+    except (TypeError, ValueError):
+        params = []
+    return params[:n] if len(params) >= n else [f"input_{i}" for i in range(n)]
+
+
+def update_with_state(h: Any, module: Any) -> None:
+    import torch
+
+    for key, tensor in module.state_dict().items():
+        h.update(key.encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def dynamic_dims(
+    source: str, names: list[str], shapes: list[tuple[int, ...]], config: ImportConfig, auto: dict[str, dict[int, str]]
+) -> dict[str, dict[int, str]]:
+    """Named dynamic dimensions other than batch, per input: ``auto`` (from the source) plus
+    ``config.dynamic_axes``; checked against the inputs' ranks."""
+    dims: dict[str, dict[int, str]] = {n: dict(auto.get(n, {})) for n in names}
+    for name, axes in (config.dynamic_axes or {}).items():
+        if name not in dims:
+            raise InvalidSourceError(source, f"--dynamic-axis names input {name!r}; the inputs are {names}")
+        rank = len(shapes[names.index(name)])
+        for axis, dim in axes.items():
+            if not 0 <= axis < rank:
+                raise InvalidSourceError(source, f"input {name!r} has {rank} dimensions; axis {axis} does not exist")
+            if axis == 0 and config.dynamic_batch:
+                continue  # the batch dimension is dynamic already
+            dims[name][axis] = dim
+    return dims
+
+
+class TorchExport:
+    """Export one module to ``model.pt2`` (torch.export) and ``model.onnx`` (dynamo exporter, the legacy
+    one as a fallback), with dynamic batch and named dynamic dims, then check both against ``reference``
+    (by default the module run eagerly) at batch 1 and 4 on different sizes of every dynamic dim."""
+
+    def __init__(
+        self,
+        module: Any,
+        source: str,
+        config: ImportConfig,
+        inputs: list[TensorSpec],
+        example_shapes: list[tuple[int, ...]],
+        dims: dict[str, dict[int, str]],
+        framework: str = "pytorch",
+        reference: Any = None,
+    ) -> None:
+        self.module = module
+        self.source = source
+        self.config = config
+        self.inputs = inputs
+        self.example_shapes = example_shapes
+        self.dims = dims
+        self.framework = framework
+        self.reference = reference or module
+
+    @classmethod
+    def from_config(
+        cls,
+        module: Any,
+        source: str,
+        config: ImportConfig,
+        names: list[str],
+        shapes: list[tuple[int, ...]],
+        auto_dims: dict[str, dict[int, str]] | None = None,
+        framework: str = "pytorch",
+        reference: Any = None,
+        dtypes: list[DType] | None = None,
+    ) -> TorchExport:
+        dtypes = list(config.input_dtypes or dtypes or ["float32"] * len(shapes))
+        if len(dtypes) != len(shapes):
+            raise InvalidSourceError(source, f"{len(shapes)} input shapes but {len(dtypes)} input dtypes")
+        if len(names) != len(shapes):
+            raise InvalidSourceError(source, f"{len(shapes)} input shapes but {len(names)} input names")
+        dims = dynamic_dims(source, names, shapes, config, auto_dims or {})
+        batched = config.dynamic_batch
+        inputs = []
+        for n, d, s in zip(names, dtypes, shapes, strict=True):
+            shape = [(-1 if (i == 0 and batched) or i in dims[n] else v) for i, v in enumerate(s)]
+            for axis in dims[n]:
+                if s[axis] < 2:
+                    raise InvalidSourceError(
+                        source, f"input {n!r} axis {axis} is dynamic, so its example size must be at least 2 "
+                        f"(got {s[axis]}): torch.export treats sizes 0 and 1 as constants"
+                    )  # fmt: skip
+            inputs.append(TensorSpec(name=n, dtype=d, shape=tuple(shape)))
+        return cls(module, source, config, inputs, [tuple(s) for s in shapes], dims, framework, reference)
+
+    def fingerprint(self) -> str:
+        cfg = self.config
+        return repr((self.inputs, self.example_shapes, self.dims, cfg.output_names, cfg.dynamic_batch, cfg.opset,
+                     cfg.atol, cfg.rtol))  # fmt: skip
+
+    @property
+    def batched(self) -> bool:
+        return self.config.dynamic_batch and all(t.shape for t in self.inputs)
+
+    def shapes_at(self, batch: int, vary: bool = False) -> list[tuple[int, ...]]:
+        """Example shapes at ``batch``; with ``vary``, every dynamic dim takes another size than the example."""
+        out = []
+        for t, s in zip(self.inputs, self.example_shapes, strict=True):
+            shape = list(s)
+            if self.batched and shape:
+                shape[0] = batch
+            if vary:
+                for axis in self.dims[t.name]:
+                    shape[axis] = s[axis] // 2 if s[axis] >= 4 else s[axis] + 1
+            out.append(tuple(shape))
+        return out
 
     # ---- export ----------------------------------------------------------------------------------------
     def _example(self, batch: int) -> tuple[Any, ...]:
         import torch
 
-        return tuple(torch.from_numpy(a) for a in random_inputs(self.inputs, batch, seed=batch).values())
+        feed = random_inputs(self.inputs, batch, seed=batch, shapes=self.shapes_at(batch))
+        return tuple(torch.from_numpy(a) for a in feed.values())
 
     def _eager(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         import torch
 
         with torch.inference_mode():
-            out = self.module(*(torch.from_numpy(a) for a in feed.values()))
+            out = self.reference(*(torch.from_numpy(a) for a in feed.values()))
         return [
             t.detach().float().numpy() if t.dtype == torch.bfloat16 else t.detach().numpy()
             for t in flatten_outputs(out)[0]
         ]
+
+    def dynamic_shapes(self, module: Any = None, auto: bool = False) -> tuple[Any, ...] | None:
+        """torch.export's ``dynamic_shapes`` for ``module`` (a ``forward(*args)`` takes them as one tuple);
+        ``auto`` lets torch infer each dim's range (and equalities) instead of ``1..65536``."""
+        import torch
+
+        if not self.batched and not any(self.dims.values()):
+            return None
+        made: dict[str, Any] = {}
+
+        def dim(name: str) -> Any:
+            key = re.sub(r"\W", "_", name)
+            if auto:
+                return torch.export.Dim.AUTO
+            if key not in made:
+                made[key] = torch.export.Dim(key, min=1, max=_MAX_BATCH)
+            return made[key]
+
+        spec = []
+        for t in self.inputs:
+            axes = {0: dim("batch")} if self.batched and t.shape else {}
+            axes.update({axis: dim(n) for axis, n in self.dims[t.name].items()})
+            spec.append(axes or None)
+        if module is not None and _takes_varargs(module):
+            return (tuple(spec),)
+        return tuple(spec)
 
     def stage(self, staging: Path) -> Staged:
         with quiet_exporter():
@@ -170,10 +300,11 @@ class TorchImporter:
         import torch
 
         notes: list[str] = []
-        batched = self.config.dynamic_batch
-        example = self._example(_EXPORT_BATCH if batched else self.inputs[0].shape[0] if self.inputs[0].shape else 1)
+        example = self._example(
+            _EXPORT_BATCH if self.batched else self.example_shapes[0][0] if self.inputs[0].shape else 1
+        )
         with torch.no_grad():
-            probe = self.module(*example)
+            probe = self.reference(*example)
         tensors, dict_names = flatten_outputs(probe)
         out_names = list(self.config.output_names or dict_names or (
             ["output"] if len(tensors) == 1 else [f"output_{i}" for i in range(len(tensors))]
@@ -187,9 +318,16 @@ class TorchImporter:
 
         program = None
         try:
-            dim = torch.export.Dim("batch", min=1, max=_MAX_BATCH)
-            dyn = tuple({0: dim} if batched and t.shape else None for t in self.inputs)
-            program = torch.export.export(module, example, dynamic_shapes=dyn if batched else None)
+            if isinstance(module, torch.jit.ScriptModule):
+                raise ExportError("a TorchScript module cannot be traced by torch.export")
+            try:
+                program = torch.export.export(module, example, dynamic_shapes=self.dynamic_shapes(module))
+            except Exception as exc:
+                if "Constraints violated" not in str(exc):
+                    raise
+                # The model needs narrower ranges (e.g. height >= 3 after a stride-2 conv): let torch infer them.
+                program = torch.export.export(module, example, dynamic_shapes=self.dynamic_shapes(module, auto=True))
+                notes.append("torch.export inferred the ranges of the dynamic dims (the model limits them)")
             torch.export.save(program, str(staging / PT2_FILE))
         except Exception as exc:
             notes.append(f"torch.export failed ({_first_line(exc)}); the torch engine is not available for this model")
@@ -204,8 +342,8 @@ class TorchImporter:
             raise ExportError(
                 f"the exported ONNX graph has inputs {[t.name for t in graph_inputs]}, expected {[t.name for t in self.inputs]}"
             )
-        parity = self._check_parity(staging, program, outputs, batched)
-        return Staged(self.framework, exporter, self.inputs, outputs, batched, parity, notes)
+        parity = self._check_parity(staging, program, outputs)
+        return Staged(self.framework, exporter, self.inputs, outputs, self.batched, parity, notes)
 
     def _export_onnx(
         self,
@@ -235,19 +373,25 @@ class TorchImporter:
                     model, dict(zip(graph_in, in_names, strict=True)), dict(zip(graph_out, out_names, strict=True))
                 )
                 onnx_io.name_batch_dim(model)
+                onnx_io.name_dims(model, self.dims)
                 onnx_io.save(model, dst)
                 return f"torch.onnx dynamo exporter (torch {torch.__version__})"
             except Exception as exc:
                 notes.append(
                     f"the dynamo ONNX exporter failed ({_first_line(exc)}); used the legacy TorchScript exporter"
                 )
-        dynamic_axes = {n: {0: "batch"} for n in [*in_names, *out_names]} if self.config.dynamic_batch else None
+        dynamic_axes: dict[str, dict[int, str]] = {}
+        for n in [*in_names, *out_names]:
+            axes = {0: "batch"} if self.batched else {}
+            axes.update(self.dims.get(n, {}))
+            if axes:
+                dynamic_axes[n] = axes
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model.onnx"
             try:
                 torch.onnx.export(
                     module, example, str(path), dynamo=False, input_names=in_names, output_names=out_names,
-                    dynamic_axes=dynamic_axes, opset_version=self.config.opset or 17,
+                    dynamic_axes=dynamic_axes or None, opset_version=self.config.opset or 17,
                 )  # fmt: skip
             except Exception as exc:
                 raise ExportError(f"cannot export {self.source} to ONNX: {_first_line(exc)}") from None
@@ -256,9 +400,7 @@ class TorchImporter:
             log.warning(note)
         return f"torch.onnx legacy TorchScript exporter (torch {torch.__version__})"
 
-    def _check_parity(
-        self, staging: Path, program: Any, outputs: list[TensorSpec], batched: bool
-    ) -> list[ParityResult]:
+    def _check_parity(self, staging: Path, program: Any, outputs: list[TensorSpec]) -> list[ParityResult]:
         import onnxruntime as ort
         import torch
 
@@ -266,13 +408,20 @@ class TorchImporter:
         exported = program.module() if program is not None else None
         names = [t.name for t in outputs]
         results: list[ParityResult] = []
-        for batch in PARITY_BATCHES if batched else (self.inputs[0].shape[0] if self.inputs[0].shape else 1,):
-            feed = random_inputs(self.inputs, batch, seed=100 + batch)
+        batches = PARITY_BATCHES if self.batched else (self.example_shapes[0][0] if self.inputs[0].shape else 1,)
+        for k, batch in enumerate(batches):
+            feed = random_inputs(self.inputs, batch, seed=100 + batch, shapes=self.shapes_at(batch, vary=k > 0))
             reference = dict(zip(names, self._eager(feed), strict=True))
             candidates = [(onnx_io.ONNX_FILE, dict(zip(names, session.run(names, feed), strict=True)))]
             if exported is not None:
-                with torch.inference_mode():
-                    out = exported(*(torch.from_numpy(a) for a in feed.values()))
+                try:
+                    with torch.inference_mode():
+                        out = exported(*(torch.from_numpy(a) for a in feed.values()))
+                except Exception as exc:
+                    raise ExportError(
+                        f"the exported program rejects inputs of shapes {[list(a.shape) for a in feed.values()]}: "
+                        f"{_first_line(exc)}; a dim marked dynamic may be fixed by the model"
+                    ) from None
                 candidates.append(
                     (PT2_FILE, dict(zip(names, [t.numpy() for t in flatten_outputs(out)[0]], strict=True)))
                 )
@@ -281,6 +430,14 @@ class TorchImporter:
                 raise_on_failure(found, self.config.atol, self.config.rtol)
                 results.extend(found)
         return results
+
+
+def _takes_varargs(module: Any) -> bool:
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind == p.VAR_POSITIONAL for p in params)
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from kiln.convert.parity import ParityResult
 from kiln.errors import InvalidSourceError, SpecError
 from kiln.repository import Repository, VersionManifest
-from kiln.spec import DType, ModelSpec, ServingSettings, Task, TensorSpec
+from kiln.spec import DType, ModelSpec, ProcessingStep, ServingSettings, Task, TensorSpec
 
 
 class ImportConfig(BaseModel):
@@ -36,6 +36,18 @@ class ImportConfig(BaseModel):
     input_names: list[str] | None = None
     output_names: list[str] | None = None
     dynamic_batch: bool = True
+    dynamic_axes: dict[str, dict[int, str]] | None = Field(
+        default=None,
+        description="dynamic dims besides batch, per input: {'ids': {1: 'seq'}}; one name shared by inputs is one dim",
+    )
+    trust_pickle: bool = Field(
+        default=False, description="allow loading pickles (scikit-learn .pkl/.joblib): they run code from the file"
+    )
+    assets: list[Path] | None = Field(
+        default=None, description="files copied into the version (a tokenizer.json); steps name them relative to it"
+    )
+    preprocess: list[ProcessingStep] | None = Field(default=None, description="pre-processing steps for the spec")
+    postprocess: list[ProcessingStep] | None = Field(default=None, description="post-processing steps for the spec")
     weights: Path | None = Field(default=None, description="safetensors file or a state_dict (.pt/.pth)")
     atol: float = Field(default=1e-4, ge=0)
     rtol: float = Field(default=1e-3, ge=0)
@@ -54,6 +66,8 @@ class Staged:
     batched: bool
     parity: list[ParityResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    labels: list[str] | None = None  # what the source knows (a classifier's classes)
+    task: Task | None = None
 
 
 class Importer(Protocol):
@@ -77,11 +91,34 @@ class ImportResult:
 
 
 ImporterFactory = Callable[[Any, ImportConfig], Importer]
-_BY_SUFFIX: dict[str, str] = {".onnx": "onnx"}
+_BY_SUFFIX: dict[str, str] = {
+    ".onnx": "onnx",
+    ".keras": "keras",
+    ".h5": "keras",
+    ".pkl": "sklearn",
+    ".pickle": "sklearn",
+    ".joblib": "sklearn",
+    ".pt": "torchscript",
+    ".pt2": "torch_export",
+}
 _IMPORTERS: dict[str, str] = {
     "onnx": "kiln.convert.from_onnx:OnnxImporter",
     "pytorch": "kiln.convert.from_pytorch:TorchImporter",
+    "keras": "kiln.convert.from_keras:KerasImporter",
+    "sklearn": "kiln.convert.from_sklearn:SklearnImporter",
+    "torchscript": "kiln.convert.from_torch_files:TorchScriptImporter",
+    "torch_export": "kiln.convert.from_torch_files:ExportedProgramImporter",
 }
+
+
+def _object_format(source: Any) -> str:
+    """Python objects: a scikit-learn estimator, a Keras model, else PyTorch (a module or a factory)."""
+    module = type(source).__module__.split(".")[0]
+    if module == "sklearn" or (hasattr(source, "fit") and hasattr(source, "get_params")):
+        return "sklearn"
+    if module == "keras":
+        return "keras"
+    return "pytorch"
 
 
 def detect_format(source: Any) -> str:
@@ -89,7 +126,7 @@ def detect_format(source: Any) -> str:
     from kiln.convert.factory import is_factory_path
 
     if not isinstance(source, (str, Path)):
-        return "pytorch"
+        return _object_format(source)
     text = str(source)
     path = Path(text)
     if path.suffix.lower() in _BY_SUFFIX:
@@ -118,7 +155,9 @@ def make_importer(source: Any, config: ImportConfig) -> Importer:
 def import_model(
     source: Any, repo: str | Path | Repository, config: ImportConfig | None = None, **overrides: Any
 ) -> ImportResult:
-    """Import ``source`` (an ONNX file, a PyTorch factory path, an ``nn.Module``) as a new version.
+    """Import ``source`` as a new version: an ONNX file, a PyTorch factory path or ``nn.Module``, a
+    Keras ``.keras``/``.h5`` file or model, a scikit-learn estimator or pickle (``trust_pickle=True``),
+    a TorchScript ``.pt`` or a ``torch.export`` ``.pt2`` file.
 
     The same source imported twice gives back the existing version (``reused=True``) unless
     ``force=True``. Keyword arguments override fields of ``config``.
@@ -128,10 +167,14 @@ def import_model(
     except ValidationError as exc:
         err = exc.errors()[0]
         raise SpecError(f"import option {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    if config.preprocess is not None or config.postprocess is not None:
+        from kiln.processing import check_steps
+
+        check_steps(config.preprocess or [], config.postprocess or [])
     repository = repo if isinstance(repo, Repository) else Repository(repo)
     importer = make_importer(source, config)
     name = config.name or _safe_name(importer.default_name)
-    source_hash = importer.source_hash()
+    source_hash = _with_assets(importer.source_hash(), config.assets or [], str(source))
     if not config.force and repository.has_model(name):
         existing = repository.find_source(name, source_hash)
         if existing is not None:
@@ -143,6 +186,7 @@ def import_model(
     repository.cleanup_staging(name)
     with repository.new_version(name) as pending:
         staged = importer.stage(pending.path)
+        _copy_assets(config.assets or [], pending.path)
         spec = _build_spec(repository, name, config, staged)
         repository.check_compatible(spec)
         manifest = repository.commit_version(
@@ -155,6 +199,32 @@ def import_model(
     manifest = repository.manifest(name, pending.version)
     return ImportResult(name, pending.version, repository.root / name / str(pending.version), spec, manifest,
                         reused=False, notes=staged.notes)  # fmt: skip
+
+
+def _with_assets(source_hash: str, assets: list[Path], source: str) -> str:
+    """The source hash extended with the assets' names and contents (a new tokenizer is a new version)."""
+    if not assets:
+        return source_hash
+    import hashlib
+
+    from kiln.repository import sha256_file
+
+    h = hashlib.sha256(source_hash.encode())
+    for path in assets:
+        if not Path(path).is_file():
+            raise InvalidSourceError(source, f"asset {path} does not exist")
+        h.update(f"{Path(path).name}|{sha256_file(Path(path))}".encode())
+    return h.hexdigest()
+
+
+def _copy_assets(assets: list[Path], staging: Path) -> None:
+    import shutil
+
+    for path in assets:
+        dst = staging / Path(path).name
+        if dst.exists():
+            raise SpecError(f"asset {path}: the version already holds a file named {dst.name!r}; rename the asset")
+        shutil.copyfile(path, dst)
 
 
 def _build_spec(repository: Repository, name: str, config: ImportConfig, staged: Staged) -> ModelSpec:
@@ -173,8 +243,16 @@ def _build_spec(repository: Repository, name: str, config: ImportConfig, staged:
         "outputs": staged.outputs,
         "serving": serving,
     }
+    if config.task == "generic" and "task" not in base and staged.task is not None:
+        data["task"] = staged.task
     if config.labels is not None:
         data["labels"] = config.labels
+    elif staged.labels is not None and "labels" not in base:
+        data["labels"] = staged.labels
+    for kind in ("preprocess", "postprocess"):
+        steps = getattr(config, kind)
+        if steps is not None:
+            data[kind] = steps
     try:
         return ModelSpec.model_validate(data)
     except ValidationError as exc:

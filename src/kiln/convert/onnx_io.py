@@ -147,6 +147,15 @@ def name_batch_dim(model: Any, name: str = "batch") -> None:
             dims[0].dim_param = name
 
 
+def name_dims(model: Any, dims: dict[str, dict[int, str]]) -> None:
+    """Give the named dynamic dims of the inputs readable names (``seq``, ``height`` …)."""
+    for v in model.graph.input:
+        for axis, name in dims.get(v.name, {}).items():
+            shape = v.type.tensor_type.shape.dim
+            if axis < len(shape) and not shape[axis].HasField("dim_value"):
+                shape[axis].dim_param = name
+
+
 def external_locations(model: Any) -> set[str]:
     """Files that a model's initializers keep their data in (relative to the model file)."""
     import onnx

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -53,12 +53,18 @@ def raise_on_failure(results: list[ParityResult], atol: float, rtol: float) -> N
             raise ParityError(r.output, r.batch, r.max_abs_error, atol, rtol)
 
 
-def random_inputs(specs: list[Any], batch: int, seed: int) -> dict[str, np.ndarray]:
-    """Deterministic random inputs for a list of TensorSpecs (dynamic dims beyond batch become 8)."""
+def random_inputs(
+    specs: list[Any], batch: int, seed: int, shapes: Sequence[Sequence[int]] | None = None
+) -> dict[str, np.ndarray]:
+    """Deterministic random inputs for a list of TensorSpecs: ``shapes`` when given, else the spec's
+    shape with the batch dim at ``batch`` and other dynamic dims at 8."""
     rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray] = {}
-    for t in specs:
-        shape = [batch if i == 0 and d == -1 else (8 if d == -1 else d) for i, d in enumerate(t.shape)]
+    for k, t in enumerate(specs):
+        if shapes is not None:
+            shape = list(shapes[k])
+        else:
+            shape = [batch if i == 0 and d == -1 else (8 if d == -1 else d) for i, d in enumerate(t.shape)]
         dt = t.numpy_dtype
         if dt.kind == "f":
             out[t.name] = rng.standard_normal(shape).astype(dt)

@@ -1,0 +1,243 @@
+"""Import saved PyTorch programs: TorchScript (``.pt``, via ``torch.jit.load``) and ``torch.export``
+archives (``.pt2``, via ``torch.export.load``).
+
+Neither runs arbitrary Python at load time the way a pickle does, but a ``.pt2`` archive stores some
+constants with pickle, so import only files you trust. A TorchScript module is converted to an
+exported program when ``torch`` can (``TS2EPConverter``), so the torch engine runs it too; ONNX comes
+from the dynamo exporter or, failing that, the TorchScript one. A ``.pt2`` keeps its own dynamic dims.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+from typing import Any
+
+from kiln.convert import onnx_io
+from kiln.convert.from_pytorch import (
+    _EXPORT_BATCH,
+    PT2_FILE,
+    TorchExport,
+    flatten_outputs,
+    quiet_exporter,
+)
+from kiln.convert.importer import ImportConfig, Staged
+from kiln.convert.parity import ParityResult, compare, raise_on_failure, random_inputs
+from kiln.errors import CorruptModelError, ExportError, InvalidSourceError
+from kiln.repository import sha256_file
+from kiln.spec import DType, TensorSpec, dtype_name
+
+DEFAULT_DYNAMIC_SIZE = 8
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:300]
+
+
+def _finite(bound: Any, default: int) -> int:
+    """A sympy range bound as an int (``default`` for infinity)."""
+    if bound.is_finite is not True:
+        return default
+    try:
+        return int(bound)
+    except (TypeError, ValueError, AttributeError, OverflowError):
+        return default
+
+
+class TorchScriptImporter:
+    framework = "torchscript"
+
+    def __init__(self, source: Any, config: ImportConfig) -> None:
+        import torch
+
+        self.path = Path(source)
+        self.source = str(source)
+        self.config = config
+        self.default_name = self.path.stem
+        try:
+            script = torch.jit.load(str(self.path), map_location="cpu")
+        except Exception as exc:
+            raise CorruptModelError(
+                self.source,
+                f"not a TorchScript archive ({_first_line(exc)}); a state_dict saved with torch.save is imported "
+                "as --weights of a factory 'package.module:callable'",
+            ) from None
+        self.script = script.eval()
+        shapes = config.input_shapes
+        if not shapes:
+            raise InvalidSourceError(
+                self.source, "TorchScript models need an example input shape, e.g. --input-shape 1,3,224,224"
+            )
+        schema_names = [a.name for a in script.forward.schema.arguments[1:]]
+        names = list(config.input_names or (schema_names if len(schema_names) == len(shapes) else []))
+        if not names:
+            names = [f"input_{i}" for i in range(len(shapes))]
+        self.export = TorchExport.from_config(
+            self.script, self.source, config, names, list(shapes), framework=self.framework
+        )
+
+    def source_hash(self) -> str:
+        h = hashlib.sha256(f"torchscript|{sha256_file(self.path)}".encode())
+        h.update(self.export.fingerprint().encode())
+        return h.hexdigest()
+
+    def stage(self, staging: Path) -> Staged:
+        notes: list[str] = []
+        with quiet_exporter():
+            module = self._to_exportable(notes)
+        if module is not None:
+            self.export.module = module  # exported like a PyTorch module; parity still against TorchScript
+        staged = self.export.stage(staging)
+        staged.notes[:0] = notes
+        return staged
+
+    def _to_exportable(self, notes: list[str]) -> Any:
+        """The TorchScript module as an ``nn.Module`` torch.export can trace, via TS2EPConverter."""
+        import torch
+
+        try:
+            from torch._export.converter import TS2EPConverter
+
+            example = tuple(
+                torch.from_numpy(a)
+                for a in random_inputs(self.export.inputs, 2, 0, self.export.shapes_at(_EXPORT_BATCH)).values()
+            )
+            return TS2EPConverter(self.script, example).convert().module()
+        except Exception as exc:
+            notes.append(f"TorchScript could not be converted to an exported program ({_first_line(exc)})")
+            return None
+
+
+class ExportedProgramImporter:
+    framework = "torch.export"
+
+    def __init__(self, source: Any, config: ImportConfig) -> None:
+        import torch
+
+        self.path = Path(source)
+        self.source = str(source)
+        self.config = config
+        self.default_name = self.path.stem
+        try:
+            self.program = torch.export.load(str(self.path))
+        except Exception as exc:
+            raise CorruptModelError(self.source, f"torch.export cannot load it: {_first_line(exc)}") from None
+        self.inputs, self.example_shapes, self.batched = self._read_inputs()
+
+    def _read_inputs(self) -> tuple[list[TensorSpec], list[tuple[int, ...]], bool]:
+        """Inputs from the program's placeholders: symbolic dims become -1, with example sizes inside
+        the program's range constraints (``--input-shape`` overrides them)."""
+        sig = self.program.graph_signature
+        nodes = {n.name: n for n in self.program.graph.nodes if n.op == "placeholder"}
+        names = list(self.config.input_names or sig.user_inputs)
+        if len(names) != len(sig.user_inputs):
+            raise InvalidSourceError(self.source, f"the program takes {len(sig.user_inputs)} inputs, not {len(names)}")
+        given = self.config.input_shapes
+        inputs, examples = [], []
+        batched = True
+        for k, (user, name) in enumerate(zip(sig.user_inputs, names, strict=True)):
+            val = nodes[user].meta.get("val")
+            if val is None or not hasattr(val, "shape"):
+                raise InvalidSourceError(
+                    self.source, f"input {user!r} is not a tensor; kiln imports tensor inputs only"
+                )
+            shape, example = [], []
+            for axis, d in enumerate(val.shape):
+                if isinstance(d, int):
+                    shape.append(d)
+                    example.append(d)
+                else:
+                    shape.append(-1)
+                    example.append(self._example_size(d, axis))
+            if not shape or shape[0] != -1:
+                batched = False
+            if given is not None:
+                if len(given) != len(sig.user_inputs) or len(given[k]) != len(shape):
+                    raise InvalidSourceError(self.source, f"--input-shape does not match input {name!r} {shape}")
+                example = list(given[k])
+            dtype: DType = dtype_name(str(val.dtype).replace("torch.", ""))  # type: ignore[assignment]
+            inputs.append(TensorSpec(name=name, dtype=dtype, shape=tuple(shape)))
+            examples.append(tuple(example))
+        return inputs, examples, batched and self.config.dynamic_batch
+
+    def _example_size(self, dim: Any, axis: int) -> int:
+        lo, hi = 2, 1 << 30
+        for sym, vr in self.program.range_constraints.items():
+            if str(sym) == str(dim):
+                lo = max(2, _finite(vr.lower, lo))
+                hi = _finite(vr.upper, hi)
+        want = _EXPORT_BATCH if axis == 0 else DEFAULT_DYNAMIC_SIZE
+        return min(max(want, lo), hi)
+
+    def source_hash(self) -> str:
+        h = hashlib.sha256(f"torch.export|{sha256_file(self.path)}".encode())
+        cfg = self.config
+        h.update(repr((self.inputs, self.example_shapes, cfg.output_names, cfg.opset, cfg.atol, cfg.rtol)).encode())
+        return h.hexdigest()
+
+    def _shapes(self, batch: int | None) -> list[tuple[int, ...]]:
+        return [(batch, *s[1:]) if batch is not None and self.batched else s for s in self.example_shapes]
+
+    def stage(self, staging: Path) -> Staged:
+        with quiet_exporter():
+            return self._stage(staging)
+
+    def _stage(self, staging: Path) -> Staged:
+        import torch
+
+        shutil.copyfile(self.path, staging / PT2_FILE)
+        example_feed = random_inputs(self.inputs, _EXPORT_BATCH, 0, self._shapes(_EXPORT_BATCH))
+        example = tuple(torch.from_numpy(a) for a in example_feed.values())
+        module = self.program.module()
+        with torch.no_grad():
+            tensors, dict_names = flatten_outputs(module(*example))
+        out_names = list(self.config.output_names or dict_names or (
+            ["output"] if len(tensors) == 1 else [f"output_{i}" for i in range(len(tensors))]
+        ))  # fmt: skip
+        if len(out_names) != len(tensors):
+            raise InvalidSourceError(self.source, f"the program returns {len(tensors)} outputs, not {len(out_names)}")
+        try:
+            onnx_program = torch.onnx.export(
+                self.program, example, dynamo=True, opset_version=self.config.opset, optimize=True, verbose=False
+            )
+            if onnx_program is None:
+                raise ExportError("torch.onnx.export returned no program")
+            model = onnx_program.model_proto
+        except Exception as exc:
+            raise ExportError(f"cannot export {self.source} to ONNX: {_first_line(exc)}") from None
+        graph_in = [v.name for v in model.graph.input]
+        graph_out = [v.name for v in model.graph.output]
+        onnx_io.rename_io(
+            model,
+            dict(zip(graph_in, [t.name for t in self.inputs], strict=True)),
+            dict(zip(graph_out, out_names, strict=True)),
+        )
+        if self.batched:
+            onnx_io.name_batch_dim(model)
+        dst = staging / onnx_io.ONNX_FILE
+        onnx_io.save(model, dst)
+        onnx_io.check(dst)
+        onnx_io.infer_shapes(dst)
+        _, outputs = onnx_io.graph_tensors(onnx_io.load(dst, external_data=False))
+        parity = self._check_parity(dst, module, [t.name for t in outputs])
+        return Staged(self.framework, f"torch.onnx dynamo exporter (torch {torch.__version__})", self.inputs,
+                      outputs, self.batched, parity)  # fmt: skip
+
+    def _check_parity(self, path: Path, module: Any, names: list[str]) -> list[ParityResult]:
+        import onnxruntime as ort
+        import torch
+
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        results: list[ParityResult] = []
+        for batch in (1, 4) if self.batched else (None,):
+            feed = random_inputs(self.inputs, batch or 1, 100 + (batch or 1), self._shapes(batch))
+            with torch.inference_mode():
+                ref_t = flatten_outputs(module(*(torch.from_numpy(a) for a in feed.values())))[0]
+            reference = {n: t.detach().numpy() for n, t in zip(names, ref_t, strict=True)}
+            candidate = dict(zip(names, session.run(names, feed), strict=True))
+            found = compare(reference, candidate, batch or 1, self.config.atol, self.config.rtol)
+            raise_on_failure(found, self.config.atol, self.config.rtol)
+            results.extend(found)
+        return results

@@ -1,0 +1,152 @@
+"""Keep the engine busy: load and pre-process the next batches in worker threads while the engine runs
+the current one, and post-process finished batches there too.
+
+The engine runs on the calling thread (ONNX Runtime and PyTorch release the GIL while they compute);
+instance loading and decoding (Pillow releases the GIL while it inflates a PNG) run in a thread pool,
+up to ``prefetch`` batches ahead. A bad instance fails alone: its result carries the error and the
+rest of its batch goes on.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+
+from kiln.errors import KilnError, ProcessingError
+from kiln.processing.pipeline import Pipeline, Prepared
+
+T = TypeVar("T")
+RunFn = Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
+
+
+@dataclass
+class Result(Generic[T]):
+    """What became of one item: ``output`` (JSON-able) or ``error`` (a one-line reason)."""
+
+    item: T
+    output: Any = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def _one_line(exc: BaseException) -> str:
+    """The reason, without the in-batch instance index (the result names its item already)."""
+    if isinstance(exc, ProcessingError):
+        return f"{exc.op}: {exc.reason}"
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+class _Chunk(Generic[T]):
+    def __init__(self, items: list[T], futures: list[Future[Prepared]]) -> None:
+        self.items = items
+        self.futures = futures
+
+
+def predict_overlapped(
+    items: Iterable[T],
+    load: Callable[[T], Any],
+    pipeline: Pipeline,
+    run: RunFn,
+    batch_size: int = 32,
+    workers: int = 2,
+    prefetch: int = 2,
+) -> Iterator[Result[T]]:
+    """Yield one :class:`Result` per item, in order.
+
+    ``load(item)`` reads a raw instance (file bytes, a sentence, an array) in a worker thread; the
+    pipeline's per-instance steps follow it there; ``run`` (the engine) gets each collated batch on
+    this thread; post-processing goes back to the workers.
+    """
+    if batch_size < 1 or workers < 1 or prefetch < 0:
+        raise ValueError("batch_size and workers must be at least 1 and prefetch at least 0")
+    source = iter(items)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kiln-prep") as pool:
+
+        def prepare(item: T, index: int) -> Prepared:
+            return pipeline.preprocess_instance(load(item), index)
+
+        def submit_next() -> _Chunk[T] | None:
+            chunk = list(itertools.islice(source, batch_size))
+            if not chunk:
+                return None
+            return _Chunk(chunk, [pool.submit(prepare, item, i) for i, item in enumerate(chunk)])
+
+        pending: collections.deque[_Chunk[T]] = collections.deque()
+        posts: collections.deque[Future[list[Result[T]]]] = collections.deque()
+        exhausted = False
+        while True:
+            while not exhausted and len(pending) <= prefetch:
+                chunk = submit_next()
+                if chunk is None:
+                    exhausted = True
+                else:
+                    pending.append(chunk)
+            if not pending:
+                break
+            current = pending.popleft()
+            posts.append(_run_chunk(current, pipeline, run, pool))
+            while posts and (posts[0].done() or len(posts) > prefetch + 1):
+                yield from posts.popleft().result()
+        while posts:
+            yield from posts.popleft().result()
+
+
+def _run_chunk(chunk: _Chunk[T], pipeline: Pipeline, run: RunFn, pool: ThreadPoolExecutor) -> Future[list[Result[T]]]:
+    """Collate the chunk's good instances, run the engine here, and post-process in the pool."""
+    results: list[Result[T]] = [Result(item) for item in chunk.items]
+    good: list[int] = []
+    prepared: list[Prepared] = []
+    for i, fut in enumerate(chunk.futures):
+        try:
+            prepared.append(fut.result())
+            good.append(i)
+        except Exception as exc:  # a bad file, an undecodable image: this item only
+            results[i].error = _one_line(exc)
+    batch = None
+    while good:
+        try:
+            batch = pipeline.collate(prepared)
+            break
+        except ProcessingError as exc:
+            if exc.index is None or not 0 <= exc.index < len(good):
+                for i in good:
+                    results[i].error = _one_line(exc)
+                good = []
+                break
+            results[good[exc.index]].error = _one_line(exc)  # drop the instance that does not fit, retry
+            del good[exc.index], prepared[exc.index]
+    if batch is None or not good:
+        done: Future[list[Result[T]]] = Future()
+        done.set_result(results)
+        return done
+    try:
+        outputs = run(batch.inputs)
+    except KilnError as exc:
+        for i in good:
+            results[i].error = _one_line(exc)
+        done = Future()
+        done.set_result(results)
+        return done
+
+    def post() -> list[Result[T]]:
+        try:
+            values = pipeline.postprocess(outputs, batch)
+        except Exception as exc:
+            for i in good:
+                results[i].error = _one_line(exc)
+            return results
+        for i, value in zip(good, values, strict=True):
+            results[i].output = value
+        return results
+
+    return pool.submit(post)

@@ -1,0 +1,99 @@
+"""Text pre-processing: a ``tokenizer.json`` through the ``tokenizers`` library, truncated, and padded
+to a bucket length so that a batch's sequence length takes few distinct values (engines and caches
+see a handful of shapes, not one per batch)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from kiln.errors import ProcessingError, SpecError
+from kiln.processing.registry import CollateOp, OpArgs, OpContext, register_op
+
+
+class TokenizeArgs(OpArgs):
+    tokenizer: str = Field(description="path to a tokenizer.json (relative paths: the model version directory)")
+    max_length: int = Field(default=128, ge=1, description="longer texts are truncated")
+    buckets: list[int] | None = Field(
+        default=None, description="pad to the smallest bucket that fits the batch (default: powers of two)"
+    )
+    input_ids: str = "input_ids"
+    attention_mask: str = "attention_mask"
+    token_type_ids: str = "token_type_ids"
+    dtype: str = "int64"
+
+    @model_validator(mode="after")
+    def _buckets(self) -> TokenizeArgs:
+        if self.buckets is not None and (not self.buckets or any(b < 1 for b in self.buckets)):
+            raise ValueError("buckets must be positive lengths")
+        return self
+
+
+def bucket_length(longest: int, buckets: Sequence[int], max_length: int) -> int:
+    """The smallest bucket that holds ``longest`` tokens, never above ``max_length``."""
+    for b in sorted(buckets):
+        if b >= longest:
+            return min(b, max_length)
+    return max_length
+
+
+@register_op
+class Tokenize(CollateOp):
+    """Sentences -> ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when the model takes them)."""
+
+    name = "tokenize"
+    Args = TokenizeArgs
+    args: TokenizeArgs
+
+    def __init__(self, args: TokenizeArgs, context: OpContext) -> None:
+        super().__init__(args, context)
+        from tokenizers import Tokenizer
+
+        path = context.path(args.tokenizer)
+        if not path.is_file():
+            raise SpecError(f"tokenize: tokenizer file {path} does not exist")
+        try:
+            self.tokenizer = Tokenizer.from_file(str(path))
+        except Exception as exc:
+            raise SpecError(f"tokenize: {path} is not a tokenizer.json: {str(exc).splitlines()[0]}") from None
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(max_length=args.max_length)
+        self.buckets = args.buckets or [2**i for i in range(3, 16) if 2**i < args.max_length] + [args.max_length]
+        wanted = set(context.input_names) if context.spec else {args.input_ids, args.attention_mask}
+        self.emit = [n for n in (args.input_ids, args.attention_mask, args.token_type_ids) if n in wanted]
+        if args.input_ids not in self.emit:
+            raise SpecError(
+                f"tokenize: the model has no input {args.input_ids!r} (inputs: {sorted(wanted)}); "
+                "name the ids input with the input_ids argument"
+            )
+
+    def __call__(self, values: Sequence[Any], meta: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+        for i, v in enumerate(values):
+            if not isinstance(v, str):
+                raise ProcessingError(self.name, f"expected a string, got {type(v).__name__}", index=i)
+        encodings = self.tokenizer.encode_batch(list(values))
+        length = bucket_length(max((len(e.ids) for e in encodings), default=1), self.buckets, self.args.max_length)
+        dtype = np.dtype(self.args.dtype)
+        pad_id = _pad_id(self.tokenizer)
+        ids = np.full((len(values), length), pad_id, dtype=dtype)
+        mask = np.zeros((len(values), length), dtype=dtype)
+        types = np.zeros((len(values), length), dtype=dtype)
+        for i, enc in enumerate(encodings):
+            n = len(enc.ids)
+            ids[i, :n] = enc.ids
+            mask[i, :n] = 1
+            types[i, :n] = enc.type_ids
+            meta[i]["tokens"] = n
+        arrays = {self.args.input_ids: ids, self.args.attention_mask: mask, self.args.token_type_ids: types}
+        return {name: arrays[name] for name in self.emit}
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for token in ("[PAD]", "<pad>", "<PAD>"):
+        idx = tokenizer.token_to_id(token)
+        if idx is not None:
+            return int(idx)
+    return 0

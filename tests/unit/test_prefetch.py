@@ -1,0 +1,108 @@
+"""The overlapped runner: order, isolation of bad items, and real overlap of decode with the engine."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+
+import numpy as np
+import pytest
+
+from kiln.processing import Pipeline
+from kiln.processing.prefetch import predict_overlapped
+from kiln.spec import ModelSpec
+
+SPEC = ModelSpec.model_validate({
+    "name": "m",
+    "inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 2]}],
+    "outputs": [{"name": "y", "dtype": "float32", "shape": [-1, 2]}],
+})  # fmt: skip
+PIPE = Pipeline.from_spec(SPEC)
+
+
+def double(feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {"y": feed["x"] * 2}
+
+
+def load(i: int) -> np.ndarray:
+    if i % 7 == 3:
+        raise ValueError(f"item {i} is broken")
+    if i % 7 == 5:
+        return np.zeros(3, np.float32)  # the wrong shape: only this item fails, at collate
+    return np.array([i, -i], np.float32)
+
+
+@pytest.mark.parametrize(("batch_size", "workers", "prefetch"), [(1, 1, 0), (4, 2, 2), (5, 3, 1), (64, 2, 3)])
+def test_results_come_in_order_and_bad_items_fail_alone(batch_size: int, workers: int, prefetch: int) -> None:
+    results = list(predict_overlapped(range(30), load, PIPE, double, batch_size, workers, prefetch))
+    assert [r.item for r in results] == list(range(30))
+    for r in results:
+        if r.item % 7 == 3:
+            assert r.error == f"item {r.item} is broken"
+        elif r.item % 7 == 5:
+            assert (
+                r.error
+                == "collate: input 'x' instances must have shape [2] (the spec's shape without the batch dim), got [3]"
+            )
+        else:
+            assert r.ok and r.output == {"y": [2.0 * r.item, -2.0 * r.item]}
+
+
+def test_batches_never_exceed_the_batch_size() -> None:
+    sizes: list[int] = []
+
+    def run(feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        sizes.append(len(feed["x"]))
+        return double(feed)
+
+    list(predict_overlapped(range(10), lambda i: np.array([i, i], np.float32), PIPE, run, batch_size=4))
+    assert sizes == [4, 4, 2]
+
+
+def test_next_batch_is_decoded_while_the_engine_runs() -> None:
+    # The engine's first call waits until an item of the *second* batch has been loaded. Without
+    # prefetching that never happens while the engine is busy, so the wait times out and the test fails.
+    second_batch_loaded = threading.Event()
+    overlapped: list[bool] = []
+
+    def loader(i: int) -> np.ndarray:
+        if i >= 2:
+            second_batch_loaded.set()
+        return np.array([i, i], np.float32)
+
+    def run(feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not overlapped:
+            overlapped.append(second_batch_loaded.wait(timeout=20))
+        return double(feed)
+
+    results = list(predict_overlapped(range(4), loader, PIPE, run, batch_size=2, workers=2, prefetch=1))
+    assert overlapped == [True]
+    assert all(r.ok for r in results)
+
+
+def test_without_prefetch_the_engine_waits_for_nothing_ahead() -> None:
+    loaded_during_first_run: list[bool] = []
+    second = threading.Event()
+
+    def loader(i: int) -> np.ndarray:
+        if i >= 2:
+            second.set()
+        return np.array([i, i], np.float32)
+
+    def run(feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not loaded_during_first_run:
+            loaded_during_first_run.append(second.is_set())
+        return double(feed)
+
+    list(predict_overlapped(range(4), loader, PIPE, run, batch_size=2, workers=2, prefetch=0))
+    assert loaded_during_first_run == [False]
+
+
+def test_engine_errors_fail_the_batch_with_the_message() -> None:
+    from kiln.errors import InputError
+
+    def run(feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise InputError("x", "dtype", "float32", "int8")
+
+    results = list(predict_overlapped(range(3), lambda i: np.array([i, i], np.float32), PIPE, run, batch_size=2))
+    assert [r.error for r in results] == ["input 'x': dtype must be float32, got int8"] * 3
