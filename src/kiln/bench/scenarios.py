@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from kiln.bench.config import BenchConfig
     from kiln.bench.runner import BenchResult, ScenarioResult
     from kiln.repository import Repository
+    from kiln.serving.batcher import Batcher
+    from kiln.spec import ModelSpec
 
 
 class Submitter(Protocol):
@@ -233,11 +235,55 @@ def _one_request(submitter: Any) -> dict[str, np.ndarray]:
     return random_inputs(submitter.spec.inputs, 1, seed=0)
 
 
-def batcher_for(repo: Repository, model: str, version: int, variant: str, config: BenchConfig) -> Any:
-    """A dynamic batcher over ``variant``, as the server would run it (wired to kiln.serving)."""
-    import importlib
+class BatcherSubmitter:
+    """kiln serve's dynamic batcher over one variant, as a :class:`Submitter` (one future per request)."""
 
-    # The one place bench reaches right, to serving: the server scenario must measure the batcher
-    # that `kiln serve` runs, not a copy of it.
-    serving = importlib.import_module("kiln.serving.batcher")
-    return serving.bench_batcher(repo, model, version, variant, config)
+    def __init__(self, batcher: Batcher, spec: ModelSpec) -> None:
+        self.batcher = batcher
+        self.spec = spec
+        self._batched = batcher.policy.max_batch_size > 0
+
+    def submit(self, inputs: dict[str, np.ndarray]) -> Future[Any]:
+        future: Future[Any] = Future()
+
+        def done(outputs: Any, error: BaseException | None) -> None:
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(outputs)
+
+        rows = int(next(iter(inputs.values())).shape[0]) if self._batched else 1
+        self.batcher.submit(inputs, rows, done)  # a full queue raises QueueFullError here: a rejection
+        return future
+
+    def close(self) -> None:
+        self.batcher.close(drain=True)
+
+    def __enter__(self) -> BatcherSubmitter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def batcher_for(repo: Repository, model: str, version: int, variant: str, config: BenchConfig) -> BatcherSubmitter:
+    """The dynamic batcher that `kiln serve` runs (kiln.serving.batcher), over one instance of ``variant``.
+
+    The batch limit and queue delay come from the bench options; a model without a batch dimension runs
+    one request at a time, as the server would.
+    """
+    from kiln.hardware import physical_cores
+    from kiln.serving.batcher import Batcher, BatchPolicy
+    from kiln.serving.runner import open_instance
+
+    instance = open_instance(repo.root, model, version, variant, config.threads or physical_cores(), process=False)
+    spec = instance.spec
+    batched = spec.serving.max_batch_size > 0
+    policy = BatchPolicy(
+        max_batch_size=config.max_batch_size if batched else 0,
+        max_queue_delay_s=config.max_queue_delay_ms / 1e3,
+        max_queue_size=spec.serving.max_queue_size,
+    )
+    batcher = Batcher(model, [instance], policy, name=f"bench-{model}:{version}")
+    batcher.start()
+    return BatcherSubmitter(batcher, spec)
