@@ -52,7 +52,7 @@ def sleepy_repo(tmp_path: Path) -> Path:
     variant = vdir / VARIANTS_DIR / "sleep"
     variant.mkdir(parents=True)
     (variant / "sleep.json").write_text(json.dumps({"delay_s": SERVICE_S}))
-    (variant / RECIPE_FILE).write_text(json.dumps({"engine": "test-sleep"}))
+    (variant / RECIPE_FILE).write_text(json.dumps({"engine": "test-sleep", "label": "sleeps 5 ms a batch"}))
     return repo
 
 
@@ -65,6 +65,7 @@ def test_find_max_qps_lands_near_the_analytic_capacity(sleepy_repo: Path) -> Non
         find_max_qps=True, slo_ms=40 * SERVICE_S * 1e3, scenario_seconds=2.0, max_batch_size=1, max_queue_delay_ms=0,
     )  # fmt: skip
     result = bench(sleepy_repo, "linear", config)
+    assert [v.label for v in result.variants] == ["sleeps 5 ms a batch"]  # the recipe's words, in every table
     (server,) = [s for s in result.scenarios if s.scenario == "server"]
     capacity = 1.0 / SERVICE_S
     found = server.metrics["max_qps"]

@@ -27,7 +27,7 @@ class CompareError(KilnError):
 def bench_table(result: BenchResult | dict[str, Any]) -> Table:
     data = result.to_dict() if isinstance(result, BenchResult) else result
     table = Table(title=f"{data['model']} v{data['version']}: in-process latency and throughput", title_justify="left")
-    for col, just in (("variant", "left"), ("engine", "left"), ("batch", "right"), ("p50 ms", "right"),
+    for col, just in (("variant", "left"), ("runs as", "left"), ("batch", "right"), ("p50 ms", "right"),
                       ("p90 ms", "right"), ("p99 ms", "right"), ("items/s", "right"), ("ms/item", "right"),
                       ("spread", "right")):  # fmt: skip
         table.add_column(col, justify=just)  # type: ignore[arg-type]
@@ -36,7 +36,7 @@ def bench_table(result: BenchResult | dict[str, Any]) -> Table:
             lat = b["latency"]
             spread = b["spread_relative"]
             table.add_row(
-                v["variant"] if i == 0 else "", f"{v['engine']} {v['precision']}" if i == 0 else "", str(b["batch"]),
+                v["variant"] if i == 0 else "", _label(v) if i == 0 else "", str(b["batch"]),
                 f"{lat['p50_ms']:.3f}", f"{lat['p90_ms']:.3f}", f"{lat['p99_ms']:.3f}", f"{b['items_per_s']:,.0f}",
                 f"{b['per_item_ms']:.4f}", f"[yellow]{spread:.0%}[/]" if b["warnings"] else f"{spread:.0%}",
             )  # fmt: skip
@@ -173,7 +173,7 @@ def write_html(
         for b in v["batches"]:
             lat = b["latency"]
             rows.append(
-                f"<tr><td>{esc(v['variant'])}</td><td>{esc(v['engine'])} {esc(v['precision'])}</td><td>{b['batch']}</td>"
+                f"<tr><td>{esc(v['variant'])}</td><td>{esc(_label(v))}</td><td>{b['batch']}</td>"
                 f"<td>{lat['p50_ms']:.3f}</td><td>{lat['p90_ms']:.3f}</td><td>{lat['p99_ms']:.3f}</td>"
                 f"<td>{b['items_per_s']:,.0f}</td><td>{b['spread_relative']:.0%}</td></tr>"
             )
@@ -206,7 +206,7 @@ td:first-child,th:first-child{{text-align:left}}figure{{display:inline-block;mar
 <table>{"".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>" for k, v in facts)}</table>
 <h2>Plots</h2>{figs}
 <h2>Latency and throughput</h2>
-<table><tr><th>variant</th><th>engine</th><th>batch</th><th>p50 ms</th><th>p90 ms</th><th>p99 ms</th><th>items/s</th><th>spread</th></tr>{"".join(rows)}</table>
+<table><tr><th>variant</th><th>runs as</th><th>batch</th><th>p50 ms</th><th>p90 ms</th><th>p99 ms</th><th>items/s</th><th>spread</th></tr>{"".join(rows)}</table>
 {"<h2>Scenarios</h2><table><tr><th>scenario</th><th>variant</th><th>result</th></tr>" + scen + "</table>" if scen else ""}
 {'<h2>Warnings</h2><ul class="warn">' + warnings + "</ul>" if warnings else ""}
 <p>Reproduce: <code>kiln bench {esc(data["model"])} --batch-sizes {",".join(str(b) for b in data["config"]["batch_sizes"])}</code></p>
@@ -300,6 +300,10 @@ def load_table(rows: list[Any]) -> Table:
                       ", ".join(f"{k}={v}" for k, v in r.errors.items()) or "0", f"{r.throughput:,.1f}",
                       f"{r.latency['p50_ms']:.3f}", f"{r.latency['p99_ms']:.3f}")  # fmt: skip
     return table
+
+
+def _label(v: dict[str, Any]) -> str:
+    return str(v.get("label") or f"{v['engine']} {v['precision']}")
 
 
 def pareto_points(repo: Path | str, model: str, version: int) -> list[dict[str, Any]]:

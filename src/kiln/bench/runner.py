@@ -51,6 +51,7 @@ class VariantResult:
     size_bytes: int
     peak_memory_bytes: int
     memory_kind: str  # "rss-delta" on CPU, "cuda-max-allocated" on GPU
+    label: str = ""  # what the variant is, in words ("onnxruntime int8 static-minmax + onnxslim")
     batches: list[BatchResult] = field(default_factory=list)
     figures: dict[str, Any] = field(default_factory=dict)  # what the optimizer measured (accuracy …)
 
@@ -164,6 +165,17 @@ def _figures(predictor: Predictor) -> dict[str, Any]:
     return {}
 
 
+def _label(predictor: Predictor) -> str:
+    """The optimizer's words for a variant (its recipe's ``label``), else the engine and precision."""
+    import json
+
+    fallback = f"{predictor.engine.name} {predictor.engine.options.precision}"
+    path = predictor.path / "recipe.json"
+    if predictor.variant != REFERENCE and path.is_file():
+        return str(json.loads(path.read_text()).get("label") or fallback)
+    return fallback
+
+
 def measure_variant(
     repo: Repository,
     model: str,
@@ -184,7 +196,7 @@ def measure_variant(
         result = VariantResult(
             variant=variant, engine=predictor.engine.name, precision=predictor.engine.options.precision,
             load_s=load_s, first_run_ms=float("nan"), size_bytes=artifact_size(predictor),
-            peak_memory_bytes=0, memory_kind="rss-delta", figures=_figures(predictor),
+            peak_memory_bytes=0, memory_kind="rss-delta", figures=_figures(predictor), label=_label(predictor),
         )  # fmt: skip
         sink.append(result)
         try:
