@@ -17,7 +17,6 @@ to write into its spec, so ``kiln predict`` turns PNG files into labelled boxes:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -26,6 +25,8 @@ from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
+
+from kiln.zoo import _cache
 
 FACTORY = "kiln.zoo.detector:build_model"
 INPUT_NAME = "image"
@@ -235,14 +236,11 @@ class TrainedDetector:
 
 
 def recipe_key() -> str:
-    return hashlib.sha256(json.dumps(RECIPE, sort_keys=True).encode()).hexdigest()[:12]
+    return _cache.recipe_key(RECIPE)
 
 
 def weights_path(cache_dir: Path | None = None) -> Path:
-    from kiln.settings import get_settings
-
-    root = cache_dir or get_settings().cache_dir
-    return root / "zoo" / f"shapes-detector-{recipe_key()}.safetensors"
+    return _cache.trained_weights_path("shapes-detector", RECIPE, cache_dir)
 
 
 def predict_boxes(model: Any, images: np.ndarray, batch_size: int = 64) -> list[list[dict[str, Any]]]:

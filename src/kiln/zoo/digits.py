@@ -7,7 +7,6 @@ trained once per machine (about 10 s on 2 cores) and every later run reuses it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -15,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from kiln.zoo import _cache
 
 FACTORY = "kiln.zoo.digits:build_model"
 INPUT_NAME = "pixels"
@@ -88,14 +89,11 @@ class TrainedDigits:
 
 
 def recipe_key() -> str:
-    return hashlib.sha256(json.dumps(RECIPE, sort_keys=True).encode()).hexdigest()[:12]
+    return _cache.recipe_key(RECIPE)
 
 
 def weights_path(cache_dir: Path | None = None) -> Path:
-    from kiln.settings import get_settings
-
-    root = cache_dir or get_settings().cache_dir
-    return root / "zoo" / f"digits-cnn-{recipe_key()}.safetensors"
+    return _cache.trained_weights_path("digits-cnn", RECIPE, cache_dir)
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
