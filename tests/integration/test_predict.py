@@ -13,16 +13,8 @@ import torch
 import kiln
 from kiln.processing import Pipeline
 from tests.fixtures import tiny_models
-from tests.fixtures.processing import WORDS, gradient_image, png_bytes, word_tokenizer
+from tests.fixtures.processing import IMAGE_POST, IMAGE_PRE, WORDS, gradient_image, png_bytes, word_tokenizer
 from tests.integration.test_cli import assert_one_line_error, run
-
-IMAGE_PRE = [
-    {"op": "decode_image"},
-    {"op": "resize", "args": {"size": [8, 8]}},
-    {"op": "normalize", "args": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}},
-    {"op": "hwc_to_chw"},
-]
-IMAGE_POST = [{"op": "softmax"}, {"op": "top_k", "args": {"k": 2}}]
 
 
 def records(path: Path) -> list[dict[str, Any]]:

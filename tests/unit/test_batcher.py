@@ -54,6 +54,21 @@ def test_rows_count_against_max_batch_and_requests_are_never_split() -> None:
     assert q.take(clock()).batch == [b, c]
 
 
+def test_requests_with_other_row_shapes_wait_for_a_batch_of_their_own() -> None:
+    clock = FakeClock()
+    q = BatchQueue("m", BatchPolicy(max_batch_size=8))
+
+    def tokens(length: int) -> Pending:
+        return Pending({"ids": np.zeros((1, length), np.int64)}, 1, clock(), lambda o, e: None)
+
+    a, b, c, d = tokens(8), tokens(16), tokens(8), tokens(16)
+    for r in (a, b, c, d):
+        q.put(r)
+    assert q.take(clock()).batch == [a, c]  # padded to 8: concatenable; the 16s are skipped, not dropped
+    assert q.take(clock()).batch == [b, d]
+    assert len(q) == 0
+
+
 def test_queue_delay_waits_for_a_fuller_batch_then_gives_up() -> None:
     clock = FakeClock()
     q = BatchQueue("m", BatchPolicy(max_batch_size=8, preferred_batch_sizes=(4,), max_queue_delay_s=0.002))

@@ -1,4 +1,5 @@
-"""The HTTP front end: the V2 / Open Inference Protocol REST API on Starlette, plus ``/metrics``.
+"""The HTTP front end: the V2 / Open Inference Protocol REST API on Starlette, KServe V1 predict for raw
+instances (``raw.py``), plus ``/metrics``.
 
 ``POST …/infer`` is a bare ASGI handler in front of Starlette (its middleware, router and
 Request/Response objects cost about a fifth of the server's CPU per request, measured); everything
@@ -23,6 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from kiln.errors import PayloadTooLargeError, ProtocolError
 from kiln.serving import logs
 from kiln.serving.protocol import decode_http, encode_http
+from kiln.serving.raw import parse_instances
 from kiln.serving.service import Service, check_load_parameters, error_status, parse_version
 
 log = logging.getLogger("kiln.serving")
@@ -130,6 +132,44 @@ def build_app(service: Service) -> ASGIApp:
     async def metrics(request: Request) -> Response:
         return Response(service.metrics.render(), media_type=service.metrics.content_type)
 
+    # ---- KServe V1: raw instances through the model's processing (see raw.py) -----------------------------
+    async def v1_models(request: Request) -> Response:
+        return JSONResponse({"models": sorted({row["name"] for row in service.manager.index()})})
+
+    async def v1_model(request: Request) -> Response:
+        name = request.path_params["model"]
+        try:
+            ready = service.manager.is_ready(name)
+            if not ready:
+                service.manager.spec(name)  # unknown model: 404
+            return JSONResponse({"name": name, "ready": ready})
+        except Exception as exc:
+            return error_response(exc)
+
+    in_flight = service.metrics.in_flight.labels("http")
+
+    async def v1_predict(request: Request) -> Response:
+        start = time.perf_counter()
+        name = request.path_params["model"]
+        logs.request_id.set(request.headers.get("x-request-id") or logs.new_request_id())
+        version, status = "", 200
+        in_flight.inc()
+        try:
+            sv = await service.resolve(name, None)
+            version = str(sv.version)
+            instances = parse_instances(_json_value(await read_body(request, limit)))
+            predictions, _ = await service.predict(sv, instances)
+            payload = json.dumps({"predictions": predictions}, separators=(",", ":")).encode()
+            response = Response(payload, media_type="application/json")
+        except Exception as exc:
+            response = error_response(exc)
+            status = response.status_code
+        finally:
+            in_flight.dec()
+        elapsed = time.perf_counter() - start
+        service.record(service.model_label(name) if status >= 400 else name, version, "http", status, elapsed)
+        return response
+
     m, mv = "/v2/models/{model}", "/v2/models/{model}/versions/{version}"
     routes = [
         Route("/v2/models/stats", statistics, methods=["GET"]),  # before /v2/models/{model}
@@ -148,6 +188,9 @@ def build_app(service: Service) -> ASGIApp:
         Route(f"{m}/stats", statistics, methods=["GET"]),
         Route(f"{mv}/stats", statistics, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route("/v1/models", v1_models, methods=["GET"]),
+        Route("/v1/models/{model}:predict", v1_predict, methods=["POST"]),
+        Route("/v1/models/{model}", v1_model, methods=["GET"]),
     ]
     rest = Starlette(routes=routes, exception_handlers={404: _not_found, 405: _not_allowed})
     infer = InferEndpoint(service)
@@ -194,9 +237,10 @@ class InferEndpoint:
                 raise ProtocolError(
                     "Inference-Header-Content-Length", f"must be a byte count, got {hlen.decode('latin-1')!r}"
                 )
-            req = decode_http(body, int(hlen) if hlen is not None else None, sv.spec)
+            raw = sv.processing
+            req = decode_http(body, int(hlen) if hlen is not None else None, raw.wire_spec, raw.keep_bytes)
             req.version = parse_version(version_text)
-            outputs = await service.infer(sv, req)
+            outputs = await service.infer_v2(sv, req)
             parts, header_len = encode_http(model, sv.version, req, outputs)
             out_headers = [(b"x-request-id", rid.encode("latin-1"))]
             if header_len is None:
@@ -246,13 +290,17 @@ class InferEndpoint:
 _WANTED = frozenset((b"x-request-id", b"content-length", b"inference-header-content-length"))
 
 
+def _json_value(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError("body", f"not valid JSON ({exc})") from None
+
+
 def _json_object(body: bytes) -> dict[str, Any]:
     if not body.strip():
         return {}
-    try:
-        doc = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError("body", f"not valid JSON ({exc})") from None
+    doc = _json_value(body)
     if not isinstance(doc, dict):
         raise ProtocolError("body", f"must be a JSON object, got {type(doc).__name__}")
     return doc

@@ -104,14 +104,20 @@ class BatchQueue:
         if p.max_batch_size == 0:
             out.batch.append(self._q.popleft())
             return out
-        # The FIFO prefix that fits in one batch, skipping cancelled and expired requests.
+        # The FIFO prefix that fits in one batch, skipping cancelled and expired requests, and requests
+        # whose non-batch dims differ from the head's (padded texts, other image sizes): they go next.
         prefix: list[Pending] = []
         rows = 0
+        head_dims: tuple[tuple[int, ...], ...] = ()
         for item in self._q:
             if item.cancelled or (item.deadline is not None and item.deadline <= now):
                 continue
             if prefix and rows + item.rows > p.max_batch_size:
                 break
+            if not prefix:
+                head_dims = _row_dims(item)
+            elif _row_dims(item) != head_dims:
+                continue
             prefix.append(item)
             rows += item.rows
         target = max(p.preferred_batch_sizes) if p.preferred_batch_sizes else p.max_batch_size
@@ -147,6 +153,11 @@ class BatchQueue:
         items = [i for i in self._q if not i.cancelled]
         self._q.clear()
         return items
+
+
+def _row_dims(item: Pending) -> tuple[tuple[int, ...], ...]:
+    """Each input's shape without the batch dim: only requests that agree on it can be concatenated."""
+    return tuple(a.shape[1:] for a in item.inputs.values())
 
 
 def concat_inputs(batch: Sequence[Pending], batched: bool) -> dict[str, np.ndarray]:

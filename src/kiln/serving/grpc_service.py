@@ -57,8 +57,11 @@ def _param(p: Any) -> Any:
     return getattr(p, which) if which else None
 
 
-def decode_grpc(request: Any, spec: ModelSpec) -> InferRequest:
-    """A ``ModelInferRequest`` as an :class:`InferRequest`; raw contents become zero-copy views."""
+def decode_grpc(request: Any, spec: ModelSpec, keep_bytes: frozenset[str] = frozenset()) -> InferRequest:
+    """A ``ModelInferRequest`` as an :class:`InferRequest`; raw contents become zero-copy views.
+
+    BYTES inputs named in ``keep_bytes`` keep their elements as ``bytes`` instead of text.
+    """
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise ProtocolError(
@@ -74,7 +77,7 @@ def decode_grpc(request: Any, spec: ModelSpec) -> InferRequest:
         if any(d < 0 for d in shape):
             raise ProtocolError(f"input {t.name!r}: shape", f"must hold non-negative sizes, got {list(shape)}")
         if raw:
-            inputs[t.name] = from_raw(t.name, raw[i], dtype, shape)
+            inputs[t.name] = from_raw(t.name, raw[i], dtype, shape, t.name not in keep_bytes)
             continue
         field = _CONTENTS.get(t.datatype)
         values = getattr(t.contents, field) if field else []
@@ -83,7 +86,9 @@ def decode_grpc(request: Any, spec: ModelSpec) -> InferRequest:
             raise ProtocolError(
                 f"input {t.name!r}: contents", f"hold {len(values)} elements but shape {list(shape)} needs {count}"
             )
-        if dtype.kind == "O":
+        if dtype.kind == "O" and t.name in keep_bytes:
+            arr = np.array([bytes(v) for v in values] or [], dtype=object)
+        elif dtype.kind == "O":
             try:
                 arr = np.array([bytes(v).decode() for v in values] or [], dtype=object)
             except UnicodeDecodeError:
@@ -183,9 +188,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         try:
             sv = await self.service.resolve(model, request.model_version)
             version = str(sv.version)
-            req = decode_grpc(request, sv.spec)
+            req = decode_grpc(request, sv.processing.wire_spec, sv.processing.keep_bytes)
             req.version = parse_version(request.model_version)
-            outputs = await self.service.infer(sv, req)
+            outputs = await self.service.infer_v2(sv, req)
             return encode_grpc(model, sv.version, req, outputs)
         except Exception as exc:
             status, message = error_status(exc)

@@ -24,6 +24,7 @@ from kiln.errors import KilnError, MemoryBudgetError, ModelNotReadyError, NotFou
 from kiln.repository import RECIPE_FILE, VARIANTS_DIR, Repository
 from kiln.serving.batcher import Batcher, BatchPolicy
 from kiln.serving.metrics import Metrics
+from kiln.serving.raw import RawModel
 from kiln.serving.runner import FallbackState, ModelRunner, open_instance, warmup_inputs
 from kiln.serving.settings import ServerSettings
 from kiln.spec import ModelSpec
@@ -51,6 +52,7 @@ class ServedVersion:
     generation: int
     fallback: FallbackState
     timeout_s: float
+    processing: RawModel  # pre/post-processing for raw inputs (V1 predict, the V2 ``raw`` input)
 
     @property
     def cache_enabled(self) -> bool:
@@ -322,6 +324,8 @@ class ModelManager:
         name = spec.name
         repo = self.repository.root
         threads = self.settings.engine_threads
+        vdir = self.repository.resolve(name, version)[1]
+        processing = RawModel.build(spec, vdir)  # before the engines: a bad step fails the load at once
         first = open_instance(repo, name, version, "chosen", threads, process=False)
         instances = [first]
         try:
@@ -374,7 +378,6 @@ class ModelManager:
         self.metrics.queue_depth.labels(name, str(version)).set_function(lambda: batcher.depth)
         self.metrics.busy.labels(name, str(version)).set_function(lambda: batcher.busy)
         self._generation += 1
-        vdir = self.repository.resolve(name, version)[1]
         return ServedVersion(
             model=name,
             version=version,
@@ -385,6 +388,7 @@ class ModelManager:
             generation=self._generation,
             fallback=fallback,
             timeout_s=(s.timeout_ms / 1e3) if s.timeout_ms else self.settings.request_timeout_s,
+            processing=processing,
         )
 
     def _retire(self, versions: list[ServedVersion]) -> None:

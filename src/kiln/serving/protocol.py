@@ -72,10 +72,11 @@ def serialize_bytes(arr: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
-def deserialize_bytes(buf: bytes | memoryview, count: int, name: str) -> np.ndarray:
+def deserialize_bytes(buf: bytes | memoryview, count: int, name: str, text: bool = True) -> np.ndarray:
     """The inverse of :func:`serialize_bytes`; exactly ``count`` elements must fill ``buf``.
 
     Elements become ``str`` (UTF-8): string tensors in ONNX Runtime, like ``predict`` in process, take text.
+    With ``text=False`` they stay ``bytes`` (encoded images for the raw input, see ``raw.py``).
     """
     view = memoryview(buf)
     out = np.empty(count, dtype=object)
@@ -90,7 +91,7 @@ def deserialize_bytes(buf: bytes | memoryview, count: int, name: str) -> np.ndar
                 f"input {name!r}", f"BYTES element {i} claims {n} bytes but only {len(view) - pos} remain"
             )
         try:
-            out[i] = str(view[pos : pos + n], "utf-8")
+            out[i] = str(view[pos : pos + n], "utf-8") if text else bytes(view[pos : pos + n])
         except UnicodeDecodeError:
             raise ProtocolError(f"input {name!r}", f"BYTES element {i} is not valid UTF-8 text") from None
         pos += n
@@ -115,11 +116,13 @@ def check_shape(name: str, shape: Any) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def from_raw(name: str, raw: bytes | memoryview, dtype: np.dtype[Any], shape: tuple[int, ...]) -> np.ndarray:
+def from_raw(
+    name: str, raw: bytes | memoryview, dtype: np.dtype[Any], shape: tuple[int, ...], text: bool = True
+) -> np.ndarray:
     """A tensor from its binary (raw) form: a zero-copy view for fixed-size types."""
     count = math.prod(shape)
     if dtype.kind == "O":
-        return deserialize_bytes(raw, count, name).reshape(shape)
+        return deserialize_bytes(raw, count, name, text).reshape(shape)
     want = count * dtype.itemsize
     if len(raw) != want:
         raise ProtocolError(
@@ -151,8 +154,13 @@ def check_outputs(spec: ModelSpec, names: Sequence[str]) -> None:
 
 
 # ---- HTTP (JSON + binary extension) ----------------------------------------------------------------------
-def decode_http(body: bytes, header_length: int | None, spec: ModelSpec) -> InferRequest:
-    """Decode an HTTP infer body; ``header_length`` is ``Inference-Header-Content-Length`` when present."""
+def decode_http(
+    body: bytes, header_length: int | None, spec: ModelSpec, keep_bytes: frozenset[str] = frozenset()
+) -> InferRequest:
+    """Decode an HTTP infer body; ``header_length`` is ``Inference-Header-Content-Length`` when present.
+
+    BYTES inputs named in ``keep_bytes`` keep their binary elements as ``bytes`` instead of text.
+    """
     if header_length is not None and not 0 < header_length <= len(body):
         raise ProtocolError(
             "Inference-Header-Content-Length", f"{header_length} must lie in 1..{len(body)} (the body size)"
@@ -195,12 +203,12 @@ def decode_http(body: bytes, header_length: int | None, spec: ModelSpec) -> Infe
                     f"input {name!r}: binary_data_size",
                     f"{size} bytes announced but only {len(body) - offset} binary bytes remain in the body",
                 )
-            inputs[name] = from_raw(name, binary[offset : offset + size], dtype, shape)
+            inputs[name] = from_raw(name, binary[offset : offset + size], dtype, shape, name not in keep_bytes)
             offset += size
         else:
             if "data" not in t:
                 raise ProtocolError(f"input {name!r}: data", "is missing (and no binary_data_size parameter)")
-            inputs[name] = _from_json(name, t["data"], dtype, shape)
+            inputs[name] = _from_json(name, t["data"], dtype, shape, name in keep_bytes)
     if offset != len(body):
         raise ProtocolError("body", f"{len(body) - offset} bytes of binary data are not claimed by any input")
     req = InferRequest(id=str(doc.get("id", "")), inputs=inputs)
@@ -225,13 +233,14 @@ def decode_http(body: bytes, header_length: int | None, spec: ModelSpec) -> Infe
     return req
 
 
-def _from_json(name: str, data: Any, dtype: np.dtype[Any], shape: tuple[int, ...]) -> np.ndarray:
+def _from_json(name: str, data: Any, dtype: np.dtype[Any], shape: tuple[int, ...], raw: bool = False) -> np.ndarray:
     if not isinstance(data, list):
         data = [data]
     count = math.prod(shape)
     try:
         if dtype.kind == "O":
-            flat = np.array([_to_text(x) for x in _flatten(data)] or [], dtype=object)
+            convert = _to_raw_element if raw else _to_text
+            flat = np.array([convert(x) for x in _flatten(data)] or [], dtype=object)
         else:
             flat = np.asarray(data, dtype=dtype).reshape(-1)
     except (TypeError, ValueError, OverflowError) as exc:
@@ -257,6 +266,13 @@ def _to_text(x: Any) -> str:
     if isinstance(x, str):
         return x
     raise TypeError(f"BYTES elements in JSON must be strings, got {type(x).__name__}")
+
+
+def _to_raw_element(x: Any) -> Any:
+    """A raw-input element in JSON: text, or binary data as ``{"b64": "..."}`` (decoded by the pipeline)."""
+    if isinstance(x, str) or (isinstance(x, dict) and isinstance(x.get("b64"), str) and len(x) == 1):
+        return x
+    raise TypeError(f'raw elements in JSON must be strings or {{"b64": "..."}}, got {type(x).__name__}')
 
 
 def encode_http(

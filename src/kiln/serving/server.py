@@ -135,6 +135,7 @@ class Server:
             waits.append(self._grpc.stop(grace))
         await asyncio.gather(*waits, return_exceptions=True)
         await self.manager.close()
+        self.service.close()
         log.info("stopped")
 
 

@@ -10,6 +10,8 @@ import asyncio
 import hmac
 import logging
 import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from kiln import __version__
@@ -18,7 +20,8 @@ from kiln.serving.batcher import BatcherClosedError, Outputs
 from kiln.serving.cache import ResponseCache, cache_key
 from kiln.serving.manager import ModelManager, ServedVersion
 from kiln.serving.metrics import Metrics, outcome_for
-from kiln.serving.protocol import InferRequest
+from kiln.serving.protocol import InferRequest, check_outputs
+from kiln.serving.raw import PREDICTIONS, RAW_INPUT, predictions_tensor, wire_spec
 from kiln.serving.settings import ServerSettings
 from kiln.spec import ModelSpec
 
@@ -61,6 +64,19 @@ class Service:
         self._timers: dict[tuple[str, str, str], Any] = {}
         self.active = 0  # requests inside infer(); all on the event loop's thread
         self._contended_until = 0.0  # requests overlapped recently: use the batcher, not inline runs
+        self._pool: ThreadPoolExecutor | None = None
+
+    @property
+    def processing_pool(self) -> ThreadPoolExecutor:
+        """Threads for pre- and post-processing, so that decoding never blocks the event loop."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.settings.processing_threads, thread_name_prefix="kiln-processing")
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
 
     # ---- health and auth ----------------------------------------------------------------------------------
     @property
@@ -117,6 +133,40 @@ class Service:
         if key is not None:
             self.cache.put(key, outputs)
         return outputs
+
+    async def infer_v2(self, sv: ServedVersion, req: InferRequest) -> Outputs:
+        """A decoded V2 request: the ``raw`` input goes through processing, tensors straight to :meth:`infer`."""
+        if RAW_INPUT not in req.inputs or not sv.processing.takes_raw:
+            if sv.processing.takes_raw and req.output_names:
+                check_outputs(sv.spec, req.output_names)  # 'predictions' needs the raw input
+            return await self.infer(sv, req)
+        if len(req.inputs) != 1:
+            others = sorted(n for n in req.inputs if n != RAW_INPUT)
+            raise ProtocolError(
+                "inputs", f"the {RAW_INPUT!r} input goes alone (pre-processing makes the tensors); drop {others}"
+            )
+        instances = sv.processing.instances_from_tensor(req.inputs[RAW_INPUT])
+        predictions, outputs = await self.predict(sv, instances, req.id)
+        loop = asyncio.get_running_loop()
+        results = dict(outputs)
+        results[PREDICTIONS] = await loop.run_in_executor(self.processing_pool, predictions_tensor, predictions)
+        return {n: results[n] for n in (req.output_names or (PREDICTIONS,))}
+
+    async def predict(
+        self, sv: ServedVersion, instances: Sequence[Any], request_id: str = ""
+    ) -> tuple[list[Any], Outputs]:
+        """Raw instances through pre-processing (in the processing pool), :meth:`infer`, and post-processing."""
+        mbs = sv.spec.serving.max_batch_size
+        if mbs and len(instances) > mbs:
+            raise ProtocolError(
+                "instances", f"{len(instances)} instances exceed model {sv.model!r}'s max batch size {mbs}; "
+                f"send at most {mbs} per request",
+            )  # fmt: skip
+        loop = asyncio.get_running_loop()
+        batch = await loop.run_in_executor(self.processing_pool, sv.processing.preprocess, instances)
+        outputs = await self.infer(sv, InferRequest(id=request_id, inputs=batch.inputs))
+        predictions = await loop.run_in_executor(self.processing_pool, sv.processing.postprocess, outputs, batch)
+        return predictions, outputs
 
     async def _run(self, sv: ServedVersion, req: InferRequest, rows: int) -> Outputs:
         batcher = sv.batcher
@@ -178,6 +228,7 @@ class Service:
 
     def model_metadata(self, model: str, version: str | None) -> dict[str, Any]:
         spec, versions = self._spec_versions(model, version)
+        spec = wire_spec(spec) or spec  # a model with pre-processing lists its raw input too (raw.py)
         return {
             "name": model,
             "versions": [str(v) for v in versions],
@@ -189,12 +240,21 @@ class Service:
     def model_config(self, model: str, version: str | None = None) -> dict[str, Any]:
         """Triton's model configuration (as JSON), so Triton's tools (perf_analyzer …) can drive kiln."""
         spec, _ = self._spec_versions(model, version)
+        wire = wire_spec(spec)
         s = spec.serving
         batched = s.max_batch_size > 0
 
         def tensor(t: Any) -> dict[str, Any]:
             dims = list(t.shape[1:] if batched else t.shape)
-            return {"name": t.name, "data_type": triton_type(t.datatype), "dims": dims}
+            out = {"name": t.name, "data_type": triton_type(t.datatype), "dims": dims}
+            if wire is not None and t.name in (RAW_INPUT, PREDICTIONS):  # one element per instance
+                out.update(dims=[1], reshape={"shape": []})
+            return out
+
+        def inputs() -> list[dict[str, Any]]:
+            if wire is None:
+                return [tensor(t) for t in spec.inputs]
+            return [{**tensor(t), "optional": True} for t in wire.inputs]  # raw or tensors, not both
 
         policy: dict[str, Any]
         if s.version_policy == "latest":
@@ -209,8 +269,8 @@ class Service:
             "backend": "onnxruntime",
             "version_policy": policy,
             "max_batch_size": s.max_batch_size,
-            "input": [tensor(t) for t in spec.inputs],
-            "output": [tensor(t) for t in spec.outputs],
+            "input": inputs(),
+            "output": [tensor(t) for t in (wire or spec).outputs],
             "instance_group": [{"name": f"{model}_0", "count": s.instances, "kind": "KIND_CPU"}],
             "response_cache": {"enable": s.response_cache},
         }

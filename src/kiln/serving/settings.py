@@ -56,6 +56,9 @@ class ServerSettings(BaseSettings):
         description="a request that finds the server otherwise idle runs on the event loop's thread when the "
         "model's batches take less than this (saves two thread hand-offs); 0 turns it off",
     )
+    processing_threads: int = Field(
+        default=2, ge=1, description="threads that decode raw inputs (images, texts) and post-process results"
+    )
     log_format: Literal["json", "text"] = "json"
     log_level: str = "INFO"
     access_log: bool = Field(default=False, description="log every request (costs a few µs each)")
