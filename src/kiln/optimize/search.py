@@ -33,6 +33,7 @@ from kiln.spec import ModelSpec
 FIGURES_FILE = "figures.json"
 REPORT_FILE = "optimize.json"
 SKIPS_FILE = ".not-applicable.json"  # variant id -> why its pass had nothing to do
+SLOWER = "int8 slower than"  # the reason an int8 variant is rejected on speed
 Status = Literal["chosen", "accepted", "rejected", "skipped", "failed"]
 ProgressHook = Callable[[str, int, int], None]  # (what is happening, done, total)
 
@@ -257,10 +258,17 @@ class _Search:
                 self._retime([v, ref], f"{v.label}: slower than {ref.label}? timing both again")
 
     def final_round(self, results: list[VariantResult]) -> bool:
-        """Time the fastest few accepted variants again, round-robin, and keep those figures: a choice
-        between close variants should not hang on which one ran while the machine was busy."""
+        """Time the fastest few variants within the budget again, round-robin, and keep those figures: a
+        choice between close variants should not hang on which one ran while the machine was busy. An
+        int8 variant rejected on speed competes too, since the judgement is made again on these figures."""
         obj = self.config.objective
-        ranked = sorted((v for v in results if v.status == "accepted" and v.timing is not None),
+        contenders = (
+            v
+            for v in results
+            if v.timing is not None
+            and (v.status == "accepted" or (v.status == "rejected" and v.reason.startswith(SLOWER)))
+        )
+        ranked = sorted(contenders,
                         key=lambda v: v.objective(obj) or float("inf"))  # fmt: skip
         finalists = ranked[: self.config.finalists]
         if len(finalists) < 2 or not any(v.fresh for v in results):
@@ -420,16 +428,22 @@ def _plain_fp32(results: list[VariantResult]) -> dict[tuple[str, Any], VariantRe
 
 
 def _judge(results: list[VariantResult], config: OptimizeConfig, baseline: VariantResult | None) -> None:
-    """Reject int8 slower than its engine's fp32; mark the Pareto frontier; compute speed-ups."""
+    """Reject int8 slower than its engine's fp32; mark the Pareto frontier; compute speed-ups.
+
+    A function of the figures alone: a speed verdict from an earlier call is taken back first, so a
+    rerun that reads the same figures from disk reaches the same choice as the run that timed them."""
     obj = config.objective
     plain = _plain_fp32(results)
+    for v in results:
+        if v.status == "rejected" and v.reason.startswith(SLOWER):
+            v.status, v.reason = "accepted", ""
     for v in results:
         if v.recipe is None or v.recipe.int8 is None or v.status != "accepted" or v.timing is None:
             continue
         ref = plain.get(_engine_key(v.recipe))
         if ref is not None and (v.objective(obj) or 0) > (ref.objective(obj) or 0):
             unit = _fmt_objective(v, obj), _fmt_objective(ref, obj)
-            v.status, v.reason = "rejected", f"int8 slower than {ref.label} ({unit[0]} vs {unit[1]})"
+            v.status, v.reason = "rejected", f"{SLOWER} {ref.label} ({unit[0]} vs {unit[1]})"
     measured = [v for v in results if v.timing is not None and v.accuracy is not None]
     for v in measured:
         speed, quality = -(v.objective(obj) or 0), v.accuracy.quality if v.accuracy else 0

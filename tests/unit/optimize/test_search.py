@@ -49,6 +49,17 @@ def test_int8_slower_than_its_engines_fp32_is_rejected_with_the_reason() -> None
     assert _choose(results, "latency") is results[3] and results[3].status == "chosen"
 
 
+def test_speed_verdict_follows_the_latest_figures() -> None:
+    """Judged again after a retime, an int8 variant is judged on the new figures, as a rerun would."""
+    results = [_v("ort", 1.0, ORT), _v("ort-int8", 1.2, ORT_INT8)]
+    _judge(results, OptimizeConfig(), None)
+    assert results[1].status == "rejected"
+    results[0].timing = Timing(1.5, 1.5, 1000 / 1.5, 8, 0.0, 0.0, 10, 1)  # the final round timed fp32 slower
+    _judge(results, OptimizeConfig(), None)
+    assert results[1].status == "accepted" and results[1].reason == ""
+    assert _choose(results, "latency") is results[1]
+
+
 def test_choice_ignores_rejected_variants_even_when_fastest() -> None:
     results = [_v("torch", 5.0, TORCH), _v("ort", 1.0, ORT), _v("fast-but-wrong", 0.1, ORT_INT8, 0.5, "rejected")]
     _judge(results, OptimizeConfig(), results[0])
