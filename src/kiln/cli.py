@@ -228,8 +228,10 @@ def optimize(
     version: Annotated[int | None, typer.Option(help="version (default: the latest)")] = None,
     preset: Annotated[str | None, typer.Option(help="cpu-latency, cpu-throughput, quick or thorough")] = None,
     objective: Annotated[str | None, typer.Option(help="latency (batch 1) or throughput (batch N)")] = None,
-    max_drop: Annotated[float | None, typer.Option(help="allowed drop of top-1, agreement or mean cosine")] = None,
-    metric: Annotated[str | None, typer.Option(help="auto, top1, agreement, cosine, sqnr or max-abs")] = None,
+    max_drop: Annotated[
+        float | None, typer.Option(help="allowed drop of top-1, agreement, mean cosine or mAP@0.5")
+    ] = None,
+    metric: Annotated[str | None, typer.Option(help="auto, top1, agreement, cosine, map50, sqnr or max-abs")] = None,
     min_sqnr_db: Annotated[float | None, typer.Option(help="budget when the metric is sqnr")] = None,
     max_abs_error: Annotated[float | None, typer.Option(help="also bound the max abs error")] = None,
     data: Annotated[str | None, typer.Option(help="validation/calibration data: a .npz or 'module:callable'")] = None,

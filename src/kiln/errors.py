@@ -162,6 +162,21 @@ class NoVariantWithinBudgetError(AccuracyError):
 
 
 # ---- serving -------------------------------------------------------------------------------------------
+class NoVariantBuiltError(KilnError):
+    """Every variant the search tried failed to build or run, so none could be checked against the budget."""
+
+    http_status = 422
+
+    def __init__(self, model: str, failed: int, first: str) -> None:
+        super().__init__(
+            f"none of the {failed} variants of {model!r} could be built and run, so none was checked; the first "
+            f"failure: {first}"
+        )
+        self.model = model
+        self.failed = failed
+        self.first = first
+
+
 class ProtocolError(KilnError):
     """A request that does not follow the inference protocol: malformed JSON, a missing or bad field."""
 

@@ -11,9 +11,10 @@ from typing import Any
 import numpy as np
 
 BoxLike = Mapping[str, Any] | Sequence[float]
+Boxes = Sequence[BoxLike] | np.ndarray  # one image's boxes: dicts, rows, or an array of rows
 
 
-def _pred_rows(dets: Sequence[BoxLike]) -> np.ndarray:
+def _pred_rows(dets: Boxes) -> np.ndarray:
     """Predictions as rows ``[x1, y1, x2, y2, score, class_id]``."""
     rows = []
     for d in dets:
@@ -26,7 +27,7 @@ def _pred_rows(dets: Sequence[BoxLike]) -> np.ndarray:
     return np.asarray(rows, dtype=np.float64).reshape(-1, 6)
 
 
-def _gt_rows(gts: Sequence[BoxLike]) -> np.ndarray:
+def _gt_rows(gts: Boxes) -> np.ndarray:
     """Ground truth as rows ``[x1, y1, x2, y2, class_id]``."""
     rows = []
     for g in gts:
@@ -61,7 +62,7 @@ def average_precision(recall: np.ndarray, precision: np.ndarray) -> float:
     return float(np.sum((r[idx + 1] - r[idx]) * p[idx + 1]))
 
 
-def map50(pred_boxes: Sequence[Sequence[BoxLike]], gt_boxes: Sequence[Sequence[BoxLike]], iou: float = 0.5) -> float:
+def map50(pred_boxes: Sequence[Boxes], gt_boxes: Sequence[Boxes], iou: float = 0.5) -> float:
     """Mean average precision at IoU ``iou`` (0.5 by default) over the classes present in the ground truth.
 
     ``pred_boxes[i]`` holds image *i*'s detections, each ``{"box": [x1, y1, x2, y2], "score": s,
@@ -105,3 +106,24 @@ def map50(pred_boxes: Sequence[Sequence[BoxLike]], gt_boxes: Sequence[Sequence[B
         ctp, cfp = np.cumsum(tp), np.cumsum(1.0 - tp)
         aps.append(average_precision(ctp / n_gt, ctp / np.maximum(ctp + cfp, 1e-12)))
     return float(np.mean(aps))
+
+
+def pad_boxes(boxes: Sequence[np.ndarray]) -> np.ndarray:
+    """Per-image ground truth ``[K_i, 5]`` (x1, y1, x2, y2, class_id) -> one ``[N, M, 5]`` float32 array,
+    padded with rows of class -1: the ``labels`` array a detection model's validation data carries."""
+    m = max((len(b) for b in boxes), default=0) or 1
+    out = np.zeros((len(boxes), m, 5), np.float32)
+    out[..., 4] = -1
+    for i, b in enumerate(boxes):
+        out[i, : len(b)] = np.asarray(b, dtype=np.float32).reshape(-1, 5)
+    return out
+
+
+def unpad_boxes(labels: np.ndarray) -> list[np.ndarray]:
+    """The inverse of :func:`pad_boxes`: one ``[K_i, 5]`` array of real boxes per image."""
+    return [rows[rows[:, 4] >= 0] for rows in np.asarray(labels, dtype=np.float64)]
+
+
+def is_padded_boxes(labels: np.ndarray | None) -> bool:
+    """Whether ``labels`` has the shape :func:`pad_boxes` gives: ``[N, M, 5]``."""
+    return labels is not None and labels.ndim == 3 and labels.shape[-1] == 5

@@ -2,8 +2,9 @@
 
 Always the output drift (max abs error and SQNR in dB over every output), plus the task metric:
 top-1 accuracy with labels (classification), top-1 agreement with the original without labels,
-cosine similarity of embeddings. A variant outside the budget raises :class:`AccuracyBudgetError`,
-so callers decide what is fatal.
+cosine similarity of embeddings, mAP@0.5 of the boxes that the spec's post-processing makes
+(detection, with ground-truth boxes). A variant outside the budget raises
+:class:`AccuracyBudgetError`, so callers decide what is fatal.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from kiln.errors import AccuracyBudgetError
+from kiln.errors import AccuracyBudgetError, DataError
+from kiln.metrics import is_padded_boxes, map50, unpad_boxes
 from kiln.optimize.config import OptimizeConfig
 from kiln.optimize.data import Samples
 from kiln.spec import ModelSpec
 
 Outputs = dict[str, np.ndarray]
+Detect = Callable[[Outputs], list[Any]]  # outputs -> per-image detections (the spec's post-processing)
 
 
 def run_all(run: Callable[[Mapping[str, np.ndarray]], Outputs], samples: Samples, batch: int) -> Outputs:
@@ -86,19 +89,31 @@ class AccuracyFigures:
 
 
 def choose_metric(config: OptimizeConfig, spec: ModelSpec, samples: Samples) -> str:
+    if config.metric == "map50" and not is_padded_boxes(samples.labels):
+        got = "none" if samples.labels is None else f"shape {list(samples.labels.shape)}"
+        raise DataError("labels", f"the map50 metric needs ground-truth boxes shaped [N, M, 5] (x1, y1, x2, y2, "
+                                  f"class_id; class -1 pads), got {got}")  # fmt: skip
     if config.metric != "auto":
         return config.metric
     if spec.task == "classification":
         return "top1" if samples.labels is not None else "agreement"
     if spec.task == "embedding":
         return "cosine"
+    if spec.task == "detection" and is_padded_boxes(samples.labels) and spec.postprocess:
+        return "map50"
     return "sqnr"
 
 
 def measure(
-    metric: str, spec: ModelSpec, reference: Outputs, candidate: Outputs, labels: np.ndarray | None
+    metric: str,
+    spec: ModelSpec,
+    reference: Outputs,
+    candidate: Outputs,
+    labels: np.ndarray | None,
+    detect: Detect | None = None,
 ) -> AccuracyFigures:
-    """Compare ``candidate`` with ``reference`` outputs (same samples, same order)."""
+    """Compare ``candidate`` with ``reference`` outputs (same samples, same order). ``detect`` turns
+    outputs into boxes for the map50 metric."""
     names = [t.name for t in spec.outputs if t.name in reference]
     floats = [n for n in names if reference[n].dtype.kind in "fc"]
     mae = max((max_abs_error(reference[n], candidate[n]) for n in floats), default=0.0)
@@ -119,6 +134,11 @@ def measure(
         value, ref_value = float(agree if agree is not None else 0.0), 1.0
     elif metric == "cosine":
         value, ref_value = cos, 1.0
+    elif metric == "map50":
+        if detect is None or labels is None or not is_padded_boxes(labels):
+            raise AccuracyBudgetError(main, "map50", float("nan"), 0.0, "needs ground-truth boxes and post-processing:")
+        truth = unpad_boxes(labels)
+        value, ref_value = map50(detect(candidate), truth), map50(detect(reference), truth)
     elif metric == "sqnr":
         value, ref_value = sqnr, float("inf")
     else:
@@ -129,8 +149,9 @@ def measure(
 def check(variant: str, figures: AccuracyFigures, config: OptimizeConfig) -> None:
     """Raise :class:`AccuracyBudgetError` when ``figures`` fall outside ``config``'s budget."""
     m, v = figures.metric, figures.value
-    if m == "top1" and figures.reference_value - v > config.max_drop + 1e-12:
-        raise AccuracyBudgetError(variant, "top-1 drop", figures.reference_value - v, config.max_drop, "≤")
+    if m in ("top1", "map50") and figures.reference_value - v > config.max_drop + 1e-12:
+        what = "top-1 drop" if m == "top1" else "mAP@0.5 drop"
+        raise AccuracyBudgetError(variant, what, figures.reference_value - v, config.max_drop, "≤")
     if m in ("agreement", "cosine") and v < 1 - config.max_drop - 1e-12:
         raise AccuracyBudgetError(variant, "top-1 agreement" if m == "agreement" else "mean cosine", v,
                                   1 - config.max_drop, "≥")  # fmt: skip

@@ -22,7 +22,7 @@ Int8Kind = Literal["ort-dynamic", "ort-static", "nncf", "torch-dynamic"]
 CalibrationMethod = Literal["minmax", "entropy", "percentile"]
 CompileModeName = Literal["default", "max-autotune", "reduce-overhead"]
 Objective = Literal["latency", "throughput"]
-Metric = Literal["auto", "top1", "agreement", "cosine", "sqnr", "max-abs"]
+Metric = Literal["auto", "top1", "agreement", "cosine", "map50", "sqnr", "max-abs"]
 Hint = Literal["latency", "throughput"]
 
 ENGINES: tuple[EngineName, ...] = ("onnxruntime", "openvino", "torch")
@@ -62,8 +62,11 @@ class OptimizeConfig(BaseModel):
     preset: str | None = Field(default=None, description=f"defaults from a table: {sorted(PRESETS)}")
     objective: Objective = "latency"
     # ---- accuracy budget ---------------------------------------------------------------------------
-    metric: Metric = Field(default="auto", description="auto: top1 with labels, cosine for embeddings, else sqnr")
-    max_drop: float = Field(default=0.01, ge=0, le=1, description="allowed drop of top1/agreement/cosine")
+    metric: Metric = Field(
+        default="auto",
+        description="auto: top1 with labels, map50 for detection with boxes, cosine for embeddings, else sqnr",
+    )
+    max_drop: float = Field(default=0.01, ge=0, le=1, description="allowed drop of top1/agreement/cosine/map50")
     min_sqnr_db: float = Field(default=30.0, description="the bound when the metric is sqnr")
     max_abs_error: float | None = Field(default=None, gt=0, description="also bound the max abs error")
     # ---- what to build -----------------------------------------------------------------------------
@@ -125,6 +128,7 @@ class OptimizeConfig(BaseModel):
             "top1": f"top-1 drop ≤ {self.max_drop:g}",
             "agreement": f"top-1 agreement with fp32 ≥ {1 - self.max_drop:g}",
             "cosine": f"mean cosine ≥ {1 - self.max_drop:g}",
+            "map50": f"mAP@0.5 drop ≤ {self.max_drop:g}",
             "sqnr": f"SQNR ≥ {self.min_sqnr_db:g} dB",
             "max-abs": f"max abs error ≤ {self.max_abs_error:g}" if self.max_abs_error else "max abs error",
         }[metric]

@@ -1,7 +1,8 @@
 """Validation and calibration data: from the user (a ``.npz`` file or ``module:callable``) or from a zoo
 model's own split.
 
-A ``.npz`` holds one array per model input (by name) and optionally ``labels``; arrays named
+A ``.npz`` holds one array per model input (by name) and optionally ``labels`` (class ids, or for a
+detection model ground-truth boxes padded to ``[N, M, 5]``: see :func:`kiln.metrics.pad_boxes`); arrays named
 ``calibration/<input>`` (or ``calib_<input>``) give separate calibration data. A callable returns an
 array (one input), a dict of arrays, or ``(inputs, labels)``. Files are read with
 ``allow_pickle=False``: kiln never unpickles data.
@@ -21,7 +22,11 @@ from kiln.errors import DataError
 from kiln.spec import ModelSpec
 
 # Zoo models know their own data: manifest source -> "module:callable" returning (calibration, validation).
-ZOO_DATA: dict[str, str] = {"kiln.zoo.digits:build_model": "kiln.zoo.digits:optimize_data"}
+ZOO_DATA: dict[str, str] = {
+    "kiln.zoo.digits:build_model": "kiln.zoo.digits:optimize_data",
+    "kiln.zoo.detector:build_model": "kiln.zoo.detector:optimize_data",
+    "kiln.zoo.minilm:build_model": "kiln.zoo.minilm:optimize_data",
+}
 
 
 @dataclass

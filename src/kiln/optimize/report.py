@@ -36,6 +36,8 @@ def _metric_cell(v: VariantResult) -> str:
         return f"{a.top1:.2%}"
     if a.metric in ("agreement", "cosine"):
         return f"{a.value:.5f}"
+    if a.metric == "map50":
+        return f"{a.value:.4f}"
     return ""
 
 
@@ -49,7 +51,7 @@ def _drift_cell(v: VariantResult) -> str:
 
 def result_table(result: OptimizeResult, show_skipped: bool = False) -> Table:
     batch = next((v.timing.batch for v in result.variants if v.timing is not None), None)
-    metric = {"top1": "top-1", "agreement": "agreement", "cosine": "cosine"}.get(result.metric)
+    metric = {"top1": "top-1", "agreement": "agreement", "cosine": "cosine", "map50": "mAP@0.5"}.get(result.metric)
     table = Table(
         title=f"{result.model} v{result.version}: objective {result.objective}, budget {result.budget}",
         title_justify="left",

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from kiln.engines.base import EngineOptions, load_engine
-from kiln.errors import AccuracyBudgetError, KilnError, NoVariantWithinBudgetError
+from kiln.errors import AccuracyBudgetError, KilnError, NoVariantBuiltError, NoVariantWithinBudgetError
 from kiln.optimize import accuracy, timing
 from kiln.optimize.config import OptimizeConfig, Recipe
 from kiln.optimize.data import DataSplit, Samples, load_split
@@ -145,6 +145,9 @@ def optimize(
     notes = list(split.notes)
     if chosen is None:
         tried = sum(1 for v in results if v.accuracy is not None)
+        failed = [v for v in results if v.status == "failed"]
+        if not tried and failed:
+            raise NoVariantBuiltError(model, len(failed), f"{failed[0].label}: {failed[0].reason}")
         raise NoVariantWithinBudgetError(model, tried, config.budget_text(metric))
     result = OptimizeResult(
         model, number, config.objective, metric, config.budget_text(metric), _order(results, config.objective),
@@ -170,6 +173,7 @@ class _Search:
         self.threads = threads
         self.progress = progress or (lambda what, done, total: None)
         self.reference: accuracy.Outputs | None = None
+        self.detect = _detector(spec, vdir, split.validation) if metric == "map50" else None
         self.timing_key = {"batch": config.batch_size, "threads": threads, "min_time_s": config.min_time_s}
         self.calibration = None if split.calibration is None else split.calibration.batches(config.batch_size)
         self.skips_file = vdir / VARIANTS_DIR / SKIPS_FILE
@@ -353,13 +357,25 @@ class _Search:
             outputs = accuracy.run_all(engine.run, validation, self.config.batch_size)
             if self.reference is None:
                 raise RuntimeError("the reference outputs are computed before any variant")
-            result.accuracy = accuracy.measure(self.metric, self.spec, self.reference, outputs, validation.labels)
+            result.accuracy = accuracy.measure(
+                self.metric, self.spec, self.reference, outputs, validation.labels, self.detect
+            )
         finally:
             engine.close()
             if recipe.options.get("compile"):
                 import torch
 
                 torch._dynamo.reset()
+
+
+def _detector(spec: ModelSpec, vdir: Path, samples: Samples) -> accuracy.Detect:
+    """Outputs on ``samples`` -> boxes through the spec's own post-processing (decode, threshold, NMS),
+    as served; the ops see the input tensors (the anchor grid follows the image size)."""
+    from kiln.processing import Batch, Pipeline
+
+    pipeline = Pipeline.from_spec(spec, root=vdir)
+    batch = Batch(samples.inputs, [{} for _ in range(len(samples))])
+    return lambda outputs: pipeline.postprocess(outputs, batch)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -135,7 +135,9 @@ class YoloDecode(PostOp):
         if not isinstance(value, dict) or a.scores not in value or a.boxes not in value:
             have = sorted(value) if isinstance(value, dict) else type(value).__name__
             raise ProcessingError(self.name, f"needs outputs {a.scores!r} and {a.boxes!r}; got {have}")
-        image = batch.inputs[a.input] if a.input else next(iter(batch.inputs.values()))
+        image = batch.inputs.get(a.input) if a.input else next(iter(batch.inputs.values()), None)
+        if image is None:
+            raise ProcessingError(self.name, f"needs the model's input image {a.input or ''} to size the anchor grid")
         try:
             dets = decode(value[a.scores], value[a.boxes], image.shape[-2], image.shape[-1], a.strides, a.logits)
         except ValueError as exc:

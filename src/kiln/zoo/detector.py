@@ -226,6 +226,19 @@ def to_input(images: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32)
 
 
+def optimize_data(calibration_images: int = 128) -> tuple[tuple[dict[str, np.ndarray], np.ndarray], tuple[Any, Any]]:
+    """``(calibration, validation)`` for ``kiln optimize``: calibrate on training images, hold the
+    budget on the validation split's mAP@0.5 (its boxes padded to ``[N, M, 5]`` as ``labels``)."""
+    from kiln.metrics import pad_boxes
+
+    calib = make_data(calibration_images, RECIPE["seed"])  # the first training images
+    val = val_data()
+    return ({INPUT_NAME: to_input(calib.images)}, pad_boxes(calib.boxes)), (
+        {INPUT_NAME: to_input(val.images)},
+        pad_boxes(val.boxes),
+    )
+
+
 # ---- training -----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TrainedDetector:
@@ -294,6 +307,7 @@ def train(
     steps = epochs * (len(data.images) // bs)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=RECIPE["lr"], total_steps=steps, pct_start=0.15)
     x_all = torch.from_numpy(to_input(data.images)).contiguous(memory_format=torch.channels_last)
+    from kiln.metrics import pad_boxes
     from kiln.processing.detection import anchor_points
 
     pts, strides = (torch.from_numpy(a) for a in anchor_points(IMAGE_SIZE, IMAGE_SIZE, STRIDES))
@@ -303,7 +317,7 @@ def train(
         for i in range(0, len(order) - bs + 1, bs):
             idx = order[i : i + bs]
             xb = x_all[idx]
-            gts = _pad_boxes([data.boxes[j] for j in idx])
+            gts = pad_boxes([data.boxes[j] for j in idx])
             if gen.random() < 0.5:  # horizontal flip: every shape class is mirror-symmetric
                 xb = xb.flip(-1)
                 gts = _flip_boxes(gts)
@@ -333,16 +347,6 @@ def _flip_boxes(g: np.ndarray) -> np.ndarray:
     g[..., 2] = IMAGE_SIZE - g[..., 0]
     g[..., 0] = x1
     return g
-
-
-def _pad_boxes(gts: list[np.ndarray]) -> np.ndarray:
-    """Per-image boxes ``[K_i, 5]`` -> ``[B, M, 5]`` padded with class -1."""
-    m = max((len(g) for g in gts), default=0) or 1
-    out = np.zeros((len(gts), m, 5), np.float32)
-    out[..., 4] = -1
-    for i, g in enumerate(gts):
-        out[i, : len(g)] = g
-    return out
 
 
 def _assign(gt: Any, pts: Any, strides: Any) -> tuple[Any, Any]:

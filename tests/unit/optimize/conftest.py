@@ -39,6 +39,26 @@ def tiny_mlp() -> Any:
     return nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4)).eval()
 
 
+def tiny_attention() -> Any:
+    """One self-attention block over 6 tokens of 8 features, pooled to 4 logits: Softmax, weighted
+    MatMuls (q, k, v, out), activation-by-activation MatMuls (Q·Kᵀ, attention·V) and a Gemm head."""
+    import torch
+    from torch import nn
+
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(2)
+            self.q, self.k, self.v, self.out = (nn.Linear(8, 8) for _ in range(4))
+            self.head = nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            weights = torch.softmax(self.q(x) @ self.k(x).transpose(1, 2) / 8**0.5, dim=-1)
+            return self.head(self.out(weights @ self.v(x)).mean(dim=1))
+
+    return Attention().eval()
+
+
 @dataclass
 class Imported:
     repo: Path
@@ -80,3 +100,8 @@ def mlp(tmp_path_factory: pytest.TempPathFactory) -> Imported:
 @pytest.fixture
 def work(tmp_path: Path) -> Path:
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def attention(tmp_path_factory: pytest.TempPathFactory) -> Imported:
+    return _import(tmp_path_factory.mktemp("attention"), "attention", tiny_attention(), (1, 6, 8), "generic")

@@ -114,6 +114,25 @@ def test_ort_static_inserts_qdq_with_per_channel_weights(
     assert sqnr_db(_reference(cnn), _run("onnxruntime", work, cnn)) > 20
 
 
+def test_ort_static_on_attention_quantizes_only_the_weighted_matmuls(attention: Imported, work: Path) -> None:
+    import onnx
+
+    [report] = run_passes([PassStep(name="ort-static")], _work(attention, work, "model.onnx"))
+    assert report.details["transformer"] and report.details["excluded_nodes"] == 2  # Q·Kᵀ and attention·V
+    model = onnx.load(str(work / "model.onnx"))
+    int8_weights = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) >= 2]
+    assert len(int8_weights) == 5  # q, k, v, out and the head
+    producer = {o: n.op_type for n in model.graph.node for o in n.output}
+    weights = {t.name for t in int8_weights}
+    dequantized_weights = {
+        n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in weights
+    }
+    for node in model.graph.node:
+        if node.op_type == "Softmax" or (node.op_type == "MatMul" and not set(node.input) & dequantized_weights):
+            assert all(producer.get(i) != "DequantizeLinear" for i in node.input), node.name  # stays float
+    assert sqnr_db(_reference(attention), _run("onnxruntime", work, attention)) > 20
+
+
 def test_static_quantization_refuses_to_run_without_calibration_data(cnn: Imported, work: Path) -> None:
     ctx = _work(cnn, work, "model.onnx")
     ctx.calibration = None

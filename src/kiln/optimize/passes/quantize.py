@@ -104,20 +104,37 @@ def ort_static_pass(ctx: PassContext, params: dict[str, Any]) -> PassReport:
     path = ctx.work / ONNX
     before = op_histogram(path)
     _strip_value_info(path)
+    scope = _transformer_scope(path) if before.get("Softmax") else {}
     tmp = ctx.work / ".quantized.onnx"
     with _quiet(), contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print progress
         quantize_static(
             str(path), str(tmp), Reader(batches), quant_format=QuantFormat.QDQ,
             per_channel=bool(params.get("per_channel", True)), calibrate_method=methods[method],
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, **scope,
         )  # fmt: skip
     tmp.replace(path)
     after = op_histogram(path)
     return PassReport(
         "ort-static", nodes_before=sum(before.values()), nodes_after=sum(after.values()),
         details={"method": method, "quantize_linear": after.get("QuantizeLinear", 0),
-                 "dequantize_linear": after.get("DequantizeLinear", 0), "calibration_batches": len(batches)},
+                 "dequantize_linear": after.get("DequantizeLinear", 0), "calibration_batches": len(batches),
+                 "transformer": bool(scope), "excluded_nodes": len(scope.get("nodes_to_exclude", []))},
     )  # fmt: skip
+
+
+def _transformer_scope(path: Path) -> dict[str, Any]:
+    """What static quantization may touch in an attention model: the MatMul/Gemm nodes that carry
+    weights. Quantizing everything puts the attention mask's huge negative constants and the
+    activation-by-activation products (Q·Kᵀ, attention·V) on one uint8 scale each, which measured on
+    MiniLM drops the embeddings' mean cosine to 0.40; weights only keeps 0.95 and runs faster."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    constants = {i.name for i in graph.initializer} | {
+        o for n in graph.node if n.op_type == "Constant" for o in n.output
+    }
+    products = [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and not set(n.input) & constants]
+    return {"op_types_to_quantize": ["MatMul", "Gemm"], "nodes_to_exclude": products}
 
 
 @register_pass("nncf")
