@@ -45,6 +45,8 @@ def save(model: Any, path: Path, force_external: bool = False) -> None:
 
     external = force_external or model.ByteSize() > PROTOBUF_LIMIT // 2 or _has_external(model)
     if external:
+        if not _has_external(model):  # every weight is in memory: start a new data file, since onnx
+            (path.parent / EXTERNAL_DATA_FILE).unlink(missing_ok=True)  # appends to an existing one
         onnx.save_model(
             model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
             location=EXTERNAL_DATA_FILE, size_threshold=0 if force_external else 1024,

@@ -34,6 +34,7 @@ FIGURES_FILE = "figures.json"
 REPORT_FILE = "optimize.json"
 SKIPS_FILE = ".not-applicable.json"  # variant id -> why its pass had nothing to do
 SLOWER = "int8 slower than"  # the reason an int8 variant is rejected on speed
+EXTERNAL_DATA_SUFFIX = ".data"  # model.onnx.data: weights stored beside a model over 2 GB
 Status = Literal["chosen", "accepted", "rejected", "skipped", "failed"]
 ProgressHook = Callable[[str, int, int], None]  # (what is happening, done, total)
 
@@ -396,6 +397,11 @@ def _find_artifact(variants: Path, key: str) -> Path | None:
 
 
 def _link(src: Path, dst: Path) -> None:
+    """Share a file with the variant: a hard link, except for ONNX external data, which onnx refuses to
+    read once it has several links (its guard against hard-link attacks), so it is copied."""
+    if src.name.endswith(EXTERNAL_DATA_SUFFIX):
+        shutil.copy2(src, dst)
+        return
     try:
         os.link(src, dst)
     except OSError:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 import kiln
@@ -145,3 +147,30 @@ def test_without_calibration_data_static_variants_are_skipped_with_a_note(mlp: I
     assert "calibration data" in skipped["openvino int8 nncf"]
     assert not any(v.recipe is not None and v.recipe.int8 in ("ort-static", "nncf") for v in result.variants)
     assert result.metric == "agreement" and any("random inputs" in n for n in result.notes)
+
+
+@pytest.mark.slow
+def test_a_model_with_external_weights_optimizes_and_the_version_stays_readable(tmp_path: Path) -> None:
+    import onnx
+
+    from tests.fixtures import onnx_models
+
+    source = onnx_models.save(onnx_models.linear_model(in_features=16, out_features=8), tmp_path / "ext.onnx",
+                              external=True)  # fmt: skip
+    repo = tmp_path / "repo"
+    imported = kiln.import_model(source, repo, name="ext")
+    weights = imported.path / "model.onnx.data"
+    before = weights.read_bytes()
+    rng = np.random.default_rng(0)
+    data = tmp_path / "ext.npz"
+    np.savez(data, x=rng.standard_normal((64, 16)).astype(np.float32),
+             **{"calibration/x": rng.standard_normal((32, 16)).astype(np.float32)})  # fmt: skip
+    result = kiln.optimize(repo, "ext", data=str(data), engines=["onnxruntime", "openvino"], metric="sqnr",
+                           min_sqnr_db=10, choose=False, **FAST)  # fmt: skip
+    built = [v for v in result.variants if v.status != "skipped"]
+    assert built and not [(v.label, v.reason) for v in built if v.status == "failed"]
+    assert {v.recipe.int8 for v in built if v.recipe is not None} >= {"ort-dynamic", "ort-static"}
+    onnx.load(str(imported.path / "model.onnx"))  # onnx refuses external data that has a second hard link
+    assert weights.read_bytes() == before and weights.stat().st_nlink == 1
+    for variant_data in (imported.path / "variants").glob("*/model.onnx.data"):
+        assert variant_data.stat().st_nlink == 1

@@ -19,14 +19,38 @@ IR = "model.xml"
 
 
 def _save_onnx(model: Any, path: Path) -> None:
+    """Replace ``path`` with ``model`` (weights in memory); external weights, when the model needs them,
+    go to a new ``model.onnx.data``, and a data file the new model no longer uses is removed."""
     from kiln.convert import onnx_io
 
     tmp = path.with_name(".tmp-" + path.name)
     onnx_io.save(model, tmp)
     os.replace(tmp, path)
-    data = tmp.with_name(tmp.name + ".data")
-    if data.exists():  # only for models whose weights live outside the protobuf
-        os.replace(data, path.with_name(path.name + ".data"))
+    if not onnx_io.external_locations(onnx_io.load(path, external_data=False)):
+        (path.parent / onnx_io.EXTERNAL_DATA_FILE).unlink(missing_ok=True)
+
+
+def _adopt(produced: Path, path: Path) -> None:
+    """Make the file a library wrote (``produced``, with any external data it names) the variant's
+    ``path``: renamed when self-contained, else re-saved so its weights sit in ``model.onnx.data``."""
+    from kiln.convert import onnx_io
+
+    locations = onnx_io.external_locations(onnx_io.load(produced, external_data=False))
+    if not locations:
+        os.replace(produced, path)
+        (path.parent / onnx_io.EXTERNAL_DATA_FILE).unlink(missing_ok=True)
+        return
+    _save_onnx(onnx_io.load(produced), path)
+    produced.unlink()
+    for location in locations - {onnx_io.EXTERNAL_DATA_FILE}:
+        (produced.parent / location).unlink(missing_ok=True)
+
+
+def uses_external_data(path: Path) -> bool:
+    """Whether the model at ``path`` keeps weights beside it (a model near or over 2 GB)."""
+    from kiln.convert.onnx_io import EXTERNAL_DATA_FILE
+
+    return (path.parent / EXTERNAL_DATA_FILE).is_file()
 
 
 @register_pass("onnxslim")
@@ -70,8 +94,10 @@ def ort_optimize_pass(ctx: PassContext, params: dict[str, Any]) -> PassReport:
     so.graph_optimization_level = levels[level]
     so.optimized_model_filepath = str(out)
     so.log_severity_level = 3
+    if uses_external_data(path):  # a graph over 2 GB cannot be saved in one protobuf
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", out.name + ".data")
     ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
-    os.replace(out, path)
+    _adopt(out, path)
     return PassReport("ort-optimize", nodes_before=before, nodes_after=onnx_node_count(path), details={"level": level})
 
 

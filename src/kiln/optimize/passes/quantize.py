@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.optimize.passes.base import PassContext, PassNotApplicable, PassReport, op_histogram, register_pass
-from kiln.optimize.passes.graph import IR, ONNX, PT2, _quiet
+from kiln.optimize.passes.graph import IR, ONNX, PT2, _adopt, _quiet, uses_external_data
 
 NO_CALIBRATION = "static int8 needs calibration data (--data, or a zoo model's own split); none was given"
 # Op types that dynamic quantization targets: MatMul-like ops gain from it, ConvInteger is slow on CPU.
@@ -44,9 +44,9 @@ def ort_dynamic_pass(ctx: PassContext, params: dict[str, Any]) -> PassReport:
     with _quiet():
         quantize_dynamic(
             str(path), str(tmp), weight_type=QuantType.QInt8, per_channel=bool(params.get("per_channel", False)),
-            op_types_to_quantize=targets,
+            op_types_to_quantize=targets, use_external_data_format=uses_external_data(path),
         )  # fmt: skip
-    tmp.replace(path)
+    _adopt(tmp, path)
     after = op_histogram(path)
     return PassReport(
         "ort-dynamic", nodes_before=sum(ops.values()), nodes_after=sum(after.values()),
@@ -110,9 +110,10 @@ def ort_static_pass(ctx: PassContext, params: dict[str, Any]) -> PassReport:
         quantize_static(
             str(path), str(tmp), Reader(batches), quant_format=QuantFormat.QDQ,
             per_channel=bool(params.get("per_channel", True)), calibrate_method=methods[method],
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, **scope,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            use_external_data_format=uses_external_data(path), **scope,
         )  # fmt: skip
-    tmp.replace(path)
+    _adopt(tmp, path)
     after = op_histogram(path)
     return PassReport(
         "ort-static", nodes_before=sum(before.values()), nodes_after=sum(after.values()),
