@@ -46,6 +46,17 @@ class Samples:
     def batches(self, size: int) -> list[dict[str, np.ndarray]]:
         return [{k: v[i : i + size] for k, v in self.inputs.items()} for i in range(0, len(self), size)]
 
+    def fingerprint(self) -> str:
+        """A hash of the arrays (names, dtypes, shapes, bytes) and labels."""
+        h = hashlib.sha256()
+        for k in sorted(self.inputs):
+            arr = np.ascontiguousarray(self.inputs[k])
+            h.update(f"{k}:{arr.dtype}:{arr.shape}".encode())
+            h.update(arr.tobytes())
+        if self.labels is not None:
+            h.update(np.ascontiguousarray(self.labels).tobytes())
+        return h.hexdigest()[:16]
+
     def first(self, n: int) -> dict[str, np.ndarray]:
         """``n`` samples (repeated when there are fewer) for timing at batch ``n``."""
         reps = -(-n // len(self))
@@ -60,17 +71,10 @@ class DataSplit:
     notes: list[str] = field(default_factory=list)
 
     def fingerprint(self) -> str:
-        h = hashlib.sha256()
-        for part in (self.validation, self.calibration):
-            if part is None:
-                h.update(b"none")
-                continue
-            for k in sorted(part.inputs):
-                h.update(k.encode())
-                h.update(np.ascontiguousarray(part.inputs[k]).tobytes())
-            if part.labels is not None:
-                h.update(np.ascontiguousarray(part.labels).tobytes())
-        return h.hexdigest()[:16]
+        """Both parts: what accuracy figures are valid for."""
+        return hashlib.sha256(
+            "|".join(p.fingerprint() if p is not None else "none" for p in (self.validation, self.calibration)).encode()
+        ).hexdigest()[:16]
 
 
 def load_split(

@@ -26,8 +26,12 @@ def _step(name: str, **params: Any) -> PassStep:
 
 
 def enumerate_variants(
-    config: OptimizeConfig, version_dir: Path, device: Device, has_calibration: bool
+    config: OptimizeConfig, version_dir: Path, device: Device, calibration: str | None
 ) -> tuple[list[Recipe], list[Skipped]]:
+    """The recipes to build on ``device`` and the families left out, with why. ``calibration`` is the
+    calibration data's fingerprint (None without any): it is a parameter of every calibrated pass, so
+    new calibration data gives new variants instead of reusing ranges taken from the old."""
+    has_calibration = calibration is not None
     recipes: list[Recipe] = []
     skipped: list[Skipped] = []
     precisions = set(config.precisions)
@@ -94,7 +98,7 @@ def enumerate_variants(
             if not has_calibration:
                 skipped.append(Skipped("onnxruntime int8 static", NO_CALIBRATION))
             for method in config.calibration_methods if has_calibration else ():
-                step = _step("ort-static", method=method, per_channel=config.per_channel)
+                step = _step("ort-static", method=method, per_channel=config.per_channel, calibration=calibration)
                 recipes.append(Recipe(engine="onnxruntime", int8="ort-static", passes=(*slim, step)))
 
     if "openvino" in config.engines:
@@ -110,7 +114,7 @@ def enumerate_variants(
                 if bf16:
                     recipes.append(Recipe(engine="openvino", precision="bf16", passes=(convert,), options=opts))
                 if "nncf" in int8 and has_calibration:
-                    nncf = (convert, _step("nncf"))
+                    nncf = (convert, _step("nncf", calibration=calibration))
                     recipes.append(Recipe(engine="openvino", int8="nncf", passes=nncf, options=opts))
                     if bf16:
                         recipes.append(

@@ -174,3 +174,20 @@ def test_a_model_with_external_weights_optimizes_and_the_version_stays_readable(
     assert weights.read_bytes() == before and weights.stat().st_nlink == 1
     for variant_data in (imported.path / "variants").glob("*/model.onnx.data"):
         assert variant_data.stat().st_nlink == 1
+
+
+@pytest.mark.slow
+def test_new_calibration_data_builds_new_static_variants(mlp: Imported, tmp_path: Path) -> None:
+    x = np.load(mlp.data)["x"]
+    rng = np.random.default_rng(5)
+    runs = []
+    for scale in (1.0, 50.0):  # the second calibration set has ranges fifty times wider
+        data = tmp_path / f"calib-{scale:g}.npz"
+        np.savez(data, x=x, labels=mlp.labels,
+                 **{"calibration/x": (rng.standard_normal((64, 16)) * scale).astype(np.float32)})  # fmt: skip
+        runs.append(kiln.optimize(mlp.repo, mlp.name, data=str(data), engines=["onnxruntime"],
+                                  int8=["ort-static", "ort-dynamic"], choose=False, **FAST))  # fmt: skip
+    static = [next(v for v in r.variants if v.recipe is not None and v.recipe.int8 == "ort-static") for r in runs]
+    dynamic = [next(v for v in r.variants if v.recipe is not None and v.recipe.int8 == "ort-dynamic") for r in runs]
+    assert static[0].id != static[1].id and static[1].built  # calibrated anew, not the old ranges reused
+    assert dynamic[0].id == dynamic[1].id and not dynamic[1].built  # nothing calibrated: the cache holds
