@@ -49,7 +49,8 @@ def doctor_tables(info: HardwareInfo) -> list[Table]:
     machine.add_column(style="bold")
     machine.add_column()
     machine.add_row("CPU", f"{info.cpu_model} ({info.architecture})")
-    machine.add_row("cores", f"{info.physical_cores} physical, {info.logical_cores} logical")
+    usable = f", {info.usable_cores} usable (affinity, cgroup)" if info.usable_cores < info.physical_cores else ""
+    machine.add_row("cores", f"{info.physical_cores} physical, {info.logical_cores} logical{usable}")
     machine.add_row("memory", _gib(info.memory_bytes))
     machine.add_row("ISA", ", ".join(info.isa) or "none detected")
     for pkg, ver in info.versions.items():

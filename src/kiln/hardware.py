@@ -8,6 +8,7 @@ newer (Ampere). ``torch.cuda.is_bf16_supported()`` is asked when torch has CUDA.
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import os
 import platform
 from dataclasses import asdict, dataclass, field, replace
@@ -68,6 +69,7 @@ class HardwareInfo:
     onnxruntime_providers: list[str]
     openvino_devices: list[str]
     notes: list[str] = field(default_factory=list)
+    usable_cores: int = 0  # what this process may run on: physical cores within its affinity and cgroup quota
 
     def device(self, device_id: str) -> Device:
         for d in self.devices:
@@ -127,12 +129,14 @@ def cpu_device(flags: set[str], model: str) -> Device:
 def cuda_rules(major: int, minor: int, torch_says_bf16: bool | None) -> tuple[Support, Support, Support]:
     """bf16 / fp16 / int8 support for a CUDA device of compute capability ``major.minor``."""
     cc = f"{major}.{minor}"
-    if torch_says_bf16 is not None:
-        bf16 = Support(torch_says_bf16, f"torch.cuda.is_bf16_supported() = {torch_says_bf16} (compute capability {cc})")
-    elif major >= 8:
-        bf16 = Support(True, f"compute capability {cc} ≥ 8.0")
-    else:
+    if major < 8:  # whatever an emulating library says: no bf16 tensor-core math before Ampere
         bf16 = Support(False, f"compute capability {cc} < 8.0; bf16 needs Ampere (8.0) or newer")
+    elif torch_says_bf16 is False:
+        bf16 = Support(
+            False, f"torch.cuda.is_bf16_supported(including_emulation=False) = False (compute capability {cc})"
+        )
+    else:
+        bf16 = Support(True, f"compute capability {cc} ≥ 8.0")
     fp16 = (
         Support(True, f"compute capability {cc}" + (" with tensor cores" if major >= 7 else ""))
         if (major, minor) >= (5, 3)
@@ -157,7 +161,7 @@ def _cuda_devices(notes: list[str]) -> list[Device]:
         for i in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(i)
             with torch.cuda.device(i):
-                says = bool(torch.cuda.is_bf16_supported())
+                says = bool(torch.cuda.is_bf16_supported(including_emulation=False))  # native bf16 only
             bf16, fp16, int8 = cuda_rules(props.major, props.minor, says)
             devices.append(
                 Device(
@@ -245,11 +249,18 @@ def detect() -> HardwareInfo:
         "nncf": _version("nncf"),
         "kiln": _version("kiln"),
     }
+    physical = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    logical = psutil.cpu_count(logical=True) or os.cpu_count() or 1
+    usable = usable_cores(physical, logical, _affinity(logical), _cgroup_cpus())
+    if usable < physical:
+        notes.append(f"this process may use {usable} of the {physical} cores (CPU affinity or cgroup quota): "
+                     "engines default to that many threads")  # fmt: skip
     return HardwareInfo(
         cpu_model=model,
         architecture=platform.machine(),
-        physical_cores=psutil.cpu_count(logical=False) or os.cpu_count() or 1,
-        logical_cores=psutil.cpu_count(logical=True) or os.cpu_count() or 1,
+        physical_cores=physical,
+        logical_cores=logical,
+        usable_cores=usable,
         memory_bytes=memory,
         isa=isa,
         devices=devices,
@@ -261,6 +272,36 @@ def detect() -> HardwareInfo:
 
 
 def physical_cores() -> int:
+    """The default number of engine threads: ``KILN_NUM_THREADS``, else the cores this process may use."""
     from kiln.settings import get_settings
 
-    return get_settings().num_threads or detect().physical_cores
+    info = detect()
+    return get_settings().num_threads or info.usable_cores or info.physical_cores
+
+
+def usable_cores(physical: int, logical: int, allowed: int, quota: float | None) -> int:
+    """Physical cores, scaled down to the ``allowed`` CPUs this process may run on (its affinity) and to
+    its cgroup's CPU ``quota`` (a container's ``--cpus``): threads beyond that only oversubscribe."""
+    per_core = max(1, logical // max(1, physical))  # SMT siblings per core
+    cores = physical if allowed >= logical else min(physical, max(1, allowed // per_core))
+    return max(1, min(cores, math.ceil(quota)) if quota is not None else cores)
+
+
+def _affinity(logical: int) -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else logical
+
+
+def _cgroup_cpus(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs granted by the cgroup quota (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``), or None for no limit."""
+    try:
+        v2 = root / "cpu.max"
+        if v2.is_file():
+            quota, period = v2.read_text().split()[:2]
+            return None if quota == "max" else int(quota) / int(period)
+        v1 = root / "cpu" / "cpu.cfs_quota_us"
+        if v1.is_file():
+            q = int(v1.read_text())
+            return None if q <= 0 else q / int((root / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return None

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from kiln.hardware import cpu_device, cuda_rules, detect
+from kiln.hardware import _cgroup_cpus, cpu_device, cuda_rules, detect, usable_cores
 
 
 def test_cpu_bf16_needs_avx512_bf16_or_amx() -> None:
@@ -38,6 +38,14 @@ def test_cuda_rule_defers_to_torch_when_it_knows() -> None:
     assert "is_bf16_supported" in support.reason
 
 
+def test_cuda_bf16_emulation_is_not_support() -> None:
+    """torch.cuda.is_bf16_supported() says True on a V100 by default (it counts emulation): below 8.0 the
+    compute capability decides."""
+    support, _, _ = cuda_rules(7, 0, torch_says_bf16=True)
+    assert not support.supported and "< 8.0" in support.reason
+    assert cuda_rules(9, 0, torch_says_bf16=True)[0].supported
+
+
 def test_detect_matches_this_machines_cpu_flags() -> None:
     info = detect()
     flags: set[str] = set()
@@ -53,3 +61,31 @@ def test_detect_matches_this_machines_cpu_flags() -> None:
     assert "CPUExecutionProvider" in info.onnxruntime_providers
     assert info.physical_cores >= 1
     json.dumps(info.to_dict())  # serialisable as is
+
+
+@pytest.mark.parametrize(
+    ("physical", "logical", "allowed", "quota", "want"),
+    [
+        (8, 16, 16, None, 8),  # the whole machine
+        (8, 16, 4, None, 2),  # taskset to 4 SMT threads: 2 cores' worth
+        (8, 8, 8, 2.5, 3),  # docker --cpus 2.5
+        (2, 2, 1, None, 1),
+        (4, 4, 4, 0.2, 1),  # never zero threads
+    ],
+)
+def test_usable_cores_follow_affinity_and_the_cgroup_quota(
+    physical: int, logical: int, allowed: int, quota: float | None, want: int
+) -> None:
+    assert usable_cores(physical, logical, allowed, quota) == want
+
+
+def test_cgroup_quota_is_read_from_v2_and_v1_files(tmp_path: Path) -> None:
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert _cgroup_cpus(tmp_path) == 1.5
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert _cgroup_cpus(tmp_path) is None
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("200000\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert _cgroup_cpus(tmp_path) == 2.0
