@@ -95,6 +95,44 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux tells it (``os.umask`` can only swap)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def shareable(path: Path) -> Path:
+    """Give a file or directory made by ``tempfile`` (0600 / 0700) the permissions the umask allows, as
+    ``open``/``mkdir`` would, so a server running as another user can read the repository."""
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
+    return path
+
+
+def staging_dir(parent: Path) -> Path:
+    """A hidden directory to assemble something in, named after this process so that a clean-up in
+    another process can tell a live import from one that was killed."""
+    return shareable(Path(tempfile.mkdtemp(dir=parent, prefix=f"{_STAGING_PREFIX}{os.getpid()}-")))
+
+
+def is_abandoned(staging: Path) -> bool:
+    """Whether a staging directory's process is gone (or the name carries no process id)."""
+    pid = staging.name.removeprefix(_STAGING_PREFIX).split("-", 1)[0]
+    if not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
 def write_atomic(path: Path, data: str | bytes) -> None:
     """Write ``data`` to ``path`` so readers see the old file or the new one, never a partial one."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -104,6 +142,7 @@ def write_atomic(path: Path, data: str | bytes) -> None:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
+        shareable(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -206,7 +245,7 @@ class Repository:
         """
         mdir = self.root / model
         mdir.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=mdir, prefix=_STAGING_PREFIX))
+        staging = staging_dir(mdir)
         pending = PendingVersion(staging)
         try:
             yield pending
@@ -218,6 +257,8 @@ class Repository:
 
     def commit_version(self, staging: Path, **fields: Any) -> VersionManifest:
         """Hash every file in ``staging`` and write its manifest (the version number is set at publish)."""
+        if not staging.is_dir():
+            raise RuntimeError(f"the staging directory {staging} is gone; another process removed it")
         artifacts = {
             str(p.relative_to(staging)): sha256_file(p)
             for p in sorted(staging.rglob("*"))
@@ -251,9 +292,10 @@ class Repository:
         raise AssertionError("unreachable")
 
     def cleanup_staging(self, model: str) -> None:
-        """Remove staging directories left by a process that was killed mid-import."""
+        """Remove staging directories left by a process that was killed mid-import (never a live one)."""
         for p in (self.root / model).glob(f"{_STAGING_PREFIX}*"):
-            shutil.rmtree(p, ignore_errors=True)
+            if is_abandoned(p):
+                shutil.rmtree(p, ignore_errors=True)
 
 
 def _sig(tensors: list[Any]) -> str:

@@ -99,3 +99,36 @@ def test_write_atomic_replaces_whole_file(tmp_path: Path) -> None:
     write_atomic(target, b"second")
     assert target.read_text() == "second"
     assert [p.name for p in target.parent.iterdir()] == ["f.txt"]
+
+
+def test_cleanup_keeps_a_live_import_and_removes_a_dead_one(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    repo = Repository(tmp_path)
+    add_version(repo)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / "m" / f".staging-{dead.stdout.strip()}-abc"  # its process has exited
+    stale.mkdir()
+    with repo.new_version("m") as pending:  # a live import, as another process's cleanup sees it
+        (pending.path / "model.onnx").write_bytes(b"live")
+        repo.cleanup_staging("m")
+        assert pending.path.is_dir() and not stale.exists()
+        repo.commit_version(pending.path, framework="onnx", source="x.onnx", source_hash="h2")
+    assert pending.version == 2 and repo.manifest("m", 2).artifacts.keys() == {"model.onnx"}
+
+
+def test_files_and_directories_follow_the_umask(tmp_path: Path) -> None:
+    import os
+
+    old = os.umask(0o022)
+    try:
+        repo = Repository(tmp_path)
+        add_version(repo)
+        write_atomic(tmp_path / "m" / "1" / "note.json", "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m" / "1").stat().st_mode & 0o777 == 0o755  # readable by a server running as another user
+    for name in ("manifest.json", "note.json"):
+        assert (tmp_path / "m" / "1" / name).stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "m" / "model.yaml").stat().st_mode & 0o777 == 0o644

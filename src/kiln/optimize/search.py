@@ -12,7 +12,6 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from kiln.optimize.config import OptimizeConfig, Recipe
 from kiln.optimize.data import DataSplit, Samples, load_split
 from kiln.optimize.passes import PassContext, PassNotApplicable, run_passes
 from kiln.optimize.plan import enumerate_variants
-from kiln.repository import RECIPE_FILE, VARIANTS_DIR, Repository, write_atomic
+from kiln.repository import RECIPE_FILE, VARIANTS_DIR, Repository, staging_dir, write_atomic
 from kiln.spec import ModelSpec
 
 FIGURES_FILE = "figures.json"
@@ -315,7 +314,7 @@ class _Search:
     def _build(self, recipe: Recipe, vid: str, vpath: Path) -> None:
         variants = self.vdir / VARIANTS_DIR
         variants.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=variants, prefix=".staging-"))
+        staging = staging_dir(variants)
         try:
             key = recipe.artifact_key(self.source_hash)
             donor = _find_artifact(variants, key)
