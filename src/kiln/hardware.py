@@ -271,6 +271,19 @@ def detect() -> HardwareInfo:
     )
 
 
+def machine_fingerprint(*libraries: str) -> str:
+    """A short hash of what timings depend on: CPU model, ISA, usable cores, memory and the versions of
+    ``libraries`` (default: every runtime kiln reports). Figures measured elsewhere do not carry over."""
+    import hashlib
+    import json
+
+    info = detect()
+    versions = {k: v for k, v in info.versions.items() if not libraries or k in libraries}
+    facts = [info.cpu_model, info.architecture, info.isa, info.usable_cores, info.memory_bytes, versions,
+             [(d.id, d.name) for d in info.devices]]  # fmt: skip
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def physical_cores() -> int:
     """The default number of engine threads: ``KILN_NUM_THREADS``, else the cores this process may use."""
     from kiln.settings import get_settings

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kiln.hardware import Device
+from kiln.hardware import Device, machine_fingerprint
 from kiln.optimize.config import OptimizeConfig, PassStep, PrecisionName, Recipe
 from kiln.optimize.passes.quantize import NO_CALIBRATION
 
@@ -86,7 +86,9 @@ def enumerate_variants(
     if "onnxruntime" in config.engines:
         recipes.append(Recipe(engine="onnxruntime"))
         if config.graph_passes:
-            recipes.append(Recipe(engine="onnxruntime", passes=(*slim, _step("ort-optimize", level="all"))))
+            # level "all" lays the graph out for this CPU and this ONNX Runtime: another machine builds its own
+            tuned = _step("ort-optimize", level="all", machine=machine_fingerprint("onnxruntime"))
+            recipes.append(Recipe(engine="onnxruntime", passes=(*slim, tuned)))
         if "fp16" in precisions:
             if device.kind == "cuda" and fp16:
                 recipes.append(Recipe(engine="onnxruntime", precision="fp16", passes=(*slim, _step("ort-fp16"))))

@@ -175,7 +175,10 @@ class _Search:
         self.progress = progress or (lambda what, done, total: None)
         self.reference: accuracy.Outputs | None = None
         self.detect = _detector(spec, vdir, split.validation) if metric == "map50" else None
-        self.timing_key = {"batch": config.batch_size, "threads": threads, "min_time_s": config.min_time_s}
+        from kiln.hardware import machine_fingerprint
+
+        self.timing_key = {"batch": config.batch_size, "threads": threads, "min_time_s": config.min_time_s,
+                           "machine": machine_fingerprint()}  # fmt: skip
         self.calibration = None if split.calibration is None else split.calibration.batches(config.batch_size)
         self.skips_file = vdir / VARIANTS_DIR / SKIPS_FILE
         self.skips: dict[str, str] = _read_json(self.skips_file)

@@ -191,3 +191,22 @@ def test_new_calibration_data_builds_new_static_variants(mlp: Imported, tmp_path
     dynamic = [next(v for v in r.variants if v.recipe is not None and v.recipe.int8 == "ort-dynamic") for r in runs]
     assert static[0].id != static[1].id and static[1].built  # calibrated anew, not the old ranges reused
     assert dynamic[0].id == dynamic[1].id and not dynamic[1].built  # nothing calibrated: the cache holds
+
+
+@pytest.mark.slow
+def test_figures_from_another_machine_are_measured_again(mlp: Imported, monkeypatch: pytest.MonkeyPatch) -> None:
+    import kiln.hardware
+    import kiln.optimize.plan
+
+    options = {"data": str(mlp.data), "engines": ["onnxruntime"], "int8": ["ort-dynamic"], "choose": False, **FAST}
+    kiln.optimize(mlp.repo, mlp.name, **options)
+    same = kiln.optimize(mlp.repo, mlp.name, **options)
+    assert same.built == 0 and not any(v.fresh for v in same.variants)
+    real = kiln.hardware.machine_fingerprint
+    for module in (kiln.hardware, kiln.optimize.plan):
+        monkeypatch.setattr(module, "machine_fingerprint", lambda *libs: "another-" + real(*libs))
+    moved = kiln.optimize(mlp.repo, mlp.name, **options)  # the repository copied to another machine
+    timed = [v for v in moved.variants if v.timing is not None]
+    assert timed and all(v.fresh for v in timed)
+    rebuilt = {v.label for v in moved.variants if v.built}
+    assert rebuilt == {"onnxruntime fp32 + onnxslim+ort-optimize"}  # tuned for the CPU it was built on
