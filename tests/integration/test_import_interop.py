@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import pickle
 from pathlib import Path
 from typing import Any
@@ -204,6 +205,41 @@ def test_pt2_file_keeps_its_dynamic_dims(repo: Path, tmp_path: Path) -> None:
     want = eager(module, feed)
     for engine, got in run_both(repo, "exported", feed).items():
         np.testing.assert_allclose(got["logits"], want[0], rtol=1e-4, atol=1e-5, err_msg=engine)
+
+
+class _Marker:
+    """Unpickled, it creates a directory: what a hostile file would do with any callable it names."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        import os
+
+        return (os.mkdir, (str(self.path),))
+
+
+def test_a_pt2_that_needs_a_full_unpickle_is_refused_without_trust(repo: Path, tmp_path: Path) -> None:
+    import zipfile
+
+    module = tiny_models.seq_pool().eval()
+    program = torch.export.export(module, (torch.randint(0, 20, (2, 5)), torch.ones(2, 5, dtype=torch.int64)))
+    good = tmp_path / "good.pt2"
+    torch.export.save(program, str(good))
+    marker = tmp_path / "code-ran"
+    hostile = tmp_path / "hostile.pt2"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(hostile, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item.filename)
+            if item.filename.endswith("sample_inputs/model.pt"):  # torch.export.load unpickles it
+                buffer = io.BytesIO()
+                torch.save(_Marker(marker), buffer)
+                data = buffer.getvalue()
+            dst.writestr(item, data)
+    with pytest.raises(UntrustedSourceError, match="--trust-pickle"):
+        kiln.import_model(hostile, repo, name="hostile")
+    assert not marker.exists()
+    assert kiln.import_model(good, repo, name="good").manifest.framework == "torch.export"  # plain tensors: fine
 
 
 def test_pytorch_factory_with_dynamic_height_and_width(repo: Path) -> None:

@@ -1,16 +1,22 @@
 """Import saved PyTorch programs: TorchScript (``.pt``, via ``torch.jit.load``) and ``torch.export``
 archives (``.pt2``, via ``torch.export.load``).
 
-Neither runs arbitrary Python at load time the way a pickle does, but a ``.pt2`` archive stores some
-constants with pickle, so import only files you trust. A TorchScript module is converted to an
+A ``.pt2`` archive may store weights, constants and sample inputs with pickle, and ``torch.export.load``
+falls back to a full unpickle (which runs whatever code the file names) when the safe one fails; kiln
+loads it with every ``torch.load`` held to ``weights_only=True`` and refuses a file that needs more
+unless ``trust_pickle=True`` (``--trust-pickle``). A TorchScript module is converted to an
 exported program when ``torch`` can (``TS2EPConverter``), so the torch engine runs it too; ONNX comes
 from the dynamo exporter or, failing that, the TorchScript one. A ``.pt2`` keeps its own dynamic dims.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import pickle
 import shutil
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +30,33 @@ from kiln.convert.from_pytorch import (
 )
 from kiln.convert.importer import ImportConfig, Staged
 from kiln.convert.parity import ParityResult, compare, raise_on_failure, random_inputs
-from kiln.errors import CorruptModelError, ExportError, InvalidSourceError
+from kiln.errors import CorruptModelError, ExportError, InvalidSourceError, UntrustedSourceError
 from kiln.repository import sha256_file
 from kiln.spec import DType, TensorSpec, dtype_name
 
 DEFAULT_DYNAMIC_SIZE = 8
+
+
+_TORCH_LOAD_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _tensors_only() -> Iterator[None]:
+    """Hold every ``torch.load`` to ``weights_only=True`` while torch reads an archive: its fallback to a
+    full unpickle then fails with ``pickle.UnpicklingError`` instead of running the file's code."""
+    import torch
+
+    real = torch.load
+
+    def load(*args: Any, **kwargs: Any) -> Any:
+        return real(*args, **{**kwargs, "weights_only": True})
+
+    with _TORCH_LOAD_LOCK:
+        torch.load = load
+        try:
+            yield
+        finally:
+            torch.load = real
 
 
 def _first_line(exc: BaseException) -> str:
@@ -121,7 +149,14 @@ class ExportedProgramImporter:
         self.config = config
         self.default_name = self.path.stem
         try:
-            self.program = torch.export.load(str(self.path))
+            with contextlib.nullcontext() if config.trust_pickle else _tensors_only():
+                self.program = torch.export.load(str(self.path))
+        except pickle.UnpicklingError as exc:
+            raise UntrustedSourceError(
+                self.source,
+                "the archive holds pickled objects other than tensors, and loading them runs the code they name "
+                f"({_first_line(exc)}); pass --trust-pickle (trust_pickle=True) only for a file you made or trust",
+            ) from None
         except Exception as exc:
             raise CorruptModelError(self.source, f"torch.export cannot load it: {_first_line(exc)}") from None
         self.inputs, self.example_shapes, self.batched = self._read_inputs()
