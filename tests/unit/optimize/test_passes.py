@@ -207,3 +207,17 @@ def test_openvino_engine_sets_the_precision_it_was_asked_for(mlp: Imported) -> N
     if detect().device("cpu").bf16.supported:
         with load_engine("openvino", mlp.version_dir, spec, EngineOptions(precision="bf16")) as e:
             assert e.inference_precision == "bf16"  # type: ignore[attr-defined]
+
+
+def test_openvino_throughput_hint_runs_a_batch_across_its_infer_requests(cnn: Imported) -> None:
+    spec = Repository(cnn.repo).spec(cnn.name)
+    feed = {"x": cnn.x[:7]}  # an odd batch: uneven chunks
+    with load_engine("openvino", cnn.version_dir, spec, EngineOptions(extra={"hint": "latency"})) as e:
+        want = e.run(feed)["y"]
+        assert len(e._parallel) == 1  # type: ignore[attr-defined]
+    options = EngineOptions(intra_op_threads=2, extra={"hint": "throughput", "num_requests": 2})
+    with load_engine("openvino", cnn.version_dir, spec, options) as e:
+        optimal = int(e.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))  # type: ignore[attr-defined]
+        assert optimal == 2 and len(e._parallel) == optimal  # type: ignore[attr-defined]
+        np.testing.assert_allclose(e.run(feed)["y"], want, rtol=1e-5, atol=1e-6)
+        assert e.run({"x": cnn.x[:1]})["y"].shape == (1, 10)  # one row: one request
