@@ -228,6 +228,9 @@ def optimize(
     version: Annotated[int | None, typer.Option(help="version (default: the latest)")] = None,
     preset: Annotated[str | None, typer.Option(help="cpu-latency, cpu-throughput, quick or thorough")] = None,
     objective: Annotated[str | None, typer.Option(help="latency (batch 1) or throughput (batch N)")] = None,
+    device: Annotated[
+        str | None, typer.Option(help="cpu (default), cuda or cuda:N: where variants run and are timed")
+    ] = None,
     max_drop: Annotated[
         float | None, typer.Option(help="allowed drop of top-1, agreement, mean cosine or mAP@0.5")
     ] = None,
@@ -256,7 +259,7 @@ def optimize(
     from kiln.optimize.report import progress_bar, result_table, summary_lines
 
     options: dict[str, Any] = {
-        "preset": preset, "objective": objective, "max_drop": max_drop, "metric": metric,
+        "preset": preset, "objective": objective, "device": device, "max_drop": max_drop, "metric": metric,
         "min_sqnr_db": min_sqnr_db, "max_abs_error": max_abs_error, "data": data, "engines": engine,
         "int8": [] if no_int8 else int8, "compile_modes": [] if no_compile else compile_mode,
         "include": include, "exclude": exclude, "batch_size": batch_size, "threads": threads,
@@ -295,11 +298,18 @@ def _csv(text: str, kind: type = str) -> list[Any]:
 def bench_cmd(
     model: Annotated[str | None, typer.Argument(help="model in --repo to measure in-process")] = None,
     repo: Annotated[Path | None, typer.Option("--repo", "-r", help="model repository directory")] = None,
+    version: Annotated[int | None, typer.Option(help="model version (default: the latest)")] = None,
     variants: Annotated[
         str, typer.Option(help="reference, chosen, all, or variant ids, comma-separated")
     ] = "reference,chosen",
     batch_sizes: Annotated[str, typer.Option(help="comma-separated batch sizes")] = "1,2,4,8,16,32",
-    scenario: Annotated[list[str] | None, typer.Option(help="single-stream, offline, server, multi-stream")] = None,
+    scenario: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="single-stream, offline, server, multi-stream (default: single-stream and offline, "
+            "plus server with --qps or --find-max-qps)"
+        ),
+    ] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="write every figure as JSON")] = None,
     report_out: Annotated[Path | None, typer.Option("--report", help="write a self-contained HTML report")] = None,
     min_time: Annotated[float, typer.Option(help="seconds of timed runs per batch size")] = 1.0,
@@ -322,8 +332,9 @@ def bench_cmd(
     batch: Annotated[int, typer.Option(help="--url: batch size of each request")] = 1,
     json_tensors: Annotated[bool, typer.Option(help="--url: send JSON tensors instead of binary")] = False,
     allow_remote: Annotated[bool, typer.Option(help="--url: allow a non-loopback server")] = False,
+    request_timeout: Annotated[float, typer.Option(help="--url: seconds before one request counts as failed")] = 30.0,
     compare: Annotated[
-        list[Path] | None, typer.Option(help="compare two bench JSON files: --compare a.json --compare b.json")
+        list[Path] | None, typer.Option(help="compare two bench JSON files: --compare a.json b.json")
     ] = None,
     threshold: Annotated[float, typer.Option(help="--compare: regression threshold (0.1 = 10 %)")] = 0.10,
 ) -> None:
@@ -331,10 +342,14 @@ def bench_cmd(
     from kiln.bench import report
 
     if compare:
-        if len(compare) != 2:
-            raise SpecError(f"--compare takes exactly two JSON files, got {len(compare)}")
-        diff = report.compare(report.load_json(compare[0]), report.load_json(compare[1]), threshold)
+        # `--compare a.json b.json` leaves b.json as the MODEL argument; `--compare a --compare b` works too.
+        files = [*compare, *([Path(model)] if model is not None else [])]
+        if len(files) != 2:
+            raise SpecError(f"--compare takes exactly two JSON files (--compare a.json b.json), got {len(files)}")
+        diff = report.compare_files(files[0], files[1], threshold)
         console.print(report.compare_table(diff))
+        for warning in diff.warnings:
+            console.print(f"[yellow]warning:[/] {warning}")
         if diff.regressions:
             console.print(f"[red]{len(diff.regressions)} regression(s) beyond {threshold:.0%}[/]")
             raise typer.Exit(1)
@@ -344,44 +359,41 @@ def bench_cmd(
 
         if model is None:
             raise SpecError("--url needs the MODEL to load, e.g. kiln bench digits --url http://127.0.0.1:8000")
-        rows = []
-        for level in _csv(concurrency, int):
-            with console.status(f"{url} · concurrency {level} …"):
-                rows.append(loadgen.load(url, model, concurrency=level, qps=qps, requests=requests, seconds=duration,
-                                         batch=batch, binary=not json_tensors, allow_remote=allow_remote))  # fmt: skip
-        console.print(report.load_table(rows))
-        if json_out:
-            from kiln.repository import write_atomic
-
-            write_atomic(json_out, json.dumps([r.to_dict() for r in rows], indent=2))
+        with report.progress_bar(console, "load") as hook:
+            served = loadgen.sweep(url, model, concurrency=_csv(concurrency, int), qps=qps, requests=requests,
+                                   seconds=duration, batch=batch, binary=not json_tensors, allow_remote=allow_remote,
+                                   request_timeout_s=request_timeout, progress=hook)  # fmt: skip
+        console.print(report.load_table(served))
+        _finish_bench(served, json_out, report_out)
         return
     if model is None or repo is None:
         raise SpecError("kiln bench needs MODEL and --repo (or --url, or --compare)")
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
     from kiln.bench import BenchConfig, bench
 
+    options: dict[str, Any] = {"scenarios": scenario} if scenario else {}
+    if not scenario and (find_max_qps or qps):
+        console.print("[dim]--qps / --find-max-qps without --scenario: running single-stream, offline and server[/]")
     config = BenchConfig.from_options(
-        variants=_csv(variants), batch_sizes=_csv(batch_sizes, int), scenarios=scenario or ["single-stream", "offline"],
-        min_time_s=min_time, repeats=repeats, threads=threads, device=device, server_qps=qps,
-        find_max_qps=find_max_qps, slo_ms=slo_ms, stream_fps=fps, scenario_seconds=seconds,
+        variants=_csv(variants), batch_sizes=_csv(batch_sizes, int), min_time_s=min_time, repeats=repeats,
+        threads=threads, device=device, server_qps=qps, find_max_qps=find_max_qps, slo_ms=slo_ms, stream_fps=fps,
+        scenario_seconds=seconds, **options,
     )  # fmt: skip
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
-                  transient=True) as progress:  # fmt: skip
-        task = progress.add_task("loading …")
-        result = bench(repo, model, config, progress=lambda msg: progress.update(task, description=msg))
+    with report.progress_bar(console, "bench") as hook:
+        result = bench(repo, model, config, version=version, progress=hook)
     console.print(report.bench_table(result))
     console.print(report.variant_table(result))
     if (table := report.scenario_table(result)) is not None:
         console.print(table)
+    _finish_bench(result, json_out, report_out)
+
+
+def _finish_bench(result: Any, json_out: Path | None, report_out: Path | None) -> None:
     for warning in result.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
-    if json_out:
-        report.write_json(result, json_out)
-        console.print(f"wrote {json_out}")
-    if report_out:
-        report.write_html(result, report_out, report.pareto_points(repo, model, result.version))
-        console.print(f"wrote {report_out}")
+    from kiln.bench import report
+
+    for path in report.write_outputs(result, json_out, report_out):
+        console.print(f"wrote {path}")
     if result.interrupted:
         raise typer.Exit(130)
 

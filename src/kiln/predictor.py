@@ -66,7 +66,7 @@ def load(
     version: int | None = None,
     variant: str | None = None,
     engine: str | None = None,
-    device: str = "cpu",
+    device: str | None = None,
     precision: Precision | None = None,
     threads: int | None = None,
     **extra: Any,
@@ -76,7 +76,8 @@ def load(
     ``variant`` picks what runs: ``"reference"`` (the imported fp32 artifact), ``"chosen"`` (what
     ``kiln optimize`` chose, falling back to the reference when there is none), or a variant id.
     The default is ``"chosen"`` unless ``engine`` or ``precision`` is given, which asks for the
-    reference artifact on that engine and precision.
+    reference artifact on that engine and precision. ``device`` defaults to where the optimizer measured
+    the variant (its recipe's device), and to the CPU for the reference.
     """
     repository = repo if isinstance(repo, Repository) else Repository(repo)
     spec = repository.spec(model)
@@ -87,11 +88,12 @@ def load(
         chosen = spec.chosen_variant
         variant = chosen if chosen and (vdir / VARIANTS_DIR / chosen / RECIPE_FILE).is_file() else REFERENCE
     if variant == REFERENCE:
-        options = EngineOptions(device=device, precision=precision or "fp32", intra_op_threads=threads, extra=extra)
+        options = EngineOptions(device=device or "cpu", precision=precision or "fp32", intra_op_threads=threads,
+                                extra=extra)  # fmt: skip
         return Predictor(spec, load_engine(engine or "onnxruntime", vdir, spec, options), number, vdir)
     recipe = read_recipe(vdir / VARIANTS_DIR / variant, model, number)
     options = EngineOptions(
-        device=device,
+        device=device or recipe.device,
         precision=precision or recipe.precision,
         intra_op_threads=threads,
         extra={**recipe.options, **extra},

@@ -74,6 +74,7 @@ class VariantRecipe(BaseModel):
     engine: str
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     options: dict[str, Any] = Field(default_factory=dict)
+    device: str = "cpu"  # where the optimizer measured it; kiln.load runs it there unless told otherwise
 
 
 def read_recipe(variant_dir: Path, model: str, version: int) -> VariantRecipe:

@@ -47,3 +47,21 @@ def test_onnxruntime_engine_uses_the_cuda_provider(repo: Path) -> None:
     assert predictor.engine.active_providers[0] == "CUDAExecutionProvider"  # type: ignore[attr-defined]
     x = np.ones((4, 4), np.float32)
     np.testing.assert_allclose(predictor.predict(x)["output"], kiln.load(repo, "mlp").predict(x)["output"], rtol=1e-4)
+
+
+@needs_torch_cuda
+@needs_ort_cuda
+def test_optimize_on_cuda_builds_times_and_loads_variants_there(repo: Path, tmp_path: Path) -> None:
+    kiln.import_model("tests.fixtures.tiny_models:mlp", repo, name="mlp", input_shapes=[(1, 4)])
+    rng = np.random.default_rng(0)
+    data = tmp_path / "mlp.npz"
+    np.savez(data, features=rng.standard_normal((64, 4)).astype(np.float32),
+             **{"calibration/features": rng.standard_normal((32, 4)).astype(np.float32)})  # fmt: skip
+    result = kiln.optimize(repo, "mlp", device="cuda", data=str(data), engines=["onnxruntime", "torch"],
+                           metric="sqnr", min_sqnr_db=20, compile_modes=[], min_time_s=0.05)  # fmt: skip
+    built = [v for v in result.variants if v.recipe is not None and v.status != "skipped"]
+    assert built and {v.recipe.device for v in built} == {"cuda:0"}  # type: ignore[union-attr]
+    assert any(v.recipe.precision == "fp16" and v.status in ("accepted", "chosen") for v in built)  # type: ignore[union-attr]
+    with kiln.load(repo, "mlp") as predictor:  # the chosen variant, on the device it was chosen for
+        assert predictor.engine.options.device == "cuda:0"
+        assert predictor.predict(np.ones((3, 4), np.float32))["output"].shape == (3, 3)

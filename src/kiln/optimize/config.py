@@ -61,6 +61,7 @@ class OptimizeConfig(BaseModel):
 
     preset: str | None = Field(default=None, description=f"defaults from a table: {sorted(PRESETS)}")
     objective: Objective = "latency"
+    device: str = Field(default="cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="cpu, cuda or cuda:N")
     # ---- accuracy budget ---------------------------------------------------------------------------
     metric: Metric = Field(
         default="auto",
@@ -156,6 +157,7 @@ class Recipe(BaseModel):
     int8: Int8Kind | None = None
     passes: tuple[PassStep, ...] = ()
     options: dict[str, Any] = Field(default_factory=dict)
+    device: str = "cpu"  # where it was measured and runs by default ("cuda:0" …)
 
     @property
     def base_artifact(self) -> str:
@@ -201,7 +203,11 @@ class Recipe(BaseModel):
         return _digest(payload)[:16]
 
     def variant_id(self, source_hash: str) -> str:
-        payload = {"source": source_hash, **self.model_dump(mode="json")}
+        # the default device stays out of the payload, so CPU variant ids read as they always have
+        payload = {
+            "source": source_hash,
+            **self.model_dump(mode="json", exclude={"device"} if self.device == "cpu" else None),
+        }
         slug = "-".join(w for w in self.label().replace("+", " ").replace("(", "").replace(")", "").split() if w)
         slug = slug.replace("onnxruntime", "ort").replace("openvino", "ov")[:48].strip("-")
         return f"{slug}-{_digest(payload)[:8]}"

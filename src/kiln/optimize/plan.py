@@ -81,7 +81,7 @@ def enumerate_variants(
 
     if not has_onnx:
         skipped.append(Skipped("onnxruntime and openvino variants", "this version has no model.onnx"))
-        return _filter(config, recipes, skipped)
+        return _filter(config, recipes, skipped, device)
 
     if "onnxruntime" in config.engines:
         recipes.append(Recipe(engine="onnxruntime"))
@@ -124,12 +124,14 @@ def enumerate_variants(
                         )
             if "nncf" in int8 and not has_calibration:
                 skipped.append(Skipped("openvino int8 nncf", NO_CALIBRATION))
-    return _filter(config, recipes, skipped)
+    return _filter(config, recipes, skipped, device)
 
 
 def _filter(
-    config: OptimizeConfig, recipes: list[Recipe], skipped: list[Skipped]
+    config: OptimizeConfig, recipes: list[Recipe], skipped: list[Skipped], device: Device
 ) -> tuple[list[Recipe], list[Skipped]]:
+    if device.kind != "cpu":
+        recipes = [r.model_copy(update={"device": device.id}) for r in recipes]
     kept = []
     for r in recipes:
         label = r.label()

@@ -130,7 +130,7 @@ def optimize(
     manifest = repository.manifest(model, number)
     split = load_split(spec, config.data, manifest.source, config.calibration_samples, config.validation_samples)
     metric = accuracy.choose_metric(config, spec, split.validation)
-    device = detect().device("cpu")
+    device = detect().device(config.device)  # a device this machine lacks is a clear error here
     calibration = None if split.calibration is None else split.calibration.fingerprint()
     recipes, skipped = enumerate_variants(config, vdir, device, calibration)
     threads = config.threads or physical_cores()
@@ -178,7 +178,7 @@ class _Search:
         from kiln.hardware import machine_fingerprint
 
         self.timing_key = {"batch": config.batch_size, "threads": threads, "min_time_s": config.min_time_s,
-                           "machine": machine_fingerprint()}  # fmt: skip
+                           "machine": machine_fingerprint(), "device": config.device}  # fmt: skip
         self.calibration = None if split.calibration is None else split.calibration.batches(config.batch_size)
         self.skips_file = vdir / VARIANTS_DIR / SKIPS_FILE
         self.skips: dict[str, str] = _read_json(self.skips_file)
@@ -295,7 +295,7 @@ class _Search:
                 r = v.recipe
                 if r is None:  # filtered above; keeps the type checker informed
                     continue
-                options = EngineOptions(precision=r.precision, intra_op_threads=self.threads, extra=dict(r.options))
+                options = EngineOptions(r.device, r.precision, self.threads, extra=dict(r.options))
                 engine = load_engine(r.engine, self.vdir / VARIANTS_DIR / v.id, self.spec, options)
                 engines.append(engine)
                 for _ in range(3):  # warm-up (compiles again for torch.compile variants)
@@ -345,7 +345,7 @@ class _Search:
             shutil.rmtree(staging, ignore_errors=True)
 
     def _measure(self, recipe: Recipe, vpath: Path, result: VariantResult, say: Callable[[str], None]) -> None:
-        options = EngineOptions(precision=recipe.precision, intra_op_threads=self.threads, extra=dict(recipe.options))
+        options = EngineOptions(recipe.device, recipe.precision, self.threads, extra=dict(recipe.options))
         t0 = time.perf_counter()
         engine = load_engine(recipe.engine, vpath, self.spec, options)
         load_s = time.perf_counter() - t0
