@@ -1,4 +1,9 @@
-"""ONNX Runtime engine: CPU here; CUDA and TensorRT execution providers when present and asked for."""
+"""ONNX Runtime engine: CPU here; on ``cuda`` devices the CUDA execution provider, and TensorRT's in
+front of it when a variant asks for it (``tensorrt`` run option; fp16 with precision ``fp16``).
+
+TensorRT builds an engine for the graph when the session starts (minutes for a large model): kiln
+keeps them in its cache (``KILN_CACHE_DIR/tensorrt``), keyed by the artifact, so that is paid once.
+"""
 
 from __future__ import annotations
 
@@ -13,15 +18,23 @@ from kiln.errors import CorruptModelError, UnsupportedError
 from kiln.spec import ModelSpec
 
 
-def providers_for(device: str, available: list[str], tensorrt: bool = False) -> list[Any]:
-    """Execution providers in priority order for ``device``; CPU is always last as the fallback."""
+def providers_for(device: str, available: list[str], tensorrt: dict[str, Any] | None = None) -> list[Any]:
+    """Execution providers in priority order for ``device``; CPU is always last as the fallback.
+    ``tensorrt`` holds TensorRT provider options when the variant runs on TensorRT."""
     kind, _, index = device.partition(":")
     if kind == "cpu":
+        if tensorrt is not None:
+            raise UnsupportedError("TensorRT runs on CUDA devices only; load this variant with device='cuda'")
         return ["CPUExecutionProvider"]
     dev_opts = {"device_id": int(index or 0)}
     chosen: list[Any] = []
-    if tensorrt and "TensorrtExecutionProvider" in available:
-        chosen.append(("TensorrtExecutionProvider", dev_opts))
+    if tensorrt is not None:
+        if "TensorrtExecutionProvider" not in available:
+            raise UnsupportedError(
+                f"this variant runs on TensorRT, but this onnxruntime has {available}; install onnxruntime-gpu "
+                "with TensorRT, or choose another variant"
+            )
+        chosen.append(("TensorrtExecutionProvider", {**dev_opts, **tensorrt}))
     if "CUDAExecutionProvider" in available:
         chosen.append(("CUDAExecutionProvider", dev_opts))
     if not chosen:
@@ -59,10 +72,9 @@ class OrtEngine(Engine):
         so.log_severity_level = 3
         if "optimized_model_filepath" in options.extra:
             so.optimized_model_filepath = str(options.extra["optimized_model_filepath"])
-        providers = options.extra.get("providers") or providers_for(
-            options.device, ort.get_available_providers(), tensorrt=bool(options.extra.get("tensorrt"))
-        )
         path = artifact_dir / cls.artifact
+        trt = _tensorrt_options(path, options) if options.extra.get("tensorrt") else None
+        providers = options.extra.get("providers") or providers_for(options.device, ort.get_available_providers(), trt)
         try:
             session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
         except Exception as exc:  # onnxruntime raises its own untyped errors
@@ -79,3 +91,20 @@ class OrtEngine(Engine):
 
     def close(self) -> None:
         self.session = None
+
+
+def _tensorrt_options(path: Path, options: EngineOptions) -> dict[str, Any]:
+    """TensorRT provider options: fp16 when asked, and an engine cache per artifact in kiln's cache."""
+    import hashlib
+
+    from kiln.repository import sha256_file
+    from kiln.settings import get_settings
+
+    key = hashlib.sha256(f"{sha256_file(path)}:{options.device}:{options.precision}".encode()).hexdigest()[:16]
+    cache = get_settings().cache_dir / "tensorrt" / key
+    cache.mkdir(parents=True, exist_ok=True)
+    return {
+        "trt_fp16_enable": options.precision == "fp16",
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": str(cache),
+    }

@@ -195,6 +195,8 @@ class Recipe(BaseModel):
             parts.append("+ " + "+".join(graph))
         if self.engine == "openvino" and self.options.get("hint", "latency") != "latency":
             parts.append(f"[{self.options['hint']}]")
+        if self.options.get("tensorrt"):
+            parts.append("[tensorrt]")
         return " ".join(parts)
 
     def artifact_key(self, source_hash: str) -> str:

@@ -94,6 +94,14 @@ def enumerate_variants(
                 recipes.append(Recipe(engine="onnxruntime", precision="fp16", passes=(*slim, _step("ort-fp16"))))
             else:
                 skipped.append(Skipped("onnxruntime fp16", "ONNX Runtime runs fp16 fast on CUDA only; on CPU it is slower than fp32"))  # fmt: skip
+        if device.kind == "cuda":
+            if _has_tensorrt():
+                recipes.append(Recipe(engine="onnxruntime", passes=tuple(slim), options={"tensorrt": True}))
+                if fp16:
+                    recipes.append(Recipe(engine="onnxruntime", precision="fp16", passes=tuple(slim),
+                                          options={"tensorrt": True}))  # fmt: skip
+            else:
+                skipped.append(Skipped("onnxruntime tensorrt", "this onnxruntime has no TensorrtExecutionProvider"))
         if "ort-dynamic" in int8:
             recipes.append(Recipe(engine="onnxruntime", int8="ort-dynamic", passes=(*slim, _step("ort-dynamic"))))
         if "ort-static" in int8:
@@ -125,6 +133,12 @@ def enumerate_variants(
             if "nncf" in int8 and not has_calibration:
                 skipped.append(Skipped("openvino int8 nncf", NO_CALIBRATION))
     return _filter(config, recipes, skipped, device)
+
+
+def _has_tensorrt() -> bool:
+    import onnxruntime as ort
+
+    return "TensorrtExecutionProvider" in ort.get_available_providers()
 
 
 def _filter(

@@ -53,3 +53,27 @@ def test_optimizing_for_a_device_this_machine_lacks_is_a_clear_error(mlp: Import
         pytest.skip("this machine has a CUDA device")
     with pytest.raises(UnsupportedError, match="cuda"):
         kiln.optimize(mlp.repo, mlp.name, device="cuda", choose=False)
+
+
+def test_with_tensorrt_a_cuda_search_tries_it_in_fp32_and_fp16(cnn: Imported, monkeypatch: pytest.MonkeyPatch) -> None:
+    import kiln.optimize.plan
+
+    monkeypatch.setattr(kiln.optimize.plan, "_has_tensorrt", lambda: True)
+    recipes, _ = enumerate_variants(OptimizeConfig(device="cuda"), cnn.version_dir, _h200(), calibration=None)
+    trt = [r for r in recipes if r.options.get("tensorrt")]
+    assert sorted(r.precision for r in trt) == ["fp16", "fp32"]
+    assert all(r.label().endswith("[tensorrt]") and r.device == "cuda:0" for r in trt)
+
+
+def test_tensorrt_providers_come_first_with_their_options_and_never_on_the_cpu() -> None:
+    from kiln.engines.ort import providers_for
+
+    available = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    got = providers_for("cuda:1", available, {"trt_fp16_enable": True})
+    assert got == [("TensorrtExecutionProvider", {"device_id": 1, "trt_fp16_enable": True}),
+                   ("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]  # fmt: skip
+    assert providers_for("cuda", available) == [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+    with pytest.raises(UnsupportedError, match="TensorRT runs on CUDA"):
+        providers_for("cpu", available, {})
+    with pytest.raises(UnsupportedError, match="onnxruntime-gpu"):
+        providers_for("cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"], {})
