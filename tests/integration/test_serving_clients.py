@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
 import http.client as httplib
 import json
 import threading
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -162,16 +164,83 @@ def test_repository_index_load_unload_need_the_token(
     assert http.infer("add", _inputs(httpclient, {"x": np.zeros((1, 4), np.float32)})).as_numpy("y").sum() == 4
 
 
+def _request(
+    server: ServeProcess, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    conn = httplib.HTTPConnection("127.0.0.1", server.http_port, timeout=30)
+    try:
+        conn.request(method, path, body, headers or {})
+        r = conn.getresponse()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+    finally:
+        conn.close()
+
+
 def _post(
     server: ServeProcess, path: str, body: bytes, headers: dict[str, str] | None = None
 ) -> tuple[int, dict[str, str]]:
-    conn = httplib.HTTPConnection("127.0.0.1", server.http_port, timeout=30)
-    try:
-        conn.request("POST", path, body, headers or {})
-        r = conn.getresponse()
-        return r.status, json.loads(r.read() or b"{}")
-    finally:
-        conn.close()
+    status, _, payload = _request(server, "POST", path, body, headers)
+    return status, json.loads(payload or b"{}")
+
+
+def test_model_ready_for_an_unknown_version_is_404_and_a_bad_version_400(
+    server: ServeProcess, grpc: grpcclient.InferenceServerClient
+) -> None:
+    status, _, body = _request(server, "GET", "/v2/models/add/versions/7/ready")
+    assert status == 404 and "no served version 7" in json.loads(body)["error"]
+    status, _, body = _request(server, "GET", "/v2/models/add/versions/x/ready")
+    assert status == 400 and "'x' is not a version number" in json.loads(body)["error"]
+    assert _request(server, "GET", "/v2/models/add/versions/1/ready")[0] == 200
+    with pytest.raises(InferenceServerException, match="no served version 7") as info:
+        grpc.is_model_ready("add", "7")
+    assert "NOT_FOUND" in str(info.value.status())
+
+
+def test_compressed_requests_and_responses_as_tritonclient_sends_them(
+    server: ServeProcess, http: httpclient.InferenceServerClient
+) -> None:
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    for request_coding in ("gzip", "deflate"):
+        for response_coding in (None, "gzip", "deflate"):
+            for binary in (True, False):
+                out = httpclient.InferRequestedOutput("y", binary_data=binary)
+                inputs = [httpclient.InferInput("x", [2, 4], "FP32")]
+                inputs[0].set_data_from_numpy(x, binary_data=binary)
+                res = http.infer(
+                    "add", inputs, outputs=[out], request_compression_algorithm=request_coding,
+                    response_compression_algorithm=response_coding,
+                )  # fmt: skip
+                np.testing.assert_array_equal(res.as_numpy("y"), x + 1)
+    body = json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}).encode()
+    status, headers, payload = _request(
+        server,
+        "POST",
+        "/v2/models/add/infer",
+        gzip.compress(body),
+        {"Content-Encoding": "gzip", "Accept-Encoding": "gzip"},
+    )
+    assert status == 200 and headers["content-encoding"] == "gzip"
+    assert json.loads(gzip.decompress(payload))["outputs"][0]["data"] == [2, 3, 4, 5]
+    status, headers, payload = _request(
+        server,
+        "POST",
+        "/v2/models/add/infer",
+        zlib.compress(body),
+        {"Content-Encoding": "deflate", "Accept-Encoding": "br"},
+    )
+    assert status == 200 and "content-encoding" not in headers  # nothing it can send: left uncompressed
+    assert json.loads(payload)["outputs"][0]["data"] == [2, 3, 4, 5]
+
+
+def test_compressed_bodies_are_held_to_the_body_limit_and_unknown_codings_refused(server: ServeProcess) -> None:
+    bomb = gzip.compress(b" " * (8 * 2**20))  # 8 KiB on the wire, 8 MiB inflated: over the 1 MiB limit
+    assert len(bomb) < 64 * 2**10
+    status, doc = _post(server, "/v2/models/add/infer", bomb, {"Content-Encoding": "gzip"})
+    assert status == 413 and "decompresses (gzip) to more than 1048576 bytes" in doc["error"]
+    status, doc = _post(server, "/v2/models/add/infer", b"\x1f\x8bnot gzip", {"Content-Encoding": "gzip"})
+    assert status == 400 and "body: is not valid gzip data" in doc["error"]
+    status, doc = _post(server, "/v2/models/add/infer", b"{}", {"Content-Encoding": "br"})
+    assert status == 415 and doc["error"].startswith("Content-Encoding: 'br' is not supported")
 
 
 def test_bad_requests_get_4xx_naming_the_problem_and_the_server_keeps_serving(
@@ -187,7 +256,14 @@ def test_bad_requests_get_4xx_naming_the_problem_and_the_server_keeps_serving(
         ("/v2/models/add/infer", ok.replace(b"[1, 4]", b"[2, 2]"), {}, 400, "dimension 1 must be 4"),
         ("/v2/models/nope/infer", ok, {}, 404, "model 'nope' is not in repository"),
         ("/v2/models/add/versions/9/infer", ok, {}, 404, "has no version 9"),
-        ("/v2/models/add/versions/x/infer", ok, {}, 404, "not a version number"),
+        ("/v2/models/add/versions/x/infer", ok, {}, 400, "not a version number"),
+        ("/v2/models/mixed/infer", json.dumps({"inputs": [
+            {"name": "ids", "shape": [1, 3], "datatype": "INT64", "data": [1.9, -2.7, 3]},
+            {"name": "text", "shape": [1, 2], "datatype": "BYTES", "data": ["a", "b"]},
+            {"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]}).encode(), {}, 400,
+         "input 'ids': data: must hold integers for INT64, got non-integer numbers"),
+        ("/v2/models/add/infer", ok.replace(b"[1, 2, 3, 4]", b"[true, false, true, false]"), {}, 400,
+         "input 'x': data: must hold numbers for FP32, got true/false"),
         ("/v2/models/add/infer", b"x" * (2 * 2**20), {}, 413, "exceeds the limit of 1048576 bytes"),
         ("/v2/models/add/infer", short + b"\0" * 8, {"Inference-Header-Content-Length": str(len(short))}, 400,
          "16 bytes announced but only 8 binary bytes remain"),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import signal
+import socket
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -107,7 +109,7 @@ def test_full_queue_answers_503_at_once_and_sigterm_drains_in_flight_requests(
     tmp_path: Path, serve_process: Start
 ) -> None:
     repo = tmp_path / "repo"
-    kiln.import_model(models.slow_model(tmp_path / "slow.onnx", layers=120), repo, name="slow")
+    kiln.import_model(models.slow_model(tmp_path / "slow.onnx", layers=240), repo, name="slow")  # ~0.4 s a run
     repository = Repository(repo)
     spec = repository.spec("slow")
     serving = spec.serving.model_copy(update={"max_batch_size": 256, "max_queue_size": 2})
@@ -143,9 +145,29 @@ def test_full_queue_answers_503_at_once_and_sigterm_drains_in_flight_requests(
             gclient.infer("slow", _grpc_input(x))
         assert "UNAVAILABLE" in str(ginfo.value.status())
         client.close()
+        server.proc.send_signal(signal.SIGTERM)  # while three requests are in flight
+        refused = grpc_refused = ""
+        for _ in range(2000):  # until the listeners close (uvicorn checks its exit flag every 0.1 s), bounded
+            try:
+                socket.create_connection(("127.0.0.1", server.http_port), timeout=5).close()
+            except ConnectionRefusedError as exc:
+                refused = str(exc)
+            try:
+                gclient.infer("slow", _grpc_input(_x(1, 512)))
+                grpc_refused = "answered"  # not refused: fails the assertion below
+            except InferenceServerException as exc:
+                if "overloaded" not in str(exc):  # the full queue, before the gRPC server stopped taking calls
+                    grpc_refused = str(exc.status())
+            if refused and grpc_refused:
+                break
+            threading.Event().wait(0.01)
+        in_flight = sum(not f.done() for f in futures)
         gclient.close()
-        code = server.terminate()  # SIGTERM while three requests are in flight
+        code = server.terminate()  # waits for the drain and the exit
         values = [f.result(timeout=120) for f in futures]
+    assert refused, "a new HTTP connection was still accepted after SIGTERM"
+    assert "UNAVAILABLE" in grpc_refused, grpc_refused
+    assert in_flight > 0, "the requests in flight finished before new ones were refused: nothing was shown"
     assert code == 0, server.output()
     assert values == [1.0, 1.0, 1.0]  # identity weights: every request was answered in full
     assert "draining" in server.output()
@@ -187,16 +209,31 @@ def test_lazy_load_unload_frees_memory_and_lru_eviction(tmp_path: Path, serve_pr
 
 
 def _broken_variant(repo: Path, model: str) -> None:
-    """A chosen variant that works at batch 1 (so it passes warm-up) and fails at run time on larger batches."""
-    vdir = repo / model / "1" / VARIANTS_DIR / "fixed-batch"
+    """A chosen variant that fails at batch 2 only: it passes warm-up (batch 1 and max_batch_size)."""
+    vdir = repo / model / "1" / VARIANTS_DIR / "fails-at-2"
     vdir.mkdir(parents=True)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    then = helper.make_graph(  # batch 2: reshape to one row, which cannot hold 8 values
+        [helper.make_node("Reshape", ["x", "one_row"], ["r"]), helper.make_node("Add", ["r", "c"], ["y"])],
+        "then",
+        [],
+        [y],
+    )
+    other = helper.make_graph([helper.make_node("Add", ["x", "c"], ["y"])], "else", [], [y])
     graph = helper.make_graph(
-        [helper.make_node("Reshape", ["x", "shape"], ["r"]), helper.make_node("Add", ["r", "c"], ["y"])],
-        "fixed",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
         [
-            numpy_helper.from_array(np.array([1, 4], np.int64), "shape"),
+            helper.make_node("Shape", ["x"], ["shape"]),
+            helper.make_node("Gather", ["shape", "zero"], ["n"]),
+            helper.make_node("Equal", ["n", "two"], ["is_two"]),
+            helper.make_node("If", ["is_two"], ["y"], then_branch=then, else_branch=other),
+        ],
+        "fails-at-2",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        [
+            numpy_helper.from_array(np.array([1, 4], np.int64), "one_row"),
+            numpy_helper.from_array(np.array(0, np.int64), "zero"),
+            numpy_helper.from_array(np.array(2, np.int64), "two"),
             numpy_helper.from_array(np.ones(4, np.float32), "c"),
         ],
     )
@@ -206,22 +243,29 @@ def _broken_variant(repo: Path, model: str) -> None:
     (vdir / "recipe.json").write_text(json.dumps({"engine": "onnxruntime", "precision": "fp32"}))
     repository = Repository(repo)
     spec = repository.spec(model)
-    repository.save_spec(spec.model_copy(update={"chosen_variant": "fixed-batch"}))
+    repository.save_spec(spec.model_copy(update={"chosen_variant": "fails-at-2"}))
 
 
-def test_failing_chosen_variant_falls_back_to_the_reference(tmp_path: Path, serve_process: Start) -> None:
+def test_failing_chosen_variant_falls_back_to_the_reference(
+    tmp_path: Path, serve_process: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
     repo = tmp_path / "repo"
     kiln.import_model(models.add_model(tmp_path / "add.onnx"), repo, name="m")
     _broken_variant(repo, "m")
+    monkeypatch.setenv("KILN_SERVE_INLINE_BELOW_MS", "0")  # every batch in a batcher thread, as under load
     server = serve_process(repo)
     client = grpcclient.InferenceServerClient(server.grpc_url)
     one = client.infer("m", _grpc_input(_x(1, 4, 2.0))).as_numpy("y")  # batch 1: the chosen variant runs
     np.testing.assert_array_equal(one, _x(1, 4, 3.0))
     assert server.metric("kiln_fallback_total", model="m") == 0
     for i in range(4):  # batch 2 fails on the chosen variant; the reference answers every time
-        y = client.infer("m", _grpc_input(_x(2, 4, float(i)))).as_numpy("y")
+        y = client.infer("m", _grpc_input(_x(2, 4, float(i))), request_id=f"fb-{i}").as_numpy("y")
         np.testing.assert_array_equal(y, _x(2, 4, i + 1.0))
     # three consecutive failures latch the fallback: the fourth request never reached the chosen variant
     assert server.metric("kiln_fallback_total", model="m") == 3
-    assert "rerunning the batch on the reference" in server.output()
+    server.output()  # flushes the log; read all of it (output() keeps only its tail)
+    lines = [json.loads(line) for line in server.log.read_text().splitlines() if line.startswith("{")]
+    fallbacks = [d for d in lines if "rerunning the batch on the reference" in str(d.get("msg"))]
+    assert [d.get("request_id") for d in fallbacks] == ["fb-0", "fb-1", "fb-2"]  # from the batcher's thread
+    assert client.get_model_metadata("m", as_json=True)["platform"] == "onnxruntime_onnx"
     client.close()

@@ -1,22 +1,31 @@
-"""The model manager and service in process: version policies, reload races, lazy loads, errors."""
+"""The model manager and service in process: version policies, reload races, lazy loads, errors,
+instances in parallel, the fallback's reference, warm-up, metric series and per-request timeouts."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
+import threading
+import weakref
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 import kiln
-from kiln.errors import ModelNotReadyError, NotFoundError, RequestTimeoutError
-from kiln.repository import Repository
+from kiln.errors import ModelNotReadyError, NotFoundError, ProtocolError, RequestTimeoutError
+from kiln.repository import VARIANTS_DIR, Repository
+from kiln.serving import runner as runner_module
+from kiln.serving.batcher import Batcher
 from kiln.serving.manager import ModelManager
 from kiln.serving.metrics import Metrics
 from kiln.serving.protocol import InferRequest
 from kiln.serving.service import Service
 from kiln.serving.settings import ServerSettings
 from tests import models
+from tests.fixtures.serving_engines import Hold, add_gate_variant, gate
 
 
 def _repo(tmp_path: Path, versions: int) -> Path:
@@ -117,22 +126,152 @@ def test_lazy_mode_loads_once_for_concurrent_first_requests(tmp_path: Path) -> N
 
 def test_two_instances_run_batches_in_parallel_threads(tmp_path: Path) -> None:
     repo = _repo(tmp_path, 1)
-    repository = Repository(repo)
-    spec = repository.spec("m")
-    repository.save_spec(spec.model_copy(update={"serving": spec.serving.model_copy(update={"instances": 2})}))
+    add_gate_variant(repo, "m", instances=2, max_batch_size=1)  # one row a batch: each request its own run
     service = _service(repo, inline_below_ms=0)
+    both_inside = threading.Barrier(2, timeout=10)  # a run passes only once the other instance runs too
+
+    def meet(inputs: Mapping[str, np.ndarray]) -> None:
+        both_inside.wait()
 
     async def scenario() -> list[float]:
         await service.manager.start()
         sv = await service.resolve("m", None)
         assert len(sv.batcher.runners) == 2
-        assert sv.memory_bytes == 2 * (repo / "m" / "1" / "model.onnx").stat().st_size  # one copy per instance
-        reqs = [InferRequest(id="", inputs={"x": np.full((1, 4), i, np.float32)}) for i in range(16)]
+        g.hook = meet
+        reqs = [InferRequest(id="", inputs={"x": np.full((1, 4), i, np.float32)}) for i in range(8)]
         outs = await asyncio.gather(*(service.infer(sv, r) for r in reqs))
         await service.manager.close()
         return [float(o["y"][0, 0]) for o in outs]
 
-    assert asyncio.run(scenario()) == [i + 1.0 for i in range(16)]
+    with gate() as g:
+        assert asyncio.run(scenario()) == [i + 10.0 for i in range(8)]  # no run timed out at the barrier
+    assert not both_inside.broken
+
+
+def _recording_loads(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Every engine load of the serving runner: its variant, its thread and the threads of its runs."""
+    loads: list[dict[str, Any]] = []
+    real_load = runner_module.load
+
+    def load(*args: Any, **kwargs: Any) -> Any:
+        predictor = real_load(*args, **kwargs)
+        rec: dict[str, Any] = {"variant": kwargs["variant"], "thread": threading.get_ident(), "runs": []}
+        real_run = predictor.engine.run
+
+        def run(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+            rec["runs"].append(threading.get_ident())
+            return real_run(inputs)
+
+        predictor.engine.run = run  # type: ignore[method-assign]
+        loads.append(rec)
+        return predictor
+
+    monkeypatch.setattr(runner_module, "load", load)
+    return loads
+
+
+def test_the_reference_loads_and_warms_with_the_model_shared_by_instances_and_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = _repo(tmp_path, 1)  # the reference: y = x + 1 on ONNX Runtime
+    add_gate_variant(repo, "m", const=10.0, instances=2)  # the chosen variant: y = x + 10
+    loads = _recording_loads(monkeypatch)
+    service = _service(repo)  # inline runs on: an idle server runs the engine on the event loop's thread
+
+    def broken(inputs: Mapping[str, np.ndarray]) -> None:
+        raise RuntimeError("the chosen variant broke")
+
+    async def scenario() -> None:
+        loop_thread = threading.get_ident()
+        await service.manager.start()
+        sv = await service.resolve("m", None)
+        assert [r["variant"] for r in loads] == ["chosen", "chosen", "reference"]  # one reference for both
+        assert all(r["thread"] != loop_thread for r in loads)  # loaded off the event loop
+        assert len(loads[2]["runs"]) == 2  # warmed at batch 1 and 32 before the model reported ready
+        gate_bytes = sum(p.stat().st_size for p in (repo / "m" / "1" / VARIANTS_DIR / "gate").iterdir())
+        onnx_bytes = (repo / "m" / "1" / "model.onnx").stat().st_size
+        assert sv.memory_bytes == 2 * gate_bytes + onnx_bytes
+        assert service.metrics.memory_bytes._value.get() == sv.memory_bytes
+        g.hook = broken
+        out = await service.infer(sv, _x())  # alone: inline, on this thread; the reference answers
+        assert float(out["y"][0, 0]) == 1.0
+        assert len(loads) == 3 and loads[2]["runs"][-1] == loop_thread  # ran on the loop, loaded nothing
+        assert service.metrics.fallbacks.labels("m", "1")._value.get() == 1
+        assert service.manager.engine("m") == "test-gate"
+        await service.manager.close()
+
+    with gate() as g:
+        asyncio.run(scenario())
+
+
+def test_warm_up_runs_the_largest_preferred_size_and_max_batch_size(tmp_path: Path) -> None:
+    repo = _repo(tmp_path, 1)
+    add_gate_variant(repo, "m", max_batch_size=8, preferred_batch_sizes=[4, 2])  # unsorted on purpose
+    service = _service(repo)
+
+    async def scenario() -> None:
+        await service.manager.start()
+        await service.manager.close()
+
+    with gate() as g:
+        asyncio.run(scenario())
+        assert g.rows == [1, 1, 4, 8]  # batch 1 twice (the second run is timed), then 4 and 8
+
+
+def test_metric_series_of_retired_versions_go_with_them(tmp_path: Path) -> None:
+    repo = _repo(tmp_path, 1)
+    service = _service(repo)
+
+    def series(name: str) -> list[str]:
+        text = service.metrics.render().decode()
+        return [line.split(" ")[0] for line in text.splitlines() if line.startswith(name + "{")]
+
+    async def scenario() -> weakref.ref[Batcher]:
+        await service.manager.start()
+        old = weakref.ref(service.manager.entries["m"].versions[1].batcher)
+        assert series("kiln_queue_depth") == ['kiln_queue_depth{model="m",version="1"}']
+        kiln.import_model(models.add_model(tmp_path / "v2.onnx", const=2.0), repo, name="m")
+        await service.manager.load("m")  # version 2 replaces 1
+        assert series("kiln_queue_depth") == ['kiln_queue_depth{model="m",version="2"}']
+        assert series("kiln_instances_busy") == ['kiln_instances_busy{model="m",version="2"}']
+        await service.manager.load("m")  # a reload of the same version keeps its series
+        assert series("kiln_queue_depth") == ['kiln_queue_depth{model="m",version="2"}']
+        await service.manager.unload("m")
+        assert series("kiln_queue_depth") == [] and series("kiln_instances_busy") == []
+        return old
+
+    old = asyncio.run(scenario())
+    gc.collect()
+    assert old() is None  # nothing (no gauge callback) keeps the retired batcher alive
+
+
+def test_a_client_timeout_shorter_than_the_models_answers_504(tmp_path: Path) -> None:
+    repo = _repo(tmp_path, 1)
+    add_gate_variant(repo, "m")
+    service = _service(repo, inline_below_ms=0)
+    hold = Hold()
+
+    async def scenario() -> None:
+        await service.manager.start()
+        sv = await service.resolve("m", None)
+        assert sv.timeout_s == 30.0
+        with pytest.raises(ProtocolError, match=r"parameters\.timeout: must be a whole number of microseconds"):
+            await service.infer(sv, InferRequest(id="", inputs=_x().inputs, parameters={"timeout": "soon"}))
+        g.hook = hold
+        req = InferRequest(id="", inputs=_x().inputs, parameters={"timeout": 50_000})  # µs, as tritonclient sends
+        with pytest.raises(RequestTimeoutError, match=r"did not finish within 0\.05 s"):
+            await service.infer(sv, req)  # the engine still holds the run: the timeout answered
+        hold.release()
+        g.hook = None
+        out = await service.infer(sv, InferRequest(id="", inputs=_x().inputs, parameters={"timeout": 0}))
+        assert float(out["y"][0, 0]) == 10.0  # 0: no timeout of its own
+        await service.manager.close()
+
+    with gate() as g:
+        try:
+            asyncio.run(scenario())
+        finally:
+            hold.release()
 
 
 def test_a_request_past_its_timeout_is_answered_504_while_the_engine_finishes(tmp_path: Path) -> None:

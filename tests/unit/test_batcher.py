@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from kiln.errors import QueueFullError, RequestTimeoutError, ShuttingDownError
+from kiln.serving import logs
 from kiln.serving.batcher import Batcher, BatchPolicy, BatchQueue, Pending, concat_inputs, split_outputs
 
 
@@ -83,6 +84,20 @@ def test_queue_delay_waits_for_a_fuller_batch_then_gives_up() -> None:
     assert take.batch == [] and take.wait_s == pytest.approx(0.001)
     clock.now += 0.001
     assert q.take(clock()).batch == [first, second]
+
+
+def test_a_batch_that_no_queued_request_can_join_leaves_without_waiting_out_the_delay() -> None:
+    clock = FakeClock()
+    q = BatchQueue("m", BatchPolicy(max_batch_size=4, max_queue_delay_s=1.0))
+    a, b = _req(clock, rows=3, tag=1), _req(clock, rows=2, tag=2)
+    q.put(a)
+    q.put(b)  # 3 + 2 rows pass max_batch_size: b cannot join a, so a is as full as it can get
+    take = q.take(clock())
+    assert take.batch == [a] and take.wait_s is None
+    take = q.take(clock())  # b alone could still grow: it waits for company
+    assert take.batch == [] and take.wait_s == pytest.approx(1.0)
+    clock.now += 1.0
+    assert q.take(clock()).batch == [b]
 
 
 def test_preferred_size_reached_runs_without_waiting_and_cuts_there() -> None:
@@ -302,3 +317,30 @@ def test_a_busy_or_queued_batcher_lends_nothing() -> None:
         assert col.all_done.wait(10)
     finally:
         batcher.close()
+
+
+def test_a_batch_runs_with_its_requests_ids_in_the_worker_threads_log_context() -> None:
+    seen: list[str] = []
+
+    class Recording(GatedRunner):
+        def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+            seen.append(logs.request_id.get())
+            return super().run(inputs)
+
+    runner = Recording()
+    batcher = Batcher("m", [runner], BatchPolicy(max_batch_size=8))
+    batcher.start()
+    col = Collector(3)
+    try:
+        for rid in ("first", "second", "third"):
+            logs.request_id.set(rid)  # what the front end sets for the request it is serving
+            batcher.submit({"x": np.zeros((1, 2), np.float32)}, 1, col.done)
+            if rid == "first":
+                assert runner.entered.wait(10)  # the first runs alone; the other two queue behind it
+        runner.release.set()
+        assert col.all_done.wait(10)
+    finally:
+        logs.request_id.set("")
+        batcher.close()
+    assert runner.batches == [1, 2]
+    assert seen == ["first", "second,third"]

@@ -133,3 +133,49 @@ def test_encode_binary_and_json_outputs() -> None:
     assert np.array_equal(np.frombuffer(body[hlen:], np.float32).reshape(2, 2), outputs["y"])
     parts, hlen = encode_http("m", 3, InferRequest(id="", inputs={}), {"y": outputs["y"]})
     assert hlen is None and json.loads(parts[0])["outputs"][0]["data"] == [1.0] * 4
+
+
+TYPED = ModelSpec(
+    name="typed",
+    inputs=[
+        TensorSpec(name="i64", dtype="int64", shape=(-1,)),
+        TensorSpec(name="i8", dtype="int8", shape=(-1,)),
+        TensorSpec(name="u8", dtype="uint8", shape=(-1,)),
+        TensorSpec(name="f32", dtype="float32", shape=(-1,)),
+        TensorSpec(name="flag", dtype="bool", shape=(-1,)),
+    ],
+    outputs=[TensorSpec(name="y", dtype="float32", shape=(-1,))],
+)
+_DATATYPES = {"i64": "INT64", "i8": "INT8", "u8": "UINT8", "f32": "FP32", "flag": "BOOL"}
+
+
+def _typed(name: str, data: list[object]) -> np.ndarray:
+    doc = {"inputs": [{"name": name, "shape": [len(data)], "datatype": _DATATYPES[name], "data": data}]}
+    return decode_http(json.dumps(doc).encode(), None, TYPED).inputs[name]
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "match"),
+    [
+        ("i64", [1.9, -2.7], "must hold integers for INT64, got non-integer numbers"),
+        ("i64", ["1", "2"], "must hold integers for INT64, got strings"),
+        ("f32", [True, False], "must hold numbers for FP32, got true/false"),
+        ("f32", ["1.5"], "must hold numbers for FP32, got strings"),
+        ("f32", [1.0, None], "must hold numbers for FP32, got null"),
+        ("flag", [1, 0], "must hold true/false for BOOL, got integers"),
+        ("i8", [1, 300], "300 is out of range for INT8 \\(-128..127\\)"),
+        ("u8", [-1, 2], "-1 is out of range for UINT8 \\(0..255\\)"),
+    ],
+)
+def test_json_data_of_the_wrong_kind_is_refused_not_coerced(name: str, data: list[object], match: str) -> None:
+    with pytest.raises(ProtocolError, match=f"^input '{name}': data: {match}"):
+        _typed(name, data)
+
+
+def test_json_data_of_the_right_kind_keeps_its_values() -> None:
+    assert _typed("i64", [1, -2, 2**40]).tolist() == [1, -2, 2**40]
+    assert _typed("f32", [1, 2.5]).dtype == np.float32  # integers are numbers
+    assert _typed("f32", [1, 2.5]).tolist() == [1.0, 2.5]
+    assert _typed("flag", [True, False]).tolist() == [True, False]
+    assert _typed("u8", [0, 255]).dtype == np.uint8
+    assert _typed("i8", []).shape == (0,)

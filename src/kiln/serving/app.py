@@ -3,8 +3,10 @@ instances (``raw.py``), plus ``/metrics``.
 
 ``POST …/infer`` is a bare ASGI handler in front of Starlette (its middleware, router and
 Request/Response objects cost about a fifth of the server's CPU per request, measured); everything
-else goes through Starlette's routing. No per-request validation layer: the spec validates tensors. Known errors answer 4xx/5xx with ``{"error": "..."}``; anything else
-is logged with its traceback and answered 500 with a generic message.
+else goes through Starlette's routing. No per-request validation layer: the spec validates tensors.
+Request bodies may come gzip- or deflate-compressed (``Content-Encoding``, see ``encoding.py``); infer
+responses are compressed when ``Accept-Encoding`` asks. Known errors answer 4xx/5xx with
+``{"error": "..."}``; anything else is logged with its traceback and answered 500 with a generic message.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from kiln.errors import PayloadTooLargeError, ProtocolError
 from kiln.serving import logs
+from kiln.serving.encoding import Inflater, compress, request_coding, response_coding
 from kiln.serving.protocol import decode_http, encode_http
 from kiln.serving.raw import parse_instances
 from kiln.serving.service import Service, check_load_parameters, error_status, parse_version
@@ -34,17 +37,24 @@ _EMPTY = Response(b"", 200)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing (413) past ``limit`` bytes before reading more than that."""
+    """The request body, decompressed, refusing (413) past ``limit`` bytes before reading more than that."""
+    coding = request_coding(request.headers.get("content-encoding"))
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLargeError(int(declared), limit)
+    inflater = Inflater(coding, limit) if coding is not None else None
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             raise PayloadTooLargeError(size, limit)
-        chunks.append(chunk)
+        if inflater is not None:
+            inflater.feed(chunk)
+        elif chunk:
+            chunks.append(chunk)
+    if inflater is not None:
+        return inflater.finish()
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
@@ -84,9 +94,8 @@ def build_app(service: Service) -> ASGIApp:
     async def model_ready(request: Request) -> Response:
         p = request.path_params
         try:
-            if service.manager.is_ready(p["model"], parse_version(p.get("version"))):
+            if service.model_ready(p["model"], p.get("version")):  # unknown model or version: 404
                 return Response(b"", 200)
-            service.manager.spec(p["model"])  # unknown model: 404 rather than 'not ready'
             return JSONResponse({"error": f"model {p['model']!r} is not ready"}, status_code=503)
         except Exception as exc:
             return error_response(exc)
@@ -250,6 +259,11 @@ class InferEndpoint:
                 payload = b"".join(parts)
                 out_headers.append((b"content-type", b"application/octet-stream"))
                 out_headers.append((b"inference-header-content-length", str(header_len).encode()))
+            accept = headers.get(b"accept-encoding")
+            coding = response_coding(accept.decode("latin-1")) if accept is not None else None
+            if coding is not None:  # the header length stays the uncompressed JSON's, as Triton sends it
+                payload = compress(payload, coding)
+                out_headers.append((b"content-encoding", coding.encode()))
         except Exception as exc:
             status, message = error_status(exc)
             payload = json.dumps({"error": message}).encode()
@@ -267,9 +281,12 @@ class InferEndpoint:
             access.info("infer", extra={"model": model, "version": version, "status": status, "ms": elapsed * 1e3})
 
     async def _body(self, headers: dict[bytes, bytes], receive: Receive) -> bytes:
+        encoding = headers.get(b"content-encoding")
+        coding = request_coding(encoding.decode("latin-1")) if encoding is not None else None
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             raise PayloadTooLargeError(int(declared), self.limit)
+        inflater = Inflater(coding, self.limit) if coding is not None else None
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -281,13 +298,20 @@ class InferEndpoint:
                 size += len(chunk)
                 if size > self.limit:
                     raise PayloadTooLargeError(size, self.limit)
-                chunks.append(chunk)
+                if inflater is not None:
+                    inflater.feed(chunk)  # decompressed as it arrives, within the same limit
+                else:
+                    chunks.append(chunk)
             if not message.get("more_body", False):
                 break
+        if inflater is not None:
+            return inflater.finish()
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-_WANTED = frozenset((b"x-request-id", b"content-length", b"inference-header-content-length"))
+_WANTED = frozenset(
+    (b"x-request-id", b"content-length", b"inference-header-content-length", b"content-encoding", b"accept-encoding")
+)
 
 
 def _json_value(body: bytes) -> Any:

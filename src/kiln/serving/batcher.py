@@ -8,7 +8,9 @@ Policy (Triton's, with a zero default delay): a request runs at once when an ins
 requests that arrive while every instance is busy wait in the queue and leave together as the next
 batch (up to ``max_batch_size`` rows, cut at the largest preferred size when one is set). With a
 ``max_queue_delay`` a batch smaller than the preferred (or maximum) size waits up to that long for
-more rows. The queue is bounded: a full queue refuses at once (:class:`QueueFullError`).
+more rows, unless no more can join (the next queued request would pass ``max_batch_size``): a full
+batch leaves at once, as in Triton. The queue is bounded: a full queue refuses at once
+(:class:`QueueFullError`). Each batch runs with the request ids of its requests in the log context.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Protocol
 import numpy as np
 
 from kiln.errors import QueueFullError, RequestTimeoutError, ShuttingDownError
+from kiln.serving import logs
 
 log = logging.getLogger("kiln.serving")
 
@@ -57,6 +60,7 @@ class Pending:
     timeout_s: float = 0.0
     cancelled: bool = False
     started: float = 0.0
+    request_id: str = ""  # the submitter's log context, carried into the worker thread
 
 
 @dataclass(frozen=True)
@@ -108,11 +112,13 @@ class BatchQueue:
         # whose non-batch dims differ from the head's (padded texts, other image sizes): they go next.
         prefix: list[Pending] = []
         rows = 0
+        full = False  # the next request does not fit: waiting cannot make this batch larger
         head_dims: tuple[tuple[int, ...], ...] = ()
         for item in self._q:
             if item.cancelled or (item.deadline is not None and item.deadline <= now):
                 continue
             if prefix and rows + item.rows > p.max_batch_size:
+                full = True
                 break
             if not prefix:
                 head_dims = _row_dims(item)
@@ -122,7 +128,7 @@ class BatchQueue:
             rows += item.rows
         target = max(p.preferred_batch_sizes) if p.preferred_batch_sizes else p.max_batch_size
         oldest = self._q[0].enqueued
-        if rows < target and p.max_queue_delay_s > 0 and now < oldest + p.max_queue_delay_s:
+        if rows < target and not full and p.max_queue_delay_s > 0 and now < oldest + p.max_queue_delay_s:
             out.wait_s = oldest + p.max_queue_delay_s - now
             return out
         if p.preferred_batch_sizes and rows > min(p.preferred_batch_sizes):
@@ -257,7 +263,8 @@ class Batcher:
     ) -> Pending:
         """Queue a request; ``done(outputs, error)`` is called from a worker thread when it finishes."""
         now = self.clock()
-        item = Pending(inputs, rows, now, done, None if timeout_s is None else now + timeout_s, timeout_s or 0.0)
+        deadline = None if timeout_s is None else now + timeout_s
+        item = Pending(inputs, rows, now, done, deadline, timeout_s or 0.0, request_id=logs.request_id.get())
         with self._cond:
             if self._closing:
                 raise BatcherClosedError(f"model {self.model!r} is unloading; retry to reach its new version")
@@ -320,6 +327,7 @@ class Batcher:
             for p in take.expired:
                 _finish(p, None, RequestTimeoutError(self.model, p.timeout_s))
             if take.batch:
+                logs.request_id.set(_batch_ids(take.batch))  # this thread's context: the fallback log names them
                 try:
                     self._run(runner, take.batch, batched)
                 finally:
@@ -345,6 +353,13 @@ class Batcher:
                 self.observer.batch_done(
                     len(batch), sum(p.rows for p in batch), [start - p.enqueued for p in batch], end - start
                 )
+
+
+def _batch_ids(batch: Sequence[Pending]) -> str:
+    """The request ids of a batch for its log lines: one id, or the distinct ids joined by commas."""
+    if len(batch) == 1:
+        return batch[0].request_id
+    return ",".join(dict.fromkeys(p.request_id for p in batch if p.request_id))
 
 
 def _finish(p: Pending, out: Outputs | None, err: BaseException | None) -> None:

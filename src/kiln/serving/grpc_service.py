@@ -2,11 +2,13 @@
 stubs (``service_pb2``, ``model_config_pb2``), so that Triton's clients and tools work unchanged.
 
 Errors map to status codes: 400 -> INVALID_ARGUMENT, 401 -> UNAUTHENTICATED, 404 -> NOT_FOUND,
-413/507 -> RESOURCE_EXHAUSTED, 503 -> UNAVAILABLE, 504 -> DEADLINE_EXCEEDED, else INTERNAL.
+413/507 -> RESOURCE_EXHAUSTED, 503 -> UNAVAILABLE, 504 -> DEADLINE_EXCEEDED, else INTERNAL. An RPC the
+client cancels, or whose deadline passes, is counted as ``cancelled`` or ``timeout``, never as served.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from typing import Any
@@ -18,6 +20,7 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from kiln.errors import ProtocolError
 from kiln.serving import logs
+from kiln.serving.metrics import CLIENT_CLOSED
 from kiln.serving.protocol import (
     InferRequest,
     RequestedOutput,
@@ -138,11 +141,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request: Any, context: Any) -> Any:
         try:
-            v = parse_version(request.version)
-            ready = self.service.manager.is_ready(request.name, v)
-            if not ready:
-                self.service.manager.spec(request.name)
-            return service_pb2.ModelReadyResponse(ready=ready)
+            return service_pb2.ModelReadyResponse(ready=self.service.model_ready(request.name, request.version))
         except Exception as exc:
             await self._fail(context, exc)
 
@@ -192,6 +191,10 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             req.version = parse_version(request.model_version)
             outputs = await self.service.infer_v2(sv, req)
             return encode_grpc(model, sv.version, req, outputs)
+        except asyncio.CancelledError:  # grpc.aio cancels the handler when the client cancels or its deadline passes
+            remaining = context.time_remaining()
+            status = 504 if remaining is not None and remaining <= 0 else CLIENT_CLOSED
+            raise
         except Exception as exc:
             status, message = error_status(exc)
             await context.abort(status_code(status), message)

@@ -21,15 +21,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kiln.errors import KilnError, MemoryBudgetError, ModelNotReadyError, NotFoundError, ShuttingDownError
-from kiln.repository import RECIPE_FILE, VARIANTS_DIR, Repository
+from kiln.repository import RECIPE_FILE, VARIANTS_DIR, Repository, read_recipe
 from kiln.serving.batcher import Batcher, BatchPolicy
 from kiln.serving.metrics import Metrics
 from kiln.serving.raw import RawModel
-from kiln.serving.runner import FallbackState, ModelRunner, open_instance, warmup_inputs
+from kiln.serving.runner import FallbackState, open_instances, warm_up
 from kiln.serving.settings import ServerSettings
 from kiln.spec import ModelSpec
 
 log = logging.getLogger("kiln.serving")
+REFERENCE_ENGINE = "onnxruntime"  # what ``kiln.load(variant='reference')`` runs the imported model.onnx on
 
 
 class State(enum.StrEnum):
@@ -53,10 +54,19 @@ class ServedVersion:
     fallback: FallbackState
     timeout_s: float
     processing: RawModel  # pre/post-processing for raw inputs (V1 predict, the V2 ``raw`` input)
+    engine: str  # the chosen variant's engine
+    reference_engine: str | None  # the fallback's engine; None when the reference itself is served
 
     @property
     def cache_enabled(self) -> bool:
         return self.spec.serving.response_cache
+
+    @property
+    def serving_engine(self) -> str:
+        """The engine answering now: the reference's once the fallback has latched."""
+        if self.reference_engine is not None and self.fallback.latched:
+            return self.reference_engine
+        return self.engine
 
 
 @dataclass(eq=False)
@@ -95,12 +105,42 @@ def policy_text(spec: ModelSpec) -> str:
     return "all" if s.version_policy == "all" else f"specific {s.versions}"
 
 
-def artifact_bytes(vdir: Path, spec: ModelSpec) -> int:
-    """Bytes of what the engine loads: the chosen variant's files, else the reference ONNX model."""
+def _chosen_dir(vdir: Path, spec: ModelSpec) -> Path | None:
     chosen = spec.chosen_variant
     if chosen and (vdir / VARIANTS_DIR / chosen / RECIPE_FILE).is_file():
-        return sum(p.stat().st_size for p in (vdir / VARIANTS_DIR / chosen).iterdir() if p.is_file())
+        return vdir / VARIANTS_DIR / chosen
+    return None
+
+
+def reference_bytes(vdir: Path) -> int:
     return sum(p.stat().st_size for p in vdir.glob("model.onnx*") if p.is_file())
+
+
+def artifact_bytes(vdir: Path, spec: ModelSpec) -> int:
+    """Bytes of what the engine loads: the chosen variant's files, else the reference ONNX model."""
+    chosen = _chosen_dir(vdir, spec)
+    if chosen is not None:
+        return sum(p.stat().st_size for p in chosen.iterdir() if p.is_file())
+    return reference_bytes(vdir)
+
+
+def version_bytes(vdir: Path, spec: ModelSpec, reference_copies: int | None = None) -> int:
+    """The memory estimate of one served version: its instances, plus the reference they fall back on.
+
+    ``reference_copies`` is what was loaded; before the load it is estimated as one shared copy.
+    """
+    own = artifact_bytes(vdir, spec) * spec.serving.instances
+    if _chosen_dir(vdir, spec) is None:
+        return own
+    return own + reference_bytes(vdir) * (1 if reference_copies is None else reference_copies)
+
+
+def engine_of(vdir: Path, spec: ModelSpec, version: int) -> str:
+    """The engine that serves a version by default (its chosen variant's), read from the repository."""
+    chosen = _chosen_dir(vdir, spec)
+    if chosen is None:
+        return REFERENCE_ENGINE
+    return read_recipe(chosen, spec.name, version).engine
 
 
 def release_memory() -> None:
@@ -202,6 +242,21 @@ class ModelManager:
         spec = self.repository.spec(name)
         return policy_versions(spec, self.repository.versions(name))
 
+    def engine(self, name: str, version: int | None = None) -> str:
+        """The engine serving ``name`` (its default version, or ``version``), loaded or not."""
+        entry = self.entries.get(name)
+        if entry is not None and entry.versions:
+            sv = entry.default if version is None else entry.versions.get(version)
+            if sv is not None:
+                return sv.serving_engine
+        spec = self.repository.spec(name)
+        if version is None:
+            served = policy_versions(spec, self.repository.versions(name))
+            version = served[-1] if served else None
+        if version is None:
+            return REFERENCE_ENGINE
+        return engine_of(self.repository.resolve(name, version)[1], spec, version)
+
     def is_ready(self, name: str, version: int | None = None) -> bool:
         entry = self.entries.get(name)
         if entry is None or entry.state is not State.READY:
@@ -240,8 +295,7 @@ class ModelManager:
             versions = policy_versions(spec, self.repository.versions(name))
             if not versions:
                 raise NotFoundError(f"model {name!r} has no versions in {self.repository.root}")
-            need = sum(artifact_bytes(self.repository.resolve(name, v)[1], spec) for v in versions)
-            need *= spec.serving.instances
+            need = sum(version_bytes(self.repository.resolve(name, v)[1], spec) for v in versions)
             await self._make_room(entry, need)
             was = entry.state
             if was is not State.READY:
@@ -261,6 +315,8 @@ class ModelManager:
             entry.state = State.READY
             entry.reason = ""
             entry.last_used = self.clock()
+            for sv in loaded:
+                self.metrics.batchers.track(name, sv.version, sv.batcher)
             self.metrics.load_seconds.labels(name).observe(time.perf_counter() - start)
             self._update_gauges()
             log.info(
@@ -322,77 +378,47 @@ class ModelManager:
     def _open_version(self, spec: ModelSpec, version: int) -> ServedVersion:
         s = spec.serving
         name = spec.name
-        repo = self.repository.root
-        threads = self.settings.engine_threads
         vdir = self.repository.resolve(name, version)[1]
         processing = RawModel.build(spec, vdir)  # before the engines: a bad step fails the load at once
-        first = open_instance(repo, name, version, "chosen", threads, process=False)
-        instances = [first]
-        try:
-            in_process = first.predictor.engine.releases_gil or s.instances == 1
-            if not in_process:
-                first.close()
-                instances = []
-            while len(instances) < s.instances:
-                instances.append(open_instance(repo, name, version, "chosen", threads, process=not in_process))
-        except BaseException:
-            for inst in instances:
-                inst.close()
-            raise
-        variant = first.variant
-        fallback = FallbackState(s.fallback_after)
-        label = f"{name}:{version}"
         counter = self.metrics.fallbacks.labels(name, str(version))
-
-        def reference() -> object:
-            return open_instance(repo, name, version, "reference", threads, process=not in_process)
-
-        runners = [
-            ModelRunner(inst, reference if variant != "reference" else None, fallback, label, counter.inc)
-            for inst in instances
-        ]
+        inst = open_instances(self.repository.root, spec, version, self.settings.engine_threads, counter.inc)
+        runners = inst.runners
         policy = BatchPolicy(
             max_batch_size=s.max_batch_size,
             preferred_batch_sizes=tuple(sorted(s.preferred_batch_sizes)),
             max_queue_delay_s=s.max_queue_delay_us / 1e6,
             max_queue_size=s.max_queue_size,
         )
+        label = f"{name}:{version}"
         batcher = Batcher(name, runners, policy, observer=self.metrics.observer(name, version), name=label)
         try:
             if s.warmup:
-                sizes = {1, *(s.preferred_batch_sizes[-1:] if s.preferred_batch_sizes else [])}
-                for runner in runners:
-                    for rows in sorted(sizes):
-                        feed = warmup_inputs(spec, rows)
-                        runner.run(feed)
-                        if rows == 1:  # timed a second time, warm, to seed the inline decision
-                            t0 = time.perf_counter()
-                            runner.run(feed)
-                            batcher.record_compute(time.perf_counter() - t0, 1)
+                batcher.record_compute(warm_up(runners, spec), 1)  # the batch-1 time seeds the inline decision
         except Exception as exc:
             for r in runners:
                 r.close()
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise KilnError(f"model {name!r} version {version} failed its warm-up run: {first_line}") from exc
         batcher.start()
-        self.metrics.queue_depth.labels(name, str(version)).set_function(lambda: batcher.depth)
-        self.metrics.busy.labels(name, str(version)).set_function(lambda: batcher.busy)
         self._generation += 1
         return ServedVersion(
             model=name,
             version=version,
             spec=spec,
             batcher=batcher,
-            variant=variant,
-            memory_bytes=artifact_bytes(vdir, spec) * s.instances,
+            variant=inst.variant,
+            memory_bytes=version_bytes(vdir, spec, inst.reference_copies),
             generation=self._generation,
-            fallback=fallback,
+            fallback=inst.fallback,
             timeout_s=(s.timeout_ms / 1e3) if s.timeout_ms else self.settings.request_timeout_s,
             processing=processing,
+            engine=inst.engine,
+            reference_engine=inst.reference_engine,
         )
 
     def _retire(self, versions: list[ServedVersion]) -> None:
         for sv in versions:
+            self.metrics.batchers.untrack(sv.model, sv.version, sv.batcher)  # its gauges go with it
             sv.batcher.close(drain=True, timeout=self.settings.drain_timeout_s)
         if versions:
             del sv

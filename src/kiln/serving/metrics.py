@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+import typing
+from collections.abc import Iterator, Sequence
 from typing import Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 Protocol = Literal["http", "grpc"]
-Outcome = Literal["ok", "client_error", "not_found", "unavailable", "timeout", "error"]
+Outcome = Literal["ok", "client_error", "not_found", "unavailable", "timeout", "cancelled", "error"]
+CLIENT_CLOSED = 499  # the client cancelled or went away before the answer (nginx's code; no response is sent)
 
 _LATENCY = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 _BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -30,6 +34,8 @@ def outcome_for(status: int) -> Outcome:
         return "unavailable"
     if status == 504:
         return "timeout"
+    if status == CLIENT_CLOSED:
+        return "cancelled"
     return "client_error" if status < 500 else "error"
 
 
@@ -69,10 +75,8 @@ class Metrics:
             "kiln_fallback", "Batches rerun on the reference variant after the chosen one failed",
             ["model", "version"], registry=r,
         )  # fmt: skip
-        self.queue_depth = Gauge(
-            "kiln_queue_depth", "Requests waiting in a batch queue", ["model", "version"], registry=r
-        )
-        self.busy = Gauge("kiln_instances_busy", "Instances running a batch", ["model", "version"], registry=r)
+        self.batchers = BatcherGauges()  # kiln_queue_depth and kiln_instances_busy of the versions being served
+        r.register(self.batchers)
         self.evictions = Counter("kiln_evictions", "Models unloaded to fit the memory budget", registry=r)
         self._observers: dict[tuple[str, str], BatchMetrics] = {}
 
@@ -104,6 +108,48 @@ class Metrics:
             for (m, v), obs in sorted(self._observers.items())
             if (model is None or m == model) and (version is None or v == version)
         ]
+
+
+class BatcherState(typing.Protocol):
+    @property
+    def depth(self) -> int: ...
+
+    @property
+    def busy(self) -> int: ...
+
+
+class BatcherGauges(Collector):
+    """Queue depth and busy instances per served version, read from the live batchers at each scrape.
+
+    The manager tracks a version's batcher while it serves and untracks it when the version retires, so
+    the series go with it and nothing here keeps a retired batcher alive.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._live: dict[tuple[str, str], BatcherState] = {}
+
+    def track(self, model: str, version: int, batcher: BatcherState) -> None:
+        with self._lock:
+            self._live[(model, str(version))] = batcher
+
+    def untrack(self, model: str, version: int, batcher: BatcherState) -> None:
+        """Forget ``batcher``; a newer batcher tracked under the same labels (a reload) stays."""
+        with self._lock:
+            key = (model, str(version))
+            if self._live.get(key) is batcher:
+                del self._live[key]
+
+    def collect(self) -> Iterator[Metric]:
+        depth = GaugeMetricFamily("kiln_queue_depth", "Requests waiting in a batch queue", labels=["model", "version"])
+        busy = GaugeMetricFamily("kiln_instances_busy", "Instances running a batch", labels=["model", "version"])
+        with self._lock:
+            live = sorted(self._live.items())
+        for (model, version), b in live:
+            depth.add_metric([model, version], b.depth)
+            busy.add_metric([model, version], b.busy)
+        yield depth
+        yield busy
 
 
 class TritonStats:

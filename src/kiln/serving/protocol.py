@@ -233,6 +233,13 @@ def decode_http(
     return req
 
 
+# The element kinds JSON data may hold per numpy kind of the datatype (numpy's kinds of the array that
+# ``np.asarray`` makes of the JSON list): integers for integer types, true/false for BOOL, any number
+# for floats. Strings are only for BYTES. Triton refuses the rest; numpy would silently convert them.
+_JSON_KINDS = {"b": ("b", "true/false"), "i": ("iu", "integers"), "u": ("iu", "integers"), "f": ("iuf", "numbers")}
+_KIND_NAMES = {"b": "true/false", "i": "integers", "u": "integers", "f": "non-integer numbers", "U": "strings"}
+
+
 def _from_json(name: str, data: Any, dtype: np.dtype[Any], shape: tuple[int, ...], raw: bool = False) -> np.ndarray:
     if not isinstance(data, list):
         data = [data]
@@ -242,7 +249,7 @@ def _from_json(name: str, data: Any, dtype: np.dtype[Any], shape: tuple[int, ...
             convert = _to_raw_element if raw else _to_text
             flat = np.array([convert(x) for x in _flatten(data)] or [], dtype=object)
         else:
-            flat = np.asarray(data, dtype=dtype).reshape(-1)
+            flat = _numeric_json(name, data, dtype).reshape(-1)
     except (TypeError, ValueError, OverflowError) as exc:
         raise ProtocolError(f"input {name!r}: data", f"cannot be read as {dtype} ({exc})") from None
     if flat.size != count:
@@ -250,6 +257,28 @@ def _from_json(name: str, data: Any, dtype: np.dtype[Any], shape: tuple[int, ...
             f"input {name!r}: data", f"holds {flat.size} elements but shape {list(shape)} needs {count}"
         )
     return flat.reshape(shape)
+
+
+def _numeric_json(name: str, data: list[Any], dtype: np.dtype[Any]) -> np.ndarray:
+    """``data`` as ``dtype``, refusing elements of the wrong kind (checked on the array, not per element)."""
+    arr = np.asarray(data)  # numpy picks the kind: bool, int64 (uint64 past it), float64, str, or object
+    if arr.size == 0:
+        return arr.astype(dtype)
+    allowed, wanted = _JSON_KINDS[dtype.kind]
+    if arr.dtype.kind not in allowed:
+        got = _KIND_NAMES.get(arr.dtype.kind, "null, objects, mixed kinds or integers past 64 bits")
+        datatype = V2_DATATYPES.get(str(dtype), str(dtype).upper())
+        raise ProtocolError(f"input {name!r}: data", f"must hold {wanted} for {datatype}, got {got}")
+    if dtype.kind in "iu" and arr.dtype != dtype:
+        info = np.iinfo(dtype)
+        low, high = arr.min(), arr.max()
+        if low < info.min or high > info.max:
+            bad = low if low < info.min else high
+            datatype = V2_DATATYPES.get(str(dtype), str(dtype).upper())
+            raise ProtocolError(
+                f"input {name!r}: data", f"{bad} is out of range for {datatype} ({info.min}..{info.max})"
+            )
+    return arr.astype(dtype, copy=False)
 
 
 def _flatten(data: list[Any]) -> list[Any]:

@@ -3,7 +3,9 @@ variant as a fallback, in this process (engines that release the GIL) or in a ch
 
 When the chosen variant raises, the batch is rerun on the reference; the failure is logged and
 counted, and after ``fallback_after`` consecutive failures the model version stays on the reference
-until it is reloaded.
+until it is reloaded. The reference is loaded and warmed with the model (in the loading thread, never
+on the event loop), once for all instances where its engine can run batches from several threads at
+once, and counted in the model's memory.
 """
 
 from __future__ import annotations
@@ -12,15 +14,17 @@ import contextlib
 import logging
 import multiprocessing as mp
 import threading
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from kiln.predictor import REFERENCE, Predictor, load
-from kiln.spec import ModelSpec
+from kiln.predictor import CHOSEN, REFERENCE, Predictor, load
+from kiln.spec import ModelSpec, ServingSettings
 
 log = logging.getLogger("kiln.serving")
 Outputs = dict[str, np.ndarray]
@@ -52,30 +56,34 @@ class FallbackState:
 
 
 class ModelRunner:
-    """Runs a batch on ``primary``; on failure reruns it on the reference (loaded on first need)."""
+    """Runs a batch on ``primary``; on failure reruns it on ``reference`` (already loaded, maybe shared).
+
+    ``owns_reference``: whether :meth:`close` closes the reference (one of the instances sharing it does).
+    """
 
     def __init__(
         self,
         primary: Any,
-        load_reference: Callable[[], Any] | None,
+        reference: Any | None,
         state: FallbackState,
         label: str,
         on_fallback: Callable[[], None] | None = None,
+        owns_reference: bool = True,
     ) -> None:
         self.primary = primary  # anything with run(dict) -> dict and close()
-        self._load_reference = load_reference
-        self._reference: Any = None
+        self.reference = reference
+        self.owns_reference = owns_reference
         self.state = state
         self.label = label
         self._on_fallback = on_fallback
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> Outputs:
-        if self.state.latched and self._load_reference is not None:
-            return self.reference().run(inputs)
+        if self.state.latched and self.reference is not None:
+            return self.reference.run(inputs)
         try:
             out = self.primary.run(inputs)
         except Exception as exc:
-            if self._load_reference is None:
+            if self.reference is None:
                 raise
             latched = self.state.failed()
             log.error(
@@ -87,23 +95,17 @@ class ModelRunner:
             )
             if self._on_fallback is not None:
                 self._on_fallback()
-            return self.reference().run(inputs)
+            return self.reference.run(inputs)
         self.state.succeeded()
         return out
 
-    def reference(self) -> Any:
-        if self._reference is None:
-            if self._load_reference is None:
-                raise RuntimeError("no reference variant to fall back on")
-            self._reference = self._load_reference()
-        return self._reference
-
     def close(self) -> None:
-        for e in (self.primary, self._reference):
-            if e is not None:
-                e.close()
+        if self.primary is not None:
+            self.primary.close()
+        if self.reference is not None and self.owns_reference:
+            self.reference.close()
         self.primary = None
-        self._reference = None
+        self.reference = None
 
 
 def warmup_inputs(spec: ModelSpec, rows: int = 1) -> dict[str, np.ndarray]:
@@ -119,7 +121,108 @@ def warmup_inputs(spec: ModelSpec, rows: int = 1) -> dict[str, np.ndarray]:
     return feed
 
 
+def warmup_sizes(s: ServingSettings) -> list[int]:
+    """Batch sizes to warm: 1, the largest preferred size and ``max_batch_size`` (the shapes batches reach)."""
+    sizes = {1}
+    if s.max_batch_size > 0:
+        sizes.add(s.max_batch_size)
+        if s.preferred_batch_sizes:
+            sizes.add(max(s.preferred_batch_sizes))
+    return sorted(sizes)
+
+
+def warm_up(runners: Sequence[ModelRunner], spec: ModelSpec) -> float:
+    """Run each instance, and each reference once, at every warm-up size; the warm batch-1 time in seconds."""
+    sizes = warmup_sizes(spec.serving)
+    engines: list[Any] = []
+    for r in runners:
+        engines.append(r.primary)
+        if r.reference is not None and all(r.reference is not e for e in engines):
+            engines.append(r.reference)
+    one = float("inf")
+    for engine in engines:
+        for rows in sizes:
+            feed = warmup_inputs(spec, rows)
+            engine.run(feed)
+            if rows == 1 and engine is runners[0].primary:  # timed a second time, warm, to seed inline runs
+                t0 = time.perf_counter()
+                engine.run(feed)
+                one = time.perf_counter() - t0
+    return one
+
+
 # ---- instances -------------------------------------------------------------------------------------------
+# Engines whose run() may be called from several threads at once on one loaded model (ONNX Runtime's
+# InferenceSession.run is thread-safe); an engine class may say so itself with ``concurrent_runs``.
+_CONCURRENT_ENGINES = frozenset({"onnxruntime"})
+
+
+def shareable(engine: Any) -> bool:
+    """Whether the instances of a model version may share one loaded copy of ``engine``."""
+    concurrent = getattr(engine, "concurrent_runs", engine.name in _CONCURRENT_ENGINES)
+    return bool(concurrent) and bool(engine.releases_gil)
+
+
+@dataclass
+class Instances:
+    """What :func:`open_instances` loaded for one model version."""
+
+    runners: list[ModelRunner]
+    variant: str  # the variant served: an id, or 'reference'
+    engine: str  # the engine running it (a name in the engines registry)
+    reference_engine: str | None  # the fallback's engine; None when the reference itself is served
+    reference_copies: int  # 0, 1 (shared by the instances) or one per instance
+    fallback: FallbackState
+
+
+def open_instances(
+    repo: Path, spec: ModelSpec, version: int, threads: int, on_fallback: Callable[[], None] | None = None
+) -> Instances:
+    """Load ``spec.serving.instances`` instances of the chosen variant and, when that is not the reference,
+    the reference to fall back on. Slow: call it from a worker thread."""
+    s = spec.serving
+    name = spec.name
+    first = open_instance(repo, name, version, CHOSEN, threads, process=False)
+    primaries = [first]
+    references: list[Any] = []
+    try:
+        engine = first.predictor.engine.name
+        in_process = first.predictor.engine.releases_gil or s.instances == 1
+        if not in_process:
+            first.close()
+            primaries = []
+        while len(primaries) < s.instances:
+            primaries.append(open_instance(repo, name, version, CHOSEN, threads, process=not in_process))
+        reference_engine = None
+        if first.variant != REFERENCE:
+            ref = open_instance(repo, name, version, REFERENCE, threads, process=False)
+            references.append(ref)
+            reference_engine = ref.predictor.engine.name
+            if shareable(ref.predictor.engine):
+                references = [ref] * s.instances
+            elif ref.predictor.engine.releases_gil or s.instances == 1:
+                while len(references) < s.instances:
+                    references.append(open_instance(repo, name, version, REFERENCE, threads, process=False))
+            else:  # a reference that holds the GIL: one child process per instance, like the chosen variant
+                ref.close()
+                references = []
+                while len(references) < s.instances:
+                    references.append(open_instance(repo, name, version, REFERENCE, threads, process=True))
+    except BaseException:
+        for e in [*primaries, *{id(r): r for r in references}.values()]:
+            e.close()
+        raise
+    state = FallbackState(s.fallback_after)
+    label = f"{name}:{version}"
+    runners = []
+    for i, inst in enumerate(primaries):
+        ref = references[i] if references else None
+        owns = ref is not None and all(ref is not references[j] for j in range(i))
+        runners.append(ModelRunner(inst, ref, state, label, on_fallback, owns_reference=owns))
+    copies = len({id(r) for r in references})
+    return Instances(runners, first.variant, engine, reference_engine, copies, state)
+
+
 class InProcessEngine:
     """A predictor's engine, called directly (for engines that release the GIL)."""
 
@@ -203,4 +306,15 @@ def open_instance(repo: Path, model: str, version: int, variant: str, threads: i
     return InProcessEngine(load(repo, model, version=version, variant=variant, threads=threads))
 
 
-__all__ = ["REFERENCE", "FallbackState", "InProcessEngine", "ModelRunner", "ProcessEngine", "open_instance"]
+__all__ = [
+    "REFERENCE",
+    "FallbackState",
+    "InProcessEngine",
+    "Instances",
+    "ModelRunner",
+    "ProcessEngine",
+    "open_instance",
+    "open_instances",
+    "warm_up",
+    "warmup_sizes",
+]

@@ -30,13 +30,36 @@ _CONTENTION_MEMORY_S = 0.5
 
 EXTENSIONS = ["binary_tensor_data", "model_configuration", "model_repository", "statistics"]
 
+# Triton's platform and backend names for kiln's engines (tritonclient and perf_analyzer only display
+# them; perf_analyzer looks for "ensemble" alone). Engines Triton has no name for are shown as they are.
+_TRITON_PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "torch": "pytorch_libtorch", "openvino": "openvino"}
+_TRITON_BACKENDS = {"onnxruntime": "onnxruntime", "torch": "pytorch", "openvino": "openvino"}
+
+
+def triton_platform(engine: str) -> str:
+    return _TRITON_PLATFORMS.get(engine, engine)
+
+
+def triton_backend(engine: str) -> str:
+    return _TRITON_BACKENDS.get(engine, engine)
+
 
 def parse_version(text: str | None) -> int | None:
     if text is None or text == "":
         return None
     if not text.isdigit():
-        raise NotFoundError(f"model version {text!r} is not a version number; versions are positive integers")
+        raise ProtocolError("version", f"{text!r} is not a version number; versions are positive integers")
     return int(text)
+
+
+def client_timeout_s(parameters: dict[str, Any]) -> float | None:
+    """The request's own timeout (``parameters.timeout``, microseconds, as tritonclient sends it); 0: none."""
+    t = parameters.get("timeout")
+    if t is None:
+        return None
+    if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+        raise ProtocolError("parameters.timeout", f"must be a whole number of microseconds (0: none), got {t!r}")
+    return t / 1e6 if t else None
 
 
 def check_load_parameters(parameters: Any) -> None:
@@ -113,6 +136,7 @@ class Service:
         spec = sv.spec
         mbs = spec.serving.max_batch_size
         spec.validate_inputs(req.inputs, max_batch=mbs or None)
+        client_s = client_timeout_s(req.parameters) if req.parameters else None
         rows = next(iter(req.inputs.values())).shape[0] if mbs else 1
         key = None
         if sv.cache_enabled:
@@ -125,7 +149,7 @@ class Service:
         if self.active > 1:
             self._contended_until = time.monotonic() + _CONTENTION_MEMORY_S
         try:
-            outputs = await self._run(sv, req, rows)
+            outputs = await self._run(sv, req, rows, client_s)
         finally:
             self.active -= 1
         if req.outputs is not None:
@@ -146,14 +170,18 @@ class Service:
                 "inputs", f"the {RAW_INPUT!r} input goes alone (pre-processing makes the tensors); drop {others}"
             )
         instances = sv.processing.instances_from_tensor(req.inputs[RAW_INPUT])
-        predictions, outputs = await self.predict(sv, instances, req.id)
+        predictions, outputs = await self.predict(sv, instances, req.id, req.parameters)
         loop = asyncio.get_running_loop()
         results = dict(outputs)
         results[PREDICTIONS] = await loop.run_in_executor(self.processing_pool, predictions_tensor, predictions)
         return {n: results[n] for n in (req.output_names or (PREDICTIONS,))}
 
     async def predict(
-        self, sv: ServedVersion, instances: Sequence[Any], request_id: str = ""
+        self,
+        sv: ServedVersion,
+        instances: Sequence[Any],
+        request_id: str = "",
+        parameters: dict[str, Any] | None = None,
     ) -> tuple[list[Any], Outputs]:
         """Raw instances through pre-processing (in the processing pool), :meth:`infer`, and post-processing."""
         mbs = sv.spec.serving.max_batch_size
@@ -164,11 +192,13 @@ class Service:
             )  # fmt: skip
         loop = asyncio.get_running_loop()
         batch = await loop.run_in_executor(self.processing_pool, sv.processing.preprocess, instances)
-        outputs = await self.infer(sv, InferRequest(id=request_id, inputs=batch.inputs))
+        outputs = await self.infer(sv, InferRequest(id=request_id, inputs=batch.inputs, parameters=parameters or {}))
         predictions = await loop.run_in_executor(self.processing_pool, sv.processing.postprocess, outputs, batch)
         return predictions, outputs
 
-    async def _run(self, sv: ServedVersion, req: InferRequest, rows: int) -> Outputs:
+    async def _run(self, sv: ServedVersion, req: InferRequest, rows: int, client_s: float | None) -> Outputs:
+        """Run inline when alone, else through the batcher within the smaller of the model's and the client's
+        timeout."""
         batcher = sv.batcher
         if await self._may_run_inline(sv, rows):
             runner = batcher.lend()  # nothing else in flight and the engine idle: run here, no hand-off
@@ -185,8 +215,9 @@ class Service:
             loop.call_soon_threadsafe(_settle, fut, out, err)
 
         while True:
+            timeout_s = sv.timeout_s if client_s is None else min(sv.timeout_s, client_s)
             try:
-                pending = sv.batcher.submit(req.inputs, rows, done, sv.timeout_s)
+                pending = sv.batcher.submit(req.inputs, rows, done, timeout_s)
                 break
             except BatcherClosedError:
                 # A reload switched versions after this request resolved its model: follow it to the new one.
@@ -194,7 +225,7 @@ class Service:
                 if fresh is None or fresh is sv:
                     raise
                 sv = fresh
-        timer = loop.call_later(sv.timeout_s, _expire, fut, pending, sv.model, sv.timeout_s)
+        timer = loop.call_later(timeout_s, _expire, fut, pending, sv.model, timeout_s)
         try:
             return await fut
         except asyncio.CancelledError:  # the client went away: do not run it if it is still queued
@@ -226,13 +257,22 @@ class Service:
     def server_metadata(self) -> dict[str, Any]:
         return {"name": "kiln", "version": __version__, "extensions": EXTENSIONS}
 
+    def model_ready(self, model: str, version: str | None) -> bool:
+        """Whether ``model`` (``version``) is ready; an unknown model or version raises, as metadata does."""
+        v = parse_version(version)
+        if self.manager.is_ready(model, v):
+            return True
+        self._spec_versions(model, version)  # unknown model or unserved version: 404 rather than 'not ready'
+        return False
+
     def model_metadata(self, model: str, version: str | None) -> dict[str, Any]:
         spec, versions = self._spec_versions(model, version)
         spec = wire_spec(spec) or spec  # a model with pre-processing lists its raw input too (raw.py)
+        engine = self.manager.engine(model, parse_version(version))
         return {
             "name": model,
             "versions": [str(v) for v in versions],
-            "platform": "onnxruntime_onnx",
+            "platform": triton_platform(engine),
             "inputs": [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in spec.inputs],
             "outputs": [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in spec.outputs],
         }
@@ -263,10 +303,11 @@ class Service:
             policy = {"all": {}}
         else:
             policy = {"specific": {"versions": list(s.versions)}}
+        engine = self.manager.engine(model, parse_version(version))
         config: dict[str, Any] = {
             "name": model,
-            "platform": "onnxruntime_onnx",
-            "backend": "onnxruntime",
+            "platform": triton_platform(engine),
+            "backend": triton_backend(engine),
             "version_policy": policy,
             "max_batch_size": s.max_batch_size,
             "input": inputs(),
@@ -323,4 +364,4 @@ def error_status(exc: BaseException) -> tuple[int, str]:
     return 500, "internal server error; the server log has the details"
 
 
-__all__ = ["Service", "error_status", "parse_version", "triton_type"]
+__all__ = ["Service", "client_timeout_s", "error_status", "parse_version", "triton_platform", "triton_type"]
