@@ -186,6 +186,12 @@ class ProtocolError(KilnError):
         self.problem = problem
 
 
+class UnsupportedEncodingError(ProtocolError):
+    """A request body in a content coding the server cannot decode (415)."""
+
+    http_status = 415
+
+
 class PayloadTooLargeError(KilnError):
     """A request body over the server's limit."""
 
@@ -198,6 +204,20 @@ class PayloadTooLargeError(KilnError):
         )
         self.size = size
         self.limit = limit
+
+
+class DecompressedTooLargeError(PayloadTooLargeError):
+    """A compressed request body whose decompressed size passes the body limit (a zip bomb, or a big batch)."""
+
+    def __init__(self, size: int, limit: int, coding: str) -> None:
+        KilnError.__init__(
+            self,
+            f"request body decompresses ({coding}) to more than {limit} bytes (read {size} so far), past the "
+            "limit; send smaller batches or raise --max-body-bytes",
+        )
+        self.size = size
+        self.limit = limit
+        self.coding = coding
 
 
 class UnauthorizedError(KilnError):

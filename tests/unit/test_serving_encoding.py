@@ -7,8 +7,8 @@ import zlib
 
 import pytest
 
-from kiln.errors import PayloadTooLargeError, ProtocolError
-from kiln.serving.encoding import Inflater, UnsupportedEncodingError, compress, request_coding, response_coding
+from kiln.errors import PayloadTooLargeError, ProtocolError, UnsupportedEncodingError
+from kiln.serving.encoding import Inflater, compress, request_coding, response_coding
 
 
 def _chunks(data: bytes, size: int) -> list[bytes]:

@@ -49,6 +49,7 @@ class Engine(abc.ABC):
     precisions: ClassVar[tuple[Precision, ...]] = ("fp32",)
     dynamic_shapes: ClassVar[bool] = True
     releases_gil: ClassVar[bool] = True  # whether several instances can run in parallel threads
+    concurrent_runs: ClassVar[bool] = False  # whether one loaded engine may run from several threads at once
 
     def __init__(self, spec: ModelSpec, options: EngineOptions) -> None:
         self.spec = spec

@@ -53,6 +53,7 @@ class OrtEngine(Engine):
     # Reduced precision is a property of the ONNX graph (the ort-fp16 pass), not a run flag; fp16 is
     # accepted so that such a variant states it, and the hardware check keeps it to CUDA.
     precisions = ("fp32", "fp16")
+    concurrent_runs = True  # InferenceSession.run is thread-safe
 
     def __init__(self, spec: ModelSpec, options: EngineOptions, session: Any) -> None:
         super().__init__(spec, options)

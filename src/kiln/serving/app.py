@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from kiln.errors import PayloadTooLargeError, ProtocolError
 from kiln.serving import logs
-from kiln.serving.encoding import Inflater, compress, request_coding, response_coding
+from kiln.serving.encoding import MIN_COMPRESS_BYTES, Inflater, compress, request_coding, response_coding
 from kiln.serving.protocol import decode_http, encode_http
 from kiln.serving.raw import parse_instances
 from kiln.serving.service import Service, check_load_parameters, error_status, parse_version
@@ -261,7 +261,7 @@ class InferEndpoint:
                 out_headers.append((b"inference-header-content-length", str(header_len).encode()))
             accept = headers.get(b"accept-encoding")
             coding = response_coding(accept.decode("latin-1")) if accept is not None else None
-            if coding is not None:  # the header length stays the uncompressed JSON's, as Triton sends it
+            if coding is not None and len(payload) >= MIN_COMPRESS_BYTES:  # the header length stays uncompressed
                 payload = compress(payload, coding)
                 out_headers.append((b"content-encoding", coding.encode()))
         except Exception as exc:

@@ -13,30 +13,11 @@ import gzip
 import zlib
 from typing import Literal
 
-from kiln.errors import KilnError, PayloadTooLargeError, ProtocolError
+from kiln.errors import DecompressedTooLargeError, ProtocolError, UnsupportedEncodingError
 
 Coding = Literal["gzip", "deflate"]
 _CODINGS: dict[str, Coding | None] = {"gzip": "gzip", "x-gzip": "gzip", "deflate": "deflate", "identity": None}
 _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}  # deflate in HTTP is the zlib format
-
-
-class UnsupportedEncodingError(ProtocolError):
-    """A request body in a content coding the server cannot decode."""
-
-    http_status = 415
-
-
-class DecompressedTooLargeError(PayloadTooLargeError):
-    """A compressed request body whose decompressed size passes the body limit."""
-
-    def __init__(self, size: int, limit: int, coding: str) -> None:
-        KilnError.__init__(
-            self,
-            f"request body decompresses ({coding}) to more than {limit} bytes (read {size} so far), past the "
-            "limit; send smaller batches or raise --max-body-bytes",
-        )
-        self.size = size
-        self.limit = limit
 
 
 def request_coding(header: str | None) -> Coding | None:
@@ -117,6 +98,9 @@ def response_coding(accept: str | None) -> Coding | None:
     return None
 
 
+MIN_COMPRESS_BYTES = 1024  # below this a response goes as it is: compressing it costs more than it saves
+
+
 def compress(payload: bytes | memoryview, coding: Coding) -> bytes:
     """Level 1: most of the size saving of the default level at a fraction of the CPU on the event loop."""
     if coding == "gzip":
@@ -125,10 +109,9 @@ def compress(payload: bytes | memoryview, coding: Coding) -> bytes:
 
 
 __all__ = [
+    "MIN_COMPRESS_BYTES",
     "Coding",
-    "DecompressedTooLargeError",
     "Inflater",
-    "UnsupportedEncodingError",
     "compress",
     "request_coding",
     "response_coding",

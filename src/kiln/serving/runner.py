@@ -152,15 +152,9 @@ def warm_up(runners: Sequence[ModelRunner], spec: ModelSpec) -> float:
 
 
 # ---- instances -------------------------------------------------------------------------------------------
-# Engines whose run() may be called from several threads at once on one loaded model (ONNX Runtime's
-# InferenceSession.run is thread-safe); an engine class may say so itself with ``concurrent_runs``.
-_CONCURRENT_ENGINES = frozenset({"onnxruntime"})
-
-
 def shareable(engine: Any) -> bool:
     """Whether the instances of a model version may share one loaded copy of ``engine``."""
-    concurrent = getattr(engine, "concurrent_runs", engine.name in _CONCURRENT_ENGINES)
-    return bool(concurrent) and bool(engine.releases_gil)
+    return bool(getattr(engine, "concurrent_runs", False)) and bool(engine.releases_gil)
 
 
 @dataclass
