@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -13,6 +13,10 @@ from rich.table import Table
 
 from kiln.console import console, import_summary
 from kiln.errors import AccuracyError, KilnError
+
+if TYPE_CHECKING:
+    from kiln.optimize import OptimizeResult
+    from kiln.predictor import Predictor
 
 MIN_ACCURACY = 0.97
 
@@ -26,11 +30,19 @@ class EngineResult:
     p90_ms: float
 
 
-def evaluate(predictor: object, x: np.ndarray, y: np.ndarray, warmup: int = 20) -> tuple[float, list[float]]:
-    """Accuracy over the set and per-request latency, one image at a time (batch 1)."""
-    from kiln.predictor import Predictor
+@dataclass(frozen=True)
+class DemoResult:
+    """What the demo measured: each engine on the validation set, the optimizer's choice, what the
+    server answered (protocol, predicted, label) and the report it wrote."""
 
-    assert isinstance(predictor, Predictor)
+    engines: list[EngineResult]
+    chosen: str | None
+    served: list[tuple[str, int, int]]
+    report: Path
+
+
+def evaluate(predictor: Predictor, x: np.ndarray, y: np.ndarray, warmup: int = 20) -> tuple[float, list[float]]:
+    """Accuracy over the set and per-request latency, one image at a time (batch 1)."""
     name = predictor.spec.inputs[0].name
     for i in range(warmup):
         predictor.predict({name: x[i : i + 1]})
@@ -44,7 +56,7 @@ def evaluate(predictor: object, x: np.ndarray, y: np.ndarray, warmup: int = 20) 
     return correct / len(x), times
 
 
-def run_demo(directory: Path) -> list[EngineResult]:
+def run_demo(directory: Path) -> DemoResult:
     import kiln
     from kiln.hardware import detect
     from kiln.zoo import digits
@@ -101,9 +113,9 @@ def run_demo(directory: Path) -> list[EngineResult]:
     if not cpu.bf16.supported:
         console.print(f"[dim]bf16 skipped: {cpu.bf16.reason}[/]")
 
-    optimize_step(repo)
-    serve_step(repo, data.x_val[:4], data.y_val[:4])
-    bench_step(repo, directory)
+    search = optimize_step(repo)
+    served = serve_step(repo, data.x_val[:4], data.y_val[:4])
+    report = bench_step(repo, directory)
     print_next(repo)
     worst = min(results, key=lambda r: r.accuracy)
     if worst.accuracy < MIN_ACCURACY:
@@ -111,7 +123,7 @@ def run_demo(directory: Path) -> list[EngineResult]:
             f"{worst.engine} {worst.precision} reached {worst.accuracy:.2%} on the digits validation set, "
             f"below the demo's {MIN_ACCURACY:.0%}; delete the cached weights ({trained.weights}) and run again"
         )
-    return results
+    return DemoResult(results, search.chosen, served, report)
 
 
 def print_next(repo: Path) -> None:
@@ -181,7 +193,7 @@ def serve_step(repo: Path, images: np.ndarray, labels: np.ndarray) -> list[tuple
 
 
 # ---- optimize: the fastest variant within the accuracy budget ---------------------------------------
-def optimize_step(repo: Path) -> object:
+def optimize_step(repo: Path) -> OptimizeResult:
     """Search the digits model's variants with the quick preset (no torch.compile: seconds, not
     minutes), show the table, and leave the choice in the spec for `kiln.load` and `kiln serve`."""
     import kiln
@@ -197,4 +209,4 @@ def optimize_step(repo: Path) -> object:
     return result
 
 
-__all__ = ["EngineResult", "KilnError", "evaluate", "optimize_step", "run_demo", "serve_step"]
+__all__ = ["DemoResult", "EngineResult", "KilnError", "evaluate", "optimize_step", "run_demo", "serve_step"]

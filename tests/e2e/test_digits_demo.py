@@ -41,12 +41,20 @@ def test_both_engines_agree_on_the_validation_set(digits_trained: digits.Trained
 
 
 def test_demo_runs_end_to_end(digits_trained: digits.TrainedDigits, tmp_path: Path) -> None:
-    results = run_demo(tmp_path / "demo")
-    engines = {(r.engine, r.precision) for r in results}
+    demo = run_demo(tmp_path / "demo")
+    engines = {(r.engine, r.precision) for r in demo.engines}
     assert {("onnxruntime", "fp32"), ("torch", "fp32")} <= engines
-    assert all(r.accuracy >= MIN_ACCURACY for r in results)
-    assert all(r.p50_ms > 0 for r in results)
+    assert all(r.accuracy >= MIN_ACCURACY for r in demo.engines)
+    assert all(r.p50_ms > 0 for r in demo.engines)
     demo_repo = tmp_path / "demo" / "repo"
+    # The server answered what the chosen variant answers in process, over both protocols.
+    assert demo.chosen is not None and kiln.Repository(demo_repo).spec("digits").chosen_variant == demo.chosen
+    x = digits.load_data().x_val[:4]
+    with kiln.load(demo_repo, "digits") as predictor:
+        want = predictor.predict(x)["logits"].argmax(axis=1).tolist()
+    for protocol in ("http", "grpc"):
+        assert [p for proto, p, _ in demo.served if proto == protocol] == want
+    assert demo.report.is_file() and demo.report.stat().st_size > 10_000
     # The optimizer's search feeds the report's accuracy-vs-latency plot, its choice marked once.
     points = pareto_points(demo_repo, "digits", 1)
     assert len(points) >= 3

@@ -195,7 +195,8 @@ def import_model(
             parity=[p.to_dict() for p in staged.parity],
         )  # fmt: skip
         repository.save_spec(spec)
-    assert pending.version is not None
+    if pending.version is None:  # new_version() publishes or raises; this keeps the type checker honest
+        raise RuntimeError(f"the new version of {name!r} was not published")
     manifest = repository.manifest(name, pending.version)
     return ImportResult(name, pending.version, repository.root / name / str(pending.version), spec, manifest,
                         reused=False, notes=staged.notes)  # fmt: skip
