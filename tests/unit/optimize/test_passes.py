@@ -80,6 +80,27 @@ def test_fold_conv_bn_removes_batch_norm_and_keeps_outputs(cnn: Imported, work: 
     assert torch.export.load(str(work / "model.pt2")) is not None
 
 
+def test_fold_conv_bn_keeps_dynamic_height_and_width(tmp_path: Path) -> None:
+    import kiln
+
+    repo = tmp_path / "repo"
+    imported = kiln.import_model("tests.fixtures.tiny_models:bn_fcn", repo, name="fcn", input_shapes=[(1, 3, 16, 12)],
+                                 input_names=["x"], output_names=["y"], dynamic_axes={"x": {2: "h", 3: "w"}})  # fmt: skip
+    work = tmp_path / "work"
+    work.mkdir()
+    os.link(imported.path / "model.pt2", work / "model.pt2")
+    spec = Repository(repo).spec("fcn")
+    [report] = run_passes([PassStep(name="fold-conv-bn")], PassContext(work, spec, None))
+    assert report.details["folded"] == 1
+    for h, w in ((8, 8), (21, 14)):  # other sizes than the example, one odd
+        x = np.random.default_rng(h).standard_normal((2, 3, h, w)).astype(np.float32)
+        with (
+            load_engine("torch", work, spec, EngineOptions()) as folded,
+            load_engine("torch", imported.path, spec, EngineOptions()) as original,
+        ):
+            np.testing.assert_allclose(folded.run({"x": x})["y"], original.run({"x": x})["y"], atol=1e-4)
+
+
 def test_fold_conv_bn_is_not_applicable_without_batch_norm(mlp: Imported, work: Path) -> None:
     with pytest.raises(PassNotApplicable, match="Conv"):
         run_passes([PassStep(name="fold-conv-bn")], _work(mlp, work, "model.pt2"))

@@ -116,7 +116,10 @@ def fold_conv_bn_pass(ctx: PassContext, params: dict[str, Any]) -> PassReport:
         raise PassNotApplicable("no Conv+BatchNorm pairs to fold")
     example, dynamic = _export_example(ctx)
     with _quiet():
-        program = torch.export.export(gm, example, dynamic_shapes=dynamic)
+        try:
+            program = torch.export.export(gm, example, dynamic_shapes=dynamic)
+        except Exception:  # the model limits a dim (stride-2 convs) or ties two together (ids and mask)
+            program = torch.export.export(gm, example, dynamic_shapes=_auto(dynamic))
     tmp = ctx.work / ".folded.pt2"
     torch.export.save(program, str(tmp))
     os.replace(tmp, path)
@@ -206,6 +209,15 @@ def _export_example(ctx: PassContext) -> tuple[tuple[Any, ...], tuple[Any, ...] 
                 for i, d in enumerate(t.shape) if d == -1}  # fmt: skip
         dynamic.append(dims or None)
     return tuple(torch.from_numpy(a) for a in feed.values()), tuple(dynamic) if batched else None
+
+
+def _auto(dynamic: tuple[Any, ...] | None) -> tuple[Any, ...] | None:
+    """The same dynamic dims, each ``Dim.AUTO``: torch infers their ranges and equalities itself."""
+    import torch
+
+    if dynamic is None:
+        return None
+    return tuple(None if d is None else dict.fromkeys(d, torch.export.Dim.AUTO) for d in dynamic)
 
 
 @register_pass("ov-convert")
