@@ -74,6 +74,11 @@ class OrtEngine(Engine):
         if "optimized_model_filepath" in options.extra:
             so.optimized_model_filepath = str(options.extra["optimized_model_filepath"])
         path = artifact_dir / cls.artifact
+        if options.precision == "fp16" and not options.extra.get("tensorrt") and not _has_fp16_weights(path):
+            raise UnsupportedError(
+                f"{path} holds fp32 weights: for ONNX Runtime fp16 is a converted graph, not a run option; "
+                "`kiln optimize --device cuda` builds one (or run this graph at fp32)"
+            )
         trt = _tensorrt_options(path, options) if options.extra.get("tensorrt") else None
         providers = options.extra.get("providers") or providers_for(options.device, ort.get_available_providers(), trt)
         try:
@@ -92,6 +97,13 @@ class OrtEngine(Engine):
 
     def close(self) -> None:
         self.session = None
+
+
+def _has_fp16_weights(path: Path) -> bool:
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer)
 
 
 def _tensorrt_options(path: Path, options: EngineOptions) -> dict[str, Any]:

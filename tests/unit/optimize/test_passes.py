@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from kiln.engines.base import EngineOptions, load_engine
+from kiln.errors import UnsupportedError
 from kiln.optimize.accuracy import sqnr_db
 from kiln.optimize.config import PassStep
 from kiln.optimize.passes import PassContext, PassNotApplicable, get_pass, known_passes, run_passes
@@ -188,6 +189,19 @@ def test_ort_fp16_converts_weights_and_keeps_fp32_io(mlp: Imported, work: Path) 
     assert report.details["fp16_initializers"] == len(floats)
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+
+
+def test_onnxruntime_fp16_needs_a_converted_graph(mlp: Imported, work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp16 for ONNX Runtime is the ort-fp16 graph: asked of the fp32 reference it is refused, not run as fp32."""
+    from kiln.engines import ort as ort_engine
+
+    run_passes([PassStep(name="ort-fp16")], _work(mlp, work, "model.onnx"))
+    assert ort_engine._has_fp16_weights(work / "model.onnx")
+    assert not ort_engine._has_fp16_weights(mlp.version_dir / "model.onnx")
+    spec = Repository(mlp.repo).spec(mlp.name)
+    monkeypatch.setattr(ort_engine.OrtEngine, "check_options", classmethod(lambda cls, d, o: None))  # as on a GPU
+    with pytest.raises(UnsupportedError, match="holds fp32 weights"):
+        ort_engine.OrtEngine.load(mlp.version_dir, spec, EngineOptions(precision="fp16"))
 
 
 def test_torch_dynamic_int8_quantizes_linear_layers(mlp: Imported, work: Path) -> None:
