@@ -138,3 +138,24 @@ def test_new_version_with_a_different_signature_is_refused(repo: Path) -> None:
 def test_bad_import_options_are_spec_errors(repo: Path) -> None:
     with pytest.raises(SpecError, match="atol"):
         kiln.import_model(MLP, repo, input_shapes=[(1, 4)], atol=-1)
+
+
+def test_when_the_dynamo_exporter_fails_the_legacy_one_is_used_and_said(
+    repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = torch.onnx.export
+
+    def export(*args: object, **kwargs: object) -> object:
+        if kwargs.get("dynamo"):
+            raise RuntimeError("unsupported operator for the dynamo exporter")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch.onnx, "export", export)
+    result = kiln.import_model(MLP, repo, name="legacy", input_shapes=[(1, 4)])
+    assert "legacy TorchScript exporter" in result.manifest.exporter
+    assert any("dynamo ONNX exporter failed (unsupported operator" in n for n in result.notes)
+    assert all(p["ok"] for p in result.manifest.parity)
+    x = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
+    onnx_out = kiln.load(repo, "legacy").predict(x)["output"]
+    np.testing.assert_allclose(onnx_out, eager(tiny_models.mlp().eval(), x)[0], rtol=1e-4, atol=1e-5)
+    assert kiln.load(repo, "legacy").predict(np.ones((17, 4), np.float32))["output"].shape == (17, 3)  # batch dynamic
