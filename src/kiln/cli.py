@@ -341,6 +341,14 @@ def bench_cmd(
     """Measure latency, throughput, memory and load time; drive a V2 server; compare two runs."""
     from kiln.bench import report
 
+    def finish(result: report.BenchResult | report.LoadReport) -> None:
+        for warning in result.warnings:
+            console.print(f"[yellow]warning:[/] {warning}")
+        for path in report.write_outputs(result, json_out, report_out):
+            console.print(f"wrote {path}")
+        if result.interrupted:
+            raise typer.Exit(130)
+
     if compare:
         # `--compare a.json b.json` leaves b.json as the MODEL argument; `--compare a --compare b` works too.
         files = [*compare, *([Path(model)] if model is not None else [])]
@@ -364,7 +372,7 @@ def bench_cmd(
                                    seconds=duration, batch=batch, binary=not json_tensors, allow_remote=allow_remote,
                                    request_timeout_s=request_timeout, progress=hook)  # fmt: skip
         console.print(report.load_table(served))
-        _finish_bench(served, json_out, report_out)
+        finish(served)
         return
     if model is None or repo is None:
         raise SpecError("kiln bench needs MODEL and --repo (or --url, or --compare)")
@@ -384,18 +392,7 @@ def bench_cmd(
     console.print(report.variant_table(result))
     if (table := report.scenario_table(result)) is not None:
         console.print(table)
-    _finish_bench(result, json_out, report_out)
-
-
-def _finish_bench(result: Any, json_out: Path | None, report_out: Path | None) -> None:
-    for warning in result.warnings:
-        console.print(f"[yellow]warning:[/] {warning}")
-    from kiln.bench import report
-
-    for path in report.write_outputs(result, json_out, report_out):
-        console.print(f"wrote {path}")
-    if result.interrupted:
-        raise typer.Exit(130)
+    finish(result)
 
 
 @app.command()

@@ -1,15 +1,18 @@
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import pytest
 
-from kiln.bench.report import CompareError, compare
-from kiln.bench.scenarios import poisson_arrivals, scheduled_run, search_max, stream_arrivals
+from kiln.bench.config import BenchConfig
+from kiln.bench.report import CompareError, compare, jsonable
+from kiln.bench.scenarios import completion_rate, poisson_arrivals, scheduled_run, search_max, stream_arrivals
 from kiln.bench.stats import latency_stats, spread, timed_loop
+from kiln.errors import SpecError
 
 
 def test_latency_stats_in_milliseconds() -> None:
@@ -107,5 +110,144 @@ def test_compare_needs_something_in_common() -> None:
     other = _bench_json(1.0, 1.0)
     other["variants"][0]["variant"] = "abc"
     other["scenarios"] = []
-    with pytest.raises(CompareError, match="share no variant"):
+    with pytest.raises(CompareError, match="after lacks figures before has: reference · batch 1 p50 ms"):
         compare(_bench_json(1.0, 1.0), other)
+    with pytest.raises(CompareError, match="share no figure"):
+        compare({"variants": []}, {"variants": []})
+
+
+MACHINE = {"cpu_model": "Xeon 1", "architecture": "x86_64", "physical_cores": 4, "logical_cores": 8, "devices": []}
+
+
+def _full(p50: float = 1.0, p99: float = 2.0, memory: int = 50_000_000, load_s: float = 0.5,
+          server_p99: float = 10.0, qps: float = 100.0, **top: Any) -> dict[str, Any]:  # fmt: skip
+    return {
+        "kind": "in-process", "model": "m", "machine": dict(MACHINE), "config": {"device": "cpu", "threads": None},
+        "interrupted": False,
+        "variants": [{"variant": "reference", "load_s": load_s, "peak_memory_bytes": memory,
+                      "memory_kind": "vmhwm-delta",
+                      "batches": [{"batch": 1, "latency": {"p50_ms": p50, "p99_ms": p99}, "items_per_s": 1000 / p50}]}],
+        "scenarios": [{"scenario": "server", "variant": "reference", "params": {"qps": qps},
+                       "metrics": {"max_qps": 200.0, "latency": {"p99_ms": server_p99}}}],
+        **top,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("change", "metric"),
+    [
+        ({"p99": 3.0}, "p99 ms"),
+        ({"memory": 80_000_000}, "peak memory MB"),
+        ({"load_s": 0.9}, "load s"),
+        ({"server_p99": 15.0}, "p99 ms"),
+    ],
+)
+def test_compare_gates_on_p99_memory_load_time_and_server_p99(change: dict[str, float], metric: str) -> None:
+    result = compare(_full(), _full(**change), threshold=0.2)
+    assert [r.metric for r in result.regressions] == [metric]
+    assert not compare(_full(), _full(), threshold=0.2).regressions
+
+
+def test_compare_ignores_changes_below_the_noise_floor() -> None:
+    # 0.3 MB → 0.9 MB is 3x, and 2 ms → 4 ms is 2x, but both are allocator and file-cache noise.
+    result = compare(_full(memory=300_000, load_s=0.002), _full(memory=900_000, load_s=0.004), threshold=0.1)
+    assert not result.regressions
+
+
+def test_compare_refuses_runs_that_are_not_comparable() -> None:
+    with pytest.raises(CompareError, match=r"model 'm' and .* model 'other'"):
+        compare(_full(), _full(model="other"))
+    with pytest.raises(CompareError, match="after is from an interrupted run"):
+        compare(_full(), _full(interrupted=True))
+    with pytest.raises(CompareError, match="one kind"):
+        compare(_full(), {"kind": "load", "runs": []})
+    lost_scenario = _full(scenarios=[])
+    with pytest.raises(CompareError, match="server · reference max_qps"):
+        compare(_full(), lost_scenario)
+    assert compare(lost_scenario, _full()).rows  # a figure only `after` has is fine
+
+
+def test_compare_warns_where_the_numbers_change_meaning() -> None:
+    other_machine = _full(machine={**MACHINE, "cpu_model": "EPYC 2", "physical_cores": 16})
+    result = compare(_full(), other_machine)
+    assert any("different machines" in w and "EPYC 2" in w and "physical_cores" in w for w in result.warnings)
+    other_load = compare(_full(), _full(qps=150.0))
+    assert any("p99 not compared, measured at 100.0 QPS before and 150.0 after" in w for w in other_load.warnings)
+    assert "p99 ms" not in {r.metric for r in other_load.rows if r.key.startswith("server")}
+    sampled = _full()
+    sampled["variants"][0]["memory_kind"] = "rss-sampled-delta"
+    assert any("peak memory not compared" in w for w in compare(_full(), sampled).warnings)
+    assert any(
+        "different device" in w for w in compare(_full(), _full(config={"device": "cuda", "threads": None})).warnings
+    )
+
+
+# ---- config: scenarios implied by the options, and the command that reproduces a run -------------------
+def test_qps_options_bring_the_server_scenario() -> None:
+    assert BenchConfig().scenarios == ["single-stream", "offline"]
+    assert BenchConfig(find_max_qps=True).scenarios == ["single-stream", "offline", "server"]
+    assert BenchConfig(server_qps=50).scenarios == ["single-stream", "offline", "server"]
+    assert BenchConfig(scenarios=["server"], find_max_qps=True).scenarios == ["server"]
+    with pytest.raises(SpecError, match=r"find_max_qps applies to the server scenario.*add 'server'"):
+        BenchConfig.from_options(scenarios=["offline"], find_max_qps=True)
+    base = BenchConfig(batch_sizes=[1])
+    built = BenchConfig.build(base, find_max_qps=True)
+    assert built.scenarios[-1] == "server" and built.batch_sizes == [1] and base.find_max_qps is False
+
+
+def test_the_command_names_every_setting_the_cli_has() -> None:
+    config = BenchConfig(variants=["chosen"], batch_sizes=[1, 8], scenarios=["server", "multi-stream"], min_time_s=0.5,
+                         repeats=2, device="cuda:1", threads=4, find_max_qps=True, slo_ms=40, stream_fps=25,
+                         scenario_seconds=2)  # fmt: skip
+    line = config.command("digits", "/tmp/my repo", 3, ["ort-int8-abc"])
+    assert line == (
+        "kiln bench digits --repo '/tmp/my repo' --version 3 --variants ort-int8-abc --batch-sizes 1,8 "
+        "--scenario server --scenario multi-stream --min-time 0.5 --repeats 2 --device cuda:1 --threads 4 "
+        "--find-max-qps --slo-ms 40 --fps 25 --seconds 2"
+    )
+    assert "min_iters=3 (Python API only)" in BenchConfig(min_iters=3).command("m", "r")
+
+
+# ---- the server scenario only meets a target it sustains ------------------------------------------------
+def test_completion_rate_separates_keeping_up_from_falling_behind() -> None:
+    due = np.cumsum(np.random.default_rng(0).exponential(1 / 200, 400))  # 200 QPS offered for 2 s
+    offered = len(due) / due[-1]
+    kept_up = due + 0.05 + np.random.default_rng(1).uniform(0, 0.02, len(due))  # latency 50-70 ms, no trend
+    assert completion_rate(due, kept_up, offered) == pytest.approx(offered, rel=0.02)
+    capacity = 180.0  # a server that completes one request each 1/180 s from the first arrival on
+    behind = due[0] + 0.005 + np.arange(len(due)) / capacity
+    assert completion_rate(due, behind, offered) == pytest.approx(capacity, rel=0.03)
+
+
+class OneServer:
+    """A single FIFO server with a fixed service time per request (sleeping is the modelled work)."""
+
+    def __init__(self, service_s: float) -> None:
+        self.pool = ThreadPoolExecutor(1)
+        self.service_s = service_s
+
+    def submit(self, inputs: dict[str, np.ndarray]) -> Future[Any]:
+        return self.pool.submit(time.sleep, self.service_s)
+
+
+def test_an_overloaded_server_does_not_meet_a_loose_slo() -> None:
+    # 5 ms per request: at most 200 QPS. Offered 300 for one second, the backlog only reaches ~0.5 s,
+    # under a 2 s SLO; without comparing achieved with offered QPS this trial "met" its target.
+    server = OneServer(0.005)
+    try:
+        over = scheduled_run(server, {}, poisson_arrivals(300, 1.0, seed=3))
+        assert over.completed == over.sent and over.latency["p99_ms"] < 2000
+        assert over.achieved_qps < 0.9 * over.offered_qps and over.backlog_at_end > 30
+        assert not over.meets(slo_ms=2000)
+        under = scheduled_run(server, {}, poisson_arrivals(80, 1.0, seed=4))
+        assert under.meets(slo_ms=2000), under
+    finally:
+        server.pool.shutdown()
+
+
+def test_json_never_holds_nan() -> None:
+    assert jsonable({"a": [1.0, float("nan")], "b": {"c": float("inf")}, "d": "x"}) == {
+        "a": [1.0, None],
+        "b": {"c": None},
+        "d": "x",
+    }

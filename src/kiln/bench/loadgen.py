@@ -12,6 +12,7 @@ import ipaddress
 import socket
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlparse
@@ -41,23 +42,30 @@ class Target:
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 literal
+        return f"{host}:{self.port}"
 
 
 def parse_target(url: str, allow_remote: bool = False) -> Target:
-    """``http://127.0.0.1:8000`` or ``grpc://127.0.0.1:8001``; loopback only unless allowed."""
+    """``http://127.0.0.1:8000``, ``http://[::1]:8000`` or ``grpc://localhost:8001``; loopback only unless allowed."""
     parsed = urlparse(url if "://" in url else f"http://{url}")
     if parsed.scheme not in ("http", "grpc"):
         raise LoadTargetError(f"--url {url!r}: the scheme must be http:// or grpc://")
     host = parsed.hostname or ""
     if not host:
         raise LoadTargetError(f"--url {url!r}: no host; expected e.g. http://127.0.0.1:8000")
-    port = parsed.port or (8000 if parsed.scheme == "http" else 8001)
     try:
-        addr = ipaddress.ip_address(socket.gethostbyname(host))
-    except OSError:
-        raise LoadTargetError(f"--url {url!r}: cannot resolve host {host!r}") from None
-    if not addr.is_loopback and not allow_remote:
+        port = parsed.port or (8000 if parsed.scheme == "http" else 8001)
+    except ValueError:
+        raise LoadTargetError(f"--url {url!r}: the port must be a number from 0 to 65535") from None
+    try:
+        addresses = {ipaddress.ip_address(host)}
+    except ValueError:
+        try:
+            addresses = {ipaddress.ip_address(info[4][0]) for info in socket.getaddrinfo(host, port)}
+        except (OSError, ValueError):
+            raise LoadTargetError(f"--url {url!r}: cannot resolve host {host!r}") from None
+    if not allow_remote and not all(a.is_loopback for a in addresses):
         raise LoadTargetError(
             f"--url {url!r} is not a loopback address; kiln only loads servers on this machine unless --allow-remote"
         )
@@ -76,16 +84,44 @@ class LoadResult:
     binary: bool
     sent: int = 0
     succeeded: int = 0
-    errors: dict[str, int] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)  # "timeout" counts requests past request_timeout_s
     duration_s: float = 0.0
     latency: dict[str, float] = field(default_factory=dict)
+    interrupted: bool = False  # Ctrl-C stopped this level: its figures cover the requests before it
 
     @property
     def throughput(self) -> float:
         return self.succeeded / self.duration_s if self.duration_s else 0.0
 
+    @property
+    def level(self) -> str:
+        return f"{self.target_qps:g} qps" if self.mode == "open" else f"c={self.concurrency}"
+
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "throughput": self.throughput}
+
+
+class _Collector:
+    """What one level has measured so far; it outlives a cancelled event loop, so Ctrl-C keeps it."""
+
+    def __init__(self, result: LoadResult, on_request: Callable[[int], None] | None) -> None:
+        self.result = result
+        self.latencies: list[float] = []
+        self.errors: Counter[str] = Counter()
+        self.start: float | None = None
+        self._on_request = on_request
+
+    def count(self) -> None:
+        if self._on_request is not None:
+            self._on_request(len(self.latencies) + sum(self.errors.values()))
+
+    def finish(self) -> LoadResult:
+        r = self.result
+        r.duration_s = time.perf_counter() - self.start if self.start is not None else 0.0
+        r.succeeded = len(self.latencies)
+        r.errors = dict(self.errors)
+        r.latency = latency_stats(self.latencies).to_dict()
+        return r
 
 
 class _Client:
@@ -137,65 +173,56 @@ class _Client:
         await self.client.close()
 
 
+async def _timed(client: _Client, run: _Collector, timeout_s: float, due: float | None = None) -> None:
+    """One request, bounded by ``timeout_s`` so a hung server cannot hang the bench."""
+    t0 = time.perf_counter() if due is None else due  # open loop: from the scheduled time (no coordinated omission)
+    try:
+        await asyncio.wait_for(client.infer(), timeout_s)
+    except TimeoutError:
+        run.errors["timeout"] += 1
+    except Exception as exc:
+        run.errors[_error_kind(exc)] += 1
+    else:
+        run.latencies.append(time.perf_counter() - t0)
+    run.count()
+
+
 async def _closed_loop(
-    client: _Client, result: LoadResult, concurrency: int, requests: int, seconds: float
-) -> list[float]:
-    latencies: list[float] = []
-    errors: Counter[str] = Counter()
+    client: _Client, run: _Collector, concurrency: int, requests: int, seconds: float, timeout_s: float
+) -> None:
     budget = [requests]
     deadline = time.perf_counter() + seconds
 
     async def worker() -> None:
         while budget[0] > 0 and time.perf_counter() < deadline:
             budget[0] -= 1
-            result.sent += 1
-            t0 = time.perf_counter()
-            try:
-                await client.infer()
-            except Exception as exc:
-                errors[_error_kind(exc)] += 1
-                continue
-            latencies.append(time.perf_counter() - t0)
+            run.result.sent += 1
+            await _timed(client, run, timeout_s)
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    result.errors = dict(errors)
-    return latencies
 
 
 async def _open_loop(
-    client: _Client, result: LoadResult, qps: float, requests: int, seconds: float, max_inflight: int
-) -> list[float]:
-    latencies: list[float] = []
-    errors: Counter[str] = Counter()
+    client: _Client, run: _Collector, qps: float, requests: int, seconds: float, max_inflight: int, timeout_s: float
+) -> None:
     n = min(requests, max(1, int(qps * seconds)))
     arrivals = np.cumsum(np.random.default_rng(0).exponential(1.0 / qps, n))
     inflight: set[asyncio.Task[None]] = set()
     start = time.perf_counter()
-
-    async def one(due: float) -> None:
-        try:
-            await client.infer()
-        except Exception as exc:
-            errors[_error_kind(exc)] += 1
-            return
-        latencies.append(time.perf_counter() - due)  # from the scheduled time: no coordinated omission
-
     for t in arrivals:
         due = start + float(t)
         delay = due - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        result.sent += 1
+        run.result.sent += 1
         if len(inflight) >= max_inflight:
-            errors["client-backlog"] += 1
+            run.errors["client-backlog"] += 1
             continue
-        task = asyncio.create_task(one(due))
+        task = asyncio.create_task(_timed(client, run, timeout_s, due))
         inflight.add(task)
         task.add_done_callback(inflight.discard)
     if inflight:
         await asyncio.gather(*inflight)
-    result.errors = dict(errors)
-    return latencies
 
 
 def _error_kind(exc: BaseException) -> str:
@@ -216,32 +243,130 @@ async def run_load(
     binary: bool = True,
     allow_remote: bool = False,
     max_inflight: int = 1024,
+    request_timeout_s: float = 30.0,
+    on_request: Callable[[int], None] | None = None,
+    _collector: list[_Collector] | None = None,
 ) -> LoadResult:
-    """Closed loop at ``concurrency`` or open loop at ``qps``, stopping at ``requests`` or ``seconds``."""
+    """Closed loop at ``concurrency`` or open loop at ``qps``, stopping at ``requests`` or ``seconds``;
+    ``on_request(n)`` is told how many requests have finished so far."""
     target = parse_target(url, allow_remote)
     mode = "open" if qps else "closed"
-    result = LoadResult(url, target.protocol, model, mode, None if qps else concurrency, qps, batch, binary)
+    result = LoadResult(
+        url, target.protocol, model, mode, None if qps else max(1, concurrency or 1), qps, batch, binary
+    )
+    run = _Collector(result, on_request)
+    if _collector is not None:
+        _collector.append(run)
     client = _Client(target, model, batch, binary)
     try:
         try:
-            await client.prepare()
-        except Exception as exc:
+            await asyncio.wait_for(client.prepare(), request_timeout_s)
+        except TimeoutError:
             raise LoadTargetError(
-                f"cannot read model {model!r} from {url}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                f"cannot read model {model!r} from {url}: no answer within {request_timeout_s:g} s"
             ) from None
-        start = time.perf_counter()
+        except Exception as exc:
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise LoadTargetError(f"cannot read model {model!r} from {url}: {why}") from None
+        run.start = time.perf_counter()
         if qps:
-            latencies = await _open_loop(client, result, qps, requests, seconds, max_inflight)
+            await _open_loop(client, run, qps, requests, seconds, max_inflight, request_timeout_s)
         else:
-            latencies = await _closed_loop(client, result, max(1, concurrency or 1), requests, seconds)
-        result.duration_s = time.perf_counter() - start
+            await _closed_loop(client, run, max(1, concurrency or 1), requests, seconds, request_timeout_s)
     finally:
         await client.close()
-    result.succeeded = len(latencies)
-    result.latency = latency_stats(latencies).to_dict()
-    return result
+    return run.finish()
 
 
 def load(url: str, model: str, **kwargs: Any) -> LoadResult:
-    """Blocking wrapper around :func:`run_load`."""
-    return asyncio.run(run_load(url, model, **kwargs))
+    """Blocking wrapper around :func:`run_load`. Ctrl-C ends the level early: the result then holds
+    the requests measured before it and says ``interrupted``."""
+    runs: list[_Collector] = []
+    try:
+        return asyncio.run(run_load(url, model, _collector=runs, **kwargs))
+    except KeyboardInterrupt:
+        if not runs or runs[0].start is None:
+            raise
+        result = runs[0].finish()
+        result.interrupted = True
+        return result
+
+
+@dataclass
+class LoadReport:
+    """Every level of one ``kiln bench --url`` run, with the machine it ran from (the JSON it writes)."""
+
+    model: str
+    url: str
+    created: str
+    config: dict[str, Any]
+    machine: dict[str, Any]
+    runs: list[LoadResult] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    interrupted: bool = False
+    kind: str = "load"
+    command: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "runs": [r.to_dict() for r in self.runs]}
+
+
+def sweep(
+    url: str,
+    model: str,
+    *,
+    concurrency: list[int] | None = None,
+    qps: float | None = None,
+    requests: int = 1000,
+    seconds: float = 10.0,
+    batch: int = 1,
+    binary: bool = True,
+    allow_remote: bool = False,
+    request_timeout_s: float = 30.0,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> LoadReport:
+    """Closed loop at each ``concurrency`` level, or one open loop at ``qps``; Ctrl-C keeps the levels
+    measured so far (the one it stopped marked ``interrupted``)."""
+    import shlex
+    from datetime import UTC, datetime
+
+    from kiln.bench.runner import machine_facts
+
+    parse_target(url, allow_remote)  # refuse a bad or remote target before anything runs
+    levels: list[int | None] = [None] if qps else list(dict.fromkeys(concurrency or [1]))
+    if any(c is not None and c < 1 for c in levels):
+        raise LoadTargetError(f"--concurrency {concurrency}: levels must be positive integers, e.g. 1,4,8")
+    config = {"concurrency": None if qps else levels, "qps": qps, "requests": requests, "seconds": seconds,
+              "batch": batch, "binary": binary, "request_timeout_s": request_timeout_s}  # fmt: skip
+    args = ["kiln", "bench", model, "--url", url]
+    args += ["--qps", f"{qps:g}"] if qps else ["--concurrency", ",".join(map(str, levels))]
+    args += ["--requests", str(requests), "--duration", f"{seconds:g}", "--batch", str(batch)]
+    args += [] if binary else ["--json-tensors"]
+    args += ["--allow-remote"] if allow_remote else []
+    args += ["--request-timeout", f"{request_timeout_s:g}"] if request_timeout_s != 30.0 else []
+    report = LoadReport(model, url, datetime.now(UTC).isoformat(timespec="seconds"), config, machine_facts(),
+                        command=" ".join(shlex.quote(a) for a in args))  # fmt: skip
+    total = len(levels) * requests
+    every = max(1, requests // 200)  # the bar moves in small steps without costing the event loop per request
+    for i, level in enumerate(levels):
+        what = f"{url} · {f'{qps:g} qps' if qps else f'concurrency {level}'}"
+
+        def tick(n: int, base: int = i * requests, what: str = what) -> None:
+            if progress is not None and (n % every == 0 or n >= requests):
+                progress(what, base + min(n, requests), total)
+
+        try:
+            tick(0)
+            row = load(url, model, concurrency=level, qps=qps, requests=requests, seconds=seconds, batch=batch,
+                       binary=binary, allow_remote=allow_remote, request_timeout_s=request_timeout_s, on_request=tick)  # fmt: skip
+        except KeyboardInterrupt:  # between levels, or before this one sent anything
+            row = None
+        if row is not None:
+            report.runs.append(row)
+            if row.errors:
+                report.warnings.append(f"{row.level}: {sum(row.errors.values())} request(s) failed: {row.errors}")
+        if row is None or row.interrupted:
+            report.interrupted = True
+            report.warnings.append("interrupted: the results hold what was measured before Ctrl-C")
+            break
+    return report

@@ -2,13 +2,16 @@
 
 Results are plain dataclasses so ``report.py`` can turn them into tables, JSON and HTML, and a run
 interrupted with Ctrl-C still returns (and writes) everything measured so far.
+
+Load time and memory are measured fairly: each engine type is first loaded, run through the timing
+code and closed, untimed (priming), so one-time start-up costs (the runtime's thread pools and
+allocators, numpy's first median) are not charged to whichever variant happens to be measured first.
 """
 
 from __future__ import annotations
 
 import functools
-import os
-import threading
+import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -19,13 +22,14 @@ from typing import Any
 import numpy as np
 
 from kiln.bench.config import BenchConfig
+from kiln.bench.memory import GpuMeter, check_device, host_meter
 from kiln.bench.stats import LatencyStats, latency_stats, spread, timed_loop
 from kiln.convert.parity import random_inputs
 from kiln.errors import NotFoundError
 from kiln.predictor import CHOSEN, REFERENCE, Predictor, load
-from kiln.repository import RECIPE_FILE, VARIANTS_DIR, Repository
+from kiln.repository import RECIPE_FILE, VARIANTS_DIR, Repository, read_recipe
 
-Progress = Callable[[str], None]
+ProgressHook = Callable[[str, int, int], None]  # (what is happening, steps done, steps in all)
 MAX_SAMPLES = 2000
 
 
@@ -49,11 +53,13 @@ class VariantResult:
     load_s: float
     first_run_ms: float
     size_bytes: int
-    peak_memory_bytes: int
-    memory_kind: str  # "rss-delta" on CPU, "cuda-max-allocated" on GPU
+    peak_memory_bytes: int  # host memory: peak resident set above the baseline before load
+    memory_kind: str  # "vmhwm-delta" (Linux, the kernel's peak) or "rss-sampled-delta" (a sampler thread)
     label: str = ""  # what the variant is, in words ("onnxruntime int8 static-minmax + onnxslim")
     batches: list[BatchResult] = field(default_factory=list)
     figures: dict[str, Any] = field(default_factory=dict)  # what the optimizer measured (accuracy …)
+    gpu_used_delta_bytes: dict[str, int] | None = None  # NVML used memory after - before, per device index
+    torch_max_allocated_bytes: int | None = None  # torch.cuda.max_memory_allocated (torch engine on CUDA)
 
 
 @dataclass
@@ -75,40 +81,20 @@ class BenchResult:
     scenarios: list[ScenarioResult] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     interrupted: bool = False
+    kind: str = "in-process"
+    repo: str = ""
+    command: str = ""  # the kiln bench command that measures this again
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-class PeakMemory:
-    """Peak resident memory of this process above a baseline, sampled in a background thread."""
+def machine_facts() -> dict[str, Any]:
+    """What ``kiln doctor`` reports about this machine, with kiln's version."""
+    from kiln import __version__
+    from kiln.hardware import detect
 
-    def __init__(self, interval_s: float = 0.002) -> None:
-        import psutil
-
-        self._proc = psutil.Process(os.getpid())
-        self._interval = interval_s
-        self.baseline = self._proc.memory_info().rss
-        self.peak = self.baseline
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="kiln-peak-memory", daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-
-    def __enter__(self) -> PeakMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss)
-
-    @property
-    def delta(self) -> int:
-        return max(0, self.peak - self.baseline)
+    return {**detect().to_dict(), "kiln_version": __version__}
 
 
 def resolve_variants(repository: Repository, model: str, version: int | None, wanted: list[str]) -> list[str]:
@@ -130,6 +116,15 @@ def resolve_variants(repository: Repository, model: str, version: int | None, wa
     return list(dict.fromkeys(out))
 
 
+def _recipe(repository: Repository, model: str, version: int, variant: str) -> tuple[str, dict[str, Any]]:
+    """(engine name, run options) of a variant, read from its recipe without loading it."""
+    if variant == REFERENCE:
+        return "onnxruntime", {}  # what kiln.load runs for the reference
+    _, vdir = repository.resolve(model, version)
+    recipe = read_recipe(vdir / VARIANTS_DIR / variant, model, version)
+    return recipe.engine, dict(recipe.options)
+
+
 def artifact_size(predictor: Predictor) -> int:
     """Bytes of the files the engine runs (the version's own files, or the variant directory)."""
     root = predictor.path
@@ -140,24 +135,7 @@ def artifact_size(predictor: Predictor) -> int:
     return sum(p.stat().st_size for p in files)
 
 
-def _cuda_peak_reset(device: str) -> None:
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.reset_peak_memory_stats()
-
-
-def _peak_memory(device: str, memory: PeakMemory) -> tuple[int, str]:
-    if device.startswith("cuda"):
-        import torch
-
-        return int(torch.cuda.max_memory_allocated()), "cuda-max-allocated"
-    return memory.delta, "rss-delta"
-
-
 def _figures(predictor: Predictor) -> dict[str, Any]:
-    import json
-
     path = predictor.path / "figures.json"
     if predictor.variant != REFERENCE and path.is_file():
         data: dict[str, Any] = json.loads(path.read_text())
@@ -167,13 +145,36 @@ def _figures(predictor: Predictor) -> dict[str, Any]:
 
 def _label(predictor: Predictor) -> str:
     """The optimizer's words for a variant (its recipe's ``label``), else the engine and precision."""
-    import json
-
     fallback = f"{predictor.engine.name} {predictor.engine.options.precision}"
     path = predictor.path / "recipe.json"
     if predictor.variant != REFERENCE and path.is_file():
         return str(json.loads(path.read_text()).get("label") or fallback)
     return fallback
+
+
+_PRIMING = BenchConfig(warmup_iters=0, min_time_s=1e-6, min_iters=2, max_iters=2, repeats=2)
+
+
+def prime(repo: Repository, model: str, version: int, variant: str, config: BenchConfig) -> None:
+    """Load ``variant``, run it through the timing code once and close it, untimed: the engine's
+    runtime starts up here, and so do the bench's own first-use costs (numpy's median alone allocates
+    megabytes on its first call), so neither is charged to the first variant measured."""
+    predictor = load(repo, model, version=version, variant=variant, device=config.device, threads=config.threads)
+    try:
+        feed = random_inputs(predictor.spec.inputs, 1, seed=0)
+        _time_batch(functools.partial(predictor.engine.run, feed), 1, _PRIMING)
+    finally:
+        predictor.close()
+
+
+def primers(engines: dict[str, tuple[str, dict[str, Any]]]) -> dict[str, str]:
+    """One variant per engine type to prime with: the first that does not compile (so priming costs a
+    load, not a torch.compile, and leaves no compiled-graph cache behind for a measured variant)."""
+    chosen: dict[str, str] = {}
+    for variant, (engine, options) in engines.items():
+        if engine not in chosen or (options.get("compile") is None and engines[chosen[engine]][1].get("compile")):
+            chosen[engine] = variant
+    return chosen
 
 
 def measure_variant(
@@ -182,26 +183,26 @@ def measure_variant(
     version: int | None,
     variant: str,
     config: BenchConfig,
-    say: Progress,
+    step: Callable[[str], None],
     sink: list[VariantResult],
+    engine: str = "onnxruntime",
 ) -> VariantResult:
     """Load one variant and time every batch size, appending to ``sink`` as soon as it loads, so a
     KeyboardInterrupt leaves every batch size measured so far in the results."""
-    memory = PeakMemory()
-    _cuda_peak_reset(config.device)
-    with memory:
+    host, gpu = host_meter(), GpuMeter(config.device, engine)
+    with host, gpu:
         t0 = time.perf_counter()
         predictor = load(repo, model, version=version, variant=variant, device=config.device, threads=config.threads)
         load_s = time.perf_counter() - t0
         result = VariantResult(
             variant=variant, engine=predictor.engine.name, precision=predictor.engine.options.precision,
             load_s=load_s, first_run_ms=float("nan"), size_bytes=artifact_size(predictor),
-            peak_memory_bytes=0, memory_kind="rss-delta", figures=_figures(predictor), label=_label(predictor),
+            peak_memory_bytes=0, memory_kind=host.kind, figures=_figures(predictor), label=_label(predictor),
         )  # fmt: skip
         sink.append(result)
         try:
             for i, batch in enumerate(config.batch_sizes):
-                say(f"{variant} · batch {batch}")
+                step(f"{variant} · batch {batch}")
                 feed = random_inputs(predictor.spec.inputs, batch, seed=batch)
                 call = functools.partial(predictor.engine.run, feed)
                 t0 = time.perf_counter()
@@ -212,7 +213,11 @@ def measure_variant(
                     call()
                 result.batches.append(_time_batch(call, batch, config))
         finally:
-            result.peak_memory_bytes, result.memory_kind = _peak_memory(config.device, memory)
+            # Read every meter while the engine still holds its memory, then free it.
+            host.stop()
+            gpu.stop()
+            result.peak_memory_bytes = host.delta
+            result.gpu_used_delta_bytes, result.torch_max_allocated_bytes = gpu.used_delta, gpu.torch_max_allocated
             predictor.close()
     return result
 
@@ -246,32 +251,52 @@ def bench(
     config: BenchConfig | None = None,
     *,
     version: int | None = None,
-    progress: Progress | None = None,
+    progress: ProgressHook | None = None,
+    **options: Any,
 ) -> BenchResult:
-    """Measure ``model``'s variants in-process; Ctrl-C stops early and returns what was measured."""
-    from kiln import __version__
-    from kiln.bench import scenarios
-    from kiln.hardware import detect
+    """Measure ``model``'s variants in-process; Ctrl-C stops early and returns what was measured.
 
-    config = config or BenchConfig()
+    ``options`` are :class:`BenchConfig` fields that override ``config``:
+    ``kiln.bench(repo, "digits", batch_sizes=[1, 8], scenarios=["server"], find_max_qps=True)``.
+    """
+    from kiln.bench import scenarios
+
+    config = BenchConfig.build(config, **options)
     repository = repo if isinstance(repo, Repository) else Repository(repo)
     number, _ = repository.resolve(model, version)
-    say = progress or (lambda _msg: None)
     variants = resolve_variants(repository, model, number, config.variants)
+    engines = {v: _recipe(repository, model, number, v) for v in variants}
+    device_warnings = check_device(config.device, {e for e, _ in engines.values()})  # refuse before anything runs
     result = BenchResult(
         model=model, version=number, created=datetime.now(UTC).isoformat(timespec="seconds"),
-        config=config.model_dump(mode="json"), machine={**detect().to_dict(), "kiln_version": __version__},
+        config=config.model_dump(mode="json"), machine=machine_facts(), warnings=device_warnings,
+        repo=str(repository.root), command=config.command(model, str(repository.root), number, variants),
     )  # fmt: skip
+    total = len(variants) * len(config.batch_sizes) + len(variants) * len(config.scenarios)
+    done = [0]
+
+    def step(what: str) -> None:
+        if progress is not None:
+            progress(what, done[0], total)
+        done[0] += 1
+
     try:
+        for engine, variant in primers(engines).items():
+            if progress is not None:
+                progress(f"starting {engine}", 0, total)
+            prime(repository, model, number, variant, config)
         for variant in variants:
-            measured = measure_variant(repository, model, number, variant, config, say, result.variants)
+            measured = measure_variant(repository, model, number, variant, config, step, result.variants,
+                                       engine=engines[variant][0])  # fmt: skip
             result.warnings += [w for b in measured.batches for w in (f"{variant}: {x}" for x in b.warnings)]
         for scenario in config.scenarios:
             for variant in variants:
-                say(f"{scenario} · {variant}")
+                step(f"{scenario} · {variant}")
                 found = scenarios.run(scenario, repository, model, number, variant, config, result)
                 if found is not None:
                     result.scenarios.append(found)
+        if progress is not None:
+            progress("done", total, total)
     except KeyboardInterrupt:
         result.interrupted = True
         result.warnings.append("interrupted: the results hold what was measured before Ctrl-C")

@@ -1,0 +1,281 @@
+"""Peak memory while a variant loads and runs, measured without perturbing the timed loops.
+
+Host memory: on Linux the kernel keeps the process's peak resident set (``VmHWM``) and resets it on
+request (``echo 5 > /proc/self/clear_refs``), so nothing runs beside the timed loops; elsewhere a
+background thread samples RSS (``rss-sampled-delta``), which costs a little CPU while timing.
+
+GPU memory (``--device cuda``): NVML's used memory on every device before and after, for every engine,
+and for the torch engine also ``torch.cuda.max_memory_allocated``. Every call into torch.cuda and NVML
+goes through :class:`CudaRuntime`, so the logic here is tested with a fake and no GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import re
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from kiln.errors import UnsupportedError
+
+HostKind = Literal["vmhwm-delta", "rss-sampled-delta"]
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def release_freed_memory() -> None:
+    """Collect garbage and hand freed heap back to the OS (glibc ``malloc_trim``), so a baseline taken
+    now does not hide the next allocation inside memory a previous engine freed."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):  # musl and others have no malloc_trim
+            import ctypes
+
+            ctypes.CDLL(None).malloc_trim(0)
+
+
+class HostMeter(Protocol):
+    kind: HostKind
+
+    def __enter__(self) -> HostMeter: ...
+    def __exit__(self, *exc: object) -> None: ...
+    def stop(self) -> None: ...  # read the peak now; later calls change nothing
+    @property
+    def delta(self) -> int: ...
+
+
+class KernelPeak:
+    """The kernel's resident high-water mark above its value at ``__enter__`` (Linux)."""
+
+    kind: HostKind = "vmhwm-delta"
+
+    def __init__(self, status: Path = _STATUS, clear_refs: Path = _CLEAR_REFS) -> None:
+        self._status, self._clear = status, clear_refs
+        self.baseline = self.peak = 0
+        self._running = False
+
+    @classmethod
+    def available(cls) -> bool:
+        meter = cls()
+        try:
+            meter._reset()
+            return meter._read_kb("VmHWM") > 0
+        except (OSError, ValueError):
+            return False
+
+    def _reset(self) -> None:
+        self._clear.write_text("5")  # resets VmHWM to the current RSS; touches nothing else
+
+    def _read_kb(self, field: str) -> int:
+        match = re.search(rf"^{field}:\s+(\d+)\s*kB", self._status.read_text(), re.MULTILINE)
+        if match is None:
+            raise ValueError(f"{self._status} has no {field}")
+        return int(match.group(1)) * 1024
+
+    def __enter__(self) -> KernelPeak:
+        release_freed_memory()
+        self._reset()
+        self.baseline = self.peak = self._read_kb("VmHWM")
+        self._running = True
+        return self
+
+    def stop(self) -> None:
+        if self._running:
+            self._running = False
+            self.peak = self._read_kb("VmHWM")
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def delta(self) -> int:
+        return max(0, self.peak - self.baseline)
+
+
+class SampledPeak:
+    """Peak RSS above a baseline, sampled in a background thread (where the kernel keeps no peak)."""
+
+    kind: HostKind = "rss-sampled-delta"
+
+    def __init__(self, interval_s: float = 0.002) -> None:
+        import psutil
+
+        self._proc = psutil.Process(os.getpid())
+        self._interval = interval_s
+        self.baseline = self.peak = 0
+        self._halt = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kiln-peak-memory", daemon=True)
+
+    def _run(self) -> None:
+        while not self._halt.wait(self._interval):
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    def __enter__(self) -> SampledPeak:
+        release_freed_memory()
+        self.baseline = self.peak = self._proc.memory_info().rss
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._halt.set()
+            self._thread.join()
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def delta(self) -> int:
+        return max(0, self.peak - self.baseline)
+
+
+def host_meter() -> HostMeter:
+    """The kernel's peak where it can be read and reset, else the sampler."""
+    return KernelPeak() if KernelPeak.available() else SampledPeak()
+
+
+# ---- GPU ----------------------------------------------------------------------------------------------
+class CudaRuntime(Protocol):
+    """What the bench asks of CUDA; :class:`SystemCuda` answers from torch.cuda, onnxruntime and NVML."""
+
+    def device_count(self) -> int: ...
+    def torch_cuda(self) -> str | None: ...  # None when usable, else why not
+    def ort_cuda(self) -> str | None: ...
+    def nvml_used(self) -> dict[int, int] | None: ...  # used bytes per device; None without NVML
+    def torch_reset_peak(self, index: int) -> None: ...
+    def torch_max_allocated(self, index: int) -> int: ...
+
+
+class SystemCuda:
+    """The real thing; every import is lazy so that a CPU-only machine never loads CUDA libraries."""
+
+    def device_count(self) -> int:
+        from kiln.hardware import detect
+
+        return sum(1 for d in detect().devices if d.kind == "cuda")
+
+    def torch_cuda(self) -> str | None:
+        import torch
+
+        if torch.cuda.is_available():
+            return None
+        return (
+            f"this torch ({torch.__version__}) has no CUDA; install a CUDA build of torch "
+            "(https://pytorch.org/get-started/locally/)"
+        )
+
+    def ort_cuda(self) -> str | None:
+        import onnxruntime as ort
+
+        providers = list(ort.get_available_providers())
+        if "CUDAExecutionProvider" in providers:
+            return None
+        return f"this onnxruntime has no CUDAExecutionProvider (only {providers}); pip install onnxruntime-gpu"
+
+    def nvml_used(self) -> dict[int, int] | None:
+        try:
+            import pynvml
+        except ImportError:
+            return None
+        try:
+            pynvml.nvmlInit()
+        except pynvml.NVMLError:
+            return None
+        try:
+            return {
+                i: int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)).used)
+                for i in range(pynvml.nvmlDeviceGetCount())
+            }
+        finally:
+            pynvml.nvmlShutdown()
+
+    def torch_reset_peak(self, index: int) -> None:
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(index)
+
+    def torch_max_allocated(self, index: int) -> int:
+        import torch
+
+        return int(torch.cuda.max_memory_allocated(index))
+
+
+def device_index(device: str) -> int | None:
+    """``cpu`` → None; ``cuda`` / ``cuda:N`` → N; anything else is refused."""
+    match = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if device == "cpu":
+        return None
+    if match is None:
+        raise UnsupportedError(f"--device {device!r}: expected cpu, cuda or cuda:N")
+    return int(match.group(1) or 0)
+
+
+def check_device(device: str, engines: set[str], runtime: CudaRuntime | None = None) -> list[str]:
+    """Refuse, before anything loads, a device the engines to measure cannot use; warnings to show."""
+    index = device_index(device)
+    if index is None:
+        return []
+    runtime = runtime or SystemCuda()
+    count = runtime.device_count()
+    if index >= count:
+        found = f"{count} CUDA device(s)" if count else "no CUDA device"
+        raise UnsupportedError(f"--device {device}: this machine has {found}; bench on --device cpu")
+    from kiln.engines.base import get_engine
+
+    for name in sorted(engines):
+        why = runtime.torch_cuda() if name == "torch" else runtime.ort_cuda() if name == "onnxruntime" else None
+        if why is None and name not in ("torch", "onnxruntime") and "cuda" not in get_engine(name).devices:
+            why = f"it runs on {list(get_engine(name).devices)} only"
+        if why is not None:
+            raise UnsupportedError(f"--device {device}: engine {name!r} cannot run there: {why}; or use --device cpu")
+    if runtime.nvml_used() is None:
+        return ["GPU memory is not measured: NVML is missing or failed; pip install 'kiln[gpu]' (nvidia-ml-py)"]
+    return []
+
+
+class GpuMeter:
+    """NVML used memory before/after on every device (any engine), and the torch allocator's peak
+    on the bench device for the torch engine only. Inactive on the CPU."""
+
+    def __init__(self, device: str, engine: str, runtime: CudaRuntime | None = None) -> None:
+        self.index = device_index(device)
+        self.engine = engine
+        self.runtime = runtime if runtime is not None or self.index is None else SystemCuda()
+        self._before: dict[int, int] | None = None
+        self._running = False
+        self.used_delta: dict[str, int] | None = None
+        self.torch_max_allocated: int | None = None
+
+    @property
+    def _torch(self) -> bool:
+        return self.index is not None and self.engine == "torch"
+
+    def __enter__(self) -> GpuMeter:
+        if self.runtime is not None and self.index is not None:
+            self._before = self.runtime.nvml_used()
+            if self._torch:
+                self.runtime.torch_reset_peak(self.index)
+            self._running = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Read the figures now (while the engine still holds its memory); later calls change nothing."""
+        if not self._running or self.runtime is None or self.index is None:
+            return
+        self._running = False
+        after = self.runtime.nvml_used()
+        if self._before is not None and after is not None:
+            self.used_delta = {str(i): max(0, after[i] - self._before.get(i, 0)) for i in sorted(after)}
+        if self._torch:
+            self.torch_max_allocated = self.runtime.torch_max_allocated(self.index)
+
+    def figures(self) -> dict[str, Any]:
+        return {"gpu_used_delta_bytes": self.used_delta, "torch_max_allocated_bytes": self.torch_max_allocated}
