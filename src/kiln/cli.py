@@ -255,8 +255,9 @@ def optimize(
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
 ) -> None:
     """Build, check and time this machine's variants; choose the fastest within the accuracy budget."""
+    from kiln.console import progress_bar
     from kiln.optimize import optimize as run_optimize
-    from kiln.optimize.report import progress_bar, result_table, summary_lines
+    from kiln.optimize.report import result_table, summary_lines
 
     options: dict[str, Any] = {
         "preset": preset, "objective": objective, "device": device, "max_drop": max_drop, "metric": metric,

@@ -20,6 +20,24 @@ if not console.is_terminal and "COLUMNS" not in os.environ:
     console.width = 120  # logs and CI: wide enough for kiln's tables instead of rich's 80
 
 
+ProgressHook = Callable[[str, int, int], None]  # (what is happening, steps done, steps in all)
+
+
+@contextlib.contextmanager
+def progress_bar(console: Console, title: str) -> Iterator[ProgressHook]:
+    """A rich bar with a total, transient; the hook takes (what, done, total) as optimize and bench report them."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:  # fmt: skip
+        task = progress.add_task(title, total=None)
+
+        def hook(what: str, done: int, total: int) -> None:
+            progress.update(task, description=f"{title}: {what}", completed=done, total=total)
+
+        yield hook
+
+
 def error_line(message: str) -> None:
     """One red line on stderr: what the CLI prints for any user error."""
     err_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)

@@ -144,10 +144,11 @@ def bench_step(repo: Path, directory: Path) -> Path:
     """A short bench of the reference and the chosen variant, written as an HTML report."""
     from kiln.bench import BenchConfig, bench
     from kiln.bench import report as bench_report
+    from kiln.console import progress_bar
 
     config = BenchConfig(variants=["reference", "chosen"], batch_sizes=[1, 8, 32], min_time_s=0.3, repeats=2)
-    with console.status("bench: reference vs chosen at batch 1, 8, 32 …"):
-        result = bench(repo, "digits", config)
+    with progress_bar(console, "6. bench") as hook:
+        result = bench(repo, "digits", config, progress=hook)
     console.print("[bold]6. bench[/]  the reference and the chosen variant, in process")
     console.print(bench_report.bench_table(result))
     page = directory / "report.html"
@@ -197,7 +198,8 @@ def optimize_step(repo: Path) -> OptimizeResult:
     """Search the digits model's variants with the quick preset (no torch.compile: seconds, not
     minutes), show the table, and leave the choice in the spec for `kiln.load` and `kiln serve`."""
     import kiln
-    from kiln.optimize.report import progress_bar, result_table, summary_lines
+    from kiln.console import progress_bar
+    from kiln.optimize.report import result_table, summary_lines
 
     with progress_bar(console, "4. optimize") as hook:
         result = kiln.optimize(repo, "digits", preset="quick", max_drop=0.005, progress=hook)

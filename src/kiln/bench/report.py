@@ -5,22 +5,19 @@ for in-process runs (:class:`BenchResult`) and served load (:class:`LoadReport`)
 from __future__ import annotations
 
 import base64
-import contextlib
 import html
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from kiln.bench.compare import CompareError, CompareRow, Comparison, compare, compare_files, load_json
 from kiln.bench.loadgen import LoadReport, LoadResult
 from kiln.bench.plots import bench_plots, load_plots
-from kiln.bench.runner import BenchResult, ProgressHook
+from kiln.bench.runner import BenchResult
+from kiln.console import progress_bar
 from kiln.repository import write_atomic
 
 __all__ = [
@@ -40,19 +37,6 @@ def _n(value: Any, spec: str = ".3f", suffix: str = "") -> str:
 
 def _data(result: BenchResult | LoadReport | dict[str, Any]) -> dict[str, Any]:
     return result if isinstance(result, dict) else result.to_dict()
-
-
-@contextlib.contextmanager
-def progress_bar(console: Console, title: str) -> Iterator[ProgressHook]:
-    """A rich bar with a total; the hook takes (what, done, total) as the runners report them."""
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as progress:  # fmt: skip
-        task = progress.add_task(title, total=None)
-
-        def hook(what: str, done: int, total: int) -> None:
-            progress.update(task, description=f"{title}: {what}", completed=done, total=total)
-
-        yield hook
 
 
 # ---- terminal -----------------------------------------------------------------------------------------

@@ -24,12 +24,12 @@ import numpy as np
 from kiln.bench.config import BenchConfig
 from kiln.bench.memory import GpuMeter, check_device, host_meter
 from kiln.bench.stats import LatencyStats, latency_stats, spread, timed_loop
+from kiln.console import ProgressHook
 from kiln.convert.parity import random_inputs
 from kiln.errors import NotFoundError
 from kiln.predictor import CHOSEN, REFERENCE, Predictor, load
 from kiln.repository import RECIPE_FILE, VARIANTS_DIR, Repository, read_recipe
 
-ProgressHook = Callable[[str, int, int], None]  # (what is happening, steps done, steps in all)
 MAX_SAMPLES = 2000
 
 

@@ -3,29 +3,13 @@ sorted by the objective, marking the chosen variant (★) and the Pareto frontie
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from kiln.optimize.search import OptimizeResult, ProgressHook, VariantResult
-
-
-@contextlib.contextmanager
-def progress_bar(console: Console, title: str) -> Iterator[ProgressHook]:
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as progress:  # fmt: skip
-        task = progress.add_task(title, total=None)
-
-        def hook(what: str, done: int, total: int) -> None:
-            progress.update(task, description=f"{title}: {what}", completed=done, total=total)
-
-        yield hook
+    from kiln.optimize.search import OptimizeResult, VariantResult
 
 
 def _metric_cell(v: VariantResult) -> str:

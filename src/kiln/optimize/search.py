@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from kiln.console import ProgressHook
 from kiln.engines.base import EngineOptions, load_engine
 from kiln.errors import AccuracyBudgetError, KilnError, NoVariantBuiltError, NoVariantWithinBudgetError
 from kiln.optimize import accuracy, timing
@@ -35,7 +36,6 @@ SKIPS_FILE = ".not-applicable.json"  # variant id -> why its pass had nothing to
 SLOWER = "int8 slower than"  # the reason an int8 variant is rejected on speed
 EXTERNAL_DATA_SUFFIX = ".data"  # model.onnx.data: weights stored beside a model over 2 GB
 Status = Literal["chosen", "accepted", "rejected", "skipped", "failed"]
-ProgressHook = Callable[[str, int, int], None]  # (what is happening, done, total)
 
 
 @dataclass
