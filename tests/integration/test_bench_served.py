@@ -11,7 +11,7 @@ import pytest
 
 from kiln.bench import loadgen
 from kiln.bench.loadgen import LoadTargetError
-from tests.fixtures import v2_hooks, v2_server
+from tests.fixtures import v2_server
 from tests.integration.test_bench import run_cli
 
 
@@ -60,7 +60,7 @@ def test_ctrl_c_in_url_mode_keeps_the_levels_measured(tmp_path: Path, capsys: py
             _thread.interrupt_main()  # what Ctrl-C does: SIGINT in the main thread, inside asyncio.run
 
     out_json = tmp_path / "partial.json"
-    with v2_hooks.running(press_ctrl_c) as (url, counts):
+    with v2_server.running(press_ctrl_c) as (url, counts):
         code, out = run_cli(["bench", "m", "--url", url, "--concurrency", "1,2,4", "--requests", "40",
                              "--json", str(out_json)], capsys)  # fmt: skip
     assert code == 130, out
@@ -78,7 +78,7 @@ def test_a_hung_server_cannot_hang_the_bench() -> None:
     async def hang(n: int, release: asyncio.Event) -> None:
         await release.wait()  # never answers until the server shuts down
 
-    with v2_hooks.running(hang) as (url, _):
+    with v2_server.running(hang) as (url, _):
         result = loadgen.load(url, "m", concurrency=2, requests=4, seconds=30, request_timeout_s=0.2)
     assert result.sent == 4 and result.succeeded == 0
     assert result.errors == {"timeout": 4}
