@@ -37,3 +37,15 @@ def test_cached_outputs_do_not_keep_the_batch_alive() -> None:
     cache.put(b"k", {"y": batch[2:3]})
     got = cache.get(b"k")
     assert got is not None and got["y"].base is None
+
+
+def test_discard_frees_what_a_retired_version_cached() -> None:
+    cache = ResponseCache(max_bytes=1 << 20)
+    out = {"y": np.ones(16, np.float32)}
+    cache.put(b"a", out, owner=("m", 1))
+    cache.put(b"b", out, owner=("m", 1))
+    cache.put(b"c", out, owner=("m", 2))
+    before = cache.nbytes
+    assert cache.discard(("m", 1)) == 2
+    assert len(cache) == 1 and cache.get(b"c") is not None and cache.get(b"a") is None
+    assert cache.nbytes == before // 3

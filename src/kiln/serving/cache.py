@@ -34,11 +34,12 @@ def _nbytes(outputs: Outputs) -> int:
 
 
 class ResponseCache:
-    """Thread-safe LRU bounded in bytes; ``hits`` and ``misses`` count lookups."""
+    """Thread-safe LRU bounded in bytes; ``hits`` and ``misses`` count lookups. Each entry remembers its
+    ``owner`` (a served model version) so that :meth:`discard` frees a retired version's entries at once."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[bytes, tuple[Outputs, int]] = OrderedDict()
+        self._entries: OrderedDict[bytes, tuple[Outputs, int, object]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
         self.hits = 0
@@ -61,7 +62,7 @@ class ResponseCache:
             self.hits += 1
             return entry[0]
 
-    def put(self, key: bytes, outputs: Mapping[str, np.ndarray]) -> None:
+    def put(self, key: bytes, outputs: Mapping[str, np.ndarray], owner: object = None) -> None:
         # Copy: the outputs are views of a batch, and keeping them would keep the whole batch alive.
         owned = {k: np.array(v, copy=True) for k, v in outputs.items()}
         size = _nbytes(owned)
@@ -71,8 +72,16 @@ class ResponseCache:
             old = self._entries.pop(key, None)
             if old is not None:
                 self._bytes -= old[1]
-            self._entries[key] = (owned, size)
+            self._entries[key] = (owned, size, owner)
             self._bytes += size
             while self._bytes > self.max_bytes:
-                _, (_, n) = self._entries.popitem(last=False)
+                _, (_, n, _) = self._entries.popitem(last=False)
                 self._bytes -= n
+
+    def discard(self, owner: object) -> int:
+        """Drop every entry ``owner`` put (an unloaded or replaced model version); returns how many."""
+        with self._lock:
+            keys = [k for k, (_, _, o) in self._entries.items() if o == owner]
+            for k in keys:
+                self._bytes -= self._entries.pop(k)[1]
+        return len(keys)

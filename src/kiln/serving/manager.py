@@ -164,6 +164,7 @@ class ModelManager:
         self.clock = clock
         self.entries: dict[str, ModelEntry] = {}
         self.draining = False
+        self.on_retire: list[Callable[[ServedVersion], object]] = []  # e.g. the response cache forgets it
         self._generation = 0
         self._lock: asyncio.Lock | None = None
 
@@ -420,6 +421,8 @@ class ModelManager:
         for sv in versions:
             self.metrics.batchers.untrack(sv.model, sv.version, sv.batcher)  # its gauges go with it
             sv.batcher.close(drain=True, timeout=self.settings.drain_timeout_s)
+            for hook in self.on_retire:
+                hook(sv)
         if versions:
             del sv
             versions.clear()

@@ -81,6 +81,7 @@ class Service:
         self.manager = manager
         self.metrics = metrics
         self.cache = ResponseCache(settings.cache_max_bytes)
+        manager.on_retire.append(lambda sv: self.cache.discard((sv.model, sv.generation)))
         self.live = True
         self.started = False
         self._children: dict[tuple[str, str, str, str], Any] = {}
@@ -155,7 +156,7 @@ class Service:
         if req.outputs is not None:
             outputs = {o.name: outputs[o.name] for o in req.outputs}
         if key is not None:
-            self.cache.put(key, outputs)
+            self.cache.put(key, outputs, owner=(sv.model, sv.generation))
         return outputs
 
     async def infer_v2(self, sv: ServedVersion, req: InferRequest) -> Outputs:
