@@ -104,6 +104,11 @@ class Server:
             "kiln serving %s: HTTP on %s:%s, gRPC on %s", s.repo, s.host, self.http_port,
             f"{s.host}:{self.grpc_port}" if self.grpc_port else "off",
         )  # fmt: skip
+        if s.token is None and not _loopback(s.host):
+            log.warning(
+                "listening on %s without --token: anyone who reaches this port may load and unload models; "
+                "set --token (or KILN_SERVE_TOKEN) to protect the model-repository endpoints", s.host,
+            )  # fmt: skip
         await self.manager.start()
         self.service.started = True
         log.info("ready: %s", ", ".join(r["name"] + ":" + r["version"] for r in self.manager.index(ready_only=True)))
@@ -219,3 +224,14 @@ class ServerThread:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
