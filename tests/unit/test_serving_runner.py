@@ -94,11 +94,3 @@ def test_warm_up_reaches_the_largest_preferred_size_and_max_batch_size() -> None
     assert runners[1].primary.rows == [1, 4, 8]
     assert reference.rows == [1, 4, 8]  # the shared reference is warmed once, before any fallback needs it
     assert 0 <= seconds < 1
-
-
-def test_only_loopback_hosts_go_without_the_token_warning() -> None:
-    from kiln.serving.server import _loopback
-
-    assert _loopback("127.0.0.1") and _loopback("::1") and _loopback("localhost") and _loopback("127.8.0.1")
-    assert not _loopback("0.0.0.0") and not _loopback("::") and not _loopback("10.0.0.5")
-    assert not _loopback("myhost.example")
