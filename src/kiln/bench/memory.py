@@ -11,31 +11,18 @@ goes through :class:`CudaRuntime`, so the logic here is tested with a fake and n
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import os
 import re
-import sys
 import threading
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from kiln.engines.base import release_memory
 from kiln.errors import UnsupportedError
 
 HostKind = Literal["vmhwm-delta", "rss-sampled-delta"]
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
-
-
-def release_freed_memory() -> None:
-    """Collect garbage and hand freed heap back to the OS (glibc ``malloc_trim``), so a baseline taken
-    now does not hide the next allocation inside memory a previous engine freed."""
-    gc.collect()
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):  # musl and others have no malloc_trim
-            import ctypes
-
-            ctypes.CDLL(None).malloc_trim(0)
 
 
 class HostMeter(Protocol):
@@ -77,7 +64,7 @@ class KernelPeak:
         return int(match.group(1)) * 1024
 
     def __enter__(self) -> KernelPeak:
-        release_freed_memory()
+        release_memory()
         self._reset()
         self.baseline = self.peak = self._read_kb("VmHWM")
         self._running = True
@@ -115,7 +102,7 @@ class SampledPeak:
             self.peak = max(self.peak, self._proc.memory_info().rss)
 
     def __enter__(self) -> SampledPeak:
-        release_freed_memory()
+        release_memory()
         self.baseline = self.peak = self._proc.memory_info().rss
         self._thread.start()
         return self

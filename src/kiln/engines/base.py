@@ -40,6 +40,20 @@ class EngineOptions:
     extra: Mapping[str, Any] = field(default_factory=dict)  # backend-specific, e.g. ORT providers
 
 
+def release_memory() -> None:
+    """After engines close: collect garbage and ask glibc to hand freed heap pages back to the OS, so
+    an unload shows in RSS and a memory baseline taken next is not hidden in freed pages."""
+    import contextlib
+    import ctypes
+    import gc
+    import sys
+
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):  # musl and others have no malloc_trim
+            ctypes.CDLL(None).malloc_trim(0)
+
+
 class Engine(abc.ABC):
     """A loaded model ready to run. Construct with :meth:`load`; the constructor stays cheap."""
 

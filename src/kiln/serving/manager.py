@@ -10,16 +10,14 @@ With a memory budget the least recently used models are unloaded to make room.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
 import enum
-import gc
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kiln.engines.base import release_memory
 from kiln.errors import KilnError, MemoryBudgetError, ModelNotReadyError, NotFoundError, ShuttingDownError
 from kiln.repository import RECIPE_FILE, VARIANTS_DIR, Repository, read_recipe
 from kiln.serving.batcher import Batcher, BatchPolicy
@@ -141,13 +139,6 @@ def engine_of(vdir: Path, spec: ModelSpec, version: int) -> str:
     if chosen is None:
         return REFERENCE_ENGINE
     return read_recipe(chosen, spec.name, version).engine
-
-
-def release_memory() -> None:
-    """Collect garbage and ask glibc to return free heap pages, so an unload shows in RSS."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class ModelManager:
