@@ -273,10 +273,11 @@ class InferEndpoint:
         finally:
             self.in_flight.dec()
         out_headers.append((b"content-length", str(len(payload)).encode()))
-        await send({"type": "http.response.start", "status": status, "headers": out_headers})
-        await send({"type": "http.response.body", "body": payload})
+        # Counted before the answer leaves: a client that reads /metrics right after its response must see it.
         elapsed = time.perf_counter() - start
         service.record(service.model_label(model) if status >= 400 else model, version, "http", status, elapsed)
+        await send({"type": "http.response.start", "status": status, "headers": out_headers})
+        await send({"type": "http.response.body", "body": payload})
         if self.access_log:
             access.info("infer", extra={"model": model, "version": version, "status": status, "ms": elapsed * 1e3})
 
