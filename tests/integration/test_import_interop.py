@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import pickle
 from pathlib import Path
 from typing import Any
@@ -238,6 +239,19 @@ def test_a_pt2_that_needs_a_full_unpickle_is_refused_without_trust(repo: Path, t
             dst.writestr(item, data)
     with pytest.raises(UntrustedSourceError, match="--trust-pickle"):
         kiln.import_model(hostile, repo, name="hostile")
+    assert not marker.exists()
+    # An opaque constant: torch.export.load reads it with plain pickle.loads, past any torch.load guard.
+    opaque = tmp_path / "opaque.pt2"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(opaque, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item.filename)
+            if item.filename.endswith("_constants_config.json"):
+                entry = {"path_name": "opaque_obj_0", "is_param": False, "use_pickle": True, "tensor_meta": None}
+                data = json.dumps({"config": {"evil": entry}}).encode()
+                dst.writestr(item.filename.rsplit("/", 1)[0] + "/opaque_obj_0", pickle.dumps(_Marker(marker)))
+            dst.writestr(item, data)
+    with pytest.raises(UntrustedSourceError, match="'evil' is stored as a pickled object"):
+        kiln.import_model(opaque, repo, name="opaque")
     assert not marker.exists()
     assert kiln.import_model(good, repo, name="good").manifest.framework == "torch.export"  # plain tensors: fine
 

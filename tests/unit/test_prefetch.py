@@ -106,3 +106,24 @@ def test_engine_errors_fail_the_batch_with_the_message() -> None:
 
     results = list(predict_overlapped(range(3), lambda i: np.array([i, i], np.float32), PIPE, run, batch_size=2))
     assert [r.error for r in results] == ["input 'x': dtype must be float32, got int8"] * 3
+
+
+def test_an_engine_failure_is_traced_to_the_instance_that_caused_it() -> None:
+    """ONNX Runtime raises its own errors (an id past the vocabulary): the batch is run again one
+    instance at a time, so the good instances keep their results and only the bad one fails."""
+
+    def run(feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = feed["x"]
+        if (x > 100).any():
+            raise RuntimeError("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : indices element out of data bounds")
+        return {"y": x * 2}
+
+    values = [1.0, 500.0, 3.0, 4.0]
+    results = list(predict_overlapped(values, lambda v: np.array([v, v], np.float32), PIPE, run, batch_size=4))
+    assert [r.item for r in results] == values  # in order
+    assert results[1].error is not None and "out of data bounds" in results[1].error
+    assert [r.output for i, r in enumerate(results) if i != 1] == [
+        {"y": [2.0, 2.0]},
+        {"y": [6.0, 6.0]},
+        {"y": [8.0, 8.0]},
+    ]

@@ -93,6 +93,45 @@ def test_bgr_and_grayscale_modes() -> None:
     assert gray.preprocess([png_bytes(img)]).inputs["image"].shape == (1, 1, 2, 3)
 
 
+def test_sixteen_bit_images_are_scaled_not_clipped() -> None:
+    import io
+
+    from PIL import Image
+
+    ramp = np.tile(np.linspace(0, 65535, 256).astype(np.uint16), (4, 1))  # a 16-bit grey ramp
+    buf = io.BytesIO()
+    Image.fromarray(ramp).save(buf, format="PNG")
+    gray = image_pipeline({"op": "decode_image", "args": {"mode": "L"}}, shape=(-1, 4, 256))
+    decoded = np.asarray(gray.preprocess_instance(buf.getvalue()).value)
+    assert decoded.dtype == np.uint8 and decoded.min() == 0 and decoded.max() == 255
+    np.testing.assert_allclose(decoded[0], np.linspace(0, 255, 256), atol=1)  # every level, not 17 of them
+
+
+def test_exif_orientation_is_applied() -> None:
+    """A phone's portrait photo: stored 40 wide, 20 high, with Orientation 6 (rotate 90° to view)."""
+    import io
+
+    from PIL import Image
+
+    img = Image.fromarray(np.zeros((20, 40, 3), np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif.tobytes())
+    pipe = image_pipeline({"op": "decode_image"}, shape=(-1, 40, 20, 3))
+    prepared = pipe.preprocess_instance(buf.getvalue())
+    assert prepared.meta["orig_size"] == (40, 20) and np.asarray(prepared.value).shape == (40, 20, 3)
+
+
+def test_normalize_gives_the_same_on_any_memory_order() -> None:
+    pipe = image_pipeline({"op": "normalize", "args": {"mean": [0.5], "std": [0.5]}}, shape=(-1, 4, 3, 3))
+    arr = np.arange(36, dtype=np.uint8).reshape(4, 3, 3)
+    want = pipe.preprocess_instance(arr).value
+    got = pipe.preprocess_instance(np.asfortranarray(arr)).value  # a transposed or Fortran-order .npy
+    np.testing.assert_array_equal(got, want)
+    assert want[0, 1, 0] == pytest.approx((3 / 255 - 0.5) / 0.5)
+
+
 def test_resize_shorter_side_and_center_crop_record_the_transform() -> None:
     pipe = image_pipeline(
         {"op": "decode_image"},
@@ -190,6 +229,8 @@ def test_tokenize_truncates_and_rejects_non_text(tmp_path: Path) -> None:
     assert pipe.preprocess(["the kiln fires clay pots"]).inputs["input_ids"].tolist() == [[2, 3, 4]]
     with pytest.raises(ProcessingError, match="instance 1: tokenize: expected a string, got int"):
         pipe.preprocess(["clay", 7])
+    with pytest.raises(ProcessingError, match="instance 1: tokenize: not valid Unicode text"):
+        pipe.preprocess(["clay", "pots \ud800"])  # a lone surrogate, as JSON can carry it
     with pytest.raises(SpecError, match=r"tokenizer file .*missing.json does not exist"):
         Pipeline.from_spec(text_spec(tmp_path / "missing.json"), root=tmp_path)
 
@@ -253,6 +294,9 @@ def test_nms_keeps_the_best_of_overlapping_boxes() -> None:
     assert nms(boxes, scores, 0.5).tolist() == [3, 2]
     # class-aware: box 1 has another class, so box 3 does not suppress it
     assert batched_nms(boxes, scores, np.array([0, 1, 0, 0]), 0.5).tolist() == [3, 1, 2]
+    # decoded boxes can start below zero: classes still never meet
+    apart = np.array([[40, 40, 70, 70], [-25, -25, 5, 5]], np.float32)
+    assert sorted(batched_nms(apart, np.array([0.9, 0.8], np.float32), np.array([0, 1]), 0.3).tolist()) == [0, 1]
 
 
 def test_anchor_points_are_row_major_per_level() -> None:

@@ -37,6 +37,32 @@ from kiln.spec import DType, TensorSpec, dtype_name
 DEFAULT_DYNAMIC_SIZE = 8
 
 
+_PLAIN_PAYLOADS = ("weight_", "tensor_")  # tensors stored as raw bytes; anything else is an object
+
+
+def _refuse_pickled_payloads(path: Path, source: str) -> None:
+    """Read the archive's weight and constant tables before torch does: an entry stored with pickle, or
+    as a custom or opaque object (which ``torch.export.load`` unpickles with plain ``pickle``), needs
+    ``--trust-pickle``. Legacy payloads go through ``torch.load`` and meet :func:`_tensors_only`."""
+    import json
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            tables = [n for n in archive.namelist() if n.endswith(("_weights_config.json", "_constants_config.json"))]
+            for name in tables:
+                for fqn, entry in (json.loads(archive.read(name)).get("config") or {}).items():
+                    stored = str(entry.get("path_name", ""))
+                    if entry.get("use_pickle") or not stored.startswith(_PLAIN_PAYLOADS):
+                        raise UntrustedSourceError(
+                            source,
+                            f"{fqn!r} is stored as a pickled object ({stored}), and loading it runs the code it "
+                            "names; pass --trust-pickle (trust_pickle=True) only for a file you made or trust",
+                        )
+    except (zipfile.BadZipFile, json.JSONDecodeError, AttributeError, OSError) as exc:
+        raise CorruptModelError(source, f"not a torch.export archive: {_first_line(exc)}") from None
+
+
 _TORCH_LOAD_LOCK = threading.Lock()
 
 
@@ -148,6 +174,8 @@ class ExportedProgramImporter:
         self.source = str(source)
         self.config = config
         self.default_name = self.path.stem
+        if not config.trust_pickle:
+            _refuse_pickled_payloads(self.path, self.source)
         try:
             with contextlib.nullcontext() if config.trust_pickle else _tensors_only():
                 self.program = torch.export.load(str(self.path))
@@ -225,7 +253,12 @@ class ExportedProgramImporter:
         shutil.copyfile(self.path, staging / PT2_FILE)
         example_feed = random_inputs(self.inputs, _EXPORT_BATCH, 0, self._shapes(_EXPORT_BATCH))
         example = tuple(torch.from_numpy(a) for a in example_feed.values())
-        module = self.program.module()
+        try:
+            module = self.program.module()
+        except Exception as exc:
+            raise CorruptModelError(
+                self.source, f"torch.export cannot rebuild its module: {_first_line(exc)}"
+            ) from None
         with torch.no_grad():
             tensors, dict_names = flatten_outputs(module(*example))
         out_names = list(self.config.output_names or dict_names or (

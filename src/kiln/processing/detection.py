@@ -64,8 +64,11 @@ def batched_nms(boxes: np.ndarray, scores: np.ndarray, class_ids: np.ndarray, io
     """Class-aware NMS: boxes of different classes never suppress each other (offset trick)."""
     if not len(boxes):
         return np.zeros(0, dtype=np.int64)
-    offset = (float(boxes.max()) + 1.0) * class_ids.astype(np.float32)[:, None]
-    return nms(boxes + offset, scores, iou_threshold)
+    # Each class moved past the span of every box (not just past the largest coordinate: decoded boxes
+    # can reach below zero), so boxes of two classes can never overlap.
+    span = float(boxes.max()) - float(boxes.min()) + 1.0
+    offset = span * class_ids.astype(np.float64)[:, None]
+    return nms(boxes.astype(np.float64) + offset, scores, iou_threshold)
 
 
 @dataclass

@@ -46,6 +46,27 @@ def _compose(meta: dict[str, Any], sx: float, sy: float, tx: float, ty: float) -
     meta["transform"] = (osx * sx, osy * sy, otx * sx + tx, oty * sy + ty)
 
 
+def _upright(img: Any) -> Any:
+    """Apply the EXIF orientation (a phone's portrait photo is stored sideways), as viewers and
+    ``transformers``' image loading do; boxes then refer to the picture as people see it."""
+    from PIL import ImageOps
+
+    return ImageOps.exif_transpose(img) or img
+
+
+def _eight_bit(img: Any) -> Any:
+    """16-bit and float images scaled to 8 bits: Pillow's own conversion clips them at 255."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        return _pil().fromarray(np.clip(arr * (255.0 / top), 0, 255).round().astype(np.uint8), mode="L")
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        top = 1.0 if arr.max(initial=0) <= 1.0 else 255.0
+        return _pil().fromarray(np.clip(arr * (255.0 / top), 0, 255).round().astype(np.uint8), mode="L")
+    return img
+
+
 def _as_image(value: Any) -> Any:
     Image = _pil()
     if isinstance(value, Image.Image):
@@ -81,6 +102,7 @@ class DecodeImage(InstanceOp):
                 if img.width * img.height > self.args.max_pixels:
                     raise ValueError(f"{img.width}x{img.height} pixels is over the limit of {self.args.max_pixels}")
                 img.load()
+                img = _upright(_eight_bit(img))
             except ValueError:
                 raise
             except Exception as exc:  # PIL.UnidentifiedImageError, truncated files, OSError
@@ -235,7 +257,7 @@ class Normalize(InstanceOp):
         h, w, c = arr.shape
         if c != len(self._mul) and len(self._mul) != 1:
             raise ValueError(f"image has {c} channels but normalize has {len(self._mul)} means")
-        out = arr.astype(np.float32)
+        out = np.array(arr, dtype=np.float32, order="C")  # C order: the reshape below must be a view
         mul, add = self._row(w, c)
         flat = out.reshape(h, w * c)
         flat *= mul

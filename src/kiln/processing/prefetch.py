@@ -18,7 +18,7 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from kiln.errors import KilnError, ProcessingError
+from kiln.errors import ProcessingError
 from kiln.processing.pipeline import Pipeline, Prepared
 
 T = TypeVar("T")
@@ -101,6 +101,17 @@ def predict_overlapped(
             yield from posts.popleft().result()
 
 
+def _run_one_by_one(
+    results: list[Result[T]], good: list[int], prepared: list[Prepared], pipeline: Pipeline, run: RunFn
+) -> None:
+    for i, p in zip(good, prepared, strict=True):
+        try:
+            single = pipeline.collate([p])
+            results[i].output = pipeline.postprocess(run(single.inputs), single)[0]
+        except Exception as exc:
+            results[i].error = _one_line(exc)
+
+
 def _run_chunk(chunk: _Chunk[T], pipeline: Pipeline, run: RunFn, pool: ThreadPoolExecutor) -> Future[list[Result[T]]]:
     """Collate the chunk's good instances, run the engine here, and post-process in the pool."""
     results: list[Result[T]] = [Result(item) for item in chunk.items]
@@ -131,9 +142,11 @@ def _run_chunk(chunk: _Chunk[T], pipeline: Pipeline, run: RunFn, pool: ThreadPoo
         return done
     try:
         outputs = run(batch.inputs)
-    except KilnError as exc:
-        for i in good:
-            results[i].error = _one_line(exc)
+    except Exception as exc:  # the engine's own errors too (an id past the vocabulary, a NaN check …)
+        if len(good) == 1:
+            results[good[0]].error = _one_line(exc)
+        else:  # find the instance at fault: one at a time, so a bad one costs only itself
+            _run_one_by_one(results, good, prepared, pipeline, run)
         done = Future()
         done.set_result(results)
         return done

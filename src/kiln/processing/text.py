@@ -74,6 +74,12 @@ class Tokenize(CollateOp):
         for i, v in enumerate(values):
             if not isinstance(v, str):
                 raise ProcessingError(self.name, f"expected a string, got {type(v).__name__}", index=i)
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as exc:  # a lone surrogate ("\ud800") that JSON allowed through
+                raise ProcessingError(
+                    self.name, f"not valid Unicode text ({exc.reason} at {exc.start})", index=i
+                ) from None
         encodings = self.tokenizer.encode_batch(list(values))
         length = bucket_length(max((len(e.ids) for e in encodings), default=1), self.buckets, self.args.max_length)
         dtype = np.dtype(self.args.dtype)
