@@ -199,6 +199,7 @@ class ExportedProgramImporter:
             raise InvalidSourceError(self.source, f"the program takes {len(sig.user_inputs)} inputs, not {len(names)}")
         given = self.config.input_shapes
         inputs, examples = [], []
+        self._symbols: list[dict[int, str]] = []  # per input: dynamic non-batch axis -> its symbol
         batched = True
         for k, (user, name) in enumerate(zip(sig.user_inputs, names, strict=True)):
             val = nodes[user].meta.get("val")
@@ -207,6 +208,7 @@ class ExportedProgramImporter:
                     self.source, f"input {user!r} is not a tensor; kiln imports tensor inputs only"
                 )
             shape, example = [], []
+            symbols: dict[int, str] = {}
             for axis, d in enumerate(val.shape):
                 if isinstance(d, int):
                     shape.append(d)
@@ -214,6 +216,9 @@ class ExportedProgramImporter:
                 else:
                     shape.append(-1)
                     example.append(self._example_size(d, axis))
+                    if axis > 0:
+                        symbols[axis] = str(d)
+            self._symbols.append(symbols)
             if not shape or shape[0] != -1:
                 batched = False
             if given is not None:
@@ -225,14 +230,34 @@ class ExportedProgramImporter:
             examples.append(tuple(example))
         return inputs, examples, batched and self.config.dynamic_batch
 
-    def _example_size(self, dim: Any, axis: int) -> int:
+    def _range(self, dim: Any) -> tuple[int, int]:
         lo, hi = 2, 1 << 30
         for sym, vr in self.program.range_constraints.items():
             if str(sym) == str(dim):
                 lo = max(2, _finite(vr.lower, lo))
                 hi = _finite(vr.upper, hi)
+        return lo, hi
+
+    def _example_size(self, dim: Any, axis: int) -> int:
+        lo, hi = self._range(dim)
         want = _EXPORT_BATCH if axis == 0 else DEFAULT_DYNAMIC_SIZE
         return min(max(want, lo), hi)
+
+    def _varied(self, shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        """The shapes with every dynamic non-batch dim at another size than the example, within the
+        program's range (one symbol, one size): a dim the ONNX export fixed then fails parity."""
+        sizes: dict[str, int] = {}
+        out = []
+        for shape, symbols in zip(shapes, self._symbols, strict=True):
+            new = list(shape)
+            for axis, sym in symbols.items():
+                if sym not in sizes:
+                    lo, hi = self._range(sym)
+                    now = shape[axis]
+                    sizes[sym] = next((c for c in (now + 3, now + 1, now - 1, lo) if lo <= c <= hi and c != now), now)
+                new[axis] = sizes[sym]
+            out.append(tuple(new))
+        return out
 
     def source_hash(self) -> str:
         h = hashlib.sha256(f"torch.export|{sha256_file(self.path)}".encode())
@@ -300,7 +325,8 @@ class ExportedProgramImporter:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         results: list[ParityResult] = []
         for batch in (1, 4) if self.batched else (None,):
-            feed = random_inputs(self.inputs, batch or 1, 100 + (batch or 1), self._shapes(batch))
+            shapes = self._varied(self._shapes(batch)) if batch == 4 else self._shapes(batch)
+            feed = random_inputs(self.inputs, batch or 1, 100 + (batch or 1), shapes)
             with torch.inference_mode():
                 ref_t = flatten_outputs(module(*(torch.from_numpy(a) for a in feed.values())))[0]
             reference = {n: t.detach().numpy() for n, t in zip(names, ref_t, strict=True)}
