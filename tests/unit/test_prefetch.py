@@ -127,3 +127,22 @@ def test_an_engine_failure_is_traced_to_the_instance_that_caused_it() -> None:
         {"y": [6.0, 6.0]},
         {"y": [8.0, 8.0]},
     ]
+
+
+def test_collation_runs_in_the_workers_not_on_the_engine_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A text model's tokenizer runs in collate: it must overlap the engine like decoding does."""
+    pipe = Pipeline.from_spec(SPEC)
+    threads: list[str] = []
+    real = pipe.collate
+
+    def collate(prepared: list) -> object:  # type: ignore[type-arg]
+        threads.append(threading.current_thread().name)
+        return real(prepared)
+
+    monkeypatch.setattr(pipe, "collate", collate)
+    def ok(i: int) -> np.ndarray:
+        return np.array([i, -i], np.float32)
+
+    results = list(predict_overlapped(range(12), ok, pipe, double, batch_size=4, workers=2, prefetch=1))
+    assert all(r.ok for r in results) and len(threads) == 3
+    assert all(name.startswith("kiln-prep") for name in threads), threads

@@ -2,9 +2,9 @@
 the current one, and post-process finished batches there too.
 
 The engine runs on the calling thread (ONNX Runtime and PyTorch release the GIL while they compute);
-instance loading and decoding (Pillow releases the GIL while it inflates a PNG) run in a thread pool,
-up to ``prefetch`` batches ahead. A bad instance fails alone: its result carries the error and the
-rest of its batch goes on.
+instance loading and decoding (Pillow releases the GIL while it inflates a PNG) and collation (where a
+text model's tokenizer runs) happen in a thread pool, up to ``prefetch`` batches ahead. A bad instance
+fails alone: its result carries the error and the rest of its batch goes on.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 
 from kiln.errors import ProcessingError
 from kiln.processing.pipeline import Pipeline, Prepared
+from kiln.processing.registry import Batch
 
 T = TypeVar("T")
 RunFn = Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
@@ -46,10 +47,15 @@ def _one_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-class _Chunk(Generic[T]):
-    def __init__(self, items: list[T], futures: list[Future[Prepared]]) -> None:
-        self.items = items
-        self.futures = futures
+@dataclass
+class _Collated(Generic[T]):
+    """A chunk ready for the engine: a result per item (failed ones already say why), and the batch of
+    the good ones (None when none is left)."""
+
+    results: list[Result[T]]
+    good: list[int]
+    prepared: list[Prepared]
+    batch: Batch | None
 
 
 def predict_overlapped(
@@ -75,13 +81,16 @@ def predict_overlapped(
         def prepare(item: T, index: int) -> Prepared:
             return pipeline.preprocess_instance(load(item), index)
 
-        def submit_next() -> _Chunk[T] | None:
+        def submit_next() -> Future[_Collated[T]] | None:
             chunk = list(itertools.islice(source, batch_size))
             if not chunk:
                 return None
-            return _Chunk(chunk, [pool.submit(prepare, item, i) for i, item in enumerate(chunk)])
+            futures = [pool.submit(prepare, item, i) for i, item in enumerate(chunk)]
+            # Queued after its own instances (the pool is first in, first out), so it only ever waits on
+            # work already running: no deadlock, whatever the number of workers.
+            return pool.submit(_collate, chunk, futures, pipeline)
 
-        pending: collections.deque[_Chunk[T]] = collections.deque()
+        pending: collections.deque[Future[_Collated[T]]] = collections.deque()
         posts: collections.deque[Future[list[Result[T]]]] = collections.deque()
         exhausted = False
         while True:
@@ -94,7 +103,7 @@ def predict_overlapped(
             if not pending:
                 break
             current = pending.popleft()
-            posts.append(_run_chunk(current, pipeline, run, pool))
+            posts.append(_run_collated(current.result(), pipeline, run, pool))
             while posts and (posts[0].done() or len(posts) > prefetch + 1):
                 yield from posts.popleft().result()
         while posts:
@@ -112,12 +121,12 @@ def _run_one_by_one(
             results[i].error = _one_line(exc)
 
 
-def _run_chunk(chunk: _Chunk[T], pipeline: Pipeline, run: RunFn, pool: ThreadPoolExecutor) -> Future[list[Result[T]]]:
-    """Collate the chunk's good instances, run the engine here, and post-process in the pool."""
-    results: list[Result[T]] = [Result(item) for item in chunk.items]
+def _collate(items: list[T], futures: list[Future[Prepared]], pipeline: Pipeline) -> _Collated[T]:
+    """Collate a chunk's good instances (in a worker); an instance that does not fit is dropped alone."""
+    results: list[Result[T]] = [Result(item) for item in items]
     good: list[int] = []
     prepared: list[Prepared] = []
-    for i, fut in enumerate(chunk.futures):
+    for i, fut in enumerate(futures):
         try:
             prepared.append(fut.result())
             good.append(i)
@@ -136,7 +145,17 @@ def _run_chunk(chunk: _Chunk[T], pipeline: Pipeline, run: RunFn, pool: ThreadPoo
                 break
             results[good[exc.index]].error = _one_line(exc)  # drop the instance that does not fit, retry
             del good[exc.index], prepared[exc.index]
-    if batch is None or not good:
+        except Exception as exc:  # a library failing on the batch: its instances fail, the run goes on
+            for i in good:
+                results[i].error = _one_line(exc)
+            good = []
+    return _Collated(results, good, prepared, batch if good else None)
+
+
+def _run_collated(c: _Collated[T], pipeline: Pipeline, run: RunFn, pool: ThreadPoolExecutor) -> Future[list[Result[T]]]:
+    """Run the engine here on a collated chunk, and post-process it in the pool."""
+    results, good, prepared, batch = c.results, c.good, c.prepared, c.batch
+    if batch is None:
         done: Future[list[Result[T]]] = Future()
         done.set_result(results)
         return done
