@@ -140,6 +140,7 @@ def test_collation_runs_in_the_workers_not_on_the_engine_thread(monkeypatch: pyt
         return real(prepared)
 
     monkeypatch.setattr(pipe, "collate", collate)
+
     def ok(i: int) -> np.ndarray:
         return np.array([i, -i], np.float32)
 
