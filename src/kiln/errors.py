@@ -161,7 +161,6 @@ class NoVariantWithinBudgetError(AccuracyError):
         self.budget = budget
 
 
-# ---- serving -------------------------------------------------------------------------------------------
 class NoVariantBuiltError(KilnError):
     """Every variant the search tried failed to build or run, so none could be checked against the budget."""
 
@@ -177,6 +176,7 @@ class NoVariantBuiltError(KilnError):
         self.first = first
 
 
+# ---- serving -------------------------------------------------------------------------------------------
 class ProtocolError(KilnError):
     """A request that does not follow the inference protocol: malformed JSON, a missing or bad field."""
 
