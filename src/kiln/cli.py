@@ -398,7 +398,17 @@ def bench_cmd(
 
 @app.command()
 def serve(
-    repo: Annotated[Path, typer.Argument(help="model repository directory")],
+    ctx: typer.Context,
+    # readable=False: the server checks the repository itself and names the fix (click's check names none)
+    repo: Annotated[
+        Path | None, typer.Argument(help="model repository directory (or --repo)", show_default=False, readable=False)
+    ] = None,
+    repo_opt: Annotated[
+        Path | None,
+        typer.Option(
+            "--repo", "-r", help="model repository directory (or as REPO)", show_default=False, readable=False
+        ),
+    ] = None,
     http_port: Annotated[int, typer.Option(help="HTTP port (0 picks a free one)")] = 8000,
     grpc_port: Annotated[int, typer.Option(help="gRPC port (0 picks a free one, -1 turns gRPC off)")] = 8001,
     host: Annotated[
@@ -423,17 +433,20 @@ def serve(
     from kiln.serving import ServerSettings
     from kiln.serving import serve as run_server
 
+    if (repo is None) == (repo_opt is None):
+        problem = "given twice" if repo is not None else "missing"
+        raise typer.BadParameter(f"{problem}; pass the repository once, as `kiln serve REPO` or `kiln serve --repo REPO`",
+                                 ctx=ctx, param_hint="REPO / --repo")  # fmt: skip
     fields: dict[str, Any] = {
-        "repo": repo, "host": host, "http_port": http_port, "grpc_port": None if grpc_port < 0 else grpc_port,
+        "repo": repo if repo is not None else repo_opt, "host": host, "http_port": http_port,
+        "grpc_port": None if grpc_port < 0 else grpc_port,
         "token": token, "max_memory": max_memory, "models": model or [], "load_mode": "lazy" if lazy else "preload",
         "max_body_bytes": max_body_bytes, "request_timeout_s": timeout, "drain_timeout_s": drain_timeout,
         "log_format": log_format, "access_log": access_log,
     }  # fmt: skip
     if engine_threads is not None:
         fields["engine_threads"] = engine_threads
-    if not repo.is_dir():
-        raise SpecError(f"repository {repo} is not a directory; import a model first with `kiln import`")
-    try:
+    try:  # the repository itself is checked by the server, before it binds a port
         settings = ServerSettings(**fields)
     except ValidationError as exc:
         err = exc.errors()[0]

@@ -186,6 +186,16 @@ class ProtocolError(KilnError):
         self.problem = problem
 
 
+class InvalidNameError(ProtocolError):
+    """A model name or version that breaks the grammar, or that would resolve outside the repository."""
+
+    def __init__(self, field: str, value: str, rule: str) -> None:
+        shown = value if len(value) <= 64 else value[:61] + "..."
+        super().__init__(field, f"{shown!r} {rule}")
+        self.value = value
+        self.rule = rule
+
+
 class UnsupportedEncodingError(ProtocolError):
     """A request body in a content coding the server cannot decode (415)."""
 
@@ -247,6 +257,86 @@ class QueueFullError(KilnError):
         self.limit = limit
 
 
+class OverloadedError(KilnError):
+    """Deadline-aware admission: the work queued ahead would not finish within the request's budget."""
+
+    http_status = 503
+
+    def __init__(self, model: str, wait_s: float, budget_s: float, client_deadline: bool) -> None:
+        where = "its timeout" if client_deadline else "the model's queue budget (serving.queue_budget_ms)"
+        super().__init__(
+            f"model {model!r} is overloaded: the estimated wait of {wait_s * 1e3:.3g} ms exceeds {where} of "
+            f"{budget_s * 1e3:.3g} ms; retry later, or raise serving.instances"
+        )
+        self.model = model
+        self.wait_s = wait_s
+        self.budget_s = budget_s
+        self.client_deadline = client_deadline
+
+    @property
+    def retry_after_s(self) -> float:
+        return self.wait_s
+
+
+class EngineFailedError(KilnError):
+    """The engine raised while running a batch: the requests of that batch fail, the others go on."""
+
+    http_status = 500
+
+    def __init__(self, model: str, kind: str, reason: str) -> None:
+        super().__init__(f"model {model!r} failed to run this batch ({kind}); {reason}")
+        self.model = model
+        self.kind = kind
+        self.reason = reason
+
+
+class EngineInputError(KilnError):
+    """The engine refused a request's inputs that passed the spec's checks (it still runs others)."""
+
+    http_status = 400
+
+    def __init__(self, model: str, reason: str) -> None:
+        super().__init__(
+            f"model {model!r} could not run this request's inputs (its other requests run): {reason}; "
+            f"check the shapes against GET /v2/models/{model}"
+        )
+        self.model = model
+        self.reason = reason
+
+
+class EngineOutOfMemoryError(EngineFailedError):
+    """The engine could not allocate memory for a batch; smaller batches or fewer models may fit."""
+
+    http_status = 503
+
+
+class InstanceExitedError(EngineFailedError):
+    """A process instance died while it ran a batch; the run fails at once and the next one restarts it."""
+
+    http_status = 503
+
+    def __init__(self, model: str, exit_code: int | None) -> None:
+        super().__init__(model, "exit", f"its instance process exited (code {exit_code}) and is restarting; retry")
+        self.exit_code = exit_code
+
+
+class ComputeTimeoutError(EngineFailedError):
+    """A batch that ran past ``serving.compute_timeout_ms``: its requests are answered; the instance is
+    stopped (a process) or abandoned (a thread), and the model reloads."""
+
+    http_status = 503
+
+
+class ClientClosedError(KilnError):
+    """The client went away (or cancelled) while its request waited: it is dropped before it runs."""
+
+    http_status = 499  # nginx's code for it; no answer reaches the client
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"the client closed the connection before model {model!r} answered")
+        self.model = model
+
+
 class RequestTimeoutError(KilnError):
     """A request that did not finish within its timeout."""
 
@@ -288,3 +378,44 @@ class ProcessingError(KilnError):
         self.op = op
         self.reason = reason
         self.index = index
+
+
+class BindError(KilnError):
+    """A port the server cannot listen on; ``flag`` is the option that chooses it."""
+
+    def __init__(self, protocol: str, host: str, port: int, flag: str, problem: str, fix: str) -> None:
+        super().__init__(f"{protocol} port {port} on {host} {problem}; {fix}")
+        self.protocol = protocol
+        self.host = host
+        self.port = port
+        self.flag = flag
+
+
+class PortInUseError(BindError):
+    """Another process (often another ``kiln serve``) already listens on the port."""
+
+    def __init__(self, protocol: str, host: str, port: int, flag: str) -> None:
+        super().__init__(
+            protocol, host, port, flag, "is already in use (another kiln serve?)",
+            f"stop that process or pass {flag} 0 to pick a free port",
+        )  # fmt: skip
+
+
+class RepositoryUnreadableError(KilnError):
+    """A ``kiln serve`` repository that is missing, not a directory, or that this user may not read."""
+
+    def __init__(self, path: str, problem: str, fix: str) -> None:
+        super().__init__(f"repository {path} {problem}; {fix}")
+        self.path = path
+        self.problem = problem
+
+
+class ModelLoadError(KilnError):
+    """A model that failed to load when the server started (preload mode); ``version`` when it is known."""
+
+    def __init__(self, model: str, version: int | None, reason: str, fix: str) -> None:
+        which = f"model {model!r}" + (f" version {version}" if version is not None else "")
+        super().__init__(f"{which} failed to load at start: {reason}; {fix}")
+        self.model = model
+        self.version = version
+        self.reason = reason

@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -28,14 +29,33 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from kiln.errors import CorruptModelError, NotFoundError, SpecError
-from kiln.spec import ModelSpec
+from kiln.errors import CorruptModelError, InvalidNameError, NotFoundError, SpecError
+from kiln.spec import MODEL_NAME_PATTERN, ModelSpec
 
 SPEC_FILE = "model.yaml"
 MANIFEST_FILE = "manifest.json"
 VARIANTS_DIR = "variants"
 RECIPE_FILE = "recipe.json"
 _STAGING_PREFIX = ".staging-"
+_MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
+_VERSION = re.compile(r"[0-9]{1,18}")
+NAME_RULE = "is not a model name: use 1-128 letters, digits, '_', '.' or '-', starting with a letter, digit or '_'"
+
+
+def check_model_name(name: object, field: str = "model name") -> str:
+    """``name`` if it follows the model-name grammar (so it is one path component, never '.' or '..')."""
+    if not isinstance(name, str) or _MODEL_NAME.fullmatch(name) is None:
+        raise InvalidNameError(field, str(name), NAME_RULE)
+    return name
+
+
+def parse_version(text: str | None, field: str = "version") -> int | None:
+    """A version as a client sends it (``"3"``; empty or None: the default); ASCII digits only."""
+    if text is None or text == "":
+        return None
+    if _VERSION.fullmatch(text) is None or int(text) < 1:
+        raise InvalidNameError(field, text, "is not a version number; versions are positive integers")
+    return int(text)
 
 
 @dataclass
@@ -154,50 +174,82 @@ def write_atomic(path: Path, data: str | bytes) -> None:
 class Repository:
     """A directory of models, each with a spec and numbered versions."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, *, show_root: bool = True) -> None:
+        """``show_root=False`` (the server) keeps the repository's path out of every message."""
         self.root = Path(root)
+        self._where = f"repository {self.root}" if show_root else "the repository"
 
     def __repr__(self) -> str:
         return f"Repository({str(self.root)!r})"
+
+    # ---- names -> paths ----------------------------------------------------------------------------------
+    def model_dir(self, model: str) -> Path:
+        """The one place a model name becomes a path: the name must follow the grammar, and the directory
+        must be itself, inside the root (a symbolic link could read outside, or alias another model)."""
+        check_model_name(model)
+        path = self.root / model
+        _confine(path, model, "model name")
+        return path
+
+    def version_dir(self, model: str, version: int) -> Path:
+        path = self.model_dir(model) / str(version)
+        _confine(path, str(version), "version")
+        return path
+
+    def relative(self, text: str) -> str:
+        """``text`` with this repository's absolute path taken out: files named relative to the repository
+        (what the server answers with; full paths stay in its log)."""
+        forms = {str(self.root.absolute()), str(self.root)}
+        with contextlib.suppress(OSError, RuntimeError):
+            forms.add(str(self.root.resolve()))
+        for form in sorted((f for f in forms if os.sep in f), key=len, reverse=True):
+            text = text.replace(form + os.sep, "").replace(form, "the repository")
+        return text
 
     # ---- reading -----------------------------------------------------------------------------------------
     def models(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and (p / SPEC_FILE).is_file())
+        return sorted(p.name for p in self.root.iterdir() if _is_own_dir(p) and self.has_model(p.name))
 
     def has_model(self, model: str) -> bool:
-        return (self.root / model / SPEC_FILE).is_file()
+        try:
+            return (self.model_dir(model) / SPEC_FILE).is_file()
+        except InvalidNameError:
+            return False
 
     def versions(self, model: str) -> list[int]:
-        mdir = self.root / model
+        mdir = self.model_dir(model)
         if not mdir.is_dir():
             return []
         return sorted(
-            int(p.name) for p in mdir.iterdir() if p.is_dir() and p.name.isdigit() and (p / MANIFEST_FILE).is_file()
+            int(p.name)
+            for p in mdir.iterdir()
+            if _VERSION.fullmatch(p.name) and _is_own_dir(p) and (p / MANIFEST_FILE).is_file()
         )
 
+    def _missing(self, model: str) -> NotFoundError:
+        return NotFoundError(f"model {model!r} is not in {self._where}; it holds {self.models() or 'no models'}")
+
     def spec(self, model: str) -> ModelSpec:
-        if not self.has_model(model):
-            raise NotFoundError(
-                f"model {model!r} is not in repository {self.root}; it holds {self.models() or 'no models'}"
-            )
-        return ModelSpec.load(self.root / model / SPEC_FILE)
+        path = self.model_dir(model) / SPEC_FILE
+        if not path.is_file():
+            raise self._missing(model)
+        _confine(path, SPEC_FILE, f"model {model!r}: {SPEC_FILE}")
+        return ModelSpec.from_yaml(path.read_text(), source=f"{model}/{SPEC_FILE}")
 
     def resolve(self, model: str, version: int | None = None) -> tuple[int, Path]:
         """The version number and directory for ``version`` (the latest when None)."""
         versions = self.versions(model)
         if not versions:
             if not self.has_model(model):
-                raise NotFoundError(
-                    f"model {model!r} is not in repository {self.root}; it holds {self.models() or 'no models'}"
-                )
-            raise NotFoundError(f"model {model!r} has no versions in {self.root}; import one with `kiln import`")
+                raise self._missing(model)
+            raise NotFoundError(f"model {model!r} has no versions in {self._where}; import one with `kiln import`")
         if version is None:
             version = versions[-1]
         elif version not in versions:
             raise NotFoundError(f"model {model!r} has no version {version}; available versions: {versions}")
-        return version, self.root / model / str(version)
+        return version, self.version_dir(model, version)
 
     def manifest(self, model: str, version: int | None = None) -> VersionManifest:
         version, vdir = self.resolve(model, version)
@@ -215,14 +267,15 @@ class Repository:
         version, vdir = self.resolve(model, version)
         for name, digest in self.manifest(model, version).artifacts.items():
             path = vdir / name
+            shown = f"{model}/{version}/{name}"  # relative to the repository
             if not path.is_file():
-                raise CorruptModelError(str(path), "the file is missing; re-import the model")
+                raise CorruptModelError(shown, "the file is missing; re-import the model")
             if sha256_file(path) != digest:
-                raise CorruptModelError(str(path), "its content hash differs from the manifest; re-import the model")
+                raise CorruptModelError(shown, "its content hash differs from the manifest; re-import the model")
 
     # ---- writing -----------------------------------------------------------------------------------------
     def save_spec(self, spec: ModelSpec) -> Path:
-        path = self.root / spec.name / SPEC_FILE
+        path = self.model_dir(spec.name) / SPEC_FILE
         write_atomic(path, spec.to_yaml())
         return path
 
@@ -244,7 +297,7 @@ class Repository:
 
         Call :meth:`commit_version` inside the block to write the manifest; the rename happens at exit.
         """
-        mdir = self.root / model
+        mdir = self.model_dir(model)
         mdir.mkdir(parents=True, exist_ok=True)
         staging = staging_dir(mdir)
         pending = PendingVersion(staging)
@@ -294,9 +347,29 @@ class Repository:
 
     def cleanup_staging(self, model: str) -> None:
         """Remove staging directories left by a process that was killed mid-import (never a live one)."""
-        for p in (self.root / model).glob(f"{_STAGING_PREFIX}*"):
+        for p in self.model_dir(model).glob(f"{_STAGING_PREFIX}*"):
             if is_abandoned(p):
                 shutil.rmtree(p, ignore_errors=True)
+
+
+def _is_own_dir(path: Path) -> bool:
+    """A real directory, not a symbolic link to one (which could lead outside the repository)."""
+    return path.is_dir() and not path.is_symlink()
+
+
+def _confine(path: Path, shown: str, field: str) -> None:
+    """Refuse ``path`` unless it resolves to itself: no symbolic link in its last component may lead
+    elsewhere, inside the repository (an alias) or out of it."""
+    try:
+        real = path.resolve()
+        expected = path.parent.resolve() / path.name
+    except (OSError, RuntimeError):  # a symlink loop
+        real, expected = Path(), Path("/")
+    if real != expected:
+        raise InvalidNameError(
+            field, shown, "is a symbolic link; the server follows none, so that no name reaches a file outside "
+            "the repository or loads a model twice under another name; copy or move the model instead",
+        )  # fmt: skip
 
 
 def _sig(tensors: list[Any]) -> str:

@@ -31,7 +31,9 @@ V2_DATATYPES: dict[str, str] = {
     "bool": "BOOL", "string": "BYTES",
 }  # fmt: skip
 
-_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$"
+# A model name: what ``repository.check_model_name`` enforces wherever a name arrives (HTTP, gRPC, CLI).
+MODEL_NAME_PATTERN = r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}"
+_NAME = f"^{MODEL_NAME_PATTERN}$"
 
 
 def dtype_name(dtype: np.dtype[Any] | type | str) -> str:
@@ -98,6 +100,27 @@ class ServingSettings(BaseModel):
     fallback_after: int = Field(
         default=3, ge=1, description="consecutive failures of the chosen variant before staying on the reference"
     )
+    fallback: bool = Field(
+        default=True,
+        description="load the reference fp32 variant beside the chosen one and rerun a failed batch on it",
+    )
+    queue_budget_ms: float | None = Field(
+        default=None,
+        gt=0,
+        description="the longest wait a request without a timeout of its own may face: one whose expected wait "
+        "is longer is refused at once (503, Retry-After). Default: 3 batch-1 service times as measured, at "
+        "least 2 ms, so that overload does not multiply latency",
+    )
+    compute_timeout_ms: int | None = Field(
+        default=None,
+        ge=1,
+        description="a batch that runs longer is answered 503 and the model reloads (a process instance is "
+        "killed); default: the request timeout",
+    )
+    unhealthy_after: int = Field(
+        default=5, ge=1, description="failed batches in a row (after any fallback) before the model is marked "
+        "not ready and reloaded",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _preferred(self) -> ServingSettings:

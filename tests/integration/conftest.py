@@ -23,13 +23,15 @@ def free_port() -> int:
 
 
 class ServeProcess:
-    """``python -m kiln.cli serve REPO ...``; :meth:`wait_ready` polls /v2/health/ready with a deadline."""
+    """``python -m kiln.cli serve REPO ...`` (``--repo REPO`` with ``repo_flag``); :meth:`wait_ready` polls
+    /v2/health/ready with a deadline."""
 
-    def __init__(self, repo: Path, *args: str, log: Path) -> None:
+    def __init__(self, repo: Path, *args: str, log: Path, repo_flag: bool = False) -> None:
         self.http_port = free_port()
         self.grpc_port = free_port()
         self.log = log
-        cmd = [sys.executable, "-m", "kiln.cli", "serve", str(repo), "--http-port", str(self.http_port),
+        where = ["--repo", str(repo)] if repo_flag else [str(repo)]
+        cmd = [sys.executable, "-m", "kiln.cli", "serve", *where, "--http-port", str(self.http_port),
                "--grpc-port", str(self.grpc_port), "--engine-threads", "1", *args]  # fmt: skip
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self._log_file = log.open("wb")
@@ -86,11 +88,11 @@ class ServeProcess:
 
 @pytest.fixture
 def serve_process(tmp_path: Path) -> Iterator[object]:
-    """A factory: ``serve_process(repo, *args)`` starts a server that is stopped at teardown."""
+    """A factory: ``serve_process(repo, *args, repo_flag=False)`` starts a server that is stopped at teardown."""
     started: list[ServeProcess] = []
 
-    def start(repo: Path, *args: str) -> ServeProcess:
-        p = ServeProcess(repo, *args, log=tmp_path / f"serve-{len(started)}.log")
+    def start(repo: Path, *args: str, repo_flag: bool = False) -> ServeProcess:
+        p = ServeProcess(repo, *args, log=tmp_path / f"serve-{len(started)}.log", repo_flag=repo_flag)
         started.append(p)
         return p.wait_ready()
 

@@ -257,7 +257,7 @@ def test_bad_requests_get_4xx_naming_the_problem_and_the_server_keeps_serving(
         ("/v2/models/add/infer", ok.replace(b"FP32", b"INT64"), {}, 400, "datatype must be FP32"),
         ("/v2/models/add/infer", ok.replace(b"[1, 4]", b"[1, 5]"), {}, 400, "holds 4 elements but shape [1, 5] needs 5"),
         ("/v2/models/add/infer", ok.replace(b"[1, 4]", b"[2, 2]"), {}, 400, "dimension 1 must be 4"),
-        ("/v2/models/nope/infer", ok, {}, 404, "model 'nope' is not in repository"),
+        ("/v2/models/nope/infer", ok, {}, 404, "model 'nope' is not in the repository"),
         ("/v2/models/add/versions/9/infer", ok, {}, 404, "has no version 9"),
         ("/v2/models/add/versions/x/infer", ok, {}, 400, "not a version number"),
         ("/v2/models/mixed/infer", json.dumps({"inputs": [
@@ -281,7 +281,7 @@ def test_bad_requests_get_4xx_naming_the_problem_and_the_server_keeps_serving(
         bad.set_data_from_numpy(np.zeros((1, 4), np.int64))
         grpc.infer("add", [bad])
     assert "INVALID_ARGUMENT" in str(info.value.status())
-    with pytest.raises(InferenceServerException, match="not in repository") as info:
+    with pytest.raises(InferenceServerException, match="not in the repository") as info:
         grpc.infer("nope", _inputs(grpcclient, {"x": np.zeros((1, 4), np.float32)}))
     assert "NOT_FOUND" in str(info.value.status())
     with pytest.raises(InferenceServerException) as big:  # over --max-body-bytes: refused by the transport
@@ -330,7 +330,7 @@ def test_statistics_extension_counts_inferences(
     assert stats["inference_stats"]["success"]["count"] >= 1
     gstats = grpc.get_inference_statistics("add", as_json=True)["model_stats"][0]
     assert int(gstats["inference_count"]) >= count0 + 3 and int(gstats["execution_count"]) >= 1
-    with pytest.raises(InferenceServerException, match="not in repository"):
+    with pytest.raises(InferenceServerException, match="not in the repository"):
         http.get_inference_statistics("nope")
 
 

@@ -112,7 +112,8 @@ def test_full_queue_answers_503_at_once_and_sigterm_drains_in_flight_requests(
     kiln.import_model(models.slow_model(tmp_path / "slow.onnx", layers=240), repo, name="slow")  # ~0.4 s a run
     repository = Repository(repo)
     spec = repository.spec("slow")
-    serving = spec.serving.model_copy(update={"max_batch_size": 256, "max_queue_size": 2})
+    # the hard cap, not the wait budget (tested in test_serving_faults.py), is what refuses here
+    serving = spec.serving.model_copy(update={"max_batch_size": 256, "max_queue_size": 2, "queue_budget_ms": 6e5})
     repository.save_spec(spec.model_copy(update={"serving": serving}))
     server = serve_process(repo, "--drain-timeout", "60")
     x = _x(256, 512)  # one request fills a batch, so queued requests never merge
@@ -265,7 +266,7 @@ def test_failing_chosen_variant_falls_back_to_the_reference(
     assert server.metric("kiln_fallback_total", model="m") == 3
     server.output()  # flushes the log; read all of it (output() keeps only its tail)
     lines = [json.loads(line) for line in server.log.read_text().splitlines() if line.startswith("{")]
-    fallbacks = [d for d in lines if "rerunning the batch on the reference" in str(d.get("msg"))]
+    fallbacks = [d for d in lines if "reran the batch on the reference" in str(d.get("msg"))]
     assert [d.get("request_id") for d in fallbacks] == ["fb-0", "fb-1", "fb-2"]  # from the batcher's thread
     assert client.get_model_metadata("m", as_json=True)["platform"] == "onnxruntime_onnx"
     client.close()

@@ -102,7 +102,7 @@ def test_unserved_versions_unknown_models_and_unloaded_models_say_why(tmp_path: 
             await service.resolve("m", "1")
         with pytest.raises(NotFoundError, match=r"has no version 7; available versions: \[1, 2\]"):
             await service.resolve("m", "7")
-        with pytest.raises(NotFoundError, match="'nope' is not in repository"):
+        with pytest.raises(NotFoundError, match="'nope' is not in the repository"):
             await service.resolve("nope", None)
         await service.manager.close()
 
@@ -176,7 +176,7 @@ def test_the_reference_loads_and_warms_with_the_model_shared_by_instances_and_co
     repo = _repo(tmp_path, 1)  # the reference: y = x + 1 on ONNX Runtime
     add_gate_variant(repo, "m", const=10.0, instances=2)  # the chosen variant: y = x + 10
     loads = _recording_loads(monkeypatch)
-    service = _service(repo)  # inline runs on: an idle server runs the engine on the event loop's thread
+    service = _service(repo, inline_below_ms=3)  # inline runs on: an idle server runs the engine on the loop thread
 
     def broken(inputs: Mapping[str, np.ndarray]) -> None:
         raise RuntimeError("the chosen variant broke")

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import numpy as np
 import pytest
 
-from kiln.errors import QueueFullError, RequestTimeoutError, ShuttingDownError
+from kiln.errors import EngineFailedError, QueueFullError, RequestTimeoutError, ShuttingDownError
 from kiln.serving import logs
 from kiln.serving.batcher import Batcher, BatchPolicy, BatchQueue, Pending, concat_inputs, split_outputs
 
@@ -233,7 +233,9 @@ def test_batcher_delivers_engine_errors_to_every_caller_and_keeps_serving() -> N
         assert second.all_done.wait(10)
     finally:
         batcher.close()
-    assert isinstance(first.results[0][1], ValueError)
+    err = first.results[0][1]
+    assert isinstance(err, EngineFailedError) and err.http_status == 500 and "'m'" in str(err)
+    assert "boom" not in str(err)  # the engine's own text goes to the log, not to the client
     assert second.results[0][1] is None
 
 

@@ -90,7 +90,7 @@ def test_warm_up_reaches_the_largest_preferred_size_and_max_batch_size() -> None
     runners = [ModelRunner(Engine(False, 1), reference, state, "m:1", owns_reference=i == 0) for i in range(2)]
     runners[0].primary = chosen
     seconds = warm_up(runners, _spec(max_batch_size=8, preferred_batch_sizes=[4, 2]))
-    assert chosen.rows == [1, 1, 4, 8]  # batch 1 twice: the second, warm run is timed
+    assert chosen.rows == [1, 1, 4, 4, 8, 8]  # each size twice: the second, warm run is timed
     assert runners[1].primary.rows == [1, 4, 8]
     assert reference.rows == [1, 4, 8]  # the shared reference is warmed once, before any fallback needs it
-    assert 0 <= seconds < 1
+    assert sorted(seconds) == [1, 4, 8] and all(0 <= t < 1 for t in seconds.values())

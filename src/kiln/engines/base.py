@@ -117,6 +117,11 @@ def register(cls: type[Engine]) -> type[Engine]:
     return cls
 
 
+def engine_modules() -> list[str]:
+    """The modules that registered engines, so a child process (a process instance) can register the same."""
+    return sorted({cls.__module__ for cls in _REGISTRY.values()})
+
+
 def available_engines() -> list[str]:
     return sorted(set(_REGISTRY) | set(_BUILTIN))
 

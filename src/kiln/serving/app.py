@@ -26,9 +26,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from kiln.errors import PayloadTooLargeError, ProtocolError
 from kiln.serving import logs
 from kiln.serving.encoding import MIN_COMPRESS_BYTES, Inflater, compress, request_coding, response_coding
-from kiln.serving.protocol import decode_http, encode_http
+from kiln.serving.protocol import decode_http, encode_http, load_json, short_repr
 from kiln.serving.raw import parse_instances
-from kiln.serving.service import Service, check_load_parameters, error_status, parse_version
+from kiln.serving.service import Service, check_load_parameters, parse_version, retry_after
 
 log = logging.getLogger("kiln.serving")
 access = logging.getLogger("kiln.serving.access")
@@ -58,9 +58,10 @@ async def read_body(request: Request, limit: int) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def error_response(exc: BaseException) -> JSONResponse:
-    status, message = error_status(exc)
-    return JSONResponse({"error": message}, status_code=status)
+def error_response(service: Service, exc: BaseException) -> JSONResponse:
+    status, message = service.error_status(exc)
+    wait = retry_after(exc)
+    return JSONResponse({"error": message}, status_code=status, headers={"retry-after": wait} if wait else None)
 
 
 def build_app(service: Service) -> ASGIApp:
@@ -82,14 +83,14 @@ def build_app(service: Service) -> ASGIApp:
         try:
             return JSONResponse(service.model_metadata(p["model"], p.get("version")))
         except Exception as exc:
-            return error_response(exc)
+            return error_response(service, exc)
 
     async def model_config(request: Request) -> Response:
         p = request.path_params
         try:
             return JSONResponse(service.model_config(p["model"], p.get("version")))
         except Exception as exc:
-            return error_response(exc)
+            return error_response(service, exc)
 
     async def model_ready(request: Request) -> Response:
         p = request.path_params
@@ -98,45 +99,44 @@ def build_app(service: Service) -> ASGIApp:
                 return Response(b"", 200)
             return JSONResponse({"error": f"model {p['model']!r} is not ready"}, status_code=503)
         except Exception as exc:
-            return error_response(exc)
+            return error_response(service, exc)
 
     async def repository_index(request: Request) -> Response:
         try:
             service.check_token(request.headers.get("authorization"))
             body = await read_body(request, limit)
-            doc = _json_object(body)
-            return JSONResponse(service.manager.index(ready_only=bool(doc.get("ready", False))))
+            ready = _json_object(body).get("ready", False)
+            if not isinstance(ready, bool):
+                raise ProtocolError("ready", f"must be true or false, got {short_repr(ready)}")
+            return JSONResponse(service.manager.index(ready_only=ready))
         except Exception as exc:
-            return error_response(exc)
+            return error_response(service, exc)
 
     async def repository_load(request: Request) -> Response:
         try:
             service.check_token(request.headers.get("authorization"))
-            doc = _json_object(await read_body(request, limit))
-            check_load_parameters(doc.get("parameters") or {})
+            params = _json_object(await read_body(request, limit)).get("parameters")
+            check_load_parameters({} if params is None else params)
             await service.manager.load(request.path_params["model"])
             return Response(b"", 200)
         except Exception as exc:
-            return error_response(exc)
+            return error_response(service, exc)
 
     async def repository_unload(request: Request) -> Response:
         try:
             service.check_token(request.headers.get("authorization"))
-            _json_object(await read_body(request, limit))
+            _unload_parameters(_json_object(await read_body(request, limit)).get("parameters"))
             await service.manager.unload(request.path_params["model"])
             return Response(b"", 200)
         except Exception as exc:
-            return error_response(exc)
+            return error_response(service, exc)
 
     async def statistics(request: Request) -> Response:
         p = request.path_params
         try:
-            model = p.get("model")
-            if model is not None:
-                service.manager.spec(model)  # unknown model: 404
-            return JSONResponse({"model_stats": service.metrics.statistics(model, p.get("version"))})
+            return JSONResponse({"model_stats": service.statistics(p.get("model"), p.get("version"))})
         except Exception as exc:
-            return error_response(exc)
+            return error_response(service, exc)
 
     async def metrics(request: Request) -> Response:
         return Response(service.metrics.render(), media_type=service.metrics.content_type)
@@ -153,7 +153,7 @@ def build_app(service: Service) -> ASGIApp:
                 service.manager.spec(name)  # unknown model: 404
             return JSONResponse({"name": name, "ready": ready})
         except Exception as exc:
-            return error_response(exc)
+            return error_response(service, exc)
 
     in_flight = service.metrics.in_flight.labels("http")
 
@@ -171,7 +171,7 @@ def build_app(service: Service) -> ASGIApp:
             payload = json.dumps({"predictions": predictions}, separators=(",", ":")).encode()
             response = Response(payload, media_type="application/json")
         except Exception as exc:
-            response = error_response(exc)
+            response = error_response(service, exc)
             status = response.status_code
         finally:
             in_flight.dec()
@@ -202,9 +202,14 @@ def build_app(service: Service) -> ASGIApp:
         Route("/v1/models/{model}", v1_model, methods=["GET"]),
     ]
     rest = Starlette(routes=routes, exception_handlers={404: _not_found, 405: _not_allowed})
+    rest.router.redirect_slashes = False  # 'm/' is no other spelling of 'm'
     infer = InferEndpoint(service)
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and _ENCODED_SEPARATOR.search(scope.get("raw_path") or b""):
+            # uvicorn decodes %2F into '/' before routing: a name holding one would become other path segments
+            await _ENCODED_SEPARATOR_ANSWER(scope, receive, send)
+            return
         # The hot path skips Starlette's middleware, router and Request/Response objects: plain ASGI.
         if scope["type"] == "http" and scope["method"] == "POST":
             match = _INFER_PATH.match(scope["path"])
@@ -216,6 +221,11 @@ def build_app(service: Service) -> ASGIApp:
     return app
 
 
+_ENCODED_SEPARATOR = re.compile(rb"%(2f|5c|00)", re.IGNORECASE)  # '/', '\\' and NUL, percent-encoded
+_ENCODED_SEPARATOR_ANSWER = JSONResponse(
+    {"error": "path: a percent-encoded '/', '\\' or NUL is not allowed; model names and versions hold none"},
+    status_code=400,
+)
 _INFER_PATH = re.compile(r"^/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer$")
 
 
@@ -242,14 +252,15 @@ class InferEndpoint:
             version = str(sv.version)
             body = await self._body(headers, receive)
             hlen = headers.get(b"inference-header-content-length")
-            if hlen is not None and not hlen.isdigit():
+            if hlen is not None and not (hlen.isdigit() and len(hlen) <= 18):  # no body is 10**18 bytes long
                 raise ProtocolError(
-                    "Inference-Header-Content-Length", f"must be a byte count, got {hlen.decode('latin-1')!r}"
+                    "Inference-Header-Content-Length",
+                    f"must be a byte count within the body ({len(body)} bytes), got {short_repr(hlen.decode('latin-1'))}",
                 )
             raw = sv.processing
             req = decode_http(body, int(hlen) if hlen is not None else None, raw.wire_spec, raw.keep_bytes)
             req.version = parse_version(version_text)
-            outputs = await service.infer_v2(sv, req)
+            outputs = await service.infer_v2(sv, req, disconnected=receive)  # http.disconnect: dropped if queued
             parts, header_len = encode_http(model, sv.version, req, outputs)
             out_headers = [(b"x-request-id", rid.encode("latin-1"))]
             if header_len is None:
@@ -265,10 +276,13 @@ class InferEndpoint:
                 payload = compress(payload, coding)
                 out_headers.append((b"content-encoding", coding.encode()))
         except Exception as exc:
-            status, message = error_status(exc)
+            status, message = service.error_status(exc)
             payload = json.dumps({"error": message}).encode()
             out_headers = [(b"x-request-id", rid.encode("latin-1")), (b"content-type", b"application/json")]
-            if status >= 500:
+            wait = retry_after(exc)
+            if wait is not None:
+                out_headers.append((b"retry-after", wait.encode()))
+            if status >= 500 and status != 503:  # 503s (overload) are counted, not logged one by one
                 log.warning("infer %s failed: %s", model, message, extra={"status": status})
         finally:
             self.in_flight.dec()
@@ -316,10 +330,7 @@ _WANTED = frozenset(
 
 
 def _json_value(body: bytes) -> Any:
-    try:
-        return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError("body", f"not valid JSON ({exc})") from None
+    return load_json(body)  # 400 for bad UTF-8, nesting too deep, numbers past 4300 digits
 
 
 def _json_object(body: bytes) -> dict[str, Any]:
@@ -329,6 +340,17 @@ def _json_object(body: bytes) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise ProtocolError("body", f"must be a JSON object, got {type(doc).__name__}")
     return doc
+
+
+def _unload_parameters(params: Any) -> None:
+    """Triton's one unload parameter, ``unload_dependents``, means nothing here but must be well-formed."""
+    if params is None:
+        return
+    if not isinstance(params, dict):
+        raise ProtocolError("parameters", f"must be an object, got {short_repr(params)}")
+    flag = params.get("unload_dependents", False)
+    if not isinstance(flag, bool):
+        raise ProtocolError("parameters.unload_dependents", f"must be true or false, got {short_repr(flag)}")
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:

@@ -11,6 +11,17 @@ batch (up to ``max_batch_size`` rows, cut at the largest preferred size when one
 more rows, unless no more can join (the next queued request would pass ``max_batch_size``): a full
 batch leaves at once, as in Triton. The queue is bounded: a full queue refuses at once
 (:class:`QueueFullError`). Each batch runs with the request ids of its requests in the log context.
+
+Admission is deadline-aware: :class:`ServiceTimes` keeps a running estimate of the engine time per
+batch size, and a request is refused at once (:class:`OverloadedError`) when the work queued and running
+ahead of it would not finish within its budget: the client's own timeout when it sent one, else the
+model's queue budget (a few batches' worth of measured service time unless set). A bounded count is not
+backpressure; a bounded wait is.
+
+Faults: an engine that raises or cannot allocate fails only its batch, with an error naming the model;
+a batch past ``compute_timeout_s`` is answered by a watchdog (the instance is aborted where it is a
+process); after ``fail_after`` failed batches in a row the batcher calls ``on_unhealthy`` (the manager
+marks the model not ready and reloads it).
 """
 
 from __future__ import annotations
@@ -26,7 +37,17 @@ from typing import Protocol
 
 import numpy as np
 
-from kiln.errors import QueueFullError, RequestTimeoutError, ShuttingDownError
+from kiln.errors import (
+    ComputeTimeoutError,
+    EngineFailedError,
+    EngineInputError,
+    EngineOutOfMemoryError,
+    KilnError,
+    OverloadedError,
+    QueueFullError,
+    RequestTimeoutError,
+    ShuttingDownError,
+)
 from kiln.serving import logs
 
 log = logging.getLogger("kiln.serving")
@@ -61,6 +82,12 @@ class Pending:
     cancelled: bool = False
     started: float = 0.0
     request_id: str = ""  # the submitter's log context, carried into the worker thread
+    finished: bool = False  # answered (by its batch, or by the watchdog when the batch hung)
+
+
+AUTO = "auto"
+BUDGET_BATCHES = 3.0  # the default queue budget: this many batch-1 service times ...
+BUDGET_FLOOR_S = 0.002  # ... but never less than this (below it the server's own jitter decides)
 
 
 @dataclass(frozen=True)
@@ -69,6 +96,82 @@ class BatchPolicy:
     preferred_batch_sizes: tuple[int, ...] = ()
     max_queue_delay_s: float = 0.0
     max_queue_size: int = 256
+    # The wait a request may face without a deadline of its own: seconds, AUTO (derived from the measured
+    # service time), or None (no admission by wait: only max_queue_size bounds the queue).
+    queue_budget_s: float | str | None = None
+    compute_timeout_s: float | None = None  # a batch running longer is answered with an error
+    fail_after: int = 0  # failed batches in a row before on_unhealthy; 0: never
+
+
+class ServiceTimes:
+    """A running estimate of the engine time of one model version per batch size (not thread-safe)."""
+
+    def __init__(self, weight: float = 0.2) -> None:
+        self.weight = weight
+        self._seconds: dict[int, float] = {}
+
+    def record(self, rows: int, seconds: float) -> None:
+        rows = max(rows, 1)
+        prev = self._seconds.get(rows)
+        self._seconds[rows] = seconds if prev is None else (1 - self.weight) * prev + self.weight * seconds
+
+    @property
+    def known(self) -> bool:
+        return bool(self._seconds)
+
+    def batch_seconds(self, rows: int) -> float:
+        """The time of a batch of ``rows`` (0 while nothing is measured): measured, else interpolated between
+        the measured sizes around it, else scaled in proportion from the nearest one."""
+        rows = max(rows, 1)
+        t = self._seconds.get(rows)
+        if t is not None:
+            return t
+        if not self._seconds:
+            return 0.0
+        below = max((n for n in self._seconds if n < rows), default=None)
+        above = min((n for n in self._seconds if n > rows), default=None)
+        if below is not None and above is not None:
+            lo, hi = self._seconds[below], self._seconds[above]
+            return lo + (hi - lo) * (rows - below) / (above - below)
+        near = below if below is not None else above
+        assert near is not None
+        return self._seconds[near] * rows / near
+
+
+def expected_wait(
+    now: float,
+    running: Sequence[tuple[float, int]],
+    queued_rows: int,
+    instances: int,
+    times: ServiceTimes,
+    max_batch_size: int,
+) -> float:
+    """Seconds until a request arriving ``now`` would start: the rest of the batches running (started at,
+    rows) and the queued rows, run as batches the size the queue forms, shared by the instances."""
+    if not times.known or (not queued_rows and len(running) < instances):
+        return 0.0
+    left = sum(max(0.0, times.batch_seconds(rows) - (now - start)) for start, rows in running)
+    if queued_rows:
+        batch = min(queued_rows, max_batch_size) if max_batch_size else 1
+        left += times.batch_seconds(batch) * queued_rows / batch
+    return left / instances
+
+
+def queue_budget(policy: BatchPolicy, times: ServiceTimes) -> float | None:
+    """The wait a request without a deadline of its own may face (None: no limit by wait)."""
+    b = policy.queue_budget_s
+    if b is None or isinstance(b, float | int):
+        return b
+    if not times.known:
+        return None  # nothing measured yet: admit, and learn
+    return max(BUDGET_BATCHES * times.batch_seconds(1), BUDGET_FLOOR_S)
+
+
+def classify_failure(exc: BaseException) -> tuple[str, type[EngineFailedError]]:
+    """An engine exception as a kind for the metrics and the error the callers get."""
+    if isinstance(exc, MemoryError) or "allocat" in str(exc).lower() or "out of memory" in str(exc).lower():
+        return "oom", EngineOutOfMemoryError
+    return "error", EngineFailedError
 
 
 @dataclass
@@ -87,6 +190,7 @@ class BatchQueue:
         self.model = model
         self.policy = policy
         self._q: deque[Pending] = deque()
+        self.rows = 0  # rows queued (cancelled and expired ones included until they are dropped)
 
     def __len__(self) -> int:
         return len(self._q)
@@ -95,11 +199,13 @@ class BatchQueue:
         if len(self._q) >= self.policy.max_queue_size:
             raise QueueFullError(self.model, len(self._q), self.policy.max_queue_size)
         self._q.append(item)
+        self.rows += item.rows
 
     def take(self, now: float) -> Take:
         out = Take()
         while self._q and (self._q[0].cancelled or (self._q[0].deadline is not None and self._q[0].deadline <= now)):
             head = self._q.popleft()
+            self.rows -= head.rows
             if not head.cancelled:
                 out.expired.append(head)
         if not self._q:
@@ -107,6 +213,7 @@ class BatchQueue:
         p = self.policy
         if p.max_batch_size == 0:
             out.batch.append(self._q.popleft())
+            self.rows -= out.batch[0].rows
             return out
         # The FIFO prefix that fits in one batch, skipping cancelled and expired requests, and requests
         # whose non-batch dims differ from the head's (padded texts, other image sizes): they go next.
@@ -152,12 +259,14 @@ class BatchQueue:
                 continue
             rest.append(item)
         self._q = rest
+        self.rows = sum(item.rows for item in rest)
         out.batch = prefix
         return out
 
     def drain_all(self) -> list[Pending]:
         items = [i for i in self._q if not i.cancelled]
         self._q.clear()
+        self.rows = 0
         return items
 
 
@@ -193,6 +302,19 @@ def split_outputs(outputs: Outputs, batch: Sequence[Pending], batched: bool) -> 
 class BatchObserver(Protocol):
     def batch_done(self, size: int, rows: int, queue_s: Sequence[float], compute_s: float) -> None: ...
 
+    def batch_failed(self, kind: str) -> None: ...
+
+
+@dataclass(eq=False)
+class Running:
+    """A batch on an instance: what the admission estimate and the watchdog look at."""
+
+    runner: Runner
+    started: float
+    rows: int
+    batch: list[Pending]
+    timed_out: bool = False
+
 
 class Batcher:
     """Runs a :class:`BatchQueue` on ``len(runners)`` instances, one worker thread each."""
@@ -206,6 +328,8 @@ class Batcher:
         observer: BatchObserver | None = None,
         clock: Clock = time.monotonic,
         name: str | None = None,
+        on_unhealthy: Callable[[str], None] | None = None,
+        probe: Callable[[Runner], object] | None = None,
     ) -> None:
         if not runners:
             raise ValueError("a batcher needs at least one runner")
@@ -215,12 +339,19 @@ class Batcher:
         self.queue = BatchQueue(model, policy)
         self.clock = clock
         self.observer = observer
+        self.on_unhealthy = on_unhealthy  # called once (from a worker thread) with the reason
+        self.probe = probe  # runs a known-good input on an instance: tells a bad request from a failing engine
         self._cond = threading.Condition()
         self._closing = False
         self._busy = 0
         self._lent: Runner | None = None
         self.row_seconds = float("inf")  # engine time per row, averaged; unknown until a batch is timed
+        self.times = ServiceTimes()
+        self._running: dict[int, Running] = {}  # id(runner) -> its batch
+        self._failures = 0  # failed batches in a row
+        self.unhealthy = ""  # why the batcher gave up (set once)
         self._threads: list[threading.Thread] = []
+        self._stopped = threading.Event()  # ends the watchdog
         self._name = name or model
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
@@ -229,19 +360,31 @@ class Batcher:
             t = threading.Thread(target=self._work, args=(runner,), name=f"kiln-batch-{self._name}-{i}", daemon=True)
             t.start()
             self._threads.append(t)
+        if self.policy.compute_timeout_s is not None:
+            t = threading.Thread(target=self._watch, name=f"kiln-watchdog-{self._name}", daemon=True)
+            t.start()
+            self._threads.append(t)
 
     def close(self, drain: bool = True, timeout: float | None = None) -> None:
-        """Stop taking requests; finish the queued ones (``drain``) or fail them; join the workers."""
+        """Stop taking requests; finish the queued ones (``drain``) or fail them; join the workers.
+
+        An instance whose worker is still inside the engine after ``timeout`` (a hung engine) is left to
+        it rather than closed under it."""
         with self._cond:
             self._closing = True
             dropped = [] if drain else self.queue.drain_all()
             self._cond.notify_all()
         for p in dropped:
-            _finish(p, None, ShuttingDownError(f"model {self.model!r} is unloading; the request was not run"))
-        for t in self._threads:
+            self._finish(p, None, ShuttingDownError(f"model {self.model!r} is unloading; the request was not run"))
+        workers = self._threads[: len(self.runners)]
+        for t in workers:
             t.join(timeout)
+        self._stopped.set()
+        with self._cond:
+            stuck = {id(r.runner) for r in self._running.values()}
         for r in self.runners:
-            r.close()
+            if id(r) not in stuck:
+                r.close()
 
     @property
     def idle(self) -> bool:
@@ -257,17 +400,50 @@ class Batcher:
         """Instances running a batch now."""
         return self._busy
 
+    # ---- admission ---------------------------------------------------------------------------------------
+    def expected_wait(self, now: float | None = None) -> float:
+        """Seconds a request arriving now would wait before its batch starts (an estimate)."""
+        with self._cond:
+            return self._expected_wait(self.clock() if now is None else now)
+
+    def _expected_wait(self, now: float) -> float:
+        running = [(r.started, r.rows) for r in self._running.values() if not r.timed_out]
+        return expected_wait(now, running, self.queue.rows, len(self.runners), self.times, self.policy.max_batch_size)
+
+    def _admit(self, now: float, rows: int, budget_s: float | None) -> None:
+        """Raise :class:`OverloadedError` unless the request's wait fits its budget: ``budget_s`` (the
+        client's timeout; the request's own run counts too), else the model's queue budget."""
+        if budget_s is not None:
+            budget, client = budget_s - self.times.batch_seconds(rows), True
+        else:
+            b = queue_budget(self.policy, self.times)
+            if b is None:
+                return
+            budget, client = b, False
+        wait = self._expected_wait(now)
+        if wait > 0 and wait > budget:  # with nothing ahead a request is admitted, even if its timeout is short
+            raise OverloadedError(self.model, wait, max(budget, 0.0), client)
+
     # ---- the hot path -------------------------------------------------------------------------------------
     def submit(
-        self, inputs: Mapping[str, np.ndarray], rows: int, done: Done, timeout_s: float | None = None
+        self,
+        inputs: Mapping[str, np.ndarray],
+        rows: int,
+        done: Done,
+        timeout_s: float | None = None,
+        budget_s: float | None = None,
     ) -> Pending:
-        """Queue a request; ``done(outputs, error)`` is called from a worker thread when it finishes."""
+        """Queue a request; ``done(outputs, error)`` is called from a worker thread when it finishes.
+
+        ``timeout_s`` drops the request if it is still queued then; ``budget_s`` is the client's own
+        deadline for admission (None: the model's queue budget)."""
         now = self.clock()
         deadline = None if timeout_s is None else now + timeout_s
         item = Pending(inputs, rows, now, done, deadline, timeout_s or 0.0, request_id=logs.request_id.get())
         with self._cond:
             if self._closing:
                 raise BatcherClosedError(f"model {self.model!r} is unloading; retry to reach its new version")
+            self._admit(now, rows, budget_s)
             self.queue.put(item)
             if self._lent is None:
                 self._cond.notify()
@@ -279,30 +455,57 @@ class Batcher:
         """An instance to run one request on in the caller's thread, when all are idle and nothing is queued.
 
         This is how an idle server adds no hand-off latency: the caller runs the engine itself and
-        returns the instance with :meth:`give_back`; meanwhile the instance's worker takes nothing.
+        returns the instance with :meth:`give_back`; meanwhile the instance's worker takes nothing. A
+        version that has failed of late gets no inline runs: its batches go through the workers, where
+        the watchdog can answer a hung one.
         """
         with self._cond:
-            if self._closing or self._busy or self._lent is not None or len(self.queue):
+            if self._closing or self._busy or self._lent is not None or len(self.queue) or self._failures:
                 return None
             self._lent = self.runners[0]
             self._busy += 1
+            self._running[id(self._lent)] = Running(self._lent, self.clock(), 1, [])
             return self._lent
 
+    def seed(self, seconds_by_rows: Mapping[int, float]) -> None:
+        """Start the estimates from warm-up times per batch size (the batch-1 time decides inline runs)."""
+        for rows, seconds in seconds_by_rows.items():
+            self.times.record(rows, seconds)
+        if 1 in seconds_by_rows:
+            self.row_seconds = seconds_by_rows[1]
+
     def record_compute(self, seconds: float, rows: int) -> None:
-        """Fold one batch's engine time per row into the running average that decides inline runs."""
+        """Fold one batch's engine time into the estimates (per row for inline runs, per size for admission)."""
         per_row = seconds / max(rows, 1)
         prev = self.row_seconds
         self.row_seconds = per_row if prev == float("inf") else 0.8 * prev + 0.2 * per_row
+        self.times.record(rows, seconds)
 
-    def give_back(self, runner: Runner, rows: int, compute_s: float) -> None:
-        self.record_compute(compute_s, rows)
+    def run_lent(self, runner: Runner, inputs: Mapping[str, np.ndarray], rows: int) -> Outputs:
+        """Run one request on a lent instance in the caller's thread, then give the instance back."""
+        start = self.clock()
+        try:
+            out = runner.run(inputs)
+        except BaseException as exc:
+            self.give_back(runner, rows, self.clock() - start, failed=True)
+            raise self._on_failure(runner, exc, 1) from exc
+        self.give_back(runner, rows, self.clock() - start)
+        return out
+
+    def give_back(self, runner: Runner, rows: int, compute_s: float, failed: bool = False) -> None:
         with self._cond:
             if runner is not self._lent:
                 raise RuntimeError("give_back() of an instance that was not lent")
+            if not failed:
+                self.record_compute(compute_s, rows)
             self._lent = None
             self._busy -= 1
+            self._running.pop(id(runner), None)
             if len(self.queue) or self._closing:  # waking an idle worker for nothing costs a GIL round trip
                 self._cond.notify_all()
+        if failed:
+            return
+        self._succeeded()
         if self.observer is not None:
             with contextlib.suppress(Exception):
                 self.observer.batch_done(1, rows, [0.0], compute_s)
@@ -315,9 +518,12 @@ class Batcher:
                     if self._lent is runner:
                         self._cond.wait()
                         continue
-                    take = self.queue.take(self.clock())
+                    now = self.clock()
+                    take = self.queue.take(now)
                     if take.batch:
                         self._busy += 1
+                        rows = sum(p.rows for p in take.batch)
+                        self._running[id(runner)] = Running(runner, now, rows, take.batch)
                         break
                     if take.expired:
                         break
@@ -325,7 +531,7 @@ class Batcher:
                         return
                     self._cond.wait(take.wait_s)
             for p in take.expired:
-                _finish(p, None, RequestTimeoutError(self.model, p.timeout_s))
+                self._finish(p, None, RequestTimeoutError(self.model, p.timeout_s))
             if take.batch:
                 logs.request_id.set(_batch_ids(take.batch))  # this thread's context: the fallback log names them
                 try:
@@ -333,6 +539,7 @@ class Batcher:
                 finally:
                     with self._cond:
                         self._busy -= 1
+                        self._running.pop(id(runner), None)
                         self._cond.notify_all()
 
     def _run(self, runner: Runner, batch: list[Pending], batched: bool) -> None:
@@ -340,19 +547,123 @@ class Batcher:
         try:
             outputs = runner.run(concat_inputs(batch, batched))
             parts = split_outputs(outputs, batch, batched)
-        except BaseException as exc:  # the caller gets the error; the worker keeps serving
-            for p in batch:
-                _finish(p, None, exc)
+        except BaseException as exc:
+            with self._cond:
+                running = self._running[id(runner)]
+            if running.timed_out:  # the watchdog answered these requests and counted the failure
+                return
+            if len(batch) > 1:  # one bad request must not fail the others: rerun them one by one
+                for p in batch:
+                    with self._cond:
+                        running.started, running.rows, running.batch = self.clock(), p.rows, [p]
+                    self._run(runner, [p], batched)
+                    if running.timed_out:
+                        return
+                return
+            err = self._on_failure(runner, exc, 1)
+            self._finish(batch[0], None, err)
             return
         end = self.clock()
-        self.record_compute(end - start, sum(p.rows for p in batch))
+        with self._cond:
+            self.record_compute(end - start, sum(p.rows for p in batch))
+            timed_out = self._running[id(runner)].timed_out
+        if timed_out:  # answered by the watchdog already
+            return
         for p, out in zip(batch, parts, strict=True):
-            _finish(p, out, None)
+            self._finish(p, out, None)
+        self._succeeded()
         if self.observer is not None:
             with contextlib.suppress(Exception):
                 self.observer.batch_done(
                     len(batch), sum(p.rows for p in batch), [start - p.enqueued for p in batch], end - start
                 )
+
+    # ---- faults -------------------------------------------------------------------------------------------
+    def _succeeded(self) -> None:
+        if self._failures:
+            with self._cond:
+                self._failures = 0
+
+    def _on_failure(self, runner: Runner, exc: BaseException, requests: int) -> BaseException:
+        """The error for the callers of a request the engine failed on, after telling whose fault it was.
+
+        The instance is probed with the warm-up input: if that runs, the engine is sound and refused this
+        request's inputs (the client's error, not counted against the model, so no client can mark a model
+        unhealthy); if it fails too, the engine is failing: counted, logged once, and after ``fail_after``
+        in a row the model is reported unhealthy."""
+        if isinstance(exc, EngineFailedError):  # the instance said what happened (a process that died)
+            self._failed(exc, exc.kind, requests)
+            return exc
+        if isinstance(exc, KilnError):  # a known error about the request
+            return exc
+        kind, cls = classify_failure(exc)
+        if kind == "error" and self.probe is not None:
+            try:
+                self.probe(runner)
+            except Exception:
+                pass
+            else:
+                return EngineInputError(self.model, _first_line(exc))
+        self._failed(exc, kind, requests)
+        return cls(self.model, kind, "the server log has the details")
+
+    def _failed(self, exc: BaseException, kind: str, requests: int) -> None:
+        """Count a failed batch, log it once (not per request), give up after ``fail_after`` in a row."""
+        log.error(
+            "model %s failed to run a batch of %d request(s) (%s)", self._name, requests, kind,
+            exc_info=exc if kind != "timeout" else None, extra={"model": self._name, "kind": kind},
+        )  # fmt: skip
+        if self.observer is not None:
+            with contextlib.suppress(Exception):
+                self.observer.batch_failed(kind)
+        with self._cond:
+            self._failures += 1
+            give_up = not self.unhealthy and (
+                kind == "timeout" or (self.policy.fail_after > 0 and self._failures >= self.policy.fail_after)
+            )
+            if give_up:
+                self.unhealthy = (
+                    f"a batch ran past its compute timeout of {self.policy.compute_timeout_s:g} s"
+                    if kind == "timeout"
+                    else f"{self._failures} batches in a row failed ({kind})"
+                )
+        if give_up and self.on_unhealthy is not None:
+            try:
+                self.on_unhealthy(self.unhealthy)
+            except Exception:
+                log.exception("reporting model %s unhealthy failed", self._name)
+
+    def _watch(self) -> None:
+        """The watchdog: answers a batch that runs past ``compute_timeout_s`` and aborts its instance.
+
+        It looks a few times per timeout rather than being woken per batch, so it costs the hot path nothing."""
+        limit = self.policy.compute_timeout_s
+        assert limit is not None
+        interval = min(max(limit / 8, 0.005), 1.0)
+        while not self._stopped.wait(interval):
+            now = self.clock()
+            with self._cond:
+                late = [r for r in self._running.values() if not r.timed_out and now - r.started >= limit]
+                for r in late:
+                    r.timed_out = True
+            for r in late:
+                err = ComputeTimeoutError(
+                    self.model, "timeout", f"the engine ran past serving.compute_timeout_ms ({limit * 1e3:g} ms)"
+                )
+                for p in r.batch:
+                    self._finish(p, None, err)
+                abort = getattr(r.runner, "abort", None)
+                if abort is not None:
+                    with contextlib.suppress(Exception):
+                        abort()  # a process instance is killed; its worker's run() returns with an error
+                self._failed(err, "timeout", len(r.batch))
+
+    def _finish(self, p: Pending, out: Outputs | None, err: BaseException | None) -> None:
+        with self._cond:
+            if p.finished:
+                return
+            p.finished = True
+        _finish(p, out, err)
 
 
 def _batch_ids(batch: Sequence[Pending]) -> str:
@@ -360,6 +671,12 @@ def _batch_ids(batch: Sequence[Pending]) -> str:
     if len(batch) == 1:
         return batch[0].request_id
     return ",".join(dict.fromkeys(p.request_id for p in batch if p.request_id))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line if len(line) <= 300 else line[:297] + "..."
 
 
 def _finish(p: Pending, out: Outputs | None, err: BaseException | None) -> None:
@@ -370,13 +687,17 @@ def _finish(p: Pending, out: Outputs | None, err: BaseException | None) -> None:
 
 
 __all__ = [
+    "AUTO",
     "BatchPolicy",
     "BatchQueue",
     "Batcher",
     "BatcherClosedError",
     "Pending",
     "Runner",
+    "ServiceTimes",
     "Take",
     "concat_inputs",
+    "expected_wait",
+    "queue_budget",
     "split_outputs",
 ]

@@ -4,6 +4,8 @@ stubs (``service_pb2``, ``model_config_pb2``), so that Triton's clients and tool
 Errors map to status codes: 400 -> INVALID_ARGUMENT, 401 -> UNAUTHENTICATED, 404 -> NOT_FOUND,
 413/507 -> RESOURCE_EXHAUSTED, 503 -> UNAVAILABLE, 504 -> DEADLINE_EXCEEDED, else INTERNAL. An RPC the
 client cancels, or whose deadline passes, is counted as ``cancelled`` or ``timeout``, never as served.
+Bytes that are not the method's protobuf message answer INVALID_ARGUMENT (see :func:`add_servicer`), and
+the methods kiln does not serve (shared memory, tracing, logging, streaming) UNIMPLEMENTED.
 """
 
 from __future__ import annotations
@@ -11,11 +13,14 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import numpy as np
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from kiln.errors import ProtocolError
@@ -25,12 +30,13 @@ from kiln.serving.protocol import (
     InferRequest,
     RequestedOutput,
     check_datatype,
+    check_dims,
     check_outputs,
     from_raw,
     output_datatype,
     to_raw,
 )
-from kiln.serving.service import Service, check_load_parameters, error_status, parse_version
+from kiln.serving.service import Service, check_load_parameters, parse_version
 from kiln.spec import ModelSpec
 
 _CODES = {
@@ -76,10 +82,12 @@ def decode_grpc(request: Any, spec: ModelSpec, keep_bytes: frozenset[str] = froz
         if t.name in inputs:
             raise ProtocolError(f"inputs[{i}].name", f"input {t.name!r} is given twice")
         dtype = check_datatype(spec, t.name, t.datatype)
-        shape = tuple(int(d) for d in t.shape)
-        if any(d < 0 for d in shape):
-            raise ProtocolError(f"input {t.name!r}: shape", f"must hold non-negative sizes, got {list(shape)}")
+        shape = check_dims(t.name, tuple(t.shape))
         if raw:
+            if t.HasField("contents"):
+                raise ProtocolError(
+                    f"input {t.name!r}: contents", "must be left empty when raw_input_contents carries the tensors"
+                )
             inputs[t.name] = from_raw(t.name, raw[i], dtype, shape, t.name not in keep_bytes)
             continue
         field = _CONTENTS.get(t.datatype)
@@ -97,13 +105,21 @@ def decode_grpc(request: Any, spec: ModelSpec, keep_bytes: frozenset[str] = froz
             except UnicodeDecodeError:
                 raise ProtocolError(f"input {t.name!r}: contents", "BYTES elements must be UTF-8 text") from None
         else:
-            arr = np.asarray(values, dtype=dtype)
+            try:
+                arr = np.asarray(values, dtype=dtype)
+            except (OverflowError, ValueError):  # int_contents past INT8's range, say
+                raise ProtocolError(
+                    f"input {t.name!r}: contents", f"hold values out of the range of {t.datatype}"
+                ) from None
         inputs[t.name] = arr.reshape(shape)
     req = InferRequest(id=request.id, inputs=inputs)
     req.parameters = {k: _param(v) for k, v in request.parameters.items()}
     if request.outputs:
         req.outputs = [RequestedOutput(o.name, True) for o in request.outputs]
         check_outputs(spec, [o.name for o in request.outputs])
+        for j, o in enumerate(request.outputs):
+            if "classification" in o.parameters:
+                raise ProtocolError(f"outputs[{j}].parameters.classification", "is not supported by this server")
     return req
 
 
@@ -125,7 +141,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         self._in_flight = service.metrics.in_flight.labels("grpc")
 
     async def _fail(self, context: Any, exc: BaseException) -> None:
-        status, message = error_status(exc)
+        status, message = self.service.error_status(exc)
         await context.abort(status_code(status), message)
 
     def _check_token(self, context: Any) -> None:
@@ -169,9 +185,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStatistics(self, request: Any, context: Any) -> Any:
         try:
-            if request.name:
-                self.service.manager.spec(request.name)
-            stats = self.service.metrics.statistics(request.name or None, request.version or None)
+            stats = self.service.statistics(request.name or None, request.version or None)
             return json_format.ParseDict({"model_stats": stats}, service_pb2.ModelStatisticsResponse())
         except Exception as exc:
             await self._fail(context, exc)
@@ -189,14 +203,14 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             version = str(sv.version)
             req = decode_grpc(request, sv.processing.wire_spec, sv.processing.keep_bytes)
             req.version = parse_version(request.model_version)
-            outputs = await self.service.infer_v2(sv, req)
+            outputs = await self.service.infer_v2(sv, req, deadline_s=context.time_remaining())
             return encode_grpc(model, sv.version, req, outputs)
         except asyncio.CancelledError:  # grpc.aio cancels the handler when the client cancels or its deadline passes
             remaining = context.time_remaining()
             status = 504 if remaining is not None and remaining <= 0 else CLIENT_CLOSED
             raise
         except Exception as exc:
-            status, message = error_status(exc)
+            status, message = self.service.error_status(exc)
             await context.abort(status_code(status), message)
         finally:
             self._in_flight.dec()
@@ -240,5 +254,84 @@ def build_grpc_server(service: Service, max_message_bytes: int) -> Any:
             ("grpc.so_reuseport", 0),
         ]
     )
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service), server)
+    add_servicer(InferenceServicer(service), server)
     return server
+
+
+# ---- method handlers ----------------------------------------------------------------------------------------
+_SERVICE = "inference.GRPCInferenceService"
+
+
+@dataclass(frozen=True, slots=True)
+class Undecodable:
+    """What the request deserializer gives for bytes that are not the method's message (see :func:`_lenient`)."""
+
+    message: str
+    error: str
+
+
+def _lenient(message_class: Any) -> Callable[[bytes], Any]:
+    """``message_class.FromString``, but bytes it cannot parse become :class:`Undecodable`: grpc.aio answers
+    INTERNAL when a deserializer raises, and a malformed request is the client's error (INVALID_ARGUMENT)."""
+    parse = message_class.FromString
+    name = message_class.DESCRIPTOR.full_name
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as exc:
+            return Undecodable(name, str(exc) or "malformed protobuf")
+
+    return deserialize
+
+
+def _checked(behaviour: Callable[[Any, Any], Awaitable[Any]]) -> Callable[[Any, Any], Awaitable[Any]]:
+    async def handle(request: Any, context: Any) -> Any:
+        if type(request) is Undecodable:  # one type check per call
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"request: the bytes are not a valid {request.message} protobuf message ({request.error})",
+            )
+        return await behaviour(request, context)
+
+    return handle
+
+
+def _unimplemented(method: str) -> Callable[[Any, Any], Awaitable[Any]]:
+    async def handle(request: Any, context: Any) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{_SERVICE}/{method} is not supported by this server")
+
+    return handle
+
+
+def _stream_unimplemented(method: str) -> Callable[[Any, Any], Any]:
+    async def handle(requests: Any, context: Any) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{_SERVICE}/{method} is not supported by this server")
+        yield  # an async generator, as grpc.aio expects of a stream handler
+
+    return handle
+
+
+def add_servicer(servicer: InferenceServicer, server: Any) -> None:
+    """Register the servicer's methods, as tritonclient's generated ``add_…_to_server`` would, with
+    lenient deserializers; methods the servicer does not implement answer UNIMPLEMENTED."""
+    base = service_pb2_grpc.GRPCInferenceServiceServicer
+    handlers: dict[str, Any] = {}
+    for method in service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
+        request_class = getattr(service_pb2, method.input_type.name)
+        response_class = getattr(service_pb2, method.output_type.name)
+        implemented = getattr(type(servicer), method.name, None) is not getattr(base, method.name, None)
+        kwargs = {
+            "request_deserializer": _lenient(request_class),
+            "response_serializer": response_class.SerializeToString,
+        }
+        if method.client_streaming or method.server_streaming:  # ModelStreamInfer: not served yet
+            if implemented:
+                raise TypeError(f"streaming method {method.name} needs its own registration")
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(_stream_unimplemented(method.name), **kwargs)
+            continue
+        behaviour = _checked(getattr(servicer, method.name)) if implemented else _unimplemented(method.name)
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(behaviour, **kwargs)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE, handlers),))
+    if hasattr(server, "add_registered_method_handlers"):  # grpcio >= 1.63: faster dispatch
+        server.add_registered_method_handlers(_SERVICE, handlers)

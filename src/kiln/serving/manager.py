@@ -20,10 +20,10 @@ from pathlib import Path
 from kiln.engines.base import release_memory
 from kiln.errors import KilnError, MemoryBudgetError, ModelNotReadyError, NotFoundError, ShuttingDownError
 from kiln.repository import RECIPE_FILE, VARIANTS_DIR, Repository, read_recipe
-from kiln.serving.batcher import Batcher, BatchPolicy
+from kiln.serving.batcher import AUTO, Batcher, BatchPolicy, Runner
 from kiln.serving.metrics import Metrics
 from kiln.serving.raw import RawModel
-from kiln.serving.runner import FallbackState, open_instances, warm_up
+from kiln.serving.runner import FallbackState, open_instances, warm_up, warmup_inputs
 from kiln.serving.settings import ServerSettings
 from kiln.spec import ModelSpec
 
@@ -151,10 +151,12 @@ class ModelManager:
     ) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.repository = repository or Repository(settings.repo)
+        self.repository = repository or Repository(settings.repo, show_root=False)
         self.clock = clock
         self.entries: dict[str, ModelEntry] = {}
         self.draining = False
+        self._loop: asyncio.AbstractEventLoop | None = None  # where a worker thread reports a failing model
+        self._recoveries: set[asyncio.Task[None]] = set()
         self.on_retire: list[Callable[[ServedVersion], object]] = []  # e.g. the response cache forgets it
         self._generation = 0
         self._lock: asyncio.Lock | None = None
@@ -167,6 +169,7 @@ class ModelManager:
 
     # ---- startup and shutdown ------------------------------------------------------------------------------
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         if self.settings.load_mode == "lazy":
             return
         names = self.settings.models or self.repository.models()
@@ -175,6 +178,8 @@ class ModelManager:
 
     async def close(self) -> None:
         self.draining = True
+        for task in list(self._recoveries):
+            task.cancel()
         async with self.lock:
             for entry in list(self.entries.values()):
                 await self._unload_entry(entry)
@@ -278,6 +283,8 @@ class ModelManager:
         """Load (or reload) ``name``: new versions load and warm first, then replace the served ones."""
         if self.draining:
             raise ShuttingDownError("the server is shutting down and loads no models")
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
         spec = self.repository.spec(name)
         async with self.lock:
             entry = self.entries.setdefault(name, ModelEntry(name))
@@ -297,7 +304,11 @@ class ModelManager:
                 loaded = await asyncio.to_thread(self._open_versions, spec, versions)
             except Exception as exc:
                 entry.state = was if was is State.READY else State.UNAVAILABLE
-                entry.reason = str(exc) if isinstance(exc, KilnError) else "load failed; see the server log"
+                entry.reason = (
+                    self.repository.relative(str(exc))
+                    if isinstance(exc, KilnError)
+                    else "load failed; see the server log"
+                )
                 if not isinstance(exc, KilnError):
                     log.exception("loading model %s failed", name)
                 raise
@@ -375,17 +386,29 @@ class ModelManager:
         counter = self.metrics.fallbacks.labels(name, str(version))
         inst = open_instances(self.repository.root, spec, version, self.settings.engine_threads, counter.inc)
         runners = inst.runners
+        timeout_s = (s.timeout_ms / 1e3) if s.timeout_ms else self.settings.request_timeout_s
         policy = BatchPolicy(
             max_batch_size=s.max_batch_size,
             preferred_batch_sizes=tuple(sorted(s.preferred_batch_sizes)),
             max_queue_delay_s=s.max_queue_delay_us / 1e6,
             max_queue_size=s.max_queue_size,
+            queue_budget_s=AUTO if s.queue_budget_ms is None else s.queue_budget_ms / 1e3,
+            compute_timeout_s=(s.compute_timeout_ms / 1e3) if s.compute_timeout_ms else timeout_s,
+            fail_after=s.unhealthy_after,
         )
         label = f"{name}:{version}"
-        batcher = Batcher(name, runners, policy, observer=self.metrics.observer(name, version), name=label)
+        probe_feed = warmup_inputs(spec, 1)
+
+        def probe(runner: Runner) -> object:
+            return runner.run(probe_feed)
+
+        batcher = Batcher(
+            name, runners, policy, observer=self.metrics.observer(name, version), name=label, probe=probe,
+            on_unhealthy=lambda reason: self._report_unhealthy(name, version, batcher, reason),
+        )  # fmt: skip
         try:
             if s.warmup:
-                batcher.record_compute(warm_up(runners, spec), 1)  # the batch-1 time seeds the inline decision
+                batcher.seed(warm_up(runners, spec))  # the warm times per size: inline runs and admission
         except Exception as exc:
             for r in runners:
                 r.close()
@@ -402,11 +425,48 @@ class ModelManager:
             memory_bytes=version_bytes(vdir, spec, inst.reference_copies),
             generation=self._generation,
             fallback=inst.fallback,
-            timeout_s=(s.timeout_ms / 1e3) if s.timeout_ms else self.settings.request_timeout_s,
+            timeout_s=timeout_s,
             processing=processing,
             engine=inst.engine,
             reference_engine=inst.reference_engine,
         )
+
+    # ---- a failing model: not ready, then reloaded ----------------------------------------------------------
+    def _report_unhealthy(self, name: str, version: int, batcher: Batcher, reason: str) -> None:
+        """From a worker thread: ``batcher`` gave up on its engine. The event loop takes it from here."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._mark_unhealthy, name, version, batcher, reason)
+
+    def _mark_unhealthy(self, name: str, version: int, batcher: Batcher, reason: str) -> None:
+        entry = self.entries.get(name)
+        sv = entry.versions.get(version) if entry is not None else None
+        if entry is None or sv is None or sv.batcher is not batcher or self.draining:
+            return  # already replaced or unloaded
+        log.error(
+            "model %s version %s is failing (%s): not ready until it reloads; reloading now", name, version, reason,
+            extra={"model": name},
+        )  # fmt: skip
+        self.metrics.unhealthy.labels(name).inc()
+        entry.state = State.UNAVAILABLE
+        entry.reason = f"failing ({reason}); reloading"
+        self._update_gauges()
+        task = asyncio.ensure_future(self._recover(name))
+        self._recoveries.add(task)
+        task.add_done_callback(self._recoveries.discard)
+
+    async def _recover(self, name: str) -> None:
+        try:
+            await self.load(name)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            entry = self.entries.get(name)
+            if entry is not None:
+                entry.reason = f"failing, and its reload failed: {self.repository.relative(str(exc))}"
+            log.error("reloading failing model %s failed; load it again when fixed", name, exc_info=exc)
+        else:
+            log.info("failing model %s reloaded", name, extra={"model": name})
 
     def _retire(self, versions: list[ServedVersion]) -> None:
         for sv in versions:

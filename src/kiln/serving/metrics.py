@@ -78,6 +78,14 @@ class Metrics:
         self.batchers = BatcherGauges()  # kiln_queue_depth and kiln_instances_busy of the versions being served
         r.register(self.batchers)
         self.evictions = Counter("kiln_evictions", "Models unloaded to fit the memory budget", registry=r)
+        self.engine_failures = Counter(
+            "kiln_engine_failures", "Batches the engine failed: error, oom (could not allocate), timeout, exit",
+            ["model", "version", "kind"], registry=r,
+        )  # fmt: skip
+        self.unhealthy = Counter(
+            "kiln_model_unhealthy", "Times a model was marked not ready for failing, and reloaded", ["model"],
+            registry=r,
+        )  # fmt: skip
         self._observers: dict[tuple[str, str], BatchMetrics] = {}
 
     def render(self) -> bytes:
@@ -219,7 +227,12 @@ class BatchMetrics:
         self._queue = m.queue_seconds.labels(model, version)
         self._compute = m.compute_seconds.labels(model, version)
         self._batch = m.batch_size.labels(model, version)
+        self._failures = m.engine_failures
+        self._labels = (model, version)
         self.stats = TritonStats()
+
+    def batch_failed(self, kind: str) -> None:
+        self._failures.labels(*self._labels, kind).inc()
 
     def batch_done(self, size: int, rows: int, queue_s: Sequence[float], compute_s: float) -> None:
         self.stats.batch(rows, queue_s, compute_s)

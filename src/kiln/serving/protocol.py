@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import reprlib
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -79,7 +80,9 @@ def deserialize_bytes(buf: bytes | memoryview, count: int, name: str, text: bool
     With ``text=False`` they stay ``bytes`` (encoded images for the raw input, see ``raw.py``).
     """
     view = memoryview(buf)
-    out = np.empty(count, dtype=object)
+    # No more than len // 4 elements fit (each has its 4-byte length), and the loop stops there: a shape that
+    # claims more (2**40, say) must not allocate for it.
+    out = np.empty(min(count, len(view) // _LEN.size), dtype=object)
     pos = 0
     for i in range(count):
         if pos + 4 > len(view):
@@ -110,10 +113,39 @@ def check_datatype(spec: ModelSpec, name: str, datatype: Any) -> np.dtype[Any]:
     return NUMPY_DTYPES[want]
 
 
+MAX_RANK = 32  # numpy's limit (1.x; 2.x allows 64): more dimensions would fail in numpy, not here
+# numpy refuses an array whose sizes (zeros left out) times the item size pass 2**63, even an empty one.
+_MAX_ELEMENTS = 2**59
+
+
 def check_shape(name: str, shape: Any) -> tuple[int, ...]:
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise ProtocolError(f"input {name!r}: shape", f"must be a list of non-negative integers, got {shape!r}")
-    return tuple(shape)
+        raise ProtocolError(
+            f"input {name!r}: shape", f"must be a list of non-negative integers, got {short_repr(shape)}"
+        )
+    return check_dims(name, tuple(shape))
+
+
+def check_dims(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Sizes numpy can hold: at most :data:`MAX_RANK` non-negative sizes, not too many elements (O(rank))."""
+    if len(shape) > MAX_RANK:
+        raise ProtocolError(f"input {name!r}: shape", f"has {len(shape)} dimensions; at most {MAX_RANK} are supported")
+    if any(d < 0 for d in shape):
+        raise ProtocolError(f"input {name!r}: shape", f"must hold non-negative sizes, got {list(shape)}")
+    if math.prod(d for d in shape if d) > _MAX_ELEMENTS:
+        raise ProtocolError(
+            f"input {name!r}: shape", f"{list(shape)} is too large for any tensor (2**59 elements at most)"
+        )
+    return shape
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 2, 6, 4, 60, 60
+
+
+def short_repr(value: Any) -> str:
+    """A short ``repr`` of what a client sent: bounded in length and depth however big or deep it is."""
+    return _REPR.repr(value)
 
 
 def from_raw(
@@ -135,6 +167,8 @@ def to_raw(arr: np.ndarray) -> bytes | memoryview:
     """The binary form of an output tensor (a view where the array is contiguous)."""
     if arr.dtype == object or arr.dtype.kind in ("U", "S"):
         return serialize_bytes(arr)
+    if arr.size == 0:  # a batch of 0 rows: memoryview cannot cast a view with a zero in its shape
+        return b""
     if not arr.flags.c_contiguous:
         arr = np.ascontiguousarray(arr)
     return memoryview(arr).cast("B")  # type: ignore[arg-type]
@@ -166,10 +200,7 @@ def decode_http(
             "Inference-Header-Content-Length", f"{header_length} must lie in 1..{len(body)} (the body size)"
         )
     end = len(body) if header_length is None else header_length
-    try:
-        doc = json.loads(body[:end])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError("body", f"not valid JSON ({exc})") from None
+    doc = load_json(body[:end])
     if not isinstance(doc, dict):
         raise ProtocolError("body", f"must be a JSON object, got {type(doc).__name__}")
     raw_inputs = doc.get("inputs")
@@ -194,9 +225,9 @@ def decode_http(
             raise ProtocolError(f"input {name!r}: parameters", "must be an object")
         size = params.get("binary_data_size")
         if size is not None:
-            if not isinstance(size, int) or size < 0:
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise ProtocolError(
-                    f"input {name!r}: binary_data_size", f"must be a non-negative integer, got {size!r}"
+                    f"input {name!r}: binary_data_size", f"must be a non-negative integer, got {short_repr(size)}"
                 )
             if offset + size > len(body):
                 raise ProtocolError(
@@ -211,26 +242,57 @@ def decode_http(
             inputs[name] = _from_json(name, t["data"], dtype, shape, name in keep_bytes)
     if offset != len(body):
         raise ProtocolError("body", f"{len(body) - offset} bytes of binary data are not claimed by any input")
-    req = InferRequest(id=str(doc.get("id", "")), inputs=inputs)
+    rid = doc.get("id", "")
+    if not isinstance(rid, str):
+        raise ProtocolError("id", f"must be a string, got {short_repr(rid)}")
+    req = InferRequest(id=rid, inputs=inputs)
     params = doc.get("parameters") or {}
     if not isinstance(params, dict):
-        raise ProtocolError("parameters", "must be an object")
+        raise ProtocolError("parameters", f"must be an object, got {short_repr(params)}")
     req.parameters = params
-    req.binary_output = bool(params.get("binary_data_output", False))
+    req.binary_output = _flag(params, "binary_data_output", False, "parameters.binary_data_output")
+    timeout = params.get("timeout")
+    if isinstance(timeout, int) and not isinstance(timeout, bool) and timeout >= 2**63:  # the type: service.py
+        raise ProtocolError("parameters.timeout", f"must be below 2**63 microseconds, got {short_repr(timeout)}")
     outs = doc.get("outputs")
     if outs is not None:
         if not isinstance(outs, list):
-            raise ProtocolError("outputs", "must be a list of {name, parameters}")
+            raise ProtocolError("outputs", f"must be a list of {{name, parameters}}, got {short_repr(outs)}")
         req.outputs = []
         for j, o in enumerate(outs):
             if not isinstance(o, dict) or not isinstance(o.get("name"), str):
-                raise ProtocolError(f"outputs[{j}]", "must be an object with a string name")
+                raise ProtocolError(f"outputs[{j}]", f"must be an object with a string name, got {short_repr(o)}")
             oparams = o.get("parameters") or {}
+            if not isinstance(oparams, dict):
+                raise ProtocolError(f"outputs[{j}].parameters", f"must be an object, got {short_repr(oparams)}")
             if "classification" in oparams:
                 raise ProtocolError(f"outputs[{j}].parameters.classification", "is not supported by this server")
-            req.outputs.append(RequestedOutput(o["name"], bool(oparams.get("binary_data", req.binary_output))))
+            as_binary = _flag(oparams, "binary_data", req.binary_output, f"outputs[{j}].parameters.binary_data")
+            req.outputs.append(RequestedOutput(o["name"], as_binary))
         check_outputs(spec, req.output_names or ())
     return req
+
+
+def load_json(body: bytes) -> Any:
+    """A JSON document; 400 for anything that is not one (bad UTF-8, nesting too deep, huge numbers)."""
+    try:
+        return json.loads(body)
+    except RecursionError:
+        raise ProtocolError("body", "nests arrays or objects too deeply to be read") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, integers past Python's 4300 digits
+        raise ProtocolError("body", f"not valid JSON ({_clip(exc)})") from None
+
+
+def _clip(exc: BaseException) -> str:
+    text = str(exc)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _flag(params: dict[str, Any], key: str, default: bool, where: str) -> bool:
+    value = params.get(key, default)
+    if not isinstance(value, bool):
+        raise ProtocolError(where, f"must be true or false, got {short_repr(value)}")
+    return value
 
 
 # The element kinds JSON data may hold per numpy kind of the datatype (numpy's kinds of the array that
@@ -250,8 +312,9 @@ def _from_json(name: str, data: Any, dtype: np.dtype[Any], shape: tuple[int, ...
             flat = np.array([convert(x) for x in _flatten(data)] or [], dtype=object)
         else:
             flat = _numeric_json(name, data, dtype).reshape(-1)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise ProtocolError(f"input {name!r}: data", f"cannot be read as {dtype} ({exc})") from None
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:  # ragged, mixed, too deep
+        datatype = V2_DATATYPES.get(str(dtype), "BYTES" if dtype.kind == "O" else str(dtype).upper())
+        raise ProtocolError(f"input {name!r}: data", f"cannot be read as {datatype} ({_clip(exc)})") from None
     if flat.size != count:
         raise ProtocolError(
             f"input {name!r}: data", f"holds {flat.size} elements but shape {list(shape)} needs {count}"
@@ -282,17 +345,24 @@ def _numeric_json(name: str, data: list[Any], dtype: np.dtype[Any]) -> np.ndarra
 
 
 def _flatten(data: list[Any]) -> list[Any]:
+    """The leaves of nested lists in order; iterative, so no nesting depth can exhaust the stack."""
     out: list[Any] = []
-    for x in data:
-        if isinstance(x, list):
-            out.extend(_flatten(x))
-        else:
+    stack = [iter(data)]
+    while stack:
+        for x in stack[-1]:
+            if isinstance(x, list):
+                stack.append(iter(x))
+                break
             out.append(x)
+        else:
+            stack.pop()
     return out
 
 
 def _to_text(x: Any) -> str:
     if isinstance(x, str):
+        if not x.isascii():  # O(1): CPython knows; only non-ASCII text pays for the check
+            x.encode("utf-8")  # a lone surrogate ("\ud800", which JSON allows) raises UnicodeEncodeError
         return x
     raise TypeError(f"BYTES elements in JSON must be strings, got {type(x).__name__}")
 

@@ -11,6 +11,7 @@ once, and counted in the model's memory.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import multiprocessing as mp
 import threading
@@ -23,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from kiln.engines.base import engine_modules
+from kiln.errors import InstanceExitedError
 from kiln.predictor import CHOSEN, REFERENCE, Predictor, load
 from kiln.spec import ModelSpec, ServingSettings
 
@@ -85,9 +88,13 @@ class ModelRunner:
         except Exception as exc:
             if self.reference is None:
                 raise
-            latched = self.state.failed()
+            try:
+                out = self.reference.run(inputs)
+            except Exception:
+                raise exc from None  # both refuse it: the inputs are at fault, not the chosen variant
+            latched = self.state.failed()  # counted only when the reference runs what the chosen one could not
             log.error(
-                "chosen variant of %s failed; rerunning the batch on the reference fp32 variant%s",
+                "chosen variant of %s failed; reran the batch on the reference fp32 variant%s",
                 self.label,
                 " (from now on, until reloaded)" if latched else "",
                 exc_info=exc,
@@ -95,9 +102,16 @@ class ModelRunner:
             )
             if self._on_fallback is not None:
                 self._on_fallback()
-            return self.reference.run(inputs)
+            return out
         self.state.succeeded()
         return out
+
+    def abort(self) -> None:
+        """Stop a hung run where the instance can be stopped (a process): see :meth:`ProcessEngine.abort`."""
+        for engine in (self.primary, self.reference):
+            abort = getattr(engine, "abort", None)
+            if abort is not None:
+                abort()
 
     def close(self) -> None:
         if self.primary is not None:
@@ -131,24 +145,25 @@ def warmup_sizes(s: ServingSettings) -> list[int]:
     return sorted(sizes)
 
 
-def warm_up(runners: Sequence[ModelRunner], spec: ModelSpec) -> float:
-    """Run each instance, and each reference once, at every warm-up size; the warm batch-1 time in seconds."""
+def warm_up(runners: Sequence[ModelRunner], spec: ModelSpec) -> dict[int, float]:
+    """Run each instance, and each reference once, at every warm-up size; the first instance's warm time
+    per size in seconds (each size timed a second time, warm), which seeds the batcher's estimates."""
     sizes = warmup_sizes(spec.serving)
     engines: list[Any] = []
     for r in runners:
         engines.append(r.primary)
         if r.reference is not None and all(r.reference is not e for e in engines):
             engines.append(r.reference)
-    one = float("inf")
+    times: dict[int, float] = {}
     for engine in engines:
         for rows in sizes:
             feed = warmup_inputs(spec, rows)
             engine.run(feed)
-            if rows == 1 and engine is runners[0].primary:  # timed a second time, warm, to seed inline runs
+            if engine is runners[0].primary:
                 t0 = time.perf_counter()
                 engine.run(feed)
-                one = time.perf_counter() - t0
-    return one
+                times[rows] = time.perf_counter() - t0
+    return times
 
 
 # ---- instances -------------------------------------------------------------------------------------------
@@ -188,7 +203,7 @@ def open_instances(
         while len(primaries) < s.instances:
             primaries.append(open_instance(repo, name, version, CHOSEN, threads, process=not in_process))
         reference_engine = None
-        if first.variant != REFERENCE:
+        if first.variant != REFERENCE and s.fallback:
             ref = open_instance(repo, name, version, REFERENCE, threads, process=False)
             references.append(ref)
             reference_engine = ref.predictor.engine.name
@@ -236,44 +251,90 @@ class ProcessEngine:
     """The same model loaded in a child process, for engines that hold the GIL while they run.
 
     Arrays cross the pipe pickled (protocol 5); the child answers ``("ok", outputs)`` or ``("err", exc)``.
+    A child that dies (killed, out of memory, a crash in the engine) fails the run it held at once with
+    :class:`InstanceExitedError`, and the next run starts a fresh child. :meth:`abort` kills a hung one.
     """
 
     def __init__(self, repo: Path, model: str, version: int, variant: str, threads: int) -> None:
-        ctx = mp.get_context("spawn")
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(
-            target=_child_main, args=(child, str(repo), model, version, variant, threads), daemon=True
-        )
-        self._proc.start()
-        child.close()
+        self._args = (str(repo), model, version, variant, threads)
+        self.model = model
         self._lock = threading.Lock()
-        status, payload = self._conn.recv()
+        self._proc: Any = None
+        self._conn: Connection | None = None
+        self._spawn()
+
+    def _spawn(self) -> None:
+        ctx = mp.get_context("spawn")
+        conn, child = ctx.Pipe()
+        proc = ctx.Process(target=_child_main, args=(child, *self._args, engine_modules()), daemon=True)
+        proc.start()
+        child.close()
+        self._proc, self._conn = proc, conn
+        try:
+            status, payload = conn.recv()
+        except EOFError:
+            self.close()
+            raise InstanceExitedError(self.model, proc.exitcode) from None
         if status != "ok":
             self.close()
             raise payload
         self.variant, self.spec = payload
 
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else int(self._proc.pid)
+
     def run(self, inputs: Mapping[str, np.ndarray]) -> Outputs:
         with self._lock:
-            self._conn.send(dict(inputs))
-            status, payload = self._conn.recv()
+            if self._proc is None or not self._proc.is_alive():
+                self._respawn()
+            assert self._conn is not None
+            try:
+                self._conn.send(dict(inputs))
+                status, payload = self._conn.recv()
+            except (EOFError, OSError):  # the child died with the run: fail it now, restart at the next one
+                self._proc.join(5)
+                code = self._proc.exitcode
+                log.error("the process instance of model %s exited (code %s); restarting it", self.model, code)
+                raise InstanceExitedError(self.model, code) from None
         if status != "ok":
             raise payload
         out: Outputs = payload
         return out
 
+    def _respawn(self) -> None:
+        self._close_conn()
+        self._spawn()
+
+    def abort(self) -> None:
+        """Kill the child (a hung run): the run it held fails with :class:`InstanceExitedError`."""
+        proc = self._proc
+        if proc is not None and proc.is_alive():
+            proc.kill()
+
+    def _close_conn(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
     def close(self) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            self._conn.send(None)
-        self._proc.join(5)
-        if self._proc.is_alive():
-            self._proc.kill()
-            self._proc.join()
-        self._conn.close()
+        if self._conn is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self._conn.send(None)
+        if self._proc is not None:
+            self._proc.join(5)
+            if self._proc.is_alive():
+                self._proc.kill()
+                self._proc.join()
+        self._close_conn()
 
 
-def _child_main(conn: Connection, repo: str, model: str, version: int, variant: str, threads: int) -> None:
+def _child_main(
+    conn: Connection, repo: str, model: str, version: int, variant: str, threads: int, modules: Sequence[str] = ()
+) -> None:
     try:
+        for module in modules:  # engines registered in the parent (plug-ins) are registered here too
+            importlib.import_module(module)
         predictor = load(repo, model, version=version, variant=variant, threads=threads)
     except BaseException as exc:
         conn.send(("err", exc))

@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import math
+import os
 import signal
 import socket
+import stat
 import threading
 from collections.abc import Generator
+from pathlib import Path
 from typing import Any
 
 import uvicorn
 
+from kiln.errors import BindError, KilnError, ModelLoadError, NotFoundError, PortInUseError, RepositoryUnreadableError
 from kiln.serving import logs
 from kiln.serving.app import build_app
 from kiln.serving.grpc_service import build_grpc_server
@@ -66,13 +71,21 @@ class Server:
         """Listen (live at once), then load the models (ready once they are warm)."""
         s = self.settings
         self._stop = asyncio.Event()
-        family = socket.AF_INET6 if ":" in s.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # inherited by accepted sockets
-        sock.bind((s.host, s.http_port))
-        sock.listen(2048)
+        check_repository(s.repo)
+        held = self._models_held()
+        if s.grpc_port and s.grpc_port == s.http_port:
+            raise BindError(
+                "gRPC", s.host, s.grpc_port, "--grpc-port", "is the HTTP port too",
+                "pass different --http-port and --grpc-port (0 picks free ones)",
+            )  # fmt: skip
+        sock = _bind(s.host, s.http_port, "HTTP", "--http-port")
+        try:
+            sock.listen(2048)
+            if s.grpc_port:  # fail on a busy gRPC port before uvicorn starts, and before grpc's C core logs it
+                _bind(s.host, s.grpc_port, "gRPC", "--grpc-port").close()
+        except BaseException:
+            sock.close()
+            raise
         sock.setblocking(False)
         self.http_port = sock.getsockname()[1]
         config = uvicorn.Config(
@@ -93,7 +106,13 @@ class Server:
         if s.grpc_port is not None:
             self._grpc = build_grpc_server(self.service, s.max_body_bytes)
             host = f"[{s.host}]" if ":" in s.host else s.host
-            self.grpc_port = self._grpc.add_insecure_port(f"{host}:{s.grpc_port}")
+            try:
+                bound = self._grpc.add_insecure_port(f"{host}:{s.grpc_port}")
+            except RuntimeError:  # grpc.aio raises when it binds no address; older versions return 0
+                bound = 0
+            if not bound:
+                raise PortInUseError("gRPC", s.host, s.grpc_port, "--grpc-port")
+            self.grpc_port = bound
             await self._grpc.start()
         while not self._uvicorn.started:
             if self._uvicorn_task.done():
@@ -109,9 +128,59 @@ class Server:
                 "listening on %s without --token: anyone who reaches this port may load and unload models; "
                 "set --token (or KILN_SERVE_TOKEN) to protect the model-repository endpoints", s.host,
             )  # fmt: skip
-        await self.manager.start()
+        await self._load_models(held)
         self.service.started = True
-        log.info("ready: %s", ", ".join(r["name"] + ":" + r["version"] for r in self.manager.index(ready_only=True)))
+        ready = [r["name"] + ":" + r["version"] for r in self.manager.index(ready_only=True)]
+        if ready:
+            log.info("ready: %s", ", ".join(ready))
+        elif s.load_mode == "lazy" and held:
+            log.info("ready: models load on their first request (--lazy): %s", ", ".join(held))
+        else:
+            log.info("ready: no models")
+
+    def _models_held(self) -> list[str]:
+        """The repository's models, checked against ``--model`` before anything is bound."""
+        repo = self.settings.repo
+        try:
+            held = self.manager.repository.models()
+        except OSError as exc:  # a model folder this user may not read
+            raise _unreadable(repo, exc) from None
+        for name in self.settings.models:
+            if name not in held:
+                raise NotFoundError(
+                    f"--model {name!r}: repository {repo} has no such model (it holds {', '.join(held) or 'none'}); "
+                    "pass one it holds, or leave --model out to preload them all"
+                )
+        return held
+
+    async def _load_models(self, held: list[str]) -> None:
+        """Preload one model at a time, so that a failure names the model (lazy mode loads none here)."""
+        repo = self.settings.repo
+        if not held:
+            log.warning("repository %s holds no models; import one with `kiln import MODEL --repo %s`", repo, repo)
+        if self.settings.load_mode == "lazy":
+            return
+        for name in self.settings.models or held:
+            try:
+                await self.manager.load(name)
+            except Exception as exc:
+                raise self._load_error(name, exc) from exc
+
+    def _load_error(self, name: str, exc: Exception) -> ModelLoadError:
+        others = "--model to preload only the others, " if len(self.manager.repository.models()) > 1 else ""
+        reimport = f"`kiln import SOURCE --repo {self.settings.repo} --name {name} --force`"
+        fix = f"re-import it ({reimport}), {others}or start with --lazy"
+        try:
+            versions = self.manager.served_versions(name)
+        except Exception:  # the spec itself may be what failed
+            versions = []
+        version = versions[0] if len(versions) == 1 else None
+        if isinstance(exc, KilnError):
+            lines = str(exc).strip().splitlines() or [type(exc).__name__]
+            reason = lines[0].rstrip(".")
+        else:  # the manager logged its traceback
+            reason = f"{type(exc).__name__}; see the server log for the traceback"
+        return ModelLoadError(name, version, reason, fix)
 
     def request_stop(self) -> None:
         """First call: drain and stop. A second (another Ctrl-C): stop waiting for in-flight requests."""
@@ -129,7 +198,11 @@ class Server:
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (up to the drain timeout), unload the models."""
-        log.info("shutting down: draining in-flight requests")
+        opened = self._uvicorn is not None or self._grpc is not None  # False when start() failed before binding
+        if self.service.started:
+            log.info("shutting down: draining in-flight requests")
+        elif opened:
+            log.info("start-up failed: closing what was opened")
         self.manager.draining = True
         grace = self.settings.drain_timeout_s
         waits: list[Any] = []
@@ -141,7 +214,8 @@ class Server:
         await asyncio.gather(*waits, return_exceptions=True)
         await self.manager.close()
         self.service.close()
-        log.info("stopped")
+        if opened:
+            log.info("stopped")
 
 
 async def _main(settings: ServerSettings) -> int:
@@ -224,6 +298,61 @@ class ServerThread:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def check_repository(root: Path) -> None:
+    """Raise :class:`RepositoryUnreadableError` unless ``root`` is a directory this process may list."""
+    try:
+        mode = os.stat(root).st_mode
+    except FileNotFoundError:
+        raise RepositoryUnreadableError(
+            str(root), "does not exist", f"import a model into it first with `kiln import MODEL --repo {root}`"
+        ) from None
+    except OSError as exc:
+        raise _unreadable(root, exc) from None
+    if not stat.S_ISDIR(mode):
+        raise RepositoryUnreadableError(
+            str(root), "is not a directory", "pass the directory that `kiln import MODEL --repo DIR` created"
+        )
+    if not os.access(root, os.R_OK | os.X_OK):
+        raise RepositoryUnreadableError(
+            str(root), "is not readable by this user (it needs read and execute permission)",
+            f"run `chmod u+rx {root}` or serve as the user who owns it",
+        )  # fmt: skip
+
+
+def _unreadable(root: Path, exc: OSError) -> RepositoryUnreadableError:
+    where = exc.filename or root
+    return RepositoryUnreadableError(
+        str(root), f"cannot be read ({exc.strerror or exc} at {where})",
+        f"give this user read and execute permission on it (`chmod -R u+rX {root}`) or serve as its owner",
+    )  # fmt: skip
+
+
+def _bind(host: str, port: int, protocol: str, flag: str) -> socket.socket:
+    """A TCP socket bound to ``host:port``; a busy port, a privileged one or a foreign host become a BindError."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # inherited by accepted sockets
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUseError(protocol, host, port, flag) from None
+        if exc.errno == errno.EACCES:
+            raise BindError(
+                protocol, host, port, flag, "needs privileges this process lacks (ports below 1024 do)",
+                f"pass {flag} with a port of 1024 or above, or 0 to pick a free one",
+            ) from None  # fmt: skip
+        if exc.errno == errno.EADDRNOTAVAIL or isinstance(exc, socket.gaierror):
+            raise BindError(
+                protocol, host, port, flag, f"cannot be bound: {host} is not an address of this machine",
+                "pass --host 127.0.0.1 (this machine only) or --host 0.0.0.0 (every interface)",
+            ) from None  # fmt: skip
+        raise
+    return sock
 
 
 def _loopback(host: str) -> bool:

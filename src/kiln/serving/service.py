@@ -9,13 +9,24 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
+import re
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from kiln import __version__
-from kiln.errors import KilnError, NotFoundError, ProtocolError, RequestTimeoutError, UnauthorizedError
+from kiln.errors import (
+    ClientClosedError,
+    KilnError,
+    NotFoundError,
+    ProtocolError,
+    RequestTimeoutError,
+    UnauthorizedError,
+)
+from kiln.repository import parse_version
 from kiln.serving.batcher import BatcherClosedError, Outputs
 from kiln.serving.cache import ResponseCache, cache_key
 from kiln.serving.manager import ModelManager, ServedVersion
@@ -42,14 +53,6 @@ def triton_platform(engine: str) -> str:
 
 def triton_backend(engine: str) -> str:
     return _TRITON_BACKENDS.get(engine, engine)
-
-
-def parse_version(text: str | None) -> int | None:
-    if text is None or text == "":
-        return None
-    if not text.isdigit():
-        raise ProtocolError("version", f"{text!r} is not a version number; versions are positive integers")
-    return int(text)
 
 
 def client_timeout_s(parameters: dict[str, Any]) -> float | None:
@@ -132,12 +135,23 @@ class Service:
         await asyncio.sleep(0)  # let requests that arrived together start first, so they count in `active`
         return self.active == 1
 
-    async def infer(self, sv: ServedVersion, req: InferRequest) -> Outputs:
-        """Validate, look in the cache, queue on the batcher, await the outputs (within the timeout)."""
+    async def infer(
+        self,
+        sv: ServedVersion,
+        req: InferRequest,
+        deadline_s: float | None = None,
+        disconnected: Callable[[], Awaitable[object]] | None = None,
+    ) -> Outputs:
+        """Validate, look in the cache, queue on the batcher, await the outputs (within the timeout).
+
+        ``deadline_s`` is the time the client gives the request (a gRPC deadline); Triton's ``timeout``
+        parameter, when smaller, wins."""
         spec = sv.spec
         mbs = spec.serving.max_batch_size
         spec.validate_inputs(req.inputs, max_batch=mbs or None)
         client_s = client_timeout_s(req.parameters) if req.parameters else None
+        if deadline_s is not None:
+            client_s = deadline_s if client_s is None else min(client_s, deadline_s)
         rows = next(iter(req.inputs.values())).shape[0] if mbs else 1
         key = None
         if sv.cache_enabled:
@@ -150,7 +164,7 @@ class Service:
         if self.active > 1:
             self._contended_until = time.monotonic() + _CONTENTION_MEMORY_S
         try:
-            outputs = await self._run(sv, req, rows, client_s)
+            outputs = await self._run(sv, req, rows, client_s, disconnected)
         finally:
             self.active -= 1
         if req.outputs is not None:
@@ -159,19 +173,25 @@ class Service:
             self.cache.put(key, outputs, owner=(sv.model, sv.generation))
         return outputs
 
-    async def infer_v2(self, sv: ServedVersion, req: InferRequest) -> Outputs:
+    async def infer_v2(
+        self,
+        sv: ServedVersion,
+        req: InferRequest,
+        deadline_s: float | None = None,
+        disconnected: Callable[[], Awaitable[object]] | None = None,
+    ) -> Outputs:
         """A decoded V2 request: the ``raw`` input goes through processing, tensors straight to :meth:`infer`."""
         if RAW_INPUT not in req.inputs or not sv.processing.takes_raw:
             if sv.processing.takes_raw and req.output_names:
                 check_outputs(sv.spec, req.output_names)  # 'predictions' needs the raw input
-            return await self.infer(sv, req)
+            return await self.infer(sv, req, deadline_s, disconnected)
         if len(req.inputs) != 1:
             others = sorted(n for n in req.inputs if n != RAW_INPUT)
             raise ProtocolError(
                 "inputs", f"the {RAW_INPUT!r} input goes alone (pre-processing makes the tensors); drop {others}"
             )
         instances = sv.processing.instances_from_tensor(req.inputs[RAW_INPUT])
-        predictions, outputs = await self.predict(sv, instances, req.id, req.parameters)
+        predictions, outputs = await self.predict(sv, instances, req.id, req.parameters, deadline_s)
         loop = asyncio.get_running_loop()
         results = dict(outputs)
         results[PREDICTIONS] = await loop.run_in_executor(self.processing_pool, predictions_tensor, predictions)
@@ -183,6 +203,7 @@ class Service:
         instances: Sequence[Any],
         request_id: str = "",
         parameters: dict[str, Any] | None = None,
+        deadline_s: float | None = None,
     ) -> tuple[list[Any], Outputs]:
         """Raw instances through pre-processing (in the processing pool), :meth:`infer`, and post-processing."""
         mbs = sv.spec.serving.max_batch_size
@@ -193,22 +214,28 @@ class Service:
             )  # fmt: skip
         loop = asyncio.get_running_loop()
         batch = await loop.run_in_executor(self.processing_pool, sv.processing.preprocess, instances)
-        outputs = await self.infer(sv, InferRequest(id=request_id, inputs=batch.inputs, parameters=parameters or {}))
+        request = InferRequest(id=request_id, inputs=batch.inputs, parameters=parameters or {})
+        outputs = await self.infer(sv, request, deadline_s)
         predictions = await loop.run_in_executor(self.processing_pool, sv.processing.postprocess, outputs, batch)
         return predictions, outputs
 
-    async def _run(self, sv: ServedVersion, req: InferRequest, rows: int, client_s: float | None) -> Outputs:
+    async def _run(
+        self,
+        sv: ServedVersion,
+        req: InferRequest,
+        rows: int,
+        client_s: float | None,
+        disconnected: Callable[[], Awaitable[object]] | None = None,
+    ) -> Outputs:
         """Run inline when alone, else through the batcher within the smaller of the model's and the client's
-        timeout."""
+        timeout. The batcher admits the request only if its expected wait fits the client's timeout (when
+        it sent one) or the model's queue budget. ``disconnected`` resolves when the client goes away: a
+        request still queued then is dropped before it runs."""
         batcher = sv.batcher
         if await self._may_run_inline(sv, rows):
             runner = batcher.lend()  # nothing else in flight and the engine idle: run here, no hand-off
             if runner is not None:
-                start = time.perf_counter()
-                try:
-                    return runner.run(req.inputs)
-                finally:
-                    batcher.give_back(runner, rows, time.perf_counter() - start)
+                return batcher.run_lent(runner, req.inputs, rows)
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Outputs] = loop.create_future()
 
@@ -218,7 +245,7 @@ class Service:
         while True:
             timeout_s = sv.timeout_s if client_s is None else min(sv.timeout_s, client_s)
             try:
-                pending = sv.batcher.submit(req.inputs, rows, done, timeout_s)
+                pending = sv.batcher.submit(req.inputs, rows, done, timeout_s, budget_s=client_s)
                 break
             except BatcherClosedError:
                 # A reload switched versions after this request resolved its model: follow it to the new one.
@@ -227,6 +254,10 @@ class Service:
                     raise
                 sv = fresh
         timer = loop.call_later(timeout_s, _expire, fut, pending, sv.model, timeout_s)
+        watcher = None
+        if disconnected is not None:
+            watcher = asyncio.ensure_future(disconnected())
+            watcher.add_done_callback(lambda _: _client_gone(fut, pending, sv.model))
         try:
             return await fut
         except asyncio.CancelledError:  # the client went away: do not run it if it is still queued
@@ -234,6 +265,8 @@ class Service:
             raise
         finally:
             timer.cancel()
+            if watcher is not None:
+                watcher.cancel()
 
     def record(self, model: str, version: str, protocol: str, status: int, seconds: float) -> None:
         """Count a finished request; ``model`` is empty for names the repository does not hold."""
@@ -250,6 +283,15 @@ class Service:
             if timer is None:
                 timer = self._timers[tk] = self.metrics.request_seconds.labels(*tk)
             timer.observe(seconds)
+
+    def error_status(self, exc: BaseException) -> tuple[int, str]:
+        """HTTP status and message for an exception: known errors say what is wrong, with files named
+        relative to the repository (no answer carries a server path); others are logged, answered 500."""
+        if isinstance(exc, KilnError):
+            message = self.manager.repository.relative(str(exc))
+            return exc.http_status, _ABSOLUTE_PATH.sub("<path>", message)
+        log.error("unexpected error while serving a request", exc_info=exc)
+        return 500, "internal server error; the server log has the details"
 
     def model_label(self, name: str) -> str:
         return name if name in self.manager.entries or self.manager.repository.has_model(name) else ""
@@ -277,6 +319,15 @@ class Service:
             "inputs": [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in spec.inputs],
             "outputs": [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in spec.outputs],
         }
+
+    def statistics(self, model: str | None, version: str | None) -> list[dict[str, object]]:
+        """The statistics extension: every model's, or ``model``'s (a served ``version``'s), as Triton's."""
+        if model is None:
+            if version:
+                raise ProtocolError("version", "statistics of a version need the model's name too")
+            return self.metrics.statistics()
+        self._spec_versions(model, version)  # unknown model or unserved version: 404; a bad one: 400
+        return self.metrics.statistics(model, str(parse_version(version)) if version else None)
 
     def model_config(self, model: str, version: str | None = None) -> dict[str, Any]:
         """Triton's model configuration (as JSON), so Triton's tools (perf_analyzer …) can drive kiln."""
@@ -357,12 +408,26 @@ def _expire(fut: asyncio.Future[Outputs], pending: Any, model: str, timeout_s: f
         fut.set_exception(RequestTimeoutError(model, timeout_s))
 
 
-def error_status(exc: BaseException) -> tuple[int, str]:
-    """HTTP status and message for an exception: known errors say what is wrong; others are logged."""
-    if isinstance(exc, KilnError):
-        return exc.http_status, str(exc)
-    log.error("unexpected error while serving a request", exc_info=exc)
-    return 500, "internal server error; the server log has the details"
+def _client_gone(fut: asyncio.Future[Outputs], pending: Any, model: str) -> None:
+    pending.cancelled = True
+    if not fut.done():
+        fut.set_exception(ClientClosedError(model))
 
 
-__all__ = ["Service", "client_timeout_s", "error_status", "parse_version", "triton_platform", "triton_type"]
+def retry_after(exc: BaseException) -> str | None:
+    """``Retry-After`` (whole seconds, at least 1) for an overload answer; None for other errors."""
+    wait = getattr(exc, "retry_after_s", None)
+    if wait is None:
+        return None
+    return str(max(1, math.ceil(wait)))
+
+
+# An absolute path under a top-level directory of this machine (/home/..., /tmp/...): the net under
+# ``Repository.relative`` that keeps every other server path out of answers. URL paths (/v2/...) stay.
+_ABSOLUTE_PATH = re.compile(
+    r"(?<![\w.:/-])/(?:"
+    + "|".join(sorted(re.escape(p.name) for p in Path("/").iterdir() if p.is_dir()))
+    + r")(?![\w.-])(?:/[^\s'\",;:)\]]*)?"
+)
+
+__all__ = ["Service", "client_timeout_s", "parse_version", "retry_after", "triton_platform", "triton_type"]

@@ -122,9 +122,13 @@ def test_search_on_a_tiny_cnn_chooses_caches_and_records(cnn: Imported) -> None:
 
 
 @pytest.mark.slow
-def test_no_variant_in_budget_is_an_accuracy_error(mlp: Imported) -> None:
+def test_no_variant_in_budget_is_an_accuracy_error(cnn: Imported) -> None:
+    """500 dB is beyond any float32 output that differs from the reference at all, so nothing meets it
+    unless it is bit-identical to the reference (infinite SQNR), as ONNX Runtime's fp32 MLP can be on
+    some CPUs. Hence the CNN: its ONNX graph has the BatchNorms folded into the convolutions, so its
+    fp32 rounds differently from the eager PyTorch reference on any machine."""
     with pytest.raises(NoVariantWithinBudgetError, match="not even fp32"):
-        kiln.optimize(mlp.repo, mlp.name, data=str(mlp.data), engines=["onnxruntime"], int8=["ort-dynamic"],
+        kiln.optimize(cnn.repo, cnn.name, data=str(cnn.data), engines=["onnxruntime"], int8=["ort-dynamic"],
                       metric="sqnr", min_sqnr_db=500, choose=False, **FAST)  # fmt: skip
 
 
