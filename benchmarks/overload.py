@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -40,7 +41,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -102,9 +104,15 @@ def import_cnn(work: Path, target_ms: float) -> tuple[Path, int, float]:
 
 
 # -- clients: one request, one outcome ----------------------------------------------------------------------
+#
+# The load generator shares the cores with the server, so each request must cost it as little as possible:
+# no task, coroutine or timer per request, the request serialized once, the answer's body left unparsed.
+# ``send(done, token)`` starts one request and later calls ``done(token, started, finished, reply)`` on the
+# event loop's thread, ``started`` taken just before the request is written and ``finished`` just after its
+# last byte is read. Client timeouts come from a sweep twice a second, not from a timer per request.
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class Reply:
     outcome: Outcome
     retry_after: str | None = None  # HTTP 503's Retry-After header, as sent
@@ -112,21 +120,134 @@ class Reply:
     detail: str = ""
 
 
+Done = Callable[[Any, float, float, Reply], None]  # (token, started, finished, reply)
+OK = Reply("ok")
+MAX_CONNECTIONS = 2000  # HTTP keep-alive connections at most (the pool grows on demand up to this)
+PREOPEN = 16  # HTTP connections opened up front
+JSON_SAMPLE = 50  # HTTP 503 bodies per level parsed as JSON; the rest are matched by prefix
+
+
+class _HttpConn(asyncio.Protocol):
+    """One persistent HTTP/1.1 connection, one request at a time, its answer parsed as it arrives."""
+
+    def __init__(self, pool: HttpClient) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.status = 0  # of the answer being read; 0 until its head is complete
+        self.need = 0  # that answer's Content-Length
+        self.retry_after: str | None = None
+        self.close_after = False  # the answer said Connection: close
+        self.done: Done | None = None  # the request in flight
+        self.token: Any = None
+        self.sent = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def request(self, wire: bytes, done: Done, token: Any) -> None:
+        self.done, self.token = done, token
+        transport = self.transport
+        self.sent = time.perf_counter()
+        try:
+            if transport is None or transport.is_closing():
+                raise ConnectionResetError
+            transport.write(wire)
+        except (OSError, RuntimeError) as exc:
+            self.fail(Reply("conn", detail=type(exc).__name__))
+
+    def data_received(self, data: bytes) -> None:
+        t = time.perf_counter()
+        buf = self.buf
+        buf += data
+        if self.done is None:
+            self.fail(Reply("other", detail="data with no request in flight"))
+            return
+        if not self.status:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > 65536:
+                    self.fail(Reply("other", detail="answer head over 64 KiB"))
+                return
+            head = bytes(buf[:end]).lower()
+            del buf[: end + 4]
+            if not self._head(head):
+                self.fail(Reply("other", detail=f"unreadable answer head {head[:60]!r}"))
+                return
+        if len(buf) < self.need:
+            return
+        status, need = self.status, self.need
+        body = bytes(buf[:need]) if status != 200 else b""
+        del buf[:need]
+        self.status = 0
+        done, token, sent = self.done, self.token, self.sent
+        self.done = None
+        reply = self.pool.reply(status, self.retry_after, body)
+        if buf or self.close_after:
+            self.abort()  # more than one answer, or the server will close: do not reuse
+        else:
+            self.pool.ready(self)  # may start the next request on this connection at once
+        done(token, sent, t, reply)
+
+    def _head(self, head: bytes) -> bool:
+        """Status, Content-Length, Retry-After and Connection from the lower-cased head; False if unreadable."""
+        try:
+            self.status = int(head[9:12])
+            i = head.find(b"\r\ncontent-length:")
+            if i < 0:  # chunked or close-delimited bodies: kiln does not send them; not parsed here
+                if self.status not in (204, 304):
+                    return False
+                self.need = 0
+            else:
+                j = head.find(b"\r\n", i + 17)
+                self.need = int(head[i + 17 : j if j >= 0 else len(head)])
+        except ValueError:
+            self.status = 0
+            return False
+        self.retry_after = None
+        if self.status == 503 and (i := head.find(b"\r\nretry-after:")) >= 0:
+            j = head.find(b"\r\n", i + 14)
+            self.retry_after = head[i + 14 : j if j >= 0 else len(head)].strip().decode("latin-1")
+        self.close_after = b"\r\nconnection: close" in head
+        return True
+
+    def fail(self, reply: Reply) -> None:
+        """Answer the request in flight (if any) with ``reply`` and drop the connection."""
+        done, self.done = self.done, None
+        self.abort()
+        if done is not None:
+            done(self.token, self.sent, time.perf_counter(), reply)
+
+    def abort(self) -> None:
+        self.pool.forget(self)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.fail(Reply("conn", detail=type(exc).__name__ if exc else "closed by the server"))
+
+
 class HttpClient:
-    """aiohttp, no connection limit, binary tensor extension both ways."""
+    """A minimal HTTP/1.1 client on asyncio protocols: a pool of keep-alive connections, one identical
+    pre-serialized request (binary tensor extension), answers judged by their status line and headers."""
 
     def __init__(self, port: int, x: np.ndarray, timeout_s: float, budget_ms: float) -> None:
-        self.base, self.x, self.timeout_s, self.budget_ms = f"http://127.0.0.1:{port}", x, timeout_s, budget_ms
-        self.session: Any = None
+        self.port, self.x, self.timeout_s, self.budget_ms = port, x, timeout_s, budget_ms
+        self.base = f"http://127.0.0.1:{port}"
+        self.idle: list[_HttpConn] = []
+        self.conns: set[_HttpConn] = set()
+        self.waiting: deque[tuple[Done, Any, float]] = deque()  # requests that found no idle connection
+        self.connecting = 0
+        self.growing: set[asyncio.Task[None]] = set()
+        self.replies: dict[tuple[int, str | None, bool], Reply] = {}
+        self.json_left = JSON_SAMPLE
+        self.sweeper: asyncio.TimerHandle | None = None
+        self.closed = False
 
     async def open(self) -> None:
-        import aiohttp
-
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=self.timeout_s)
-        )
-        async with self.session.get(f"{self.base}/v2/models/{MODEL}") as r:
-            meta = await r.json()
+        self.loop = asyncio.get_running_loop()
+        meta = await self.loop.run_in_executor(None, self._get_json, f"/v2/models/{MODEL}")
         self.in_name, self.out_name = meta["inputs"][0]["name"], meta["outputs"][0]["name"]
         raw = self.x.tobytes()
         header: dict[str, Any] = {
@@ -143,55 +264,164 @@ class HttpClient:
             "Inference-Header-Content-Length": str(len(head)),
             "Accept-Encoding": "identity",
         }
-        self.url = f"{self.base}/v2/models/{MODEL}/infer"
+        self.path = f"/v2/models/{MODEL}/infer"
+        self.wire = (
+            f"POST {self.path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
+            + "".join(f"{k}: {v}\r\n" for k, v in self.headers.items())
+            + f"Content-Length: {len(self.body)}\r\n\r\n"
+        ).encode() + self.body
+        for conn in await asyncio.gather(*(self._connect() for _ in range(PREOPEN))):
+            self.ready(conn)
+        self.sweeper = self.loop.call_later(0.5, self._sweep)
 
-    async def infer(self) -> Reply:
-        import aiohttp
+    def _get_json(self, path: str) -> Any:
+        with urllib.request.urlopen(self.base + path, timeout=10) as r:
+            return json.loads(r.read())
 
+    async def _connect(self) -> _HttpConn:
+        _, conn = await self.loop.create_connection(lambda: _HttpConn(self), "127.0.0.1", self.port)
+        self.conns.add(conn)
+        return conn
+
+    def begin(self) -> None:
+        """A new level: parse the first few 503 bodies in full again."""
+        self.json_left = JSON_SAMPLE
+
+    def send(self, done: Done, token: Any) -> None:
+        if self.idle:
+            self.idle.pop().request(self.wire, done, token)
+            return
+        self.waiting.append((done, token, time.perf_counter()))
+        self._grow()
+
+    def _grow(self) -> None:
+        if self.connecting < len(self.waiting) and len(self.conns) + self.connecting < MAX_CONNECTIONS:
+            self.connecting += 1
+            task = self.loop.create_task(self._grow_one())
+            self.growing.add(task)
+            task.add_done_callback(self.growing.discard)
+
+    async def _grow_one(self) -> None:
         try:
-            async with self.session.post(self.url, data=self.body, headers=self.headers) as r:
-                body = await r.read()
-                if r.status == 200:
-                    return Reply("ok")
-                if r.status == 503:
-                    try:
-                        is_json = "error" in json.loads(body)
-                    except ValueError:
-                        is_json = False
-                    return Reply("rejected", r.headers.get("Retry-After"), is_json)
-                return Reply("timeout" if r.status == 504 else "other", detail=str(r.status))
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            return Reply("conn", detail=type(exc).__name__)
+            conn = await self._connect()
+        except OSError as exc:
+            self.connecting -= 1
+            if self.waiting:  # the oldest waiter learns that connecting failed
+                done, token, _ = self.waiting.popleft()
+                now = time.perf_counter()
+                done(token, now, now, Reply("conn", detail=type(exc).__name__))
+            return
+        self.connecting -= 1
+        self.ready(conn)
 
-    async def result(self) -> np.ndarray:
-        async with self.session.post(self.url, data=self.body, headers=self.headers) as r:
-            if r.status != 200:
-                raise RuntimeError(f"HTTP {r.status}: {(await r.read())[:200]!r}")
-            body = await r.read()
-            hlen = int(r.headers["Inference-Header-Content-Length"])
+    def ready(self, conn: _HttpConn) -> None:
+        """``conn`` is free: give it the oldest waiting request, or keep it idle."""
+        if self.closed:
+            conn.abort()
+        elif self.waiting:
+            done, token, _ = self.waiting.popleft()
+            conn.request(self.wire, done, token)
+        else:
+            self.idle.append(conn)
+
+    def forget(self, conn: _HttpConn) -> None:
+        if conn in self.conns:
+            self.conns.discard(conn)
+            if conn in self.idle:
+                self.idle.remove(conn)
+            if self.waiting and not self.closed:
+                self._grow()
+
+    def reply(self, status: int, retry_after: str | None, body: bytes) -> Reply:
+        if status == 200:  # the body (the output tensor) is not looked at
+            return OK
+        is_json = False
+        if status == 503:
+            if self.json_left > 0:
+                self.json_left -= 1
+                try:
+                    is_json = "error" in json.loads(body)
+                except (ValueError, TypeError):
+                    is_json = False
+            else:  # kiln's JSONResponse: {"error":"..."}
+                is_json = body.startswith(b'{"error":') and body.endswith(b"}")
+        key = (status, retry_after, is_json)
+        reply = self.replies.get(key)
+        if reply is None:
+            if status == 503:
+                reply = Reply("rejected", retry_after, is_json)
+            else:
+                reply = Reply("timeout" if status == 504 else "other", detail=str(status))
+            self.replies[key] = reply
+        return reply
+
+    def _sweep(self) -> None:
+        """Client timeouts: a request unanswered after ``timeout_s`` loses its connection."""
+        limit = time.perf_counter() - self.timeout_s
+        for conn in [c for c in self.conns if c.done is not None and c.sent < limit]:
+            conn.fail(Reply("conn", detail="TimeoutError"))
+        while self.waiting and self.waiting[0][2] < limit:
+            done, token, queued = self.waiting.popleft()
+            done(token, queued, time.perf_counter(), Reply("conn", detail="TimeoutError (no connection)"))
+        if not self.closed:
+            self.sweeper = self.loop.call_later(0.5, self._sweep)
+
+    async def infer(self) -> tuple[float, float, Reply]:
+        fut: asyncio.Future[tuple[float, float, Reply]] = self.loop.create_future()
+        self.send(lambda _, s, d, r: fut.set_result((s, d, r)), None)
+        return await fut
+
+    def _post(self) -> np.ndarray:
+        req = urllib.request.Request(self.base + self.path, data=self.body, headers=self.headers, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                body = r.read()
+                hlen = int(r.headers["Inference-Header-Content-Length"])
+        except urllib.error.HTTPError as exc:
+            raise RuntimeError(f"HTTP {exc.code}: {exc.read()[:200]!r}") from None
         out = json.loads(body[:hlen])["outputs"][0]
         return np.frombuffer(body[hlen:], np.float32).reshape(out["shape"])
 
+    async def result(self) -> np.ndarray:
+        return await self.loop.run_in_executor(None, self._post)
+
     async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
+        self.closed = True
+        if self.sweeper is not None:
+            self.sweeper.cancel()
+        for conn in list(self.conns):
+            conn.abort()
+        for task in list(self.growing):
+            task.cancel()
 
 
 class GrpcClient:
-    """grpc.aio, one channel, raw_input_contents."""
+    """grpcio's synchronous channel, driven without blocking: ``future()`` per request (the C core does the
+    I/O on its own threads), a done callback that hands the answer to the event loop. Request and answer
+    travel as raw bytes: the request (raw_input_contents) is serialized once, answers are not parsed."""
+
+    INFER = "/inference.GRPCInferenceService/ModelInfer"
 
     def __init__(self, port: int, x: np.ndarray, timeout_s: float, budget_ms: float) -> None:
         self.target, self.x, self.timeout_s, self.budget_ms = f"127.0.0.1:{port}", x, timeout_s, budget_ms
         self.channel: Any = None
+        self.inflight: dict[Any, float] = {}  # call -> started, for the timeout sweep
+        self.landed: deque[tuple[Any, Done, Any, float, float]] = deque()  # answered, for the loop to take
+        self.woken = False  # a drain of ``landed`` is already scheduled on the loop
+        self.replies: dict[tuple[str, str], Reply] = {}
+        self.sweeper: asyncio.TimerHandle | None = None
+        self.closed = False
 
     async def open(self) -> None:
         import grpc
         from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+        self.loop = asyncio.get_running_loop()
         self.grpc = grpc
-        self.channel = grpc.aio.insecure_channel(self.target)
+        self.channel = grpc.insecure_channel(self.target)
         self.stub = service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
-        meta = await self.stub.ModelMetadata(service_pb2.ModelMetadataRequest(name=MODEL), timeout=10)
+        meta_req = service_pb2.ModelMetadataRequest(name=MODEL)
+        meta = await self.loop.run_in_executor(None, lambda: self.stub.ModelMetadata(meta_req, timeout=10))
         self.in_name, self.out_name = meta.inputs[0].name, meta.outputs[0].name
         req = service_pb2.ModelInferRequest(model_name=MODEL)
         inp = req.inputs.add()
@@ -202,33 +432,80 @@ class GrpcClient:
         if self.budget_ms > 0:
             req.parameters["timeout"].int64_param = int(self.budget_ms * 1e3)
         self.request = req
-
-    async def infer(self) -> Reply:
-        code = self.grpc.StatusCode
+        self.wire = req.SerializeToString()
+        self.raw_infer = self.channel.unary_unary(self.INFER)  # no serializers: bytes in, bytes out
         # Like tritonclient's default, no gRPC deadline unless a budget is asked for: the server takes a
         # deadline as the time the client is willing to wait. The client's own limit is a local timeout.
-        deadline = self.budget_ms / 1e3 if self.budget_ms > 0 else None
-        try:
-            await asyncio.wait_for(self.stub.ModelInfer(self.request, timeout=deadline), self.timeout_s)
-            return Reply("ok")
-        except TimeoutError:
-            return Reply("timeout", detail="client timeout")
-        except self.grpc.aio.AioRpcError as exc:
-            if exc.code() == code.UNAVAILABLE:
-                return Reply("rejected", detail=(exc.details() or "")[:120])
-            if exc.code() == code.DEADLINE_EXCEEDED:
-                return Reply("timeout", detail="DEADLINE_EXCEEDED")
-            return Reply("other", detail=f"{exc.code().name} {(exc.details() or '')[:80]!r}")
-        except OSError as exc:
-            return Reply("conn", detail=type(exc).__name__)
+        self.deadline = self.budget_ms / 1e3 if self.budget_ms > 0 else None
+        self.sweeper = self.loop.call_later(0.5, self._sweep)
+
+    def begin(self) -> None:
+        pass
+
+    def send(self, done: Done, token: Any) -> None:
+        started = time.perf_counter()
+        call = self.raw_infer.future(self.wire, timeout=self.deadline)
+        self.inflight[call] = started
+        call.add_done_callback(lambda c: self._landed(c, done, token, started))
+
+    def _landed(self, call: Any, done: Done, token: Any, started: float) -> None:
+        """On a grpc thread (or this one, for a call already over): queue the answer, wake the loop once."""
+        self.landed.append((call, done, token, started, time.perf_counter()))
+        if not self.woken:
+            self.woken = True
+            with contextlib.suppress(RuntimeError):  # RuntimeError: the loop is closed, the run is over
+                self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        self.woken = False
+        landed, inflight = self.landed, self.inflight
+        while landed:
+            call, done, token, started, finished = landed.popleft()
+            inflight.pop(call, None)
+            done(token, started, finished, self._reply(call))
+
+    def _reply(self, call: Any) -> Reply:
+        if call.cancelled():  # only our own sweep cancels
+            return self._cached("timeout", "client timeout")
+        code = call.code()
+        status = self.grpc.StatusCode
+        if code is status.OK:
+            return OK
+        details = call.details() or ""
+        if code is status.UNAVAILABLE:
+            return self._cached("rejected", details[:120])
+        if code is status.DEADLINE_EXCEEDED:
+            return self._cached("timeout", "DEADLINE_EXCEEDED")
+        return self._cached("other", f"{code.name} {details[:80]!r}")
+
+    def _cached(self, outcome: Outcome, detail: str) -> Reply:
+        reply = self.replies.get((outcome, detail))
+        if reply is None:
+            reply = self.replies[(outcome, detail)] = Reply(outcome, detail=detail)
+        return reply
+
+    def _sweep(self) -> None:
+        limit = time.perf_counter() - self.timeout_s
+        for call in [c for c, started in list(self.inflight.items()) if started < limit]:
+            call.cancel()  # its done callback answers "timeout"
+        if not self.closed:
+            self.sweeper = self.loop.call_later(0.5, self._sweep)
+
+    async def infer(self) -> tuple[float, float, Reply]:
+        fut: asyncio.Future[tuple[float, float, Reply]] = self.loop.create_future()
+        self.send(lambda _, s, d, r: fut.set_result((s, d, r)), None)
+        return await fut
 
     async def result(self) -> np.ndarray:
-        resp = await self.stub.ModelInfer(self.request, timeout=10)
+        resp = await self.loop.run_in_executor(None, lambda: self.stub.ModelInfer(self.request, timeout=10))
         return np.frombuffer(resp.raw_output_contents[0], np.float32).reshape(list(resp.outputs[0].shape))
 
     async def close(self) -> None:
+        self.closed = True
+        if self.sweeper is not None:
+            self.sweeper.cancel()
         if self.channel is not None:
-            await self.channel.close()
+            self.channel.close()
 
 
 Client = HttpClient | GrpcClient
@@ -256,6 +533,7 @@ class Level:
     retry_after: dict[str, int] = field(default_factory=dict)
     json_error: int = 0
     details: dict[str, int] = field(default_factory=dict)
+    client_cpu_us: float = math.nan  # this process's CPU time (all threads) per request sent, in µs
 
 
 def summarize(level: float, target: float, t0: float, samples: list[tuple[float, float, float, Reply]]) -> Level:
@@ -291,9 +569,9 @@ async def closed_loop(client: Client, concurrency: int, seconds: float, port: in
 
     async def worker() -> None:
         while time.perf_counter() < end:
-            s = time.perf_counter()
-            reply = await client.infer()
-            samples.append((s, s, time.perf_counter(), reply))
+            asked = time.perf_counter()
+            started, done, reply = await client.infer()
+            samples.append((asked, started, done, reply))
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     elapsed = time.perf_counter() - t0
@@ -350,36 +628,47 @@ def schedule(rate: float, seconds: float, arrivals: str, rng: np.random.Generato
     return np.cumsum(rng.exponential(1 / rate, n))
 
 
-async def open_loop(client: Client, level: float, capacity: float, args: argparse.Namespace, seed: int) -> Level:
-    """Fire each request at its scheduled time, whether or not the earlier ones have finished."""
-    rate = level * capacity
-    times = schedule(rate, args.seconds, args.arrivals, np.random.default_rng(seed))
+async def open_loop(
+    client: Client, level: float, rate: float, seconds: float, arrivals: str, args: argparse.Namespace, seed: int
+) -> Level:
+    """Fire each request at its scheduled time, whether or not the earlier ones have finished.
+
+    One timer callback fires everything due within the next millisecond (or late), then sleeps until the
+    next one is due: no task or coroutine per request."""
+    times: list[float] = schedule(rate, seconds, arrivals, np.random.default_rng(seed)).tolist()
+    n = len(times)
     samples: list[tuple[float, float, float, Reply]] = []
-
-    async def one(scheduled: float) -> None:
-        s = time.perf_counter()
-        reply = await client.infer()
-        samples.append((scheduled, s, time.perf_counter(), reply))
-
-    tasks: set[asyncio.Task[None]] = set()
+    append = samples.append
     loop = asyncio.get_running_loop()
-    window = await loop.run_in_executor(None, EngineWindow, args.http_port, float(times[-1]))
-    t0 = time.perf_counter()
-    i, n = 0, len(times)
-    while i < n:
-        now = time.perf_counter() - t0
-        while i < n and times[i] <= now + 1e-3:  # everything due within 1 ms (or late) goes now
-            task = asyncio.create_task(one(t0 + float(times[i])))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
+    finished = loop.create_future()
+
+    def done(scheduled: float, started: float, answered: float, reply: Reply) -> None:
+        append((scheduled, started, answered, reply))
+        if len(samples) == n and not finished.done():
+            finished.set_result(None)
+
+    send = client.send
+    i = 0
+
+    def tick() -> None:
+        nonlocal i
+        now = time.perf_counter() - t0 + 1e-3  # everything due within 1 ms (or late) goes now
+        while i < n and times[i] <= now:
+            send(done, t0 + times[i])
             i += 1
         if i < n:
-            await asyncio.sleep(max(0.0, float(times[i]) - (time.perf_counter() - t0)))
-    if tasks:  # every request has a client timeout; this bound is only a safety net
-        await asyncio.wait(set(tasks), timeout=args.client_timeout + 5)
-    for task in tasks:
-        task.cancel()
-    out = summarize(level, rate, t0, samples)
+            loop.call_later(times[i] - (time.perf_counter() - t0), tick)
+
+    window = await loop.run_in_executor(None, EngineWindow, args.http_port, times[-1])
+    client.begin()
+    cpu0 = time.process_time()
+    t0 = time.perf_counter()
+    tick()
+    # every request has a client timeout; this bound is only a safety net
+    await asyncio.wait({finished}, timeout=times[-1] + args.client_timeout + 5)
+    cpu = time.process_time() - cpu0
+    out = summarize(level, rate, t0, list(samples))
+    out.client_cpu_us = cpu / len(samples) * 1e6 if samples else math.nan
     await loop.run_in_executor(None, window.apply, out)
     return out
 
@@ -450,7 +739,9 @@ def fmt(v: float, spec: str = ".1f") -> str:
     return "-".rjust(width) if math.isnan(v) else format(v, spec)
 
 
-def print_table(protocol: str, cap: Level, levels: list[Level], base_p99: float, concurrency: int) -> None:
+def print_table(
+    protocol: str, cap: Level, levels: list[Level], base_p99: float, concurrency: int, probe: Level | None
+) -> None:
     print(f"\n{protocol}: capacity {cap.admitted_rps:.1f} infer/s (closed loop, {concurrency} clients, "
           f"{cap.window_s:.1f} s), p50 {fmt(cap.ok_p50_ms, '.2f')} ms, p99 {fmt(cap.ok_p99_ms, '.2f')} ms, "
           f"errors {sum(v for k, v in cap.counts.items() if k != 'ok')}; server engine ran "
@@ -484,6 +775,15 @@ def print_table(protocol: str, cap: Level, levels: list[Level], base_p99: float,
             notes.append("UNAVAILABLE details: " + "; ".join(f"{k[10:]!r} ×{v}" for v, k in top))
         if notes:
             print(f"  {lv.level:g}x: " + "; ".join(notes))
+    per_level = ", ".join(f"{lv.level:g}x {fmt(lv.client_cpu_us)}" for lv in levels)
+    if probe is not None:
+        n = sum(probe.counts.values())
+        print(f"  client CPU per request (µs): {fmt(probe.client_cpu_us)} at {probe.target_rps:g}/s for "
+              f"{probe.window_s:.1f} s ({n} requests, offered {probe.offered_rps:.0f}/s, lag p99 "
+              f"{fmt(probe.lag_p99_ms, '.2f')} ms, {probe.counts.get('ok', 0)} admitted, "
+              f"{probe.counts.get('rejected', 0)} rejected); per level: {per_level}")  # fmt: skip
+    else:
+        print(f"  client CPU per request (µs), per level: {per_level}")
 
 
 def checks_for(protocol: str, cap: Level, levels: list[Level], base_p99: float, rej_ms: float) -> list[str]:
@@ -536,11 +836,16 @@ async def drive(args: argparse.Namespace, ports: dict[str, int], x: np.ndarray, 
             levels = []
             for i, level in enumerate(args.levels):
                 await asyncio.sleep(0.5)  # let the previous level's stragglers clear
-                levels.append(await open_loop(client, level, cap.admitted_rps, args, seed=1000 * i + 7))
+                rate = level * cap.admitted_rps
+                levels.append(await open_loop(client, level, rate, args.seconds, args.arrivals, args, 1000 * i + 7))
+            probe = None
+            if args.probe_rps > 0 and args.probe_seconds > 0:  # the client's own cost, at a fixed rate
+                await asyncio.sleep(0.5)
+                probe = await open_loop(client, math.nan, args.probe_rps, args.probe_seconds, "fixed", args, 99)
             lowest = min(levels, key=lambda lv: lv.level) if levels else None
             base_p99 = lowest.ok_p99_ms if lowest is not None and lowest.level < 1 else cap.ok_p99_ms
-            print_table(protocol, cap, levels, base_p99, args.concurrency)
-            results[protocol] = {"capacity": cap, "levels": levels, "base_p99_ms": base_p99}
+            print_table(protocol, cap, levels, base_p99, args.concurrency, probe)
+            results[protocol] = {"capacity": cap, "levels": levels, "base_p99_ms": base_p99, "cpu_probe": probe}
         results["after"] = await after_checks(clients, expected)
     finally:
         for client in clients.values():
@@ -569,6 +874,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--server-timeout", type=float, default=30.0, help="kiln serve --timeout")
     ap.add_argument("--budget-ms", type=float, default=0.0, help="per-request timeout sent to the server; 0: none")
     ap.add_argument("--rejection-ms", type=float, default=5.0, help="the rejection p99 check's bound")
+    ap.add_argument("--probe-rps", type=float, default=1000.0, help="rate of the client CPU probe; 0: none")
+    ap.add_argument("--probe-seconds", type=float, default=2.0, help="length of the client CPU probe")
     ap.add_argument("--json", type=Path, help="write the figures here")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a check fails")
     args = ap.parse_args(argv)
@@ -633,7 +940,9 @@ def run(args: argparse.Namespace, work: Path) -> int:
             "machine_cores": os.cpu_count(), "image_side": side, "engine_ms": ms,
             "args": vars(args) | {"json": str(args.json)},
             "protocols": {p: {"capacity": asdict(results[p]["capacity"]), "base_p99_ms": results[p]["base_p99_ms"],
-                              "levels": [asdict(lv) for lv in results[p]["levels"]]} for p in args.protocols},
+                              "levels": [asdict(lv) for lv in results[p]["levels"]],
+                              "cpu_probe": asdict(results[p]["cpu_probe"]) if results[p]["cpu_probe"] else None}
+                          for p in args.protocols},
             "memory_kb": {"start": mem_start, "end": mem_end}, "ready_after": ready, "after": results["after"],
             "exit_code": exit_code, "checks": checks,
         }  # fmt: skip

@@ -10,6 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's first line (its type's name when it has no text), cut at ``limit`` characters."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 class KilnError(Exception):
     """Root of every error kiln raises on purpose."""
 

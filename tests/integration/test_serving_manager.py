@@ -215,7 +215,7 @@ def test_warm_up_runs_the_largest_preferred_size_and_max_batch_size(tmp_path: Pa
 
     with gate() as g:
         asyncio.run(scenario())
-        assert g.rows == [1, 1, 4, 8]  # batch 1 twice (the second run is timed), then 4 and 8
+        assert g.rows == [1, 1, 4, 4, 8, 8]  # each size twice: the second, warm run is timed
 
 
 def test_metric_series_of_retired_versions_go_with_them(tmp_path: Path) -> None:

@@ -47,6 +47,7 @@ from kiln.errors import (
     QueueFullError,
     RequestTimeoutError,
     ShuttingDownError,
+    first_line,
 )
 from kiln.serving import logs
 
@@ -603,7 +604,7 @@ class Batcher:
             except Exception:
                 pass
             else:
-                return EngineInputError(self.model, _first_line(exc))
+                return EngineInputError(self.model, first_line(exc))
         self._failed(exc, kind, requests)
         return cls(self.model, kind, "the server log has the details")
 
@@ -671,12 +672,6 @@ def _batch_ids(batch: Sequence[Pending]) -> str:
     if len(batch) == 1:
         return batch[0].request_id
     return ",".join(dict.fromkeys(p.request_id for p in batch if p.request_id))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    line = text.splitlines()[0] if text else type(exc).__name__
-    return line if len(line) <= 300 else line[:297] + "..."
 
 
 def _finish(p: Pending, out: Outputs | None, err: BaseException | None) -> None:

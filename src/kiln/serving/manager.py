@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kiln.engines.base import release_memory
-from kiln.errors import KilnError, MemoryBudgetError, ModelNotReadyError, NotFoundError, ShuttingDownError
+from kiln.errors import KilnError, MemoryBudgetError, ModelNotReadyError, NotFoundError, ShuttingDownError, first_line
 from kiln.repository import RECIPE_FILE, VARIANTS_DIR, Repository, read_recipe
 from kiln.serving.batcher import AUTO, Batcher, BatchPolicy, Runner
 from kiln.serving.metrics import Metrics
@@ -412,8 +412,7 @@ class ModelManager:
         except Exception as exc:
             for r in runners:
                 r.close()
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise KilnError(f"model {name!r} version {version} failed its warm-up run: {first_line}") from exc
+            raise KilnError(f"model {name!r} version {version} failed its warm-up run: {first_line(exc)}") from exc
         batcher.start()
         self._generation += 1
         return ServedVersion(
