@@ -330,8 +330,17 @@ def test_statistics_extension_counts_inferences(
     assert stats["inference_stats"]["success"]["count"] >= 1
     gstats = grpc.get_inference_statistics("add", as_json=True)["model_stats"][0]
     assert int(gstats["inference_count"]) >= count0 + 3 and int(gstats["execution_count"]) >= 1
+    # perf_analyzer's rule: queue and compute input/infer/output count the same requests
+    inf = stats["inference_stats"]
+    counts = {k: inf[k]["count"] for k in ("queue", "compute_input", "compute_infer", "compute_output")}
+    assert len(set(counts.values())) == 1 and counts["queue"] >= 1, counts
+    assert inf["compute_infer"]["ns"] > 0
+    assert sum(b["compute_infer"]["count"] for b in stats["batch_stats"]) == stats["execution_count"]
+    assert all(b["compute_input"]["count"] == b["compute_infer"]["count"] for b in stats["batch_stats"])
     with pytest.raises(InferenceServerException, match="not in the repository"):
         http.get_inference_statistics("nope")
+    with pytest.raises(InferenceServerException, match="no served version 9"):
+        http.get_inference_statistics("add", "9")
 
 
 def test_logs_are_json_lines_carrying_the_request_id(server: ServeProcess) -> None:

@@ -12,6 +12,7 @@ from kiln.serving.batcher import (
     BUDGET_FLOOR_S,
     Batcher,
     BatchPolicy,
+    Budget,
     Running,
     ServiceTimes,
     expected_wait,
@@ -69,15 +70,15 @@ def test_expected_wait_counts_running_and_queued_work_over_the_instances() -> No
     assert expected_wait(10.0, [(10.0, 1)], 2, 1, ServiceTimes(), 8) == 0.0  # nothing measured: admit, learn
 
 
-def test_the_default_budget_is_a_few_measured_batches_with_a_floor() -> None:
+def test_the_default_budget_is_measured_batches_with_a_floor_and_a_burst_level() -> None:
     t = ServiceTimes()
     assert queue_budget(BatchPolicy(queue_budget_s=AUTO), t) is None  # unmeasured: no limit yet
     t.record(1, 0.005)
-    assert queue_budget(BatchPolicy(queue_budget_s=AUTO), t) == pytest.approx(0.015)
+    assert queue_budget(BatchPolicy(queue_budget_s=AUTO), t) == Budget(sustained=0.015, burst=0.080)
     fast = ServiceTimes()
     fast.record(1, 0.00002)
-    assert queue_budget(BatchPolicy(queue_budget_s=AUTO), fast) == BUDGET_FLOOR_S
-    assert queue_budget(BatchPolicy(queue_budget_s=0.25), t) == 0.25
+    assert queue_budget(BatchPolicy(queue_budget_s=AUTO), fast) == Budget(BUDGET_FLOOR_S, BUDGET_FLOOR_S)
+    assert queue_budget(BatchPolicy(queue_budget_s=0.25), t) == Budget(0.25, 0.25)  # the user's: one level
     assert queue_budget(BatchPolicy(), t) is None  # off: only max_queue_size bounds the queue
 
 
@@ -91,8 +92,8 @@ def _busy_batcher(policy: BatchPolicy, clock: FakeClock, seconds: float = 0.004)
 
 def test_submit_refuses_at_once_what_would_wait_past_the_queue_budget() -> None:
     clock = FakeClock()
-    b = _busy_batcher(BatchPolicy(max_batch_size=0, queue_budget_s=AUTO), clock)  # budget 12 ms
-    for _ in range(2):  # 4 ms running + 4 ms per queued request: the 3rd queued one would wait 12 ms
+    b = _busy_batcher(BatchPolicy(max_batch_size=0, queue_budget_s=0.012), clock)
+    for _ in range(2):  # 4 ms running + 4 ms per queued request
         b.submit(_x(), 1, lambda o, e: None)
     b.submit(_x(), 1, lambda o, e: None)  # waits 4 + 8 = 12 ms: fits exactly
     with pytest.raises(OverloadedError) as info:
@@ -106,6 +107,28 @@ def test_submit_refuses_at_once_what_would_wait_past_the_queue_budget() -> None:
     clock.now += 0.004  # the running batch is (estimated) done: the queue moves up
     b._running.clear()
     b.submit(_x(), 1, lambda o, e: None)
+
+
+def test_a_burst_or_closed_loop_queues_deeper_until_demand_outruns_the_engine() -> None:
+    clock = FakeClock()
+    b = _busy_batcher(BatchPolicy(max_batch_size=0, queue_budget_s=AUTO), clock)  # 4 ms: 12 ms / 64 ms
+    for _ in range(16):  # a closed loop of 17 clients on one instance (one running, 16 waiting): all admitted
+        b.submit(_x(), 1, lambda o, e: None)
+    assert b.depth == 16 and b.expected_wait() == pytest.approx(0.068)
+    with pytest.raises(OverloadedError) as info:
+        b.submit(_x(), 1, lambda o, e: None)  # past the burst level: demand outruns the engine
+    assert info.value.budget_s == pytest.approx(0.064)
+    b.queue.drain_all()
+    for _ in range(3):  # waits of 4, 8 and 12 ms
+        b.submit(_x(), 1, lambda o, e: None)
+    with pytest.raises(OverloadedError) as info:  # 16 ms: overloaded of late, so the sustained level, 12 ms
+        b.submit(_x(), 1, lambda o, e: None)
+    assert info.value.budget_s == pytest.approx(0.012)
+    clock.now += 1.0  # a second without a refusal: bursts are welcome again
+    b._running[0] = Running(b.runners[0], clock(), 1, [])
+    for _ in range(5):
+        b.submit(_x(), 1, lambda o, e: None)
+    assert b.depth == 8
 
 
 def test_a_client_timeout_replaces_the_budget_and_counts_its_own_run() -> None:

@@ -78,7 +78,9 @@ def _as_image(value: Any) -> Any:
 
 class DecodeArgs(OpArgs):
     mode: Literal["RGB", "L", "BGR"] = "RGB"
-    max_pixels: int = Field(default=64_000_000, ge=1, description="refuse larger images (decompression bombs)")
+    max_pixels: int = Field(
+        default=4096 * 4096, ge=1, description="refuse larger images (decompression bombs: 48 MiB decoded at most)"
+    )
 
 
 @register_op

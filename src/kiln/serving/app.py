@@ -353,8 +353,23 @@ def _unload_parameters(params: Any) -> None:
         raise ProtocolError("parameters.unload_dependents", f"must be true or false, got {short_repr(flag)}")
 
 
+# Triton extensions kiln does not serve, by a path pattern: the answer names the extension.
+_UNSUPPORTED = (
+    (re.compile(r"^/v2(/models/[^/]+(/versions/[^/]+)?)?/trace(/|$)"), "trace"),
+    (re.compile(r"^/v2/logging(/|$)"), "logging"),
+    (re.compile(r"^/v2/cudasharedmemory(/|$)"), "CUDA shared memory"),
+    (re.compile(r"^/v2/systemsharedmemory(/|$)"), "system shared memory"),
+    (re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/generate(_stream)?$"), "generate"),
+)
+
+
 async def _not_found(request: Request, exc: Exception) -> Response:
-    return JSONResponse({"error": f"no endpoint {request.url.path!r}; see /v2 for the protocol"}, status_code=404)
+    path = request.url.path
+    for pattern, extension in _UNSUPPORTED:
+        if pattern.match(path):
+            message = f"the {extension} extension is not supported by this server (see GET /v2 for its extensions)"
+            return JSONResponse({"error": message}, status_code=404)
+    return JSONResponse({"error": f"no endpoint {path!r}; see /v2 for the protocol"}, status_code=404)
 
 
 async def _not_allowed(request: Request, exc: Exception) -> Response:

@@ -87,8 +87,14 @@ class Pending:
 
 
 AUTO = "auto"
-BUDGET_BATCHES = 3.0  # the default queue budget: this many batch-1 service times ...
-BUDGET_FLOOR_S = 0.002  # ... but never less than this (below it the server's own jitter decides)
+# The default queue budget has two levels. A burst, or a closed loop of clients (perf_analyzer's
+# concurrency sweep) that waits for its answers, may queue up to BURST_BATCHES batch-1 service times;
+# once that is passed, demand is outrunning the engine, and for OVERLOAD_S after the last refusal only
+# BUDGET_BATCHES are admitted, so sustained overload does not multiply latency.
+BUDGET_BATCHES = 3.0
+BURST_BATCHES = 16.0
+BUDGET_FLOOR_S = 0.002  # never less than this (below it the server's own jitter decides)
+OVERLOAD_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -158,14 +164,26 @@ def expected_wait(
     return left / instances
 
 
-def queue_budget(policy: BatchPolicy, times: ServiceTimes) -> float | None:
-    """The wait a request without a deadline of its own may face (None: no limit by wait)."""
+@dataclass(frozen=True)
+class Budget:
+    """The wait a request without a deadline of its own may face: ``burst`` until demand has outrun the
+    engine of late, ``sustained`` while it does (the same value when the user set one)."""
+
+    sustained: float
+    burst: float
+
+
+def queue_budget(policy: BatchPolicy, times: ServiceTimes) -> Budget | None:
+    """The model's queue budget (None: no limit by wait, only ``max_queue_size``)."""
     b = policy.queue_budget_s
-    if b is None or isinstance(b, float | int):
-        return b
+    if b is None:
+        return None
+    if isinstance(b, float | int):
+        return Budget(float(b), float(b))
     if not times.known:
         return None  # nothing measured yet: admit, and learn
-    return max(BUDGET_BATCHES * times.batch_seconds(1), BUDGET_FLOOR_S)
+    one = times.batch_seconds(1)
+    return Budget(max(BUDGET_BATCHES * one, BUDGET_FLOOR_S), max(BURST_BATCHES * one, BUDGET_FLOOR_S))
 
 
 def classify_failure(exc: BaseException) -> tuple[str, type[EngineFailedError]]:
@@ -301,7 +319,9 @@ def split_outputs(outputs: Outputs, batch: Sequence[Pending], batched: bool) -> 
 
 
 class BatchObserver(Protocol):
-    def batch_done(self, size: int, rows: int, queue_s: Sequence[float], compute_s: float) -> None: ...
+    def batch_done(
+        self, size: int, rows: int, queue_s: Sequence[float], input_s: float, infer_s: float, output_s: float
+    ) -> None: ...
 
     def batch_failed(self, kind: str) -> None: ...
 
@@ -350,6 +370,7 @@ class Batcher:
         self.times = ServiceTimes()
         self._running: dict[int, Running] = {}  # id(runner) -> its batch
         self._failures = 0  # failed batches in a row
+        self._overloaded_until = float("-inf")  # the sustained queue budget applies until then
         self.unhealthy = ""  # why the batcher gave up (set once)
         self._threads: list[threading.Thread] = []
         self._stopped = threading.Event()  # ends the watchdog
@@ -413,16 +434,19 @@ class Batcher:
 
     def _admit(self, now: float, rows: int, budget_s: float | None) -> None:
         """Raise :class:`OverloadedError` unless the request's wait fits its budget: ``budget_s`` (the
-        client's timeout; the request's own run counts too), else the model's queue budget."""
+        client's timeout; the request's own run counts too), else the model's queue budget (its burst
+        level, or its sustained level while demand outruns the engine: see :class:`Budget`)."""
         if budget_s is not None:
             budget, client = budget_s - self.times.batch_seconds(rows), True
         else:
             b = queue_budget(self.policy, self.times)
             if b is None:
                 return
-            budget, client = b, False
+            budget, client = (b.sustained if now < self._overloaded_until else b.burst), False
         wait = self._expected_wait(now)
         if wait > 0 and wait > budget:  # with nothing ahead a request is admitted, even if its timeout is short
+            if not client:
+                self._overloaded_until = now + OVERLOAD_S
             raise OverloadedError(self.model, wait, max(budget, 0.0), client)
 
     # ---- the hot path -------------------------------------------------------------------------------------
@@ -509,7 +533,7 @@ class Batcher:
         self._succeeded()
         if self.observer is not None:
             with contextlib.suppress(Exception):
-                self.observer.batch_done(1, rows, [0.0], compute_s)
+                self.observer.batch_done(1, rows, [0.0], 0.0, compute_s, 0.0)
 
     def _work(self, runner: Runner) -> None:
         batched = self.policy.max_batch_size > 0
@@ -546,7 +570,10 @@ class Batcher:
     def _run(self, runner: Runner, batch: list[Pending], batched: bool) -> None:
         start = self.clock()
         try:
-            outputs = runner.run(concat_inputs(batch, batched))
+            feed = concat_inputs(batch, batched)
+            ran = self.clock()
+            outputs = runner.run(feed)
+            end = self.clock()
             parts = split_outputs(outputs, batch, batched)
         except BaseException as exc:
             with self._cond:
@@ -564,9 +591,9 @@ class Batcher:
             err = self._on_failure(runner, exc, 1)
             self._finish(batch[0], None, err)
             return
-        end = self.clock()
+        split = self.clock()
         with self._cond:
-            self.record_compute(end - start, sum(p.rows for p in batch))
+            self.record_compute(end - ran, sum(p.rows for p in batch))
             timed_out = self._running[id(runner)].timed_out
         if timed_out:  # answered by the watchdog already
             return
@@ -576,8 +603,9 @@ class Batcher:
         if self.observer is not None:
             with contextlib.suppress(Exception):
                 self.observer.batch_done(
-                    len(batch), sum(p.rows for p in batch), [start - p.enqueued for p in batch], end - start
-                )
+                    len(batch), sum(p.rows for p in batch), [start - p.enqueued for p in batch],
+                    ran - start, end - ran, split - end,
+                )  # fmt: skip
 
     # ---- faults -------------------------------------------------------------------------------------------
     def _succeeded(self) -> None:
@@ -687,6 +715,7 @@ __all__ = [
     "BatchQueue",
     "Batcher",
     "BatcherClosedError",
+    "Budget",
     "Pending",
     "Runner",
     "ServiceTimes",

@@ -171,7 +171,7 @@ class TritonStats:
         self.execution_count = 0
         self.last_inference_ms = 0
         self.totals = {k: [0, 0] for k in self._KINDS}  # kind -> [count, ns]
-        self.batches: dict[int, list[int]] = {}  # batch size -> [count, compute ns]
+        self.batches: dict[int, list[int]] = {}  # batch size -> [count, input ns, infer ns, output ns]
 
     def add(self, kind: str, seconds: float) -> None:
         with self.lock:
@@ -183,24 +183,28 @@ class TritonStats:
         self.add("success" if ok else "fail", seconds)
         self.last_inference_ms = int(time.time() * 1000)
 
-    def batch(self, rows: int, queue_s: Sequence[float], compute_s: float) -> None:
-        ns = int(compute_s * 1e9)
+    def batch(self, rows: int, queue_s: Sequence[float], input_s: float, infer_s: float, output_s: float) -> None:
+        """One executed batch of ``len(queue_s)`` requests. As in Triton, the inference statistics count
+        requests (each request's compute is its batch's), ``batch_stats`` count batches per size."""
+        n = len(queue_s)
+        ns = (int(input_s * 1e9), int(infer_s * 1e9), int(output_s * 1e9))
         with self.lock:
             self.inference_count += rows
             self.execution_count += 1
             q = self.totals["queue"]
-            q[0] += len(queue_s)
+            q[0] += n
             q[1] += int(sum(queue_s) * 1e9)
-            c = self.totals["compute_infer"]
-            c[0] += 1
-            c[1] += ns
-            b = self.batches.setdefault(rows, [0, 0])
+            for kind, t in zip(("compute_input", "compute_infer", "compute_output"), ns, strict=True):
+                total = self.totals[kind]
+                total[0] += n
+                total[1] += t * n
+            b = self.batches.setdefault(rows, [0, 0, 0, 0])
             b[0] += 1
-            b[1] += ns
+            for i, t in enumerate(ns, 1):
+                b[i] += t
 
     def as_dict(self, model: str, version: str) -> dict[str, object]:
         with self.lock:
-            zero = {"count": 0, "ns": 0}
             return {
                 "name": model,
                 "version": version,
@@ -211,11 +215,11 @@ class TritonStats:
                 "batch_stats": [
                     {
                         "batch_size": size,
-                        "compute_input": zero,
-                        "compute_infer": {"count": c, "ns": ns},
-                        "compute_output": zero,
+                        "compute_input": {"count": c, "ns": i},
+                        "compute_infer": {"count": c, "ns": n},
+                        "compute_output": {"count": c, "ns": o},
                     }
-                    for size, (c, ns) in sorted(self.batches.items())
+                    for size, (c, i, n, o) in sorted(self.batches.items())
                 ],
             }
 
@@ -234,9 +238,11 @@ class BatchMetrics:
     def batch_failed(self, kind: str) -> None:
         self._failures.labels(*self._labels, kind).inc()
 
-    def batch_done(self, size: int, rows: int, queue_s: Sequence[float], compute_s: float) -> None:
-        self.stats.batch(rows, queue_s, compute_s)
+    def batch_done(
+        self, size: int, rows: int, queue_s: Sequence[float], input_s: float, infer_s: float, output_s: float
+    ) -> None:
+        self.stats.batch(rows, queue_s, input_s, infer_s, output_s)
         for q in queue_s:
             self._queue.observe(q)
-        self._compute.observe(compute_s)
+        self._compute.observe(infer_s)
         self._batch.observe(rows)
