@@ -108,8 +108,8 @@ class ServingSettings(BaseModel):
         default=None,
         gt=0,
         description="the longest wait a request without a timeout of its own may face: one whose expected wait "
-        "is longer is refused at once (503, Retry-After). Default: 3 batch-1 service times as measured, at "
-        "least 2 ms, so that overload does not multiply latency",
+        "is longer is refused at once (503, Retry-After). Default: 16 batch-1 service times as measured for "
+        "a burst, 3 while demand outruns the engine (at least 2 ms)",
     )
     compute_timeout_ms: int | None = Field(
         default=None,
