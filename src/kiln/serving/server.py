@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import logging
 import math
 import os
@@ -129,6 +130,11 @@ class Server:
                 "set --token (or KILN_SERVE_TOKEN) to protect the model-repository endpoints", s.host,
             )  # fmt: skip
         await self._load_models(held)
+        # What start-up imported and loaded (torch, ONNX Runtime, the models: millions of objects) never
+        # becomes garbage: keep it out of the collector's full passes, which otherwise stall the event loop
+        # for tens of milliseconds under load (measured: rejection p99 60 ms -> 3 ms at 3x capacity).
+        gc.collect()
+        gc.freeze()
         self.service.started = True
         ready = [r["name"] + ":" + r["version"] for r in self.manager.index(ready_only=True)]
         if ready:
