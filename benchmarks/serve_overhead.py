@@ -3,7 +3,8 @@
 Everything is measured in one run on this machine, so the ratios hold even where absolute figures
 are noisy. The server runs as a separate process (``kiln serve``, engine on 1 thread); the clients are
 Triton's own (``tritonclient.http`` / ``tritonclient.grpc``, binary tensors on), one client per thread,
-on the same cores as the server.
+on the same cores as the server. The ``json`` rows are ``tritonclient.http`` with ``binary_data=False``
+on the input and the output: tensors as JSON lists both ways, as clients without the binary extension send.
 
     .venv/bin/python benchmarks/serve_overhead.py [--seconds 3] [--concurrency 1 4 8 16]
 """
@@ -111,48 +112,104 @@ def engine_baseline(repo: Path, x: np.ndarray, seconds: float) -> tuple[float, f
 
 
 def drive(
-    protocol: str, url: str, x: np.ndarray, concurrency: int, seconds: float, model: str = "cnn"
-) -> tuple[float, float, float, int]:
+    protocol: str, url: str, x: np.ndarray, concurrency: int, seconds: float, model: str = "cnn", server_pid: int = 0
+) -> tuple[float, float, float, int, float, float]:
+    """req/s, p50 and p99 ms, errors, and CPU ms per request in the window: the server's (``server_pid``) and
+    this process's (the clients)."""
+    import psutil
     import tritonclient.grpc as grpcclient
     import tritonclient.http as httpclient
 
-    module: Any = httpclient if protocol == "http" else grpcclient
+    module: Any = grpcclient if protocol == "grpc" else httpclient
+    as_json = protocol == "json"  # HTTP with tensors as JSON lists, input and output
     lat: list[list[float]] = [[] for _ in range(concurrency)]
     errors = [0] * concurrency
     warmed = threading.Barrier(concurrency + 1)
     stop = threading.Event()
 
     def worker(i: int) -> None:
+        if protocol == "json1":
+            json_once(i)
+            return
         client = module.InferenceServerClient(url)
         inp = module.InferInput("input", list(x.shape), "FP32")
-        inp.set_data_from_numpy(x)
+        if as_json:
+            inp.set_data_from_numpy(x, binary_data=False)
+            outputs = [httpclient.InferRequestedOutput("logits", binary_data=False)]
+        else:
+            inp.set_data_from_numpy(x)
+            outputs = None
         for _ in range(20):
-            client.infer(model, [inp])
+            client.infer(model, [inp], outputs=outputs)
         warmed.wait()
         mine = lat[i]
         while not stop.is_set():
             t = time.perf_counter()
             try:
-                client.infer(model, [inp])
+                client.infer(model, [inp], outputs=outputs)
             except Exception:
                 errors[i] += 1
                 continue
             mine.append(time.perf_counter() - t)
         client.close()
 
+    def json_once(i: int) -> None:
+        """JSON tensors both ways, the body serialized once (as perf_analyzer does): the server's JSON cost
+        without tritonclient's Python serialization of every request (about 2 ms here)."""
+        import http.client
+        import json
+
+        host, port = url.split(":")
+        conn = http.client.HTTPConnection(host, int(port))
+        body = json.dumps({
+            "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.reshape(-1).tolist()}],
+            "outputs": [{"name": "logits", "parameters": {"binary_data": False}}],
+        }).encode()  # fmt: skip
+        headers = {"Content-Type": "application/json"}
+        path = f"/v2/models/{model}/infer"
+
+        def once() -> None:
+            conn.request("POST", path, body, headers)
+            r = conn.getresponse()
+            data = r.read()
+            if r.status != 200 or not data.startswith(b"{"):
+                raise RuntimeError(f"HTTP {r.status}")
+
+        for _ in range(20):
+            once()
+        warmed.wait()
+        mine = lat[i]
+        while not stop.is_set():
+            t = time.perf_counter()
+            try:
+                once()
+            except Exception:
+                errors[i] += 1
+                conn.close()
+                conn = http.client.HTTPConnection(host, int(port))
+                continue
+            mine.append(time.perf_counter() - t)
+        conn.close()
+
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
     for t in threads:
         t.start()
+    server = psutil.Process(server_pid) if server_pid else None
     warmed.wait()  # every client has finished its warm-up requests
+    server_cpu = sum(server.cpu_times()[:2]) if server else 0.0
+    client_cpu = time.process_time()
     start = time.perf_counter()
     time.sleep(seconds)  # the measurement window
     stop.set()
     elapsed = time.perf_counter() - start
+    client_cpu = time.process_time() - client_cpu
+    server_cpu = sum(server.cpu_times()[:2]) - server_cpu if server else float("nan")
     for t in threads:
         t.join()
     flat = [v for per in lat for v in per]
     p50, p99 = percentiles(flat)
-    return len(flat) / elapsed, p50, p99, sum(errors)
+    n = max(1, len(flat))
+    return len(flat) / elapsed, p50, p99, sum(errors), server_cpu / n * 1e3, client_cpu / n * 1e3
 
 
 def main() -> None:
@@ -203,30 +260,40 @@ def main() -> None:
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise RuntimeError((work / "serve.log").read_text())
             time.sleep(0.05)
-        urls = {"http": f"127.0.0.1:{http_port}", "grpc": f"127.0.0.1:{grpc_port}"}
+        urls = {"http": f"127.0.0.1:{http_port}", "json": f"127.0.0.1:{http_port}", "json1": f"127.0.0.1:{http_port}",
+                "grpc": f"127.0.0.1:{grpc_port}"}  # fmt: skip
         base_s = max(1.0, args.seconds / 2)
         print(
             "\neach served point is bracketed by in-process engine runs (ORT, 1 thread, batch 1) of "
-            f"{base_s:.1f} s, and its ratio uses their mean: the machine's load drifts"
+            f"{base_s:.1f} s, and its ratio uses their mean: the machine's load drifts; http and grpc send binary "
+            "tensors, json is http with tensors as JSON lists (binary_data=False on input and output), json1 the same "
+            "body serialized once by a plain keep-alive client (as perf_analyzer does)"
         )
         print(
             f"{'protocol':8} {'conc':>4} {'req/s':>8} {'engine':>8} {'served/engine':>14} {'p50 ms':>8} "
             f"{'engine p50':>10} {'p99 ms':>8} {'errors':>6}"
         )
-        for c in args.concurrency:  # protocols alternate, so drift hits both alike
-            for protocol in ("http", "grpc"):
+        cpu: dict[tuple[str, int], tuple[float, float]] = {}
+        for c in args.concurrency:  # protocols alternate, so drift hits them alike
+            for protocol in ("http", "grpc", "json", "json1"):
                 before = engine_baseline(repo, x, base_s)
-                rate, p50, p99, errors = drive(protocol, urls[protocol], x, c, args.seconds)
+                rate, p50, p99, errors, s_cpu, c_cpu = drive(
+                    protocol, urls[protocol], x, c, args.seconds, "cnn", proc.pid
+                )
+                cpu[protocol, c] = (s_cpu, c_cpu)
                 after = engine_baseline(repo, x, base_s)
                 e_rate, e_p50 = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
                 print(
                     f"{protocol:8} {c:>4} {rate:8.1f} {e_rate:8.1f} {rate / e_rate:14.2f} {p50:8.3f} {e_p50:10.3f} "
                     f"{p99:8.3f} {errors:>6}" + (f"   p50 added: {p50 - e_p50:.3f} ms" if c == 1 else "")
                 )
-        for protocol in ("http", "grpc"):
-            f_rate, f_p50, _, _ = drive(protocol, urls[protocol], np.ones((1, 4), np.float32), 1, args.seconds, "floor")
+        for protocol in ("http", "grpc", "json"):
+            f_rate, f_p50, *_ = drive(protocol, urls[protocol], np.ones((1, 4), np.float32), 1, args.seconds, "floor")
             print(f"{protocol} floor: a 4-float Add model served at concurrency 1: p50 {f_p50:.3f} ms, "
                   f"{f_rate:.0f} req/s (protocol + client + server, almost no engine time)")  # fmt: skip
+        print("\nCPU ms per request in each window, server (the kiln serve process) / clients (this process):")
+        for c in args.concurrency:
+            print(f"  concurrency {c}: " + ", ".join(f"{p} {cpu[p, c][0]:.2f} / {cpu[p, c][1]:.2f}" for p in urls))
         with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5) as r:
             text = r.read().decode()
         sums = {}

@@ -426,3 +426,44 @@ class ModelLoadError(KilnError):
         self.model = model
         self.version = version
         self.reason = reason
+
+
+class SharedMemoryError(ProtocolError):
+    """A system shared memory region that cannot be registered as asked, or a tensor that does not fit the
+    part of the region it names; nothing outside the region is read or written."""
+
+    def __init__(self, region: str, problem: str) -> None:
+        super().__init__(f"system shared memory region {region!r}", problem)
+        self.region = region
+
+
+class UnknownSharedMemoryRegionError(SharedMemoryError):
+    """A region name that is not registered (Triton answers "Unable to find system shared memory region")."""
+
+    def __init__(self, region: str, registered: list[str]) -> None:
+        shown = registered[:10] + (["..."] if len(registered) > 10 else [])
+        KilnError.__init__(
+            self,
+            f"Unable to find system shared memory region {region!r} (registered: {shown}); register it first "
+            f"(POST /v2/systemsharedmemory/region/{region}/register or gRPC SystemSharedMemoryRegister)",
+        )
+        self.field = f"system shared memory region {region!r}"
+        self.problem = "is not registered"
+        self.region = region
+        self.registered = registered
+
+
+class SharedMemoryLimitError(KilnError):
+    """Registering one more region would pass the server's cap on regions or on mapped bytes (507)."""
+
+    http_status = 507
+
+    def __init__(self, region: str, what: str, value: int, limit: int, fix: str) -> None:
+        super().__init__(
+            f"cannot register system shared memory region {region!r}: {what} would be {value}, past the limit of "
+            f"{limit}; {fix}"
+        )
+        self.region = region
+        self.what = what
+        self.value = value
+        self.limit = limit

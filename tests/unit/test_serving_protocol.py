@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import tritonclient.http as tritonhttp
 
 from kiln.errors import InputError, ProtocolError
 from kiln.serving.protocol import (
@@ -141,12 +142,13 @@ TYPED = ModelSpec(
         TensorSpec(name="i64", dtype="int64", shape=(-1,)),
         TensorSpec(name="i8", dtype="int8", shape=(-1,)),
         TensorSpec(name="u8", dtype="uint8", shape=(-1,)),
+        TensorSpec(name="u64", dtype="uint64", shape=(-1,)),
         TensorSpec(name="f32", dtype="float32", shape=(-1,)),
         TensorSpec(name="flag", dtype="bool", shape=(-1,)),
     ],
     outputs=[TensorSpec(name="y", dtype="float32", shape=(-1,))],
 )
-_DATATYPES = {"i64": "INT64", "i8": "INT8", "u8": "UINT8", "f32": "FP32", "flag": "BOOL"}
+_DATATYPES = {"i64": "INT64", "i8": "INT8", "u8": "UINT8", "u64": "UINT64", "f32": "FP32", "flag": "BOOL"}
 
 
 def _typed(name: str, data: list[object]) -> np.ndarray:
@@ -179,3 +181,123 @@ def test_json_data_of_the_right_kind_keeps_its_values() -> None:
     assert _typed("flag", [True, False]).tolist() == [True, False]
     assert _typed("u8", [0, 255]).dtype == np.uint8
     assert _typed("i8", []).shape == (0,)
+
+
+# ---- JSON tensors through orjson: exact values, strict kinds ----------------------------------------------
+def _tritonclient_reads(model_outputs: dict[str, np.ndarray]) -> tritonhttp.InferResult:
+    """The response body as tritonclient parses it (rapidjson, then ``np.array(data, dtype)``)."""
+    parts, hlen = encode_http("m", 1, InferRequest(id="", inputs={}), model_outputs)
+    return tritonhttp.InferResult.from_response_body(b"".join(parts), header_length=hlen)
+
+
+def test_json_float32_outputs_come_back_bit_for_bit() -> None:
+    # 0x15AE43FD's shortest float32 text, 7.038531e-26, read as a double and narrowed, is 0x15AE43FE: a codec
+    # that wrote float32 shortest text (orjson's numpy default) would hand the client a different number.
+    special = np.array([0x15AE43FD, 0x00000001, 0x007FFFFF, 0x7F7FFFFF, 0x80000000, 0x3DCCCCCD], np.uint32)
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 2**32, 20_000, dtype=np.uint32)
+    bits = bits[np.isfinite(bits.view(np.float32))]
+    y = np.concatenate([special, bits]).view(np.float32)
+    back = _tritonclient_reads({"y": y.reshape(1, -1)}).as_numpy("y")
+    assert back.dtype == np.float32 and back.shape == (1, y.size)
+    assert np.array_equal(back.reshape(-1).view(np.uint32), y.view(np.uint32))
+    half = rng.standard_normal(100).astype(np.float16)
+    assert np.array_equal(_tritonclient_reads({"h": half}).as_numpy("h").view(np.uint16), half.view(np.uint16))
+
+
+def test_json_non_finite_outputs_are_written_as_nan_and_infinity_not_null() -> None:
+    y = np.array([np.nan, np.inf, -np.inf, 1.5], np.float32)
+    parts, _ = encode_http("m", 1, InferRequest(id="", inputs={}), {"y": y})
+    assert b"null" not in parts[0] and b"NaN,Infinity,-Infinity,1.5" in parts[0]
+    back = _tritonclient_reads({"y": y}).as_numpy("y")
+    assert np.array_equal(back, y, equal_nan=True)
+
+
+def test_json_integer_bool_and_bytes_outputs_keep_their_values() -> None:
+    info64, infou = np.iinfo(np.int64), np.iinfo(np.uint64)
+    outs: dict[str, np.ndarray] = {
+        "i64": np.array([[info64.min, -1], [0, info64.max]], np.int64),
+        "u64": np.array([0, infou.max], np.uint64),
+        "i8": np.array([-128, 127], np.int8),
+        "b": np.array([True, False, True]),
+        "s": np.array(["héllo", b"\xff", ""], dtype=object),
+        "empty": np.zeros((0, 3), np.float32),
+        "strided": np.arange(12, dtype=np.int32).reshape(3, 4)[:, ::2],
+    }
+    res = _tritonclient_reads(outs)
+    for name in ("i64", "u64", "i8", "b", "empty", "strided"):
+        got = res.as_numpy(name)
+        assert got.dtype == outs[name].dtype and np.array_equal(got, outs[name]), name
+    doc = res.get_response()
+    assert doc["outputs"][4]["datatype"] == "BYTES" and doc["outputs"][4]["data"] == ["héllo", "\ufffd", ""]
+    assert doc["outputs"][0]["data"] == [info64.min, -1, 0, info64.max]  # exact integers, not doubles
+
+
+def test_json_output_text_orjson_refuses_falls_back_to_the_standard_library() -> None:
+    parts, _ = encode_http("m", 1, InferRequest(id="\ud800", inputs={}), {"t": np.array(["a"], dtype=object)})
+    assert json.loads(bytes(parts[0]))["id"] == "\ud800"
+
+
+def test_json_float32_inputs_are_exact() -> None:
+    x = np.concatenate(
+        [np.array([0x15AE43FD, 1, 0x7F7FFFFF], np.uint32).view(np.float32), np.array([0.1, -0.0], np.float32)]
+    )
+    data = [v.item() for v in x]  # what tritonclient sends with binary_data=False (rapidjson writes repr text)
+    assert np.array_equal(_typed("f32", data).view(np.uint32), x.view(np.uint32))
+
+
+def test_json_int64_extremes_and_bool_inputs() -> None:
+    assert _typed("i64", [-(2**63), 2**63 - 1, 0]).tolist() == [-(2**63), 2**63 - 1, 0]
+    assert _typed("flag", [True, False]).dtype == np.bool_
+    with pytest.raises(ProtocolError, match=r"^input 'i64': data: 9223372036854775808 is out of range for INT64"):
+        _typed("i64", [2**63, 0])
+    # Past 64 bits orjson reads an integer as a double: still out of range for an integer input, a number for FP32.
+    with pytest.raises(ProtocolError, match=r"^input 'i64': data: 18446744073709551616 is out of range for INT64"):
+        _typed("i64", [2**64, 0])
+    with pytest.raises(ProtocolError, match=r"for INT64, got numbers written as floats, or integers past 64 bits$"):
+        _typed("i64", [-(2**63) - 1])  # the double is -2**63 itself: refused as a float, not out of range
+    # numpy reads 2**64 - 1 beside 5 as float64 (digits lost); the codec reads them exactly.
+    assert _typed("u64", [2**64 - 1, 5]).tolist() == [2**64 - 1, 5]
+    with pytest.raises(ProtocolError, match=r"^input 'u64': data: -1 is out of range for UINT64"):
+        _typed("u64", [2**64 - 1, -1])
+    with pytest.raises(ProtocolError, match="must hold integers for INT64, got non-integer numbers"):
+        _typed("i64", [2**64, 0.5])
+    assert _typed("f32", [10**30]).tolist() == [np.float32(1e30)]
+
+
+def test_json_nan_and_infinity_inputs_are_read_as_before() -> None:
+    # Not JSON (orjson refuses them) but tritonclient writes them for non-finite inputs; the standard library reads them.
+    assert np.isnan(_typed("f32", [float("nan"), float("inf")])).tolist() == [True, False]
+    with pytest.raises(ProtocolError, match="must hold integers for INT64, got non-integer numbers"):
+        _typed("i64", [float("nan")])
+
+
+@pytest.mark.parametrize(
+    ("body", "match"),
+    [
+        (
+            b'{"inputs":[{"name":"f32","shape":[1],"datatype":"FP32","data":'
+            + b"[" * 1000
+            + b"1"
+            + b"]" * 1000
+            + b"}]}",
+            "input 'f32': data: cannot be read as FP32",
+        ),
+        (b"[" * 5000 + b"]" * 5000, "body: nests arrays or objects too deeply"),
+        (b'{"inputs": [1.5,]}', "body: not valid JSON"),
+        (b'{"inputs":[{"name":"f32","shape":[2],"datatype":"FP32","data":[[1],[2,3]]}]}', "input 'f32': data"),
+        (b'{"inputs":[{"name":"flag","shape":[2],"datatype":"BOOL","data":[true,1]}]}', "true/false for BOOL"),
+    ],
+)
+def test_json_bodies_orjson_and_json_refuse_alike(body: bytes, match: str) -> None:
+    with pytest.raises(ProtocolError, match=match):
+        decode_http(body, None, TYPED)
+
+
+def test_json_bytes_inputs_unchanged() -> None:
+    doc = {"inputs": [{"name": "text", "shape": [3], "datatype": "BYTES", "data": ["a", "é", ""]}]}
+    req = decode_http(json.dumps(doc).encode(), None, SPEC)
+    assert req.inputs["text"].dtype == object and list(req.inputs["text"]) == ["a", "é", ""]
+    doc["inputs"][0]["data"] = ["a", "\ud800", "b"]  # a lone surrogate: orjson refuses it, json reads it, we refuse
+    with pytest.raises(ProtocolError, match="input 'text': data: cannot be read as BYTES"):
+        decode_http(json.dumps(doc).encode(), None, SPEC)

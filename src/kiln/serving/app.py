@@ -29,6 +29,7 @@ from kiln.serving.encoding import MIN_COMPRESS_BYTES, Inflater, compress, reques
 from kiln.serving.protocol import decode_http, encode_http, load_json, short_repr
 from kiln.serving.raw import parse_instances
 from kiln.serving.service import Service, check_load_parameters, parse_version, retry_after
+from kiln.serving.shared_memory import ShmSession
 
 log = logging.getLogger("kiln.serving")
 access = logging.getLogger("kiln.serving.access")
@@ -138,6 +139,42 @@ def build_app(service: Service) -> ASGIApp:
         except Exception as exc:
             return error_response(service, exc)
 
+    # ---- system shared memory (shared_memory.py) -----------------------------------------------------------
+    async def shm_status(request: Request) -> Response:
+        try:
+            service.check_token(request.headers.get("authorization"), _SHM_ENDPOINTS)
+            return JSONResponse(service.shared_memory.status(request.path_params.get("region")))
+        except Exception as exc:
+            return error_response(service, exc)
+
+    async def shm_register(request: Request) -> Response:
+        try:
+            service.check_token(request.headers.get("authorization"), _SHM_ENDPOINTS)
+            doc = _json_object(await read_body(request, limit))
+            unknown = sorted(set(doc) - {"key", "offset", "byte_size"})
+            if unknown or "key" not in doc or "byte_size" not in doc:
+                raise ProtocolError(
+                    "body", f"must hold key and byte_size (offset: 0 when left out) and nothing else, got {sorted(doc)}"
+                )
+            region = request.path_params["region"]
+            service.shared_memory.register(region, doc["key"], doc.get("offset", 0), doc["byte_size"])
+            return Response(b"", 200)
+        except Exception as exc:
+            return error_response(service, exc)
+
+    async def cuda_shm_none(request: Request) -> Response:
+        """CUDA shared memory is not served: no regions to list, none to unregister (perf_analyzer's clean-up)."""
+        return JSONResponse([]) if request.method == "GET" else Response(b"", 200)
+
+    async def shm_unregister(request: Request) -> Response:
+        try:
+            service.check_token(request.headers.get("authorization"), _SHM_ENDPOINTS)
+            await read_body(request, limit)  # tritonclient sends an empty body; none is read
+            service.shared_memory.unregister(request.path_params.get("region"))
+            return Response(b"", 200)
+        except Exception as exc:
+            return error_response(service, exc)
+
     async def metrics(request: Request) -> Response:
         return Response(service.metrics.render(), media_type=service.metrics.content_type)
 
@@ -195,6 +232,13 @@ def build_app(service: Service) -> ASGIApp:
         Route("/v2/repository/models/{model}/load", repository_load, methods=["POST"]),
         Route("/v2/repository/models/{model}/unload", repository_unload, methods=["POST"]),
         Route(f"{m}/stats", statistics, methods=["GET"]),
+        Route("/v2/cudasharedmemory/status", cuda_shm_none, methods=["GET"]),
+        Route("/v2/cudasharedmemory/unregister", cuda_shm_none, methods=["POST"]),
+        Route("/v2/systemsharedmemory/status", shm_status, methods=["GET"]),
+        Route("/v2/systemsharedmemory/region/{region}/status", shm_status, methods=["GET"]),
+        Route("/v2/systemsharedmemory/region/{region}/register", shm_register, methods=["POST"]),
+        Route("/v2/systemsharedmemory/unregister", shm_unregister, methods=["POST"]),
+        Route("/v2/systemsharedmemory/region/{region}/unregister", shm_unregister, methods=["POST"]),
         Route(f"{mv}/stats", statistics, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/v1/models", v1_models, methods=["GET"]),
@@ -246,6 +290,7 @@ class InferEndpoint:
         logs.request_id.set(rid)
         version = ""
         status = 200
+        shm: ShmSession | None = None
         self.in_flight.inc()
         try:
             sv = await service.resolve(model, version_text)
@@ -258,7 +303,8 @@ class InferEndpoint:
                     f"must be a byte count within the body ({len(body)} bytes), got {short_repr(hlen.decode('latin-1'))}",
                 )
             raw = sv.processing
-            req = decode_http(body, int(hlen) if hlen is not None else None, raw.wire_spec, raw.keep_bytes)
+            shm = service.shared_memory.session()  # None while no region is registered
+            req = decode_http(body, int(hlen) if hlen is not None else None, raw.wire_spec, raw.keep_bytes, shm)
             req.version = parse_version(version_text)
             outputs = await service.infer_v2(sv, req, disconnected=receive)  # http.disconnect: dropped if queued
             parts, header_len = encode_http(model, sv.version, req, outputs)
@@ -286,6 +332,8 @@ class InferEndpoint:
                 log.warning("infer %s failed: %s", model, message, extra={"status": status})
         finally:
             self.in_flight.dec()
+            if shm is not None:
+                shm.release()
         out_headers.append((b"content-length", str(len(payload)).encode()))
         # Counted before the answer leaves: a client that reads /metrics right after its response must see it.
         elapsed = time.perf_counter() - start
@@ -358,9 +406,11 @@ _UNSUPPORTED = (
     (re.compile(r"^/v2(/models/[^/]+(/versions/[^/]+)?)?/trace(/|$)"), "trace"),
     (re.compile(r"^/v2/logging(/|$)"), "logging"),
     (re.compile(r"^/v2/cudasharedmemory(/|$)"), "CUDA shared memory"),
-    (re.compile(r"^/v2/systemsharedmemory(/|$)"), "system shared memory"),
     (re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/generate(_stream)?$"), "generate"),
 )
+
+
+_SHM_ENDPOINTS = "the shared-memory endpoints"
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:

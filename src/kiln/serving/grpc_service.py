@@ -5,7 +5,8 @@ Errors map to status codes: 400 -> INVALID_ARGUMENT, 401 -> UNAUTHENTICATED, 404
 413/507 -> RESOURCE_EXHAUSTED, 503 -> UNAVAILABLE, 504 -> DEADLINE_EXCEEDED, else INTERNAL. An RPC the
 client cancels, or whose deadline passes, is counted as ``cancelled`` or ``timeout``, never as served.
 Bytes that are not the method's protobuf message answer INVALID_ARGUMENT (see :func:`add_servicer`), and
-the methods kiln does not serve (shared memory, tracing, logging, streaming) UNIMPLEMENTED.
+the methods kiln does not serve (CUDA shared memory, tracing, logging) UNIMPLEMENTED. ``ModelStreamInfer``
+answers a failed request in the stream instead (``error_message``), and goes on (:mod:`.grpc_stream`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from kiln.errors import ProtocolError
 from kiln.serving import logs
+from kiln.serving.grpc_stream import answer_stream
 from kiln.serving.metrics import CLIENT_CLOSED
 from kiln.serving.protocol import (
     InferRequest,
@@ -34,9 +36,13 @@ from kiln.serving.protocol import (
     check_outputs,
     from_raw,
     output_datatype,
+    shm_input,
+    shm_output,
     to_raw,
+    write_shm_output,
 )
 from kiln.serving.service import Service, check_load_parameters, parse_version
+from kiln.serving.shared_memory import ShmSession
 from kiln.spec import ModelSpec
 
 _CODES = {
@@ -66,29 +72,44 @@ def _param(p: Any) -> Any:
     return getattr(p, which) if which else None
 
 
-def decode_grpc(request: Any, spec: ModelSpec, keep_bytes: frozenset[str] = frozenset()) -> InferRequest:
+def decode_grpc(
+    request: Any, spec: ModelSpec, keep_bytes: frozenset[str] = frozenset(), shm: ShmSession | None = None
+) -> InferRequest:
     """A ``ModelInferRequest`` as an :class:`InferRequest`; raw contents become zero-copy views.
 
-    BYTES inputs named in ``keep_bytes`` keep their elements as ``bytes`` instead of text.
+    BYTES inputs named in ``keep_bytes`` keep their elements as ``bytes`` instead of text. Tensors in system
+    shared memory go through ``shm`` (None while no region is registered); the caller releases it. As with
+    Triton, ``raw_input_contents`` holds one entry per input that is not in shared memory.
     """
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
-        raise ProtocolError(
-            "raw_input_contents", f"holds {len(raw)} tensors for {len(request.inputs)} inputs; send one per input"
-        )
+        plain = sum("shared_memory_region" not in t.parameters for t in request.inputs)
+        if len(raw) != plain:
+            which = "inputs" if plain == len(request.inputs) else "inputs not in shared memory"
+            raise ProtocolError(
+                "raw_input_contents", f"holds {len(raw)} tensors for {plain} {which}; send one per input"
+            )
     inputs: dict[str, np.ndarray] = {}
+    r = 0  # the next raw_input_contents entry
     for i, t in enumerate(request.inputs):
         spec.input(t.name)
         if t.name in inputs:
             raise ProtocolError(f"inputs[{i}].name", f"input {t.name!r} is given twice")
         dtype = check_datatype(spec, t.name, t.datatype)
         shape = check_dims(t.name, tuple(t.shape))
+        if "shared_memory_region" in t.parameters:
+            if t.HasField("contents"):
+                raise ProtocolError(f"input {t.name!r}: contents", "must be left empty for an input in shared memory")
+            params = {k: _param(v) for k, v in t.parameters.items()}
+            inputs[t.name] = shm_input(shm, t.name, params, dtype, shape, t.name not in keep_bytes)
+            continue
         if raw:
             if t.HasField("contents"):
                 raise ProtocolError(
                     f"input {t.name!r}: contents", "must be left empty when raw_input_contents carries the tensors"
                 )
-            inputs[t.name] = from_raw(t.name, raw[i], dtype, shape, t.name not in keep_bytes)
+            inputs[t.name] = from_raw(t.name, raw[r], dtype, shape, t.name not in keep_bytes)
+            r += 1
             continue
         field = _CONTENTS.get(t.datatype)
         values = getattr(t.contents, field) if field else []
@@ -120,15 +141,27 @@ def decode_grpc(request: Any, spec: ModelSpec, keep_bytes: frozenset[str] = froz
         for j, o in enumerate(request.outputs):
             if "classification" in o.parameters:
                 raise ProtocolError(f"outputs[{j}].parameters.classification", "is not supported by this server")
+            if "shared_memory_region" in o.parameters:
+                params = {k: _param(v) for k, v in o.parameters.items()}
+                req.shm_outputs = shm_output(shm, req.shm_outputs, o.name, params)
     return req
 
 
 def encode_grpc(model: str, version: int, req: InferRequest, outputs: dict[str, np.ndarray]) -> Any:
     resp = service_pb2.ModelInferResponse(model_name=model, model_version=str(version), id=req.id)
     raws: list[bytes] = []
+    shm = req.shm_outputs
     for name in req.output_names or tuple(outputs):
         arr = outputs[name]
-        resp.outputs.add(name=name, datatype=output_datatype(arr), shape=arr.shape)
+        out = resp.outputs.add(name=name, datatype=output_datatype(arr), shape=arr.shape)
+        if shm is not None and name in shm:  # written into its region; an empty entry keeps the order (Triton's)
+            for key, value in write_shm_output(shm[name], name, arr).items():
+                if isinstance(value, str):
+                    out.parameters[key].string_param = value
+                else:
+                    out.parameters[key].int64_param = value
+            raws.append(b"")
+            continue
         r = to_raw(arr)
         raws.append(r if isinstance(r, bytes) else r.tobytes())
     resp.raw_output_contents.extend(raws)
@@ -144,9 +177,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         status, message = self.service.error_status(exc)
         await context.abort(status_code(status), message)
 
-    def _check_token(self, context: Any) -> None:
+    def _check_token(self, context: Any, endpoints: str = "the model-repository endpoints") -> None:
         md = {k.lower(): v for k, v in (context.invocation_metadata() or ())}
-        self.service.check_token(md.get("authorization"))
+        self.service.check_token(md.get("authorization"), endpoints)
 
     # ---- health and metadata ---------------------------------------------------------------------------
     async def ServerLive(self, request: Any, context: Any) -> Any:
@@ -192,28 +225,57 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     # ---- inference ---------------------------------------------------------------------------------------
     async def ModelInfer(self, request: Any, context: Any) -> Any:
+        self._in_flight.inc()
+        try:
+            response, status, message = await self._infer(request, context.time_remaining)
+        finally:
+            self._in_flight.dec()
+        if response is None:
+            await context.abort(status_code(status), message)
+        return response
+
+    async def ModelStreamInfer(self, request_iterator: Any, context: Any) -> None:
+        """Triton's bidirectional stream: each request is answered as by ModelInfer, in completion order; a
+        failed one is answered in the stream (``error_message``, and its id) and the stream goes on."""
+
+        async def answer(request: Any) -> Any:
+            if type(request) is Undecodable:
+                return service_pb2.ModelStreamInferResponse(error_message=_undecodable(request))
+            response, _, message = await self._infer(request, context.time_remaining)
+            if response is None:
+                failed = service_pb2.ModelInferResponse(id=request.id)
+                return service_pb2.ModelStreamInferResponse(error_message=message, infer_response=failed)
+            return service_pb2.ModelStreamInferResponse(infer_response=response)
+
+        await answer_stream(request_iterator, context, answer, self._in_flight)
+
+    async def _infer(self, request: Any, time_remaining: Callable[[], float | None]) -> tuple[Any, int, str]:
+        """One ``ModelInferRequest``, counted in the metrics: ``(response, 200, "")``, or ``(None, status,
+        message)`` when it failed; ``time_remaining`` gives what is left of the RPC's deadline."""
         start = time.perf_counter()
         model = request.model_name
         logs.request_id.set(request.id or logs.new_request_id())
         version = ""
-        status = 200
-        self._in_flight.inc()
+        status, message = 200, ""
+        shm: ShmSession | None = None
         try:
             sv = await self.service.resolve(model, request.model_version)
             version = str(sv.version)
-            req = decode_grpc(request, sv.processing.wire_spec, sv.processing.keep_bytes)
+            shm = self.service.shared_memory.session()
+            req = decode_grpc(request, sv.processing.wire_spec, sv.processing.keep_bytes, shm)
             req.version = parse_version(request.model_version)
-            outputs = await self.service.infer_v2(sv, req, deadline_s=context.time_remaining())
-            return encode_grpc(model, sv.version, req, outputs)
+            outputs = await self.service.infer_v2(sv, req, deadline_s=time_remaining())
+            return encode_grpc(model, sv.version, req, outputs), status, message
         except asyncio.CancelledError:  # grpc.aio cancels the handler when the client cancels or its deadline passes
-            remaining = context.time_remaining()
+            remaining = time_remaining()
             status = 504 if remaining is not None and remaining <= 0 else CLIENT_CLOSED
             raise
         except Exception as exc:
             status, message = self.service.error_status(exc)
-            await context.abort(status_code(status), message)
+            return None, status, message
         finally:
-            self._in_flight.dec()
+            if shm is not None:
+                shm.release()
             label = model if status < 400 else self.service.model_label(model)
             self.service.record(label, version, "grpc", status, time.perf_counter() - start)
 
@@ -244,6 +306,48 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             return service_pb2.RepositoryModelUnloadResponse()
         except Exception as exc:
             await self._fail(context, exc)
+
+    # ---- system shared memory (shared_memory.py) -----------------------------------------------------------
+    async def SystemSharedMemoryStatus(self, request: Any, context: Any) -> Any:
+        try:
+            self._check_token(context, _SHM_ENDPOINTS)
+            resp = service_pb2.SystemSharedMemoryStatusResponse()
+            for row in self.service.shared_memory.status(request.name or None):
+                resp.regions[row["name"]].CopyFrom(service_pb2.SystemSharedMemoryStatusResponse.RegionStatus(**row))
+            return resp
+        except Exception as exc:
+            await self._fail(context, exc)
+
+    async def SystemSharedMemoryRegister(self, request: Any, context: Any) -> Any:
+        try:
+            self._check_token(context, _SHM_ENDPOINTS)
+            self.service.shared_memory.register(request.name, request.key, request.offset, request.byte_size)
+            return service_pb2.SystemSharedMemoryRegisterResponse()
+        except Exception as exc:
+            await self._fail(context, exc)
+
+    # CUDA shared memory is not served: there are never CUDA regions, so "status" and "unregister all" answer
+    # truthfully (perf_analyzer calls both when it cleans up), and the rest names the extension.
+    async def CudaSharedMemoryStatus(self, request: Any, context: Any) -> Any:
+        if request.name:
+            await context.abort(grpc.StatusCode.NOT_FOUND, _NO_CUDA)
+        return service_pb2.CudaSharedMemoryStatusResponse()
+
+    async def CudaSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
+        if request.name:
+            await context.abort(grpc.StatusCode.NOT_FOUND, _NO_CUDA)
+        return service_pb2.CudaSharedMemoryUnregisterResponse()
+
+    async def SystemSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
+        try:
+            self._check_token(context, _SHM_ENDPOINTS)
+            self.service.shared_memory.unregister(request.name or None)
+            return service_pb2.SystemSharedMemoryUnregisterResponse()
+        except Exception as exc:
+            await self._fail(context, exc)
+
+
+_SHM_ENDPOINTS = "the shared-memory endpoints"
 
 
 def build_grpc_server(service: Service, max_message_bytes: int) -> Any:
@@ -285,21 +389,29 @@ def _lenient(message_class: Any) -> Callable[[bytes], Any]:
     return deserialize
 
 
+def _undecodable(request: Undecodable) -> str:
+    return f"request: the bytes are not a valid {request.message} protobuf message ({request.error})"
+
+
 def _checked(behaviour: Callable[[Any, Any], Awaitable[Any]]) -> Callable[[Any, Any], Awaitable[Any]]:
     async def handle(request: Any, context: Any) -> Any:
         if type(request) is Undecodable:  # one type check per call
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"request: the bytes are not a valid {request.message} protobuf message ({request.error})",
-            )
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _undecodable(request))
         return await behaviour(request, context)
 
     return handle
 
 
+_NO_CUDA = "the CUDA shared memory extension is not supported by this server: it holds no CUDA regions"
+
+
 def _unimplemented(method: str) -> Callable[[Any, Any], Awaitable[Any]]:
+    message = f"{_SERVICE}/{method} is not supported by this server"
+    if method.startswith("CudaSharedMemory"):
+        message = f"{_SERVICE}/{method}: the CUDA shared memory extension is not supported by this server"
+
     async def handle(request: Any, context: Any) -> Any:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{_SERVICE}/{method} is not supported by this server")
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
 
     return handle
 
@@ -314,7 +426,8 @@ def _stream_unimplemented(method: str) -> Callable[[Any, Any], Any]:
 
 def add_servicer(servicer: InferenceServicer, server: Any) -> None:
     """Register the servicer's methods, as tritonclient's generated ``add_…_to_server`` would, with
-    lenient deserializers; methods the servicer does not implement answer UNIMPLEMENTED."""
+    lenient deserializers (a stream's handler gets :class:`Undecodable` messages too); methods the servicer
+    does not implement answer UNIMPLEMENTED."""
     base = service_pb2_grpc.GRPCInferenceServiceServicer
     handlers: dict[str, Any] = {}
     for method in service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
@@ -325,10 +438,11 @@ def add_servicer(servicer: InferenceServicer, server: Any) -> None:
             "request_deserializer": _lenient(request_class),
             "response_serializer": response_class.SerializeToString,
         }
-        if method.client_streaming or method.server_streaming:  # ModelStreamInfer: not served yet
-            if implemented:
-                raise TypeError(f"streaming method {method.name} needs its own registration")
-            handlers[method.name] = grpc.stream_stream_rpc_method_handler(_stream_unimplemented(method.name), **kwargs)
+        if method.client_streaming or method.server_streaming:  # ModelStreamInfer, bidirectional
+            if not (method.client_streaming and method.server_streaming):
+                raise TypeError(f"{method.name} streams one way only; register it as such")
+            stream = getattr(servicer, method.name) if implemented else _stream_unimplemented(method.name)
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(stream, **kwargs)
             continue
         behaviour = _checked(getattr(servicer, method.name)) if implemented else _unimplemented(method.name)
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(behaviour, **kwargs)

@@ -34,12 +34,15 @@ from kiln.serving.metrics import Metrics, outcome_for
 from kiln.serving.protocol import InferRequest, check_outputs
 from kiln.serving.raw import PREDICTIONS, RAW_INPUT, predictions_tensor, wire_spec
 from kiln.serving.settings import ServerSettings
+from kiln.serving.shared_memory import SharedMemoryRegistry
 from kiln.spec import ModelSpec
 
 log = logging.getLogger("kiln.serving")
 _CONTENTION_MEMORY_S = 0.5
 
-EXTENSIONS = ["binary_tensor_data", "model_configuration", "model_repository", "statistics"]
+EXTENSIONS = [
+    "binary_tensor_data", "model_configuration", "model_repository", "statistics", "system_shared_memory",
+]  # fmt: skip
 
 # Triton's platform and backend names for kiln's engines (tritonclient and perf_analyzer only display
 # them; perf_analyzer looks for "ensemble" alone). Engines Triton has no name for are shown as they are.
@@ -92,6 +95,7 @@ class Service:
         self.active = 0  # requests inside infer(); all on the event loop's thread
         self._contended_until = 0.0  # requests overlapped recently: use the batcher, not inline runs
         self._pool: ThreadPoolExecutor | None = None
+        self.shared_memory = SharedMemoryRegistry(max_bytes=settings.shm_max_bytes or 64 * settings.max_body_bytes)
 
     @property
     def processing_pool(self) -> ThreadPoolExecutor:
@@ -101,6 +105,7 @@ class Service:
         return self._pool
 
     def close(self) -> None:
+        self.shared_memory.close()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
@@ -110,15 +115,13 @@ class Service:
     def ready(self) -> bool:
         return self.started and not self.manager.draining
 
-    def check_token(self, authorization: str | None) -> None:
+    def check_token(self, authorization: str | None, endpoints: str = "the model-repository endpoints") -> None:
         token = self.settings.token
         if token is None:
             return
         given = (authorization or "").removeprefix("Bearer ").removeprefix("bearer ").strip()
         if not given or not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
-            raise UnauthorizedError(
-                "the model-repository endpoints need the server's token: send 'Authorization: Bearer <token>'"
-            )
+            raise UnauthorizedError(f"{endpoints} need the server's token: send 'Authorization: Bearer <token>'")
 
     # ---- inference ----------------------------------------------------------------------------------------
     async def resolve(self, model: str, version: str | None) -> ServedVersion:

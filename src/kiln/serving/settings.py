@@ -46,6 +46,9 @@ class ServerSettings(BaseSettings):
     models: list[str] = Field(default_factory=list, description="models to preload (default: all)")
     max_memory: int | None = Field(default=None, ge=1, description="memory budget for loaded models (LRU eviction)")
     max_body_bytes: int = Field(default=64 * 2**20, ge=1024)
+    shm_max_bytes: int | None = Field(
+        default=None, ge=1, description="bytes of system shared memory clients may register; None: 64 x max_body_bytes"
+    )
     request_timeout_s: float = Field(default=30.0, gt=0)
     drain_timeout_s: float = Field(default=30.0, ge=0)
     engine_threads: int = Field(default_factory=default_engine_threads, ge=1)
@@ -64,7 +67,7 @@ class ServerSettings(BaseSettings):
     log_level: str = "INFO"
     access_log: bool = Field(default=False, description="log every request (costs a few µs each)")
 
-    @field_validator("max_memory", "max_body_bytes", "cache_max_bytes", mode="before")
+    @field_validator("max_memory", "max_body_bytes", "cache_max_bytes", "shm_max_bytes", mode="before")
     @classmethod
     def _size(cls, v: Any) -> Any:
         return parse_size(v)
