@@ -109,7 +109,7 @@ class ServingSettings(BaseModel):
         gt=0,
         description="the longest wait a request without a timeout of its own may face: one whose expected wait "
         "is longer is refused at once (503, Retry-After). Default: 16 batch-1 service times as measured for "
-        "a burst, 3 while demand outruns the engine (at least 2 ms)",
+        "a burst (at least 10 ms), 3 while demand outruns the engine (at least 2 ms)",
     )
     compute_timeout_ms: int | None = Field(
         default=None,

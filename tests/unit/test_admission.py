@@ -10,6 +10,7 @@ from kiln.errors import OverloadedError, QueueFullError
 from kiln.serving.batcher import (
     AUTO,
     BUDGET_FLOOR_S,
+    BURST_FLOOR_S,
     Batcher,
     BatchPolicy,
     Budget,
@@ -77,7 +78,7 @@ def test_the_default_budget_is_measured_batches_with_a_floor_and_a_burst_level()
     assert queue_budget(BatchPolicy(queue_budget_s=AUTO), t) == Budget(sustained=0.015, burst=0.080)
     fast = ServiceTimes()
     fast.record(1, 0.00002)
-    assert queue_budget(BatchPolicy(queue_budget_s=AUTO), fast) == Budget(BUDGET_FLOOR_S, BUDGET_FLOOR_S)
+    assert queue_budget(BatchPolicy(queue_budget_s=AUTO), fast) == Budget(BUDGET_FLOOR_S, BURST_FLOOR_S)
     assert queue_budget(BatchPolicy(queue_budget_s=0.25), t) == Budget(0.25, 0.25)  # the user's: one level
     assert queue_budget(BatchPolicy(), t) is None  # off: only max_queue_size bounds the queue
 

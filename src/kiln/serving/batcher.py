@@ -93,7 +93,8 @@ AUTO = "auto"
 # BUDGET_BATCHES are admitted, so sustained overload does not multiply latency.
 BUDGET_BATCHES = 3.0
 BURST_BATCHES = 16.0
-BUDGET_FLOOR_S = 0.002  # never less than this (below it the server's own jitter decides)
+BUDGET_FLOOR_S = 0.002  # the sustained level is never less than this, and the burst level never less than
+BURST_FLOOR_S = 0.010  # this: on a busy machine the measured times of a fast model carry that much jitter
 OVERLOAD_S = 1.0
 
 
@@ -183,7 +184,7 @@ def queue_budget(policy: BatchPolicy, times: ServiceTimes) -> Budget | None:
     if not times.known:
         return None  # nothing measured yet: admit, and learn
     one = times.batch_seconds(1)
-    return Budget(max(BUDGET_BATCHES * one, BUDGET_FLOOR_S), max(BURST_BATCHES * one, BUDGET_FLOOR_S))
+    return Budget(max(BUDGET_BATCHES * one, BUDGET_FLOOR_S), max(BURST_BATCHES * one, BURST_FLOOR_S))
 
 
 def classify_failure(exc: BaseException) -> tuple[str, type[EngineFailedError]]:
