@@ -39,6 +39,7 @@ from kiln.spec import ModelSpec
 
 log = logging.getLogger("kiln.serving")
 _CONTENTION_MEMORY_S = 0.5
+_WATCH_AFTER_S = 0.02  # a queued request listens for its client's disconnect once it has waited this long
 
 EXTENSIONS = [
     "binary_tensor_data", "model_configuration", "model_repository", "statistics", "system_shared_memory",
@@ -257,10 +258,16 @@ class Service:
                     raise
                 sv = fresh
         timer = loop.call_later(timeout_s, _expire, fut, pending, sv.model, timeout_s)
-        watcher = None
-        if disconnected is not None:
-            watcher = asyncio.ensure_future(disconnected())
-            watcher.add_done_callback(lambda _: _client_gone(fut, pending, sv.model))
+        watching: list[asyncio.Task[object]] = []
+        watch_timer = None
+        if disconnected is not None:  # a request still queued after a while listens for its client leaving
+
+            def watch() -> None:
+                task = asyncio.ensure_future(disconnected())
+                task.add_done_callback(lambda t: None if t.cancelled() else _client_gone(fut, pending, sv.model))
+                watching.append(task)
+
+            watch_timer = loop.call_later(_WATCH_AFTER_S, watch)  # a timer costs the hot path less than a task
         try:
             return await fut
         except asyncio.CancelledError:  # the client went away: do not run it if it is still queued
@@ -268,8 +275,10 @@ class Service:
             raise
         finally:
             timer.cancel()
-            if watcher is not None:
-                watcher.cancel()
+            if watch_timer is not None:
+                watch_timer.cancel()
+            for task in watching:
+                task.cancel()
 
     def record(self, model: str, version: str, protocol: str, status: int, seconds: float) -> None:
         """Count a finished request; ``model`` is empty for names the repository does not hold."""
