@@ -277,6 +277,26 @@ async def open_loop(
 # -- the server ---------------------------------------------------------------------------------------------
 
 
+def server_refusals(port: int) -> dict[str, tuple[int, float]]:
+    """Per protocol, how many 503s the server answered and the histogram bucket its p99 falls in."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    buckets: dict[str, list[tuple[float, float]]] = {}
+    for line in text.splitlines():
+        if line.startswith("kiln_refusal_seconds_bucket{"):
+            labels, value = line.rsplit(" ", 1)
+            protocol = labels.split('protocol="')[1].split('"')[0]
+            le = labels.split('le="')[1].split('"')[0]
+            buckets.setdefault(protocol, []).append((math.inf if le == "+Inf" else float(le), float(value)))
+    out: dict[str, tuple[int, float]] = {}
+    for protocol, rows in buckets.items():
+        rows.sort()
+        total = rows[-1][1]
+        if total:
+            out[protocol] = (int(total), next(le for le, n in rows if n >= 0.99 * total))
+    return out
+
+
 def http_get(port: int, path: str) -> int:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
@@ -522,9 +542,12 @@ def run(args: argparse.Namespace, work: Path) -> int:
         alive = proc.poll() is None
         ready = http_get(ports["http"], "/v2/health/ready")
         mem_end = memory_kb(proc.pid) if alive else {}
+        refusals = server_refusals(ports["http"]) if alive else {}
     finally:
         exit_code = stop_server(proc)
     print(f"\nclient event loop: {loop_kind}")
+    for protocol, (count, p99) in refusals.items():  # the server's own clock: from its handler's start
+        print(f"server-side refusal time ({protocol}, kiln_refusal_seconds): {count} refusals, p99 <= {p99 * 1e3:g} ms")
     if mem_end:
         print(f"server memory: VmRSS {mem_start['VmRSS'] / 1024:.0f} MiB after start, "
               f"{mem_end['VmRSS'] / 1024:.0f} MiB at the end, peak VmHWM {mem_end['VmHWM'] / 1024:.0f} MiB "

@@ -53,6 +53,10 @@ class Metrics:
             "kiln_request_seconds", "Time from request decoded to response ready", ["model", "version", "protocol"],
             buckets=_LATENCY, registry=r,
         )  # fmt: skip
+        self.refusal_seconds = Histogram(
+            "kiln_refusal_seconds", "Time to answer 503 (overload, not ready), from the handler's start",
+            ["protocol"], buckets=(0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 1.0), registry=r,
+        )  # fmt: skip
         self.queue_seconds = Histogram(
             "kiln_queue_seconds", "Time a request waited in the batch queue", ["model", "version"],
             buckets=_LATENCY, registry=r,

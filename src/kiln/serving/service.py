@@ -295,6 +295,8 @@ class Service:
             if timer is None:
                 timer = self._timers[tk] = self.metrics.request_seconds.labels(*tk)
             timer.observe(seconds)
+        elif status == 503:  # how fast overload is refused, as the server sees it (from its handler's start)
+            self.metrics.refusal_seconds.labels(protocol).observe(seconds)
 
     def error_status(self, exc: BaseException) -> tuple[int, str]:
         """HTTP status and message for an exception: known errors say what is wrong, with files named
