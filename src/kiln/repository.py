@@ -178,6 +178,7 @@ class Repository:
         """``show_root=False`` (the server) keeps the repository's path out of every message."""
         self.root = Path(root)
         self._where = f"repository {self.root}" if show_root else "the repository"
+        self._forms: list[str] | None = None
 
     def __repr__(self) -> str:
         return f"Repository({str(self.root)!r})"
@@ -199,10 +200,12 @@ class Repository:
     def relative(self, text: str) -> str:
         """``text`` with this repository's absolute path taken out: files named relative to the repository
         (what the server answers with; full paths stay in its log)."""
-        forms = {str(self.root.absolute()), str(self.root)}
-        with contextlib.suppress(OSError, RuntimeError):
-            forms.add(str(self.root.resolve()))
-        for form in sorted((f for f in forms if os.sep in f), key=len, reverse=True):
+        if self._forms is None:  # the spellings of the root, found once (resolving costs syscalls)
+            forms = {str(self.root.absolute()), str(self.root)}
+            with contextlib.suppress(OSError, RuntimeError):
+                forms.add(str(self.root.resolve()))
+            self._forms = sorted((f for f in forms if os.sep in f), key=len, reverse=True)
+        for form in self._forms:
             text = text.replace(form + os.sep, "").replace(form, "the repository")
         return text
 
