@@ -7,18 +7,16 @@ import numpy as np
 import pytest
 
 from kiln.errors import OverloadedError, QueueFullError
-from kiln.serving.batcher import (
+from kiln.serving.admission import (
     AUTO,
     BUDGET_FLOOR_S,
     BURST_FLOOR_S,
-    Batcher,
-    BatchPolicy,
     Budget,
-    Running,
     ServiceTimes,
     expected_wait,
     queue_budget,
 )
+from kiln.serving.batcher import Batcher, BatchPolicy, Running
 
 
 class FakeClock:
@@ -73,14 +71,14 @@ def test_expected_wait_counts_running_and_queued_work_over_the_instances() -> No
 
 def test_the_default_budget_is_measured_batches_with_a_floor_and_a_burst_level() -> None:
     t = ServiceTimes()
-    assert queue_budget(BatchPolicy(queue_budget_s=AUTO), t) is None  # unmeasured: no limit yet
+    assert queue_budget(AUTO, t) is None  # unmeasured: no limit yet
     t.record(1, 0.005)
-    assert queue_budget(BatchPolicy(queue_budget_s=AUTO), t) == Budget(sustained=0.015, burst=0.080)
+    assert queue_budget(AUTO, t) == Budget(sustained=0.015, burst=0.080)
     fast = ServiceTimes()
     fast.record(1, 0.00002)
-    assert queue_budget(BatchPolicy(queue_budget_s=AUTO), fast) == Budget(BUDGET_FLOOR_S, BURST_FLOOR_S)
-    assert queue_budget(BatchPolicy(queue_budget_s=0.25), t) == Budget(0.25, 0.25)  # the user's: one level
-    assert queue_budget(BatchPolicy(), t) is None  # off: only max_queue_size bounds the queue
+    assert queue_budget(AUTO, fast) == Budget(BUDGET_FLOOR_S, BURST_FLOOR_S)
+    assert queue_budget(0.25, t) == Budget(0.25, 0.25)  # the user's: one level
+    assert queue_budget(None, t) is None  # off: only max_queue_size bounds the queue
 
 
 def _busy_batcher(policy: BatchPolicy, clock: FakeClock, seconds: float = 0.004) -> Batcher:

@@ -1,7 +1,7 @@
 """The dynamic batcher: one bounded queue per served model version, drained by its instances.
 
-:class:`BatchQueue` holds the policy and no threads, and takes the time as an argument, so tests
-drive it with a fake clock. :class:`Batcher` runs it: one worker thread per instance pulls the next
+:class:`~kiln.serving.batch_queue.BatchQueue` holds the policy and no threads, and takes the time as an
+argument, so tests drive it with a fake clock. :class:`Batcher` runs it: one worker thread per instance pulls the next
 batch, concatenates the inputs once, runs the engine and hands each caller a view of its rows.
 
 Policy (Triton's, with a zero default delay): a request runs at once when an instance is free; the
@@ -12,11 +12,11 @@ more rows, unless no more can join (the next queued request would pass ``max_bat
 batch leaves at once, as in Triton. The queue is bounded: a full queue refuses at once
 (:class:`QueueFullError`). Each batch runs with the request ids of its requests in the log context.
 
-Admission is deadline-aware: :class:`ServiceTimes` keeps a running estimate of the engine time per
-batch size, and a request is refused at once (:class:`OverloadedError`) when the work queued and running
-ahead of it would not finish within its budget: the client's own timeout when it sent one, else the
-model's queue budget (a few batches' worth of measured service time unless set). A bounded count is not
-backpressure; a bounded wait is.
+Admission is deadline-aware (``admission.py``): a running estimate of the engine time per batch size,
+and a request is refused at once (:class:`OverloadedError`) when the work queued and running ahead of
+it would not finish within its budget: the client's own timeout when it sent one, else the model's queue
+budget (measured batch-1 service times unless set: 16 for a burst, 3 while demand outruns the engine).
+A bounded count is not backpressure; a bounded wait is.
 
 Faults: an engine that raises or cannot allocate fails only its batch, with an error naming the model;
 a batch past ``compute_timeout_s`` is answered by a watchdog (the instance is aborted where it is a
@@ -30,9 +30,8 @@ import contextlib
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -44,18 +43,25 @@ from kiln.errors import (
     EngineOutOfMemoryError,
     KilnError,
     OverloadedError,
-    QueueFullError,
     RequestTimeoutError,
     ShuttingDownError,
     first_line,
 )
 from kiln.serving import logs
+from kiln.serving.admission import OVERLOAD_S, ServiceTimes, expected_wait, queue_budget
+from kiln.serving.batch_queue import (
+    BatchPolicy,
+    BatchQueue,
+    Clock,
+    Done,
+    Outputs,
+    Pending,
+    Take,
+    concat_inputs,
+    split_outputs,
+)
 
 log = logging.getLogger("kiln.serving")
-
-Clock = Callable[[], float]
-Outputs = dict[str, np.ndarray]
-Done = Callable[[Outputs | None, BaseException | None], None]
 
 
 class BatcherClosedError(ShuttingDownError):
@@ -70,253 +76,11 @@ class Runner(Protocol):
     def close(self) -> None: ...
 
 
-@dataclass(eq=False)
-class Pending:
-    """One request in the queue."""
-
-    inputs: Mapping[str, np.ndarray]
-    rows: int
-    enqueued: float
-    done: Done
-    deadline: float | None = None
-    timeout_s: float = 0.0
-    cancelled: bool = False
-    started: float = 0.0
-    request_id: str = ""  # the submitter's log context, carried into the worker thread
-    finished: bool = False  # answered (by its batch, or by the watchdog when the batch hung)
-
-
-AUTO = "auto"
-# The default queue budget has two levels. A burst, or a closed loop of clients (perf_analyzer's
-# concurrency sweep) that waits for its answers, may queue up to BURST_BATCHES batch-1 service times;
-# once that is passed, demand is outrunning the engine, and for OVERLOAD_S after the last refusal only
-# BUDGET_BATCHES are admitted, so sustained overload does not multiply latency.
-BUDGET_BATCHES = 3.0
-BURST_BATCHES = 16.0
-BUDGET_FLOOR_S = 0.002  # the sustained level is never less than this, and the burst level never less than
-BURST_FLOOR_S = 0.010  # this: on a busy machine the measured times of a fast model carry that much jitter
-OVERLOAD_S = 1.0
-
-
-@dataclass(frozen=True)
-class BatchPolicy:
-    max_batch_size: int = 0  # 0: the model has no batch dimension; requests run one at a time
-    preferred_batch_sizes: tuple[int, ...] = ()
-    max_queue_delay_s: float = 0.0
-    max_queue_size: int = 256
-    # The wait a request may face without a deadline of its own: seconds, AUTO (derived from the measured
-    # service time), or None (no admission by wait: only max_queue_size bounds the queue).
-    queue_budget_s: float | str | None = None
-    compute_timeout_s: float | None = None  # a batch running longer is answered with an error
-    fail_after: int = 0  # failed batches in a row before on_unhealthy; 0: never
-
-
-class ServiceTimes:
-    """A running estimate of the engine time of one model version per batch size (not thread-safe)."""
-
-    def __init__(self, weight: float = 0.2) -> None:
-        self.weight = weight
-        self._seconds: dict[int, float] = {}
-
-    def record(self, rows: int, seconds: float) -> None:
-        rows = max(rows, 1)
-        prev = self._seconds.get(rows)
-        self._seconds[rows] = seconds if prev is None else (1 - self.weight) * prev + self.weight * seconds
-
-    @property
-    def known(self) -> bool:
-        return bool(self._seconds)
-
-    def batch_seconds(self, rows: int) -> float:
-        """The time of a batch of ``rows`` (0 while nothing is measured): measured, else interpolated between
-        the measured sizes around it, else scaled in proportion from the nearest one."""
-        rows = max(rows, 1)
-        t = self._seconds.get(rows)
-        if t is not None:
-            return t
-        if not self._seconds:
-            return 0.0
-        below = max((n for n in self._seconds if n < rows), default=None)
-        above = min((n for n in self._seconds if n > rows), default=None)
-        if below is not None and above is not None:
-            lo, hi = self._seconds[below], self._seconds[above]
-            return lo + (hi - lo) * (rows - below) / (above - below)
-        near = below if below is not None else above
-        assert near is not None
-        return self._seconds[near] * rows / near
-
-
-def expected_wait(
-    now: float,
-    running: Sequence[tuple[float, int]],
-    queued_rows: int,
-    instances: int,
-    times: ServiceTimes,
-    max_batch_size: int,
-) -> float:
-    """Seconds until a request arriving ``now`` would start: the rest of the batches running (started at,
-    rows) and the queued rows, run as batches the size the queue forms, shared by the instances."""
-    if not times.known or (not queued_rows and len(running) < instances):
-        return 0.0
-    left = sum(max(0.0, times.batch_seconds(rows) - (now - start)) for start, rows in running)
-    if queued_rows:
-        batch = min(queued_rows, max_batch_size) if max_batch_size else 1
-        left += times.batch_seconds(batch) * queued_rows / batch
-    return left / instances
-
-
-@dataclass(frozen=True)
-class Budget:
-    """The wait a request without a deadline of its own may face: ``burst`` until demand has outrun the
-    engine of late, ``sustained`` while it does (the same value when the user set one)."""
-
-    sustained: float
-    burst: float
-
-
-def queue_budget(policy: BatchPolicy, times: ServiceTimes) -> Budget | None:
-    """The model's queue budget (None: no limit by wait, only ``max_queue_size``)."""
-    b = policy.queue_budget_s
-    if b is None:
-        return None
-    if isinstance(b, float | int):
-        return Budget(float(b), float(b))
-    if not times.known:
-        return None  # nothing measured yet: admit, and learn
-    one = times.batch_seconds(1)
-    return Budget(max(BUDGET_BATCHES * one, BUDGET_FLOOR_S), max(BURST_BATCHES * one, BURST_FLOOR_S))
-
-
 def classify_failure(exc: BaseException) -> tuple[str, type[EngineFailedError]]:
     """An engine exception as a kind for the metrics and the error the callers get."""
     if isinstance(exc, MemoryError) or "allocat" in str(exc).lower() or "out of memory" in str(exc).lower():
         return "oom", EngineOutOfMemoryError
     return "error", EngineFailedError
-
-
-@dataclass
-class Take:
-    """What :meth:`BatchQueue.take` decided: a batch to run now, requests that expired, or a wait."""
-
-    batch: list[Pending] = field(default_factory=list)
-    expired: list[Pending] = field(default_factory=list)
-    wait_s: float | None = None  # None: nothing queued, wait for a put
-
-
-class BatchQueue:
-    """The batching policy over a FIFO of :class:`Pending` requests. Not thread-safe; no clock of its own."""
-
-    def __init__(self, model: str, policy: BatchPolicy) -> None:
-        self.model = model
-        self.policy = policy
-        self._q: deque[Pending] = deque()
-        self.rows = 0  # rows queued (cancelled and expired ones included until they are dropped)
-
-    def __len__(self) -> int:
-        return len(self._q)
-
-    def put(self, item: Pending) -> None:
-        if len(self._q) >= self.policy.max_queue_size:
-            raise QueueFullError(self.model, len(self._q), self.policy.max_queue_size)
-        self._q.append(item)
-        self.rows += item.rows
-
-    def take(self, now: float) -> Take:
-        out = Take()
-        while self._q and (self._q[0].cancelled or (self._q[0].deadline is not None and self._q[0].deadline <= now)):
-            head = self._q.popleft()
-            self.rows -= head.rows
-            if not head.cancelled:
-                out.expired.append(head)
-        if not self._q:
-            return out
-        p = self.policy
-        if p.max_batch_size == 0:
-            out.batch.append(self._q.popleft())
-            self.rows -= out.batch[0].rows
-            return out
-        # The FIFO prefix that fits in one batch, skipping cancelled and expired requests, and requests
-        # whose non-batch dims differ from the head's (padded texts, other image sizes): they go next.
-        prefix: list[Pending] = []
-        rows = 0
-        full = False  # the next request does not fit: waiting cannot make this batch larger
-        head_dims: tuple[tuple[int, ...], ...] = ()
-        for item in self._q:
-            if item.cancelled or (item.deadline is not None and item.deadline <= now):
-                continue
-            if prefix and rows + item.rows > p.max_batch_size:
-                full = True
-                break
-            if not prefix:
-                head_dims = _row_dims(item)
-            elif _row_dims(item) != head_dims:
-                continue
-            prefix.append(item)
-            rows += item.rows
-        target = max(p.preferred_batch_sizes) if p.preferred_batch_sizes else p.max_batch_size
-        oldest = self._q[0].enqueued
-        if rows < target and not full and p.max_queue_delay_s > 0 and now < oldest + p.max_queue_delay_s:
-            out.wait_s = oldest + p.max_queue_delay_s - now
-            return out
-        if p.preferred_batch_sizes and rows > min(p.preferred_batch_sizes):
-            # Cut at the largest preferred size the prefix reaches exactly, if any.
-            acc, best = 0, 0
-            for n, item in enumerate(prefix, 1):
-                acc += item.rows
-                if acc in p.preferred_batch_sizes:
-                    best = n
-            if best:
-                prefix = prefix[:best]
-        chosen = set(map(id, prefix))
-        rest: deque[Pending] = deque()
-        for item in self._q:
-            if id(item) in chosen:
-                continue
-            if item.cancelled:
-                continue
-            if item.deadline is not None and item.deadline <= now:
-                out.expired.append(item)
-                continue
-            rest.append(item)
-        self._q = rest
-        self.rows = sum(item.rows for item in rest)
-        out.batch = prefix
-        return out
-
-    def drain_all(self) -> list[Pending]:
-        items = [i for i in self._q if not i.cancelled]
-        self._q.clear()
-        self.rows = 0
-        return items
-
-
-def _row_dims(item: Pending) -> tuple[tuple[int, ...], ...]:
-    """Each input's shape without the batch dim: only requests that agree on it can be concatenated."""
-    return tuple(a.shape[1:] for a in item.inputs.values())
-
-
-def concat_inputs(batch: Sequence[Pending], batched: bool) -> dict[str, np.ndarray]:
-    """One request passes through untouched; several are concatenated once along the batch axis."""
-    if len(batch) == 1 or not batched:
-        return dict(batch[0].inputs)
-    names = batch[0].inputs.keys()
-    return {n: np.concatenate([b.inputs[n] for b in batch], axis=0) for n in names}
-
-
-def split_outputs(outputs: Outputs, batch: Sequence[Pending], batched: bool) -> list[Outputs]:
-    """Each request's rows as views of the batch outputs."""
-    if len(batch) == 1 or not batched:
-        return [outputs]
-    total = sum(b.rows for b in batch)
-    for name, arr in outputs.items():
-        if arr.ndim == 0 or arr.shape[0] != total:
-            raise RuntimeError(f"output {name!r} has shape {list(arr.shape)}, not {total} rows for the batch")
-    parts: list[Outputs] = []
-    start = 0
-    for b in batch:
-        parts.append({n: a[start : start + b.rows] for n, a in outputs.items()})
-        start += b.rows
-    return parts
 
 
 class BatchObserver(Protocol):
@@ -440,7 +204,7 @@ class Batcher:
         if budget_s is not None:
             budget, client = budget_s - self.times.batch_seconds(rows), True
         else:
-            b = queue_budget(self.policy, self.times)
+            b = queue_budget(self.policy.queue_budget_s, self.times)
             if b is None:
                 return
             budget, client = (b.sustained if now < self._overloaded_until else b.burst), False
@@ -711,18 +475,13 @@ def _finish(p: Pending, out: Outputs | None, err: BaseException | None) -> None:
 
 
 __all__ = [
-    "AUTO",
     "BatchPolicy",
     "BatchQueue",
     "Batcher",
     "BatcherClosedError",
-    "Budget",
     "Pending",
     "Runner",
-    "ServiceTimes",
     "Take",
     "concat_inputs",
-    "expected_wait",
-    "queue_budget",
     "split_outputs",
 ]

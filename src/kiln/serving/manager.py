@@ -20,7 +20,8 @@ from pathlib import Path
 from kiln.engines.base import release_memory
 from kiln.errors import KilnError, MemoryBudgetError, ModelNotReadyError, NotFoundError, ShuttingDownError, first_line
 from kiln.repository import RECIPE_FILE, VARIANTS_DIR, Repository, read_recipe
-from kiln.serving.batcher import AUTO, Batcher, BatchPolicy, Runner
+from kiln.serving.admission import AUTO
+from kiln.serving.batcher import Batcher, BatchPolicy, Runner
 from kiln.serving.metrics import Metrics
 from kiln.serving.raw import RawModel
 from kiln.serving.runner import FallbackState, open_instances, warm_up, warmup_inputs

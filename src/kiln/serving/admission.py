@@ -1,0 +1,100 @@
+"""Deadline-aware admission: how long a request arriving now would wait, and how long it may.
+
+:class:`ServiceTimes` keeps a running estimate of a model version's engine time per batch size;
+:func:`expected_wait` turns the batches running and the rows queued into the wait ahead of a new request;
+:func:`queue_budget` says how long a request without a deadline of its own may wait. Pure functions of
+their arguments and the time they are given, so that tests drive them with a fake clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+AUTO = "auto"
+# The default queue budget has two levels. A burst, or a closed loop of clients (perf_analyzer's
+# concurrency sweep) that waits for its answers, may queue up to BURST_BATCHES batch-1 service times;
+# once that is passed, demand is outrunning the engine, and for OVERLOAD_S after the last refusal only
+# BUDGET_BATCHES are admitted, so sustained overload does not multiply latency.
+BUDGET_BATCHES = 3.0
+BURST_BATCHES = 16.0
+BUDGET_FLOOR_S = 0.002  # the sustained level is never less than this, and the burst level never less than
+BURST_FLOOR_S = 0.010  # this: on a busy machine the measured times of a fast model carry that much jitter
+OVERLOAD_S = 1.0
+
+
+class ServiceTimes:
+    """A running estimate of the engine time of one model version per batch size (not thread-safe)."""
+
+    def __init__(self, weight: float = 0.2) -> None:
+        self.weight = weight
+        self._seconds: dict[int, float] = {}
+
+    def record(self, rows: int, seconds: float) -> None:
+        rows = max(rows, 1)
+        prev = self._seconds.get(rows)
+        self._seconds[rows] = seconds if prev is None else (1 - self.weight) * prev + self.weight * seconds
+
+    @property
+    def known(self) -> bool:
+        return bool(self._seconds)
+
+    def batch_seconds(self, rows: int) -> float:
+        """The time of a batch of ``rows`` (0 while nothing is measured): measured, else interpolated between
+        the measured sizes around it, else scaled in proportion from the nearest one."""
+        rows = max(rows, 1)
+        t = self._seconds.get(rows)
+        if t is not None:
+            return t
+        if not self._seconds:
+            return 0.0
+        below = max((n for n in self._seconds if n < rows), default=None)
+        above = min((n for n in self._seconds if n > rows), default=None)
+        if below is not None and above is not None:
+            lo, hi = self._seconds[below], self._seconds[above]
+            return lo + (hi - lo) * (rows - below) / (above - below)
+        near = below if below is not None else above
+        assert near is not None
+        return self._seconds[near] * rows / near
+
+
+def expected_wait(
+    now: float,
+    running: Sequence[tuple[float, int]],
+    queued_rows: int,
+    instances: int,
+    times: ServiceTimes,
+    max_batch_size: int,
+) -> float:
+    """Seconds until a request arriving ``now`` would start: the rest of the batches running (started at,
+    rows) and the queued rows, run as batches the size the queue forms, shared by the instances."""
+    if not times.known or (not queued_rows and len(running) < instances):
+        return 0.0
+    left = sum(max(0.0, times.batch_seconds(rows) - (now - start)) for start, rows in running)
+    if queued_rows:
+        batch = min(queued_rows, max_batch_size) if max_batch_size else 1
+        left += times.batch_seconds(batch) * queued_rows / batch
+    return left / instances
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The wait a request without a deadline of its own may face: ``burst`` until demand has outrun the
+    engine of late, ``sustained`` while it does (the same value when the user set one)."""
+
+    sustained: float
+    burst: float
+
+
+def queue_budget(setting: float | str | None, times: ServiceTimes) -> Budget | None:
+    """The model's queue budget from its setting (seconds, :data:`AUTO` or None: no limit by wait, only
+    ``max_queue_size``) and the measured service times."""
+    b = setting
+    if b is None:
+        return None
+    if isinstance(b, float | int):
+        return Budget(float(b), float(b))
+    if not times.known:
+        return None  # nothing measured yet: admit, and learn
+    one = times.batch_seconds(1)
+    return Budget(max(BUDGET_BATCHES * one, BUDGET_FLOOR_S), max(BURST_BATCHES * one, BURST_FLOOR_S))
