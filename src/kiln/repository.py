@@ -39,13 +39,14 @@ RECIPE_FILE = "recipe.json"
 _STAGING_PREFIX = ".staging-"
 _MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
 _VERSION = re.compile(r"[0-9]{1,18}")
-NAME_RULE = "is not a model name: use 1-128 letters, digits, '_', '.' or '-', starting with a letter, digit or '_'"
+NAME_RULE = "use 1-128 letters, digits, '_', '.' or '-', starting with a letter, digit or '_'"
 
 
-def check_model_name(name: object, field: str = "model name") -> str:
-    """``name`` if it follows the model-name grammar (so it is one path component, never '.' or '..')."""
+def check_model_name(name: object, field: str = "model name", kind: str = "model name") -> str:
+    """``name`` if it follows the name grammar (so it is one path component, never '.' or '..'); models
+    and shared-memory regions share it."""
     if not isinstance(name, str) or _MODEL_NAME.fullmatch(name) is None:
-        raise InvalidNameError(field, str(name), NAME_RULE)
+        raise InvalidNameError(field, str(name), f"is not a {kind}: {NAME_RULE}")
     return name
 
 

@@ -357,8 +357,9 @@ class Batcher:
             self._finish(batch[0], None, err)
             return
         split = self.clock()
+        rows = sum(p.rows for p in batch)
         with self._cond:
-            self.record_compute(end - ran, sum(p.rows for p in batch))
+            self.record_compute(end - ran, rows)
             timed_out = self._running[id(runner)].timed_out
         if timed_out:  # answered by the watchdog already
             return
@@ -368,9 +369,8 @@ class Batcher:
         if self.observer is not None:
             with contextlib.suppress(Exception):
                 self.observer.batch_done(
-                    len(batch), sum(p.rows for p in batch), [start - p.enqueued for p in batch],
-                    ran - start, end - ran, split - end,
-                )  # fmt: skip
+                    len(batch), rows, [start - p.enqueued for p in batch], ran - start, end - ran, split - end
+                )
 
     # ---- faults -------------------------------------------------------------------------------------------
     def _succeeded(self) -> None:

@@ -257,14 +257,17 @@ class Service:
                 if fresh is None or fresh is sv:
                     raise
                 sv = fresh
-        timer = loop.call_later(timeout_s, _expire, fut, pending, sv.model, timeout_s)
+        timer = loop.call_later(timeout_s, _drop, fut, pending, RequestTimeoutError, sv.model, timeout_s)
         watching: list[asyncio.Task[object]] = []
         watch_timer = None
         if disconnected is not None:  # a request still queued after a while listens for its client leaving
+            model = sv.model
 
             def watch() -> None:
                 task = asyncio.ensure_future(disconnected())
-                task.add_done_callback(lambda t: None if t.cancelled() else _client_gone(fut, pending, sv.model))
+                task.add_done_callback(
+                    lambda t: None if t.cancelled() else _drop(fut, pending, ClientClosedError, model)
+                )
                 watching.append(task)
 
             watch_timer = loop.call_later(_WATCH_AFTER_S, watch)  # a timer costs the hot path less than a task
@@ -416,16 +419,12 @@ def _settle(fut: asyncio.Future[Outputs], out: Outputs | None, err: BaseExceptio
         fut.set_result(out if out is not None else {})
 
 
-def _expire(fut: asyncio.Future[Outputs], pending: Any, model: str, timeout_s: float) -> None:
+def _drop(fut: asyncio.Future[Outputs], pending: Any, error: type[KilnError], *args: Any) -> None:
+    """The request is over for its client (timed out, or gone): not run if still queued, answered
+    ``error(*args)`` (built only then: the timer of every request carries the recipe, not the error)."""
     pending.cancelled = True
     if not fut.done():
-        fut.set_exception(RequestTimeoutError(model, timeout_s))
-
-
-def _client_gone(fut: asyncio.Future[Outputs], pending: Any, model: str) -> None:
-    pending.cancelled = True
-    if not fut.done():
-        fut.set_exception(ClientClosedError(model))
+        fut.set_exception(error(*args))
 
 
 def retry_after(exc: BaseException) -> str | None:

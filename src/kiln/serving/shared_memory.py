@@ -40,24 +40,20 @@ from kiln.errors import (
     SharedMemoryLimitError,
     UnknownSharedMemoryRegionError,
 )
-from kiln.spec import MODEL_NAME_PATTERN
+from kiln.repository import check_model_name
 
 SHM_DIR = Path("/dev/shm")  # where Linux's shm_open keeps its segments
 MAX_REGIONS = 256
-NAME_RULE = "is not a region name: use 1-128 letters, digits, '_', '.' or '-', starting with a letter, digit or '_'"
 KEY_RULE = (
     "is not a POSIX shared memory key: use an optional leading '/' and 1-255 letters, digits, '_', '.' or '-' "
     "(no other '/', and not '.' or '..')"
 )
-_NAME = re.compile(MODEL_NAME_PATTERN)
 _KEY = re.compile(r"/?([A-Za-z0-9_.-]{1,255})")
 _OPEN_FLAGS = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # NONBLOCK: a FIFO there cannot hang us
 
 
 def check_region_name(name: object, field: str = "region name") -> str:
-    if not isinstance(name, str) or _NAME.fullmatch(name) is None:
-        raise InvalidNameError(field, str(name), NAME_RULE)
-    return name
+    return check_model_name(name, field, kind="region name")
 
 
 def check_key(key: object) -> str:
