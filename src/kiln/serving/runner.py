@@ -280,10 +280,6 @@ class ProcessEngine:
             raise payload
         self.variant, self.spec = payload
 
-    @property
-    def pid(self) -> int | None:
-        return None if self._proc is None else int(self._proc.pid)
-
     def run(self, inputs: Mapping[str, np.ndarray]) -> Outputs:
         with self._lock:
             if self._proc is None or not self._proc.is_alive():
