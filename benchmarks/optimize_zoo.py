@@ -70,7 +70,7 @@ MODELS: dict[str, dict[str, Any]] = {
 def run_model(name: str, repo: Path, preset: str, console: Any, retime: bool = False) -> dict[str, Any]:
     import kiln
     from kiln.console import progress_bar
-    from kiln.optimize.report import result_table
+    from kiln.optimize.table import result_table
 
     spec = dict(MODELS[name]["import"])
     source = spec.pop("source")

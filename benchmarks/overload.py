@@ -50,11 +50,10 @@ import urllib.request
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-Protocol = Literal["http", "grpc"]
 CNN_FACTORY = f"{Path(__file__).resolve().with_name('serve_overhead.py')}:build_cnn"  # fully convolutional
 MAX_REQUESTS_PER_LEVEL = 200_000  # a bound on the open loop whatever --seconds and the capacity say
 

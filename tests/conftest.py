@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kiln.settings import get_settings
+from kiln.environment import get_settings
 
 
 @pytest.fixture(scope="session", autouse=True)

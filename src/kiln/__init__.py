@@ -5,10 +5,30 @@ The road is import → optimize → bench → serve; each stage reads the model 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+# ``kiln.optimize`` and ``kiln.bench`` name both a stage's package and its entry function. Python binds a
+# package to its parent's attribute once, when the package is first imported; importing both (light: no
+# imports of their own) here, before the functions below are defined, means the functions are what
+# ``kiln.optimize`` / ``kiln.bench`` stay bound to, whichever submodules are imported later.
+from kiln import bench as _bench_package  # noqa: F401
+from kiln import optimize as _optimize_package  # noqa: F401
+from kiln._version import __version__ as __version__
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from kiln.bench.config import BenchConfig
+    from kiln.bench.results import BenchResult
+    from kiln.console import ProgressHook
+    from kiln.convert import ImportConfig, import_model
+    from kiln.errors import KilnError
+    from kiln.optimize.config import OptimizeConfig
+    from kiln.optimize.search import OptimizeResult
+    from kiln.predictor import Predictor, load
+    from kiln.repository import Repository
+    from kiln.serving import serve
+    from kiln.spec import ModelSpec
 
 __all__ = [
     "BenchConfig",
@@ -25,24 +45,12 @@ __all__ = [
     "serve",
 ]
 
-if TYPE_CHECKING:
-    from kiln.bench import BenchConfig, bench
-    from kiln.convert import ImportConfig, import_model
-    from kiln.errors import KilnError
-    from kiln.optimize import OptimizeConfig, optimize
-    from kiln.predictor import Predictor, load
-    from kiln.repository import Repository
-    from kiln.serving import serve
-    from kiln.spec import ModelSpec
-
 _LAZY = {
-    "BenchConfig": "kiln.bench",
-    "bench": "kiln.bench",
+    "BenchConfig": "kiln.bench.config",
     "ImportConfig": "kiln.convert",
     "import_model": "kiln.convert",
     "KilnError": "kiln.errors",
-    "OptimizeConfig": "kiln.optimize",
-    "optimize": "kiln.optimize",
+    "OptimizeConfig": "kiln.optimize.config",
     "Predictor": "kiln.predictor",
     "load": "kiln.predictor",
     "Repository": "kiln.repository",
@@ -56,28 +64,43 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
 
-        module = importlib.import_module(_LAZY[name])
-        # ``bench`` and ``optimize`` are stages (subpackages) and entry functions at once: importing the
-        # subpackage binds it here, callable (see _callable_package), so every access returns the same object.
-        return globals()[name] if name in globals() else getattr(module, name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'kiln' has no attribute {name!r}")
 
 
-def _callable_package(package: str, entry: Callable[..., Any]) -> None:
-    """Make the package module ``package`` callable as ``entry``.
+def optimize(
+    repo: str | Path | Repository,
+    model: str,
+    config: OptimizeConfig | None = None,
+    *,
+    version: int | None = None,
+    progress: ProgressHook | None = None,
+    **overrides: Any,
+) -> OptimizeResult:
+    """Search the variants of ``model`` for the fastest within the accuracy budget and record it.
 
-    ``kiln.optimize`` and ``kiln.bench`` are both a stage's package and its entry function: once any
-    ``kiln.<stage>.*`` module is imported, Python binds the package to that name on ``kiln``, so the
-    package itself must answer ``kiln.<stage>(...)``.
+    ``overrides`` are :class:`~kiln.optimize.config.OptimizeConfig` fields that override ``config``:
+    ``kiln.optimize(repo, "digits", preset="quick", max_drop=0.005)``. See :func:`kiln.optimize.search.optimize`.
     """
-    import sys
-    import types
+    from kiln.optimize.search import optimize as run
 
-    module = sys.modules[package]
+    return run(repo, model, config, version=version, progress=progress, **overrides)
 
-    class CallablePackage(types.ModuleType):
-        def __call__(self, *args: Any, **kwargs: Any) -> Any:
-            return entry(*args, **kwargs)
 
-    CallablePackage.__name__ = CallablePackage.__qualname__ = f"CallablePackage[{package}]"
-    module.__class__ = CallablePackage
+def bench(
+    repo: str | Path | Repository,
+    model: str,
+    config: BenchConfig | None = None,
+    *,
+    version: int | None = None,
+    progress: ProgressHook | None = None,
+    **options: Any,
+) -> BenchResult:
+    """Measure ``model``'s variants in-process; Ctrl-C stops early and returns what was measured.
+
+    ``options`` are :class:`~kiln.bench.config.BenchConfig` fields that override ``config``:
+    ``kiln.bench(repo, "digits", batch_sizes=[1, 8], scenarios=["server"])``. See :func:`kiln.bench.runner.bench`.
+    """
+    from kiln.bench.runner import bench as run
+
+    return run(repo, model, config, version=version, progress=progress, **options)

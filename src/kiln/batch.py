@@ -16,7 +16,7 @@ from typing import IO, Any, Literal
 
 import numpy as np
 
-from kiln.errors import KilnError, ProcessingError
+from kiln.errors import DataError, ProcessingError, SpecError
 from kiln.processing.pipeline import Pipeline
 from kiln.processing.prefetch import Result, predict_overlapped
 
@@ -127,7 +127,7 @@ def check_fit(pipeline: Pipeline, files: Sequence[Path]) -> None:
         return
     raw = sorted({f.suffix for f in files if _kind(f) in ("image", "text")})
     if raw:
-        raise KilnError(
+        raise SpecError(
             f"model {pipeline.spec.name!r} declares no pre-processing, so it takes arrays (.npy), not {raw} files; "
             "import it with preprocess steps (decode_image, resize, normalize … or tokenize)"
         )
@@ -136,11 +136,11 @@ def check_fit(pipeline: Pipeline, files: Sequence[Path]) -> None:
 def plan(pipeline: Pipeline, inputs: Sequence[str | Path]) -> list[Path]:
     """The files to read, after refusing what cannot work (so errors come before any output)."""
     if pipeline.spec.serving.max_batch_size == 0:
-        raise KilnError(f"model {pipeline.spec.name!r} has no batch dimension; kiln predict needs one")
+        raise SpecError(f"model {pipeline.spec.name!r} has no batch dimension; kiln predict needs one")
     files = expand(inputs)
     if not files:
-        raise KilnError(
-            f"no input files found in {[str(i) for i in inputs]}; kiln predict reads {sorted(KNOWN_SUFFIXES)}"
+        raise DataError(
+            ", ".join(map(str, inputs)), f"no input files found; kiln predict reads {sorted(KNOWN_SUFFIXES)}"
         )
     check_fit(pipeline, files)
     return files

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from kiln.console import console, error_line
-from kiln.errors import KilnError, SpecError
+from kiln.errors import KilnError, SpecError, spec_error
 
 app = typer.Typer(
     name="kiln",
@@ -256,8 +256,8 @@ def optimize(
 ) -> None:
     """Build, check and time this machine's variants; choose the fastest within the accuracy budget."""
     from kiln.console import progress_bar
-    from kiln.optimize import optimize as run_optimize
-    from kiln.optimize.report import result_table, summary_lines
+    from kiln.optimize.search import optimize as run_optimize
+    from kiln.optimize.table import result_table, summary_lines
 
     options: dict[str, Any] = {
         "preset": preset, "objective": objective, "device": device, "max_drop": max_drop, "metric": metric,
@@ -377,7 +377,8 @@ def bench_cmd(
         return
     if model is None or repo is None:
         raise SpecError("kiln bench needs MODEL and --repo (or --url, or --compare)")
-    from kiln.bench import BenchConfig, bench
+    from kiln.bench.config import BenchConfig
+    from kiln.bench.runner import bench
 
     options: dict[str, Any] = {"scenarios": scenario} if scenario else {}
     if not scenario and (find_max_qps or qps):
@@ -449,8 +450,7 @@ def serve(
     try:  # the repository itself is checked by the server, before it binds a port
         settings = ServerSettings(**fields)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        raise SpecError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
+        raise spec_error(exc, "", flag=True) from None
     code = run_server(settings)
     if code:
         raise typer.Exit(code)

@@ -15,7 +15,7 @@ from kiln.console import console, import_summary
 from kiln.errors import AccuracyError, KilnError
 
 if TYPE_CHECKING:
-    from kiln.optimize import OptimizeResult
+    from kiln.optimize.search import OptimizeResult
     from kiln.predictor import Predictor
 
 MIN_ACCURACY = 0.97
@@ -142,8 +142,9 @@ def print_next(repo: Path) -> None:
 
 def bench_step(repo: Path, directory: Path) -> Path:
     """A short bench of the reference and the chosen variant, written as an HTML report."""
-    from kiln.bench import BenchConfig, bench
     from kiln.bench import report as bench_report
+    from kiln.bench.config import BenchConfig
+    from kiln.bench.runner import bench
     from kiln.console import progress_bar
 
     config = BenchConfig(variants=["reference", "chosen"], batch_sizes=[1, 8, 32], min_time_s=0.3, repeats=2)
@@ -199,7 +200,7 @@ def optimize_step(repo: Path) -> OptimizeResult:
     minutes), show the table, and leave the choice in the spec for `kiln.load` and `kiln serve`."""
     import kiln
     from kiln.console import progress_bar
-    from kiln.optimize.report import result_table, summary_lines
+    from kiln.optimize.table import result_table, summary_lines
 
     with progress_bar(console, "4. optimize") as hook:
         result = kiln.optimize(repo, "digits", preset="quick", max_drop=0.005, progress=hook)

@@ -7,14 +7,37 @@ one line and exits 2; the server maps :attr:`KilnError.http_status` to the respo
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:
-    """An exception's first line (its type's name when it has no text), cut at ``limit`` characters."""
+    """An exception's first line (its type's name when it has no text), cut at ``limit`` characters: what a
+    one-line error shows of a library's exception, whose later lines are C++ traces or pydantic detail."""
     text = str(exc).strip()
     line = text.splitlines()[0] if text else type(exc).__name__
     return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def pip_install(package: str, extra: str | None = None) -> str:
+    """The command that installs ``package``: kiln's extra when one carries it, else the package itself."""
+    return f"pip install 'kiln[{extra}]'" if extra else f"pip install {package}"
+
+
+def spec_error(exc: ValidationError, what: str, *, empty: str = "", flag: bool = False) -> SpecFieldError:
+    """The :class:`SpecFieldError` for the first problem pydantic found, read ``{what} {field}: {problem}``.
+
+    ``field`` is the dotted location (``inputs.0.shape``), ``empty`` stands for it when the problem is the
+    whole object's (a model validator), and ``flag`` names a command-line option instead (``--max-memory``).
+    pydantic's ``Value error,`` prefix is dropped: the validator's own message says what is wrong.
+    """
+    err = exc.errors()[0]
+    loc = err["loc"]
+    field = ("--" + str(loc[0]).replace("_", "-")) if flag and loc else ".".join(map(str, loc)) or empty
+    return SpecFieldError(what, field, str(err["msg"]).removeprefix("Value error, "))
 
 
 class KilnError(Exception):
@@ -79,6 +102,17 @@ class SpecError(KilnError):
     http_status = 422
 
 
+class SpecFieldError(SpecError):
+    """One field of a spec, of a set of options or of an op's arguments, refused by its validator;
+    built by :func:`spec_error` from pydantic's error."""
+
+    def __init__(self, what: str, field: str, problem: str) -> None:
+        super().__init__(f"{' '.join(p for p in (what, field) if p)}: {problem}")
+        self.what = what
+        self.field = field
+        self.problem = problem
+
+
 class InputError(KilnError):
     """A request's tensors do not match the spec: a name, dtype, rank or dimension."""
 
@@ -91,16 +125,94 @@ class InputError(KilnError):
         self.received = received
 
 
+_MESSAGE_ONLY: Any = object()
+
+
 class NotFoundError(KilnError):
-    """A model or version that the repository does not hold."""
+    """A model, version, variant or registered name that does not exist; ``available`` lists the ones that do.
+
+    ``owner`` names what should hold it (``"model 'm'"``), ``where`` the place searched (``"repository
+    /srv/repo"``); with neither, ``name`` is looked up in a registry. The message reads:
+
+    - ``{owner} has no {kind} {name!r}; available {kind}s: [...]``, or ``{owner} has no {kind}s in {where}``
+      when ``name`` is None;
+    - ``{kind} {name!r} is not in {where}; it holds [...]``;
+    - ``unknown {kind} {name!r}; known {kind}s: [...]``;
+
+    followed by ``; {fix}`` when one is given.
+    """
 
     http_status = 404
+
+    def __init__(
+        self,
+        kind: str,
+        name: object = _MESSAGE_ONLY,
+        available: Sequence[object] = (),
+        *,
+        owner: str = "",
+        where: str = "",
+        fix: str = "",
+    ) -> None:
+        self.kind = kind
+        self.name = None if name is _MESSAGE_ONLY else name
+        self.available = list(available)
+        self.owner = owner
+        self.where = where
+        if name is _MESSAGE_ONLY:
+            # Transitional: ``NotFoundError("a whole message")`` from callers not converted yet. Once none is
+            # left, ``name`` loses its default and this branch goes.
+            self.kind = ""
+            super().__init__(kind)
+            return
+        kinds = kind + ("es" if kind.endswith("s") else "s")
+        if owner and name is None:
+            msg = f"{owner} has no {kinds}" + (f" in {where}" if where else "")
+        elif owner:
+            msg = f"{owner} has no {kind} {name!r}; available {kinds}: {self.available}"
+        elif where:
+            msg = f"{kind} {name!r} is not in {where}; it holds {self.available or f'no {kinds}'}"
+        else:
+            msg = f"unknown {kind} {name!r}; known {kinds}: {self.available}"
+        super().__init__(f"{msg}; {fix}" if fix else msg)
+
+
+class VersionNotServedError(NotFoundError):
+    """A version the repository holds but the model's version policy does not serve."""
+
+    def __init__(self, model: str, version: int, policy: str, served: Sequence[int]) -> None:
+        KilnError.__init__(
+            self,
+            f"model {model!r} version {version} is not served: its version policy ({policy}) serves {list(served)}",
+        )
+        self.kind = "version"
+        self.name = version
+        self.available = list(served)
+        self.owner = f"model {model!r}"
+        self.where = ""
+        self.model = model
+        self.policy = policy
 
 
 class EngineUnavailableError(KilnError):
     """An engine that is unknown, not installed, or cannot run this model on this machine."""
 
     http_status = 422
+
+
+class MissingExtraError(EngineUnavailableError):
+    """An optional dependency that is not installed: names the package and the command that installs it.
+
+    ``extra`` is the kiln extra that carries the package (``"interop"``, ``"zoo"``); None for a package
+    that is a dependency of kiln itself (a broken install), installed on its own.
+    """
+
+    def __init__(self, extra: str | None, package: str, feature: str) -> None:
+        self.install = pip_install(package, extra)
+        super().__init__(f"{feature} needs {package}: {self.install}")
+        self.extra = extra
+        self.package = package
+        self.feature = feature
 
 
 class UnsupportedError(KilnError):
@@ -132,7 +244,7 @@ class ParityError(AccuracyError):
 
 
 class DataError(KilnError):
-    """Validation or calibration data that cannot be read or does not fit the model's inputs."""
+    """Data (validation, calibration, or files to predict on) that cannot be read or does not fit the model."""
 
     def __init__(self, source: str, reason: str) -> None:
         super().__init__(f"data {source!r}: {reason}")
@@ -181,6 +293,20 @@ class NoVariantBuiltError(KilnError):
         self.model = model
         self.failed = failed
         self.first = first
+
+
+class PassNotApplicable(KilnError):
+    """A pass that has nothing to do on this model (no Conv+BN pairs, no Linear layers): the search skips the
+    variant and records why, instead of failing it."""
+
+
+# ---- bench ---------------------------------------------------------------------------------------------
+class CompareError(KilnError):
+    """Two bench JSON files that cannot be compared, or one that is not a bench JSON file."""
+
+
+class LoadTargetError(KilnError):
+    """A load-generator target that is not allowed or not reachable."""
 
 
 # ---- serving -------------------------------------------------------------------------------------------
@@ -374,6 +500,24 @@ class ShuttingDownError(KilnError):
     """The server is draining and takes no new work."""
 
     http_status = 503
+
+
+class BatcherClosedError(ShuttingDownError):
+    """The batcher of a version being retired (reload or unload); the caller may retry on the new one."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"model {model!r} is unloading; retry to reach its new version")
+        self.model = model
+
+
+class WarmupFailedError(KilnError):
+    """A model version that loaded but failed its warm-up run, so it is not served."""
+
+    def __init__(self, model: str, version: int, reason: str) -> None:
+        super().__init__(f"model {model!r} version {version} failed its warm-up run: {reason}")
+        self.model = model
+        self.version = version
+        self.reason = reason
 
 
 class ProcessingError(KilnError):

@@ -286,7 +286,7 @@ def machine_fingerprint(*libraries: str) -> str:
 
 def physical_cores() -> int:
     """The default number of engine threads: ``KILN_NUM_THREADS``, else the cores this process may use."""
-    from kiln.settings import get_settings
+    from kiln.environment import get_settings
 
     info = detect()
     return get_settings().num_threads or info.usable_cores or info.physical_cores

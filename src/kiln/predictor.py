@@ -10,19 +10,20 @@ import numpy as np
 
 from kiln.engines.base import Engine, EngineOptions, Precision, load_engine
 from kiln.errors import InputError
-from kiln.repository import RECIPE_FILE, VARIANTS_DIR, Repository, read_recipe
+from kiln.repository import CHOSEN, REFERENCE, Repository, Variant
 from kiln.spec import ModelSpec
 
 
 class Predictor:
     """Runs a loaded model: ``predict(array)`` or ``predict({name: array})`` returns ``{output: array}``."""
 
-    def __init__(self, spec: ModelSpec, engine: Engine, version: int, path: Path, variant: str = "reference") -> None:
-        self.spec = spec
+    def __init__(self, variant: Variant, engine: Engine) -> None:
+        self.handle = variant
+        self.spec: ModelSpec = variant.spec
         self.engine = engine
-        self.version = version
-        self.path = path
-        self.variant = variant
+        self.version = variant.version
+        self.path: Path = variant.path
+        self.variant = variant.id  # the variant's id, or 'reference'
 
     def __repr__(self) -> str:
         return (
@@ -55,48 +56,51 @@ class Predictor:
         self.close()
 
 
-REFERENCE = "reference"
-CHOSEN = "chosen"
-
-
 def load(
     repo: str | Path | Repository,
     model: str,
     *,
     version: int | None = None,
-    variant: str | None = None,
+    variant: str | Variant | None = None,
     engine: str | None = None,
     device: str | None = None,
     precision: Precision | None = None,
     threads: int | None = None,
-    **extra: Any,
+    **run: Any,
 ) -> Predictor:
     """Load ``model`` (latest version unless ``version``) from ``repo``.
 
     ``variant`` picks what runs: ``"reference"`` (the imported fp32 artifact), ``"chosen"`` (what
-    ``kiln optimize`` chose, falling back to the reference when there is none), or a variant id.
-    The default is ``"chosen"`` unless ``engine`` or ``precision`` is given, which asks for the
-    reference artifact on that engine and precision. ``device`` defaults to where the optimizer measured
-    the variant (its recipe's device), and to the CPU for the reference.
+    ``kiln optimize`` chose, falling back to the reference when there is none), a variant id, or a
+    :class:`~kiln.repository.Variant` handle. The default is ``"chosen"`` unless ``engine`` or ``precision``
+    is given, which asks for the reference artifact on that engine and precision. ``device`` defaults to
+    where the optimizer measured the variant (its recipe's device), and to the CPU for the reference.
+    ``run`` adds engine run options (checked against the engine's options model).
     """
-    repository = repo if isinstance(repo, Repository) else Repository(repo)
-    spec = repository.spec(model)
-    number, vdir = repository.resolve(model, version)
-    if variant is None:
-        variant = REFERENCE if engine is not None or precision is not None else CHOSEN
-    if variant == CHOSEN:
-        chosen = spec.chosen_variant
-        variant = chosen if chosen and (vdir / VARIANTS_DIR / chosen / RECIPE_FILE).is_file() else REFERENCE
-    if variant == REFERENCE:
-        options = EngineOptions(device=device or "cpu", precision=precision or "fp32", intra_op_threads=threads,
-                                extra=extra)  # fmt: skip
-        return Predictor(spec, load_engine(engine or "onnxruntime", vdir, spec, options), number, vdir)
-    recipe = read_recipe(vdir / VARIANTS_DIR / variant, model, number)
+    if isinstance(variant, Variant):
+        handle = variant
+    else:
+        repository = repo if isinstance(repo, Repository) else Repository(repo)
+        if variant is None:
+            variant = REFERENCE if engine is not None or precision is not None else CHOSEN
+        handle = repository.variant(model, version, variant)
+    return open_variant(handle, engine=engine, device=device, precision=precision, threads=threads, **run)
+
+
+def open_variant(
+    variant: Variant,
+    *,
+    engine: str | None = None,
+    device: str | None = None,
+    precision: Precision | None = None,
+    threads: int | None = None,
+    **run: Any,
+) -> Predictor:
+    """Load the variant a :class:`~kiln.repository.Variant` handle names (see :func:`load`)."""
     options = EngineOptions(
-        device=device or recipe.device,
-        precision=precision or recipe.precision,
+        device=device or variant.device,
+        precision=precision or variant.precision,
         intra_op_threads=threads,
-        extra={**recipe.options, **extra},
+        run={**variant.options, **run},
     )
-    vpath = vdir / VARIANTS_DIR / variant
-    return Predictor(spec, load_engine(engine or recipe.engine, vpath, spec, options), number, vpath, variant)
+    return Predictor(variant, load_engine(engine or variant.engine, variant.path, variant.spec, options))

@@ -4,8 +4,12 @@
     repo/<model>/<version>/manifest.json    where it came from, content hashes, parity figures
     repo/<model>/<version>/model.onnx       (+ model.onnx.data for external weights)
     repo/<model>/<version>/model.pt2        torch.export program (PyTorch sources)
-    repo/<model>/<version>/variants/<id>/   optimized variants and their figures
-    repo/<model>/<version>/report/          bench reports
+    repo/<model>/<version>/variants/<id>/   optimized variants: their artifacts, recipe.json, figures.json
+    repo/<model>/<version>/report/          optimize and bench reports
+
+This module is the only code that knows these file names. A variant is reached through
+:meth:`Repository.variant`, which answers a :class:`Variant` handle (spec, directory, recipe, figures,
+engine); the optimizer stores what it built through :meth:`Repository.save_variant`.
 
 Writes are atomic: a version is assembled in a hidden staging directory and renamed into place, and
 files are written to a temporary name then replaced, so an interrupted import never leaves a
@@ -15,6 +19,7 @@ half-written model visible.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -30,12 +35,23 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from kiln.errors import CorruptModelError, InvalidNameError, NotFoundError, SpecError
+from kiln.recipe import Recipe
 from kiln.spec import MODEL_NAME_PATTERN, ModelSpec
 
 SPEC_FILE = "model.yaml"
 MANIFEST_FILE = "manifest.json"
+ONNX_FILE = "model.onnx"  # + model.onnx.data for weights stored beside a model over 2 GB
+PT2_FILE = "model.pt2"  # a torch.export program
+IR_FILE = "model.xml"  # OpenVINO IR (+ model.bin)
+EXTERNAL_DATA_SUFFIX = ".data"
 VARIANTS_DIR = "variants"
 RECIPE_FILE = "recipe.json"
+FIGURES_FILE = "figures.json"
+SKIPS_FILE = ".not-applicable.json"  # variant id -> why its pass had nothing to do
+REPORT_DIR = "report"
+REFERENCE = "reference"  # the imported fp32 artifact, as imported
+CHOSEN = "chosen"  # what `kiln optimize` chose, else the reference
+REFERENCE_ENGINE = "onnxruntime"  # what runs the reference: the imported model.onnx
 _STAGING_PREFIX = ".staging-"
 _MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
 _VERSION = re.compile(r"[0-9]{1,18}")
@@ -84,29 +100,100 @@ class VersionManifest(BaseModel):
 
 
 class VariantRecipe(BaseModel):
-    """How a variant was built and how to run it; ``variants/<id>/recipe.json``.
+    """How a variant was built and how to run it, as stored in its directory: the fields of the
+    optimizer's :class:`~kiln.recipe.Recipe` plus the record of the build."""
 
-    The optimizer writes it (with its own fields: passes, quantization …); ``kiln.load`` reads
-    ``engine``, ``precision`` and ``options`` to run the artifact in that directory.
-    """
-
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", frozen=True)
 
     engine: str
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    int8: str | None = None
+    passes: list[dict[str, Any]] = Field(default_factory=list)
     options: dict[str, Any] = Field(default_factory=dict)
     device: str = "cpu"  # where the optimizer measured it; kiln.load runs it there unless told otherwise
+    label: str = ""
+    variant_id: str = ""
+    artifact_key: str = ""  # variants with equal keys share their files (they differ in run options only)
+    source_hash: str = ""
+    pass_reports: list[dict[str, Any]] = Field(default_factory=list)
+    kiln_version: str = ""
+    built: str = ""
+
+    @classmethod
+    def of(cls, recipe: Recipe, **record: Any) -> VariantRecipe:
+        return cls.model_validate({**recipe.model_dump(mode="json"), **record})
+
+    def recipe(self) -> Recipe:
+        return Recipe.model_validate(self.model_dump(include=set(Recipe.model_fields)))
 
 
-def read_recipe(variant_dir: Path, model: str, version: int) -> VariantRecipe:
-    path = variant_dir / RECIPE_FILE
-    if not path.is_file():
-        available = sorted(p.name for p in variant_dir.parent.glob("*") if (p / RECIPE_FILE).is_file())
-        raise NotFoundError(
-            f"model {model!r} version {version} has no variant {variant_dir.name!r}; "
-            f"available: {available or 'none (run kiln optimize)'}, or 'reference'"
-        )
-    return VariantRecipe.model_validate_json(path.read_text())
+@dataclass(frozen=True)
+class Variant:
+    """One runnable form of a model version: the reference (the imported artifact) or a built variant.
+    The rule "which artifact runs on which engine" lives here; every stage passes this handle down."""
+
+    model: str
+    version: int
+    id: str  # a variant id, or 'reference'
+    spec: ModelSpec
+    version_dir: Path  # the version's directory (its processing files: vocabularies, labels)
+    path: Path  # the directory the engine loads from
+    recipe: VariantRecipe | None = None  # None for the reference
+
+    @property
+    def is_reference(self) -> bool:
+        return self.recipe is None
+
+    @property
+    def engine(self) -> str:
+        return REFERENCE_ENGINE if self.recipe is None else self.recipe.engine
+
+    @property
+    def precision(self) -> Literal["fp32", "bf16", "fp16"]:
+        return "fp32" if self.recipe is None else self.recipe.precision
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The engine's run options from the recipe."""
+        return {} if self.recipe is None else dict(self.recipe.options)
+
+    @property
+    def device(self) -> str:
+        """Where the optimizer measured it (the CPU for the reference)."""
+        return "cpu" if self.recipe is None else self.recipe.device
+
+    @property
+    def label(self) -> str:
+        """The optimizer's words for it, else the engine and precision."""
+        fallback = f"{self.engine} {self.precision}"
+        return fallback if self.recipe is None else self.recipe.label or fallback
+
+    def figures(self) -> dict[str, Any]:
+        """What the optimizer measured (accuracy, timing); empty for the reference or when never measured."""
+        return {} if self.recipe is None else _read_json(self.path / FIGURES_FILE)
+
+    def save_figures(self, figures: dict[str, Any]) -> None:
+        write_atomic(self.path / FIGURES_FILE, json.dumps(figures, indent=2))
+
+    def artifact_files(self, artifact: str | None = None) -> list[Path]:
+        """The files an engine loads: the variant's own (not its recipe and figures); for the reference,
+        the imported ``artifact`` (default the reference engine's) and its external data."""
+        files = [p for p in self.path.iterdir() if p.is_file() and p.name not in (RECIPE_FILE, FIGURES_FILE)]
+        if self.recipe is None:
+            name = artifact or ONNX_FILE
+            files = [p for p in files if p.name == name or p.name == name + EXTERNAL_DATA_SUFFIX]
+        return files
+
+    def artifact_bytes(self, artifact: str | None = None) -> int:
+        return sum(p.stat().st_size for p in self.artifact_files(artifact))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+        data = json.loads(path.read_text())
+        if isinstance(data, dict):
+            return data
+    return {}
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -277,6 +364,89 @@ class Repository:
             if sha256_file(path) != digest:
                 raise CorruptModelError(shown, "its content hash differs from the manifest; re-import the model")
 
+    # ---- variants ----------------------------------------------------------------------------------------
+    def variant_ids(self, model: str, version: int | None = None) -> list[str]:
+        """The variants built for a version (those whose recipe is stored)."""
+        _, vdir = self.resolve(model, version)
+        return sorted(p.name for p in (vdir / VARIANTS_DIR).glob("*") if _is_variant_dir(p))
+
+    def variant(self, model: str, version: int | None = None, which: str = CHOSEN) -> Variant:
+        """``which``: ``"chosen"`` (what ``kiln optimize`` chose, else the reference), ``"reference"`` (the
+        imported artifact) or a variant id."""
+        spec = self.spec(model)
+        number, vdir = self.resolve(model, version)
+        if which == CHOSEN:
+            chosen = spec.chosen_variant
+            which = chosen if chosen and _is_variant_dir(vdir / VARIANTS_DIR / chosen) else REFERENCE
+        if which == REFERENCE:
+            return Variant(model, number, REFERENCE, spec, vdir, vdir)
+        if not which or which.startswith(".") or any(c in which for c in "/\\\0"):
+            raise InvalidNameError("variant", which, "is not a variant id (one path component, not hidden)")
+        path = vdir / VARIANTS_DIR / which
+        if not _is_variant_dir(path):
+            available = [REFERENCE, *self.variant_ids(model, number)]
+            raise NotFoundError(f"model {model!r} version {number} has no variant {which!r}; available: {available}")
+        recipe = VariantRecipe.model_validate_json((path / RECIPE_FILE).read_text())
+        return Variant(model, number, which, spec, vdir, path, recipe)
+
+    def original(self, model: str, version: int | None = None) -> Variant:
+        """The model as trained, for accuracy checks: the torch.export program when the version was
+        imported from PyTorch (run on torch), else the reference."""
+        reference = self.variant(model, version, REFERENCE)
+        if (reference.path / PT2_FILE).is_file():
+            return dataclasses.replace(reference, recipe=VariantRecipe(engine="torch", label="torch fp32"))
+        return reference
+
+    def find_variant(self, model: str, version: int, artifact_key: str) -> Variant | None:
+        """A built variant whose files are those of ``artifact_key`` (it differs in run options only)."""
+        for vid in self.variant_ids(model, version):
+            found = self.variant(model, version, vid)
+            if found.recipe is not None and found.recipe.artifact_key == artifact_key:
+                return found
+        return None
+
+    @contextlib.contextmanager
+    def new_variant(self, model: str, version: int) -> Iterator[Path]:
+        """A staging directory to build a variant in; removed at exit unless :meth:`save_variant` took it."""
+        variants = self.version_dir(model, version) / VARIANTS_DIR
+        variants.mkdir(parents=True, exist_ok=True)
+        staging = staging_dir(variants)
+        try:
+            yield staging
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def save_variant(self, model: str, version: int, staging: Path, recipe: VariantRecipe) -> Variant:
+        """Publish the variant built in ``staging`` under ``recipe.variant_id``; when another process
+        published it meanwhile, theirs is kept."""
+        write_atomic(staging / RECIPE_FILE, recipe.model_dump_json(indent=2))
+        path = self.version_dir(model, version) / VARIANTS_DIR / recipe.variant_id
+        try:
+            os.rename(staging, path)
+        except OSError:
+            if not _is_variant_dir(path):
+                raise
+        return self.variant(model, version, recipe.variant_id)
+
+    def share_artifacts(self, donor: Variant, staging: Path, artifact: str | None = None) -> None:
+        """Hard-link what ``donor`` runs into ``staging``: a built variant's files, or for the reference
+        ``artifact`` and its external data. Passes replace files, never write through a link, so the
+        version's own files stay as imported."""
+        for p in donor.artifact_files(artifact):
+            _link(p, staging / p.name)
+
+    def skipped_variants(self, model: str, version: int) -> dict[str, str]:
+        """Variant id -> why its pass had nothing to do on this model (remembered, so reruns skip it)."""
+        return _read_json(self.version_dir(model, version) / VARIANTS_DIR / SKIPS_FILE)
+
+    def save_skipped_variants(self, model: str, version: int, skips: dict[str, str]) -> None:
+        write_atomic(self.version_dir(model, version) / VARIANTS_DIR / SKIPS_FILE, json.dumps(skips, indent=2))
+
+    def save_report(self, model: str, version: int, name: str, data: dict[str, Any]) -> Path:
+        path = self.version_dir(model, version) / REPORT_DIR / name
+        write_atomic(path, json.dumps(data, indent=2))
+        return path
+
     # ---- writing -----------------------------------------------------------------------------------------
     def save_spec(self, spec: ModelSpec) -> Path:
         path = self.model_dir(spec.name) / SPEC_FILE
@@ -322,7 +492,7 @@ class Repository:
             for p in sorted(staging.rglob("*"))
             if p.is_file() and p.name != MANIFEST_FILE
         }
-        from kiln import __version__
+        from kiln._version import __version__
 
         manifest = VersionManifest(
             version=0,
@@ -354,6 +524,22 @@ class Repository:
         for p in self.model_dir(model).glob(f"{_STAGING_PREFIX}*"):
             if is_abandoned(p):
                 shutil.rmtree(p, ignore_errors=True)
+
+
+def _is_variant_dir(path: Path) -> bool:
+    return not path.name.startswith(".") and _is_own_dir(path) and (path / RECIPE_FILE).is_file()
+
+
+def _link(src: Path, dst: Path) -> None:
+    """Share a file: a hard link, except for ONNX external data, which onnx refuses to read once it has
+    several links (its guard against hard-link attacks), so it is copied."""
+    if src.name.endswith(EXTERNAL_DATA_SUFFIX):
+        shutil.copy2(src, dst)
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _is_own_dir(path: Path) -> bool:

@@ -14,9 +14,10 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from kiln.errors import InputError, SpecError
+from kiln.errors import InputError, SpecError, spec_error
 
 Task = Literal["classification", "embedding", "detection", "generic"]
+Transport = Literal["http", "grpc"]  # the wire protocols kiln serves and the bench drives
 DType = Literal[
     "float32", "float16", "float64", "bfloat16",
     "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
@@ -175,7 +176,7 @@ class ModelSpec(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise SpecError(f"{source} is not a valid model spec: {_first_error(exc)}") from None
+            raise spec_error(exc, f"{source} is not a valid model spec:", empty="spec") from None
 
     @classmethod
     def load(cls, path: Path) -> ModelSpec:
@@ -236,9 +237,3 @@ class ModelSpec(BaseModel):
 
 def _fmt(shape: tuple[int, ...] | list[int]) -> str:
     return "[" + ", ".join("?" if d == -1 else str(d) for d in shape) + "]"
-
-
-def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"]) or "spec"
-    return f"{loc}: {err['msg']}"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import kiln
-from kiln.metrics import map50
+from kiln.task_metrics import map50
 from kiln.zoo import detector
 from tests.integration.test_cli import run
 

@@ -14,10 +14,12 @@ import numpy as np
 import pytest
 
 import kiln
-from kiln.bench import BenchConfig, bench, loadgen, report
-from kiln.bench.loadgen import LoadTargetError
+from kiln.bench import loadgen, report, runner
+from kiln.bench.config import BenchConfig
 from kiln.bench.memory import KernelPeak
+from kiln.bench.runner import bench
 from kiln.cli import main
+from kiln.errors import LoadTargetError
 from kiln.repository import RECIPE_FILE, VARIANTS_DIR
 from tests.fixtures import onnx_models, v2_server
 
@@ -91,10 +93,14 @@ def test_progress_has_a_total_and_reaches_it(linear_repo: Path) -> None:
     assert [what for what, _, _ in calls if "batch" in what] == ["reference · batch 1", "reference · batch 4"]
 
 
-def test_kiln_bench_is_the_entry_function_and_the_package(linear_repo: Path) -> None:
-    import kiln.bench as package
+def test_kiln_bench_and_optimize_are_plain_functions(linear_repo: Path) -> None:
+    import inspect
 
-    assert kiln.bench is package and callable(kiln.bench)
+    from kiln.optimize import search  # importing a submodule later does not rebind kiln.optimize
+
+    assert inspect.isfunction(kiln.bench) and inspect.isfunction(kiln.optimize)
+    assert inspect.signature(kiln.bench) == inspect.signature(bench)
+    assert inspect.signature(kiln.optimize) == inspect.signature(search.optimize)
     result = kiln.bench(linear_repo, "linear", BenchConfig(**FAST), batch_sizes=[2], scenarios=["offline"])
     assert [b.batch for b in result.variants[0].batches] == [2]
     assert [s.scenario for s in result.scenarios] == ["offline"]
@@ -103,9 +109,6 @@ def test_kiln_bench_is_the_entry_function_and_the_package(linear_repo: Path) -> 
 
     assert kiln.serve is serve
     assert {"bench", "BenchConfig", "serve"} <= set(kiln.__all__)
-    import kiln.optimize as optimize_package
-
-    assert kiln.optimize is optimize_package and callable(kiln.optimize)
 
 
 def test_host_memory_comes_from_the_kernel_without_a_sampler_thread(linear_repo: Path) -> None:
@@ -130,7 +133,8 @@ def test_memory_falls_back_to_the_sampler(linear_repo: Path, monkeypatch: pytest
 
 _MEASURE_COPIES = """
 import json, sys
-from kiln.bench import BenchConfig, bench
+from kiln.bench.config import BenchConfig
+from kiln.bench.runner import bench
 config = BenchConfig(variants=["reference", "copy1", "copy2"], batch_sizes=[1], min_time_s=0.02, min_iters=3,
                      repeats=1, scenarios=[], threads=1)
 result = bench(sys.argv[1], "linear", config)
@@ -216,7 +220,7 @@ def test_cli_refuses_cuda_it_cannot_use_before_running(
     def no_load(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("nothing may load before the device check")
 
-    monkeypatch.setattr("kiln.bench.runner.load", no_load)
+    monkeypatch.setattr(runner, "load", no_load)
     code, out = run_cli(["bench", "linear", "--repo", str(linear_repo), "--device", "cuda"], capsys)
     assert code == 2, out
     assert "Traceback" not in out and "--device cuda" in out and "--device cpu" in out
@@ -307,10 +311,10 @@ def test_html_report_renders_its_plots_in_a_browser(
 
 def test_load_generator_agrees_with_the_server_count() -> None:
     with v2_server.running() as (url, counts):
-        closed = loadgen.load(url, "m", concurrency=4, requests=120, seconds=20)
+        closed = loadgen.apply_load(url, "m", concurrency=4, requests=120, seconds=20)
         assert closed.sent == closed.succeeded == 120 and not closed.errors
         assert counts.infer == 120 and counts.binary == 120
-        opened = loadgen.load(url, "m", qps=100, requests=50, seconds=5, binary=False)
+        opened = loadgen.apply_load(url, "m", qps=100, requests=50, seconds=5, binary=False)
         assert opened.sent == opened.succeeded == 50
         assert counts.infer == 170 and counts.binary == 120
     assert closed.latency["p50_ms"] > 0 and closed.throughput > 0

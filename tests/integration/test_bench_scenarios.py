@@ -14,7 +14,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import kiln
-from kiln.bench import BenchConfig, bench, loadgen
+from kiln.bench import loadgen
+from kiln.bench.config import BenchConfig
+from kiln.bench.runner import bench
 from kiln.engines.base import Engine, EngineOptions, register
 from kiln.repository import RECIPE_FILE, VARIANTS_DIR
 from kiln.spec import ModelSpec
@@ -110,9 +112,9 @@ def test_load_generator_agrees_with_kiln_serve_metrics(tmp_path: Path) -> None:
     kiln.import_model(onnx_models.save(onnx_models.linear_model(), tmp_path / "linear.onnx"), repo)
     settings = ServerSettings(repo=repo, http_port=0, grpc_port=0, log_level="WARNING")
     with ServerThread(settings) as server:
-        http = loadgen.load(f"http://127.0.0.1:{server.http_port}", "linear", concurrency=4, requests=150, seconds=30)
-        grpc = loadgen.load(f"grpc://127.0.0.1:{server.grpc_port}", "linear", qps=200, requests=60, seconds=30)
-        json_tensors = loadgen.load(
+        http = loadgen.apply_load(f"http://127.0.0.1:{server.http_port}", "linear", concurrency=4, requests=150, seconds=30)
+        grpc = loadgen.apply_load(f"grpc://127.0.0.1:{server.grpc_port}", "linear", qps=200, requests=60, seconds=30)
+        json_tensors = loadgen.apply_load(
             f"http://127.0.0.1:{server.http_port}", "linear", concurrency=2, requests=40, seconds=30, binary=False
         )
         served = _served_requests(server.http_port, "linear")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from kiln.bench import loadgen
-from kiln.bench.loadgen import LoadTargetError
+from kiln.errors import LoadTargetError
 from tests.fixtures import v2_server
 from tests.integration.test_bench import run_cli
 
@@ -79,7 +79,7 @@ def test_a_hung_server_cannot_hang_the_bench() -> None:
         await release.wait()  # never answers until the server shuts down
 
     with v2_server.running(hang) as (url, _):
-        result = loadgen.load(url, "m", concurrency=2, requests=4, seconds=30, request_timeout_s=0.2)
+        result = loadgen.apply_load(url, "m", concurrency=2, requests=4, seconds=30, request_timeout_s=0.2)
     assert result.sent == 4 and result.succeeded == 0
     assert result.errors == {"timeout": 4}
 

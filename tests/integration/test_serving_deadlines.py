@@ -15,8 +15,8 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 import kiln
+from kiln.serving.metadata import triton_backend, triton_platform
 from kiln.serving.server import ServerThread
-from kiln.serving.service import triton_backend, triton_platform
 from kiln.serving.settings import ServerSettings
 from tests import models
 from tests.fixtures.serving_engines import GATE, Gate, Hold, add_gate_variant, gate

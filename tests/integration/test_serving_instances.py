@@ -9,7 +9,7 @@ import pytest
 
 import kiln
 from kiln.errors import NotFoundError
-from kiln.serving.runner import ProcessEngine
+from kiln.execution.instances import ProcessEngine
 from tests import models
 
 
@@ -19,7 +19,7 @@ def test_process_instance_matches_in_process_predict_and_reports_errors(tmp_path
     x = np.arange(8, dtype=np.float32).reshape(2, 4)
     with kiln.load(repo, "add") as p:
         want = p.predict({"x": x})
-    engine = ProcessEngine(repo, "add", 1, "chosen", threads=1)
+    engine = ProcessEngine(kiln.Repository(repo).variant("add", 1, "chosen"), threads=1)
     try:
         assert engine.variant == "reference"
         np.testing.assert_array_equal(engine.run({"x": x})["y"], want["y"])
@@ -29,4 +29,4 @@ def test_process_instance_matches_in_process_predict_and_reports_errors(tmp_path
     finally:
         engine.close()
     with pytest.raises(NotFoundError, match="no version 5"):
-        ProcessEngine(repo, "add", 5, "chosen", threads=1)
+        ProcessEngine(kiln.Repository(repo).variant("add", 5, "chosen"), threads=1)

@@ -16,9 +16,9 @@ import pytest
 
 import kiln
 from kiln.errors import ModelNotReadyError, NotFoundError, ProtocolError, RequestTimeoutError
+from kiln.execution import instances as runner_module
+from kiln.execution.batcher import Batcher
 from kiln.repository import VARIANTS_DIR, Repository
-from kiln.serving import runner as runner_module
-from kiln.serving.batcher import Batcher
 from kiln.serving.manager import ModelManager
 from kiln.serving.metrics import Metrics
 from kiln.serving.protocol import InferRequest

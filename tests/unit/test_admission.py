@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from kiln.errors import OverloadedError, QueueFullError
-from kiln.serving.admission import (
+from kiln.execution.admission import (
     AUTO,
     BUDGET_FLOOR_S,
     BURST_FLOOR_S,
@@ -16,7 +16,7 @@ from kiln.serving.admission import (
     expected_wait,
     queue_budget,
 )
-from kiln.serving.batcher import Batcher, BatchPolicy, Running
+from kiln.execution.batcher import Batcher, BatchPolicy, Running
 
 
 class FakeClock:

@@ -8,9 +8,9 @@ from collections.abc import Mapping
 import numpy as np
 import pytest
 
+from kiln import logs
 from kiln.errors import EngineFailedError, QueueFullError, RequestTimeoutError, ShuttingDownError
-from kiln.serving import logs
-from kiln.serving.batcher import Batcher, BatchPolicy, BatchQueue, Pending, concat_inputs, split_outputs
+from kiln.execution.batcher import Batcher, BatchPolicy, BatchQueue, Pending, concat_inputs, split_outputs
 
 
 class FakeClock:

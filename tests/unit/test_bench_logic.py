@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from kiln.bench.config import BenchConfig
-from kiln.bench.report import CompareError, compare, jsonable
+from kiln.bench.report import compare, jsonable
 from kiln.bench.scenarios import completion_rate, poisson_arrivals, scheduled_run, search_max, stream_arrivals
 from kiln.bench.stats import latency_stats, spread, timed_loop
-from kiln.errors import SpecError
+from kiln.errors import CompareError, SpecError
 
 
 def test_latency_stats_in_milliseconds() -> None:

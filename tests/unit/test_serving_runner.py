@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import numpy as np
 import pytest
 
-from kiln.serving.runner import FallbackState, ModelRunner, warm_up, warmup_sizes
+from kiln.execution.instances import FallbackState, ModelRunner, warm_up, warmup_sizes
 from kiln.spec import ModelSpec, ServingSettings, TensorSpec
 
 

@@ -16,16 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kiln.errors import KilnError
+from kiln.errors import CompareError
 
 # Changes smaller than these are noise whatever their ratio (an allocator page, a cold file cache).
 MEMORY_FLOOR_BYTES = 2_000_000
 LOAD_FLOOR_S = 0.005
 _MACHINE_FACTS = ("cpu_model", "architecture", "physical_cores", "logical_cores")
-
-
-class CompareError(KilnError):
-    """Two bench JSON files that cannot be compared, or one that is not a bench JSON file."""
 
 
 @dataclass

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from kiln.errors import SpecError
+from kiln.errors import spec_error
 
 Scenario = Literal["single-stream", "offline", "server", "multi-stream"]
 DEFAULT_SCENARIOS: list[Scenario] = ["single-stream", "offline"]
@@ -49,10 +49,7 @@ class BenchConfig(BaseModel):
         try:
             return cls.model_validate(options)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            where = ".".join(map(str, err["loc"]))
-            msg = str(err["msg"]).removeprefix("Value error, ")
-            raise SpecError(f"bench option {where}: {msg}" if where else f"bench options: {msg}") from None
+            raise spec_error(exc, "bench option") from None
 
     @classmethod
     def build(cls, config: BenchConfig | None = None, **overrides: Any) -> BenchConfig:

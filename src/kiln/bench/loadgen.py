@@ -14,15 +14,15 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
 
 from kiln.bench.stats import latency_stats
-from kiln.errors import KilnError
+from kiln.errors import LoadTargetError, first_line
+from kiln.spec import Transport
 
-Protocol = Literal["http", "grpc"]
 _V2_TO_NUMPY = {
     "FP32": np.float32, "FP16": np.float16, "FP64": np.float64, "INT8": np.int8, "INT16": np.int16,
     "INT32": np.int32, "INT64": np.int64, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32,
@@ -30,13 +30,9 @@ _V2_TO_NUMPY = {
 }  # fmt: skip
 
 
-class LoadTargetError(KilnError):
-    """A load-generator target that is not allowed or not reachable."""
-
-
 @dataclass(frozen=True)
 class Target:
-    protocol: Protocol
+    protocol: Transport
     host: str
     port: int
 
@@ -272,8 +268,7 @@ async def run_load(
                 f"cannot read model {model!r} from {url}: no answer within {request_timeout_s:g} s"
             ) from None
         except Exception as exc:
-            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise LoadTargetError(f"cannot read model {model!r} from {url}: {why}") from None
+            raise LoadTargetError(f"cannot read model {model!r} from {url}: {first_line(exc)}") from None
         run.start = time.perf_counter()
         if qps:
             await _open_loop(client, run, qps, requests, seconds, max_inflight, request_timeout_s)
@@ -284,7 +279,7 @@ async def run_load(
     return run.finish()
 
 
-def load(url: str, model: str, **kwargs: Any) -> LoadResult:
+def apply_load(url: str, model: str, **kwargs: Any) -> LoadResult:
     """Blocking wrapper around :func:`run_load`. Ctrl-C ends the level early: the result then holds
     the requests measured before it and says ``interrupted``."""
     runs: list[_Collector] = []
@@ -363,7 +358,7 @@ def sweep(
 
         try:
             tick(0)
-            row = load(url, model, concurrency=level, qps=qps, requests=requests, seconds=seconds, batch=batch,
+            row = apply_load(url, model, concurrency=level, qps=qps, requests=requests, seconds=seconds, batch=batch,
                        binary=binary, allow_remote=allow_remote, request_timeout_s=request_timeout_s, on_request=tick)  # fmt: skip
         except KeyboardInterrupt:  # between levels, or before this one sent anything
             row = None

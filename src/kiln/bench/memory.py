@@ -214,10 +214,12 @@ def check_device(device: str, engines: set[str], runtime: CudaRuntime | None = N
         raise UnsupportedError(f"--device {device}: this machine has {found}; bench on --device cpu")
     from kiln.engines.base import get_engine
 
+    stacks = {"torch": runtime.torch_cuda, "onnxruntime": runtime.ort_cuda}
     for name in sorted(engines):
-        why = runtime.torch_cuda() if name == "torch" else runtime.ort_cuda() if name == "onnxruntime" else None
-        if why is None and name not in ("torch", "onnxruntime") and "cuda" not in get_engine(name).devices:
-            why = f"it runs on {list(get_engine(name).devices)} only"
+        cls = get_engine(name)
+        why = stacks[cls.cuda_stack]() if cls.cuda_stack in stacks else None
+        if why is None and "cuda" not in cls.devices:
+            why = f"it runs on {list(cls.devices)} only"
         if why is not None:
             raise UnsupportedError(f"--device {device}: engine {name!r} cannot run there: {why}; or use --device cpu")
     if runtime.nvml_used() is None:
@@ -240,7 +242,9 @@ class GpuMeter:
 
     @property
     def _torch(self) -> bool:
-        return self.index is not None and self.engine == "torch"
+        from kiln.engines.base import get_engine
+
+        return self.index is not None and get_engine(self.engine).cuda_stack == "torch"
 
     def __enter__(self) -> GpuMeter:
         if self.runtime is not None and self.index is not None:

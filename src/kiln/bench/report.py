@@ -13,15 +13,15 @@ from typing import Any
 
 from rich.table import Table
 
-from kiln.bench.compare import CompareError, CompareRow, Comparison, compare, compare_files, load_json
+from kiln.bench.compare import CompareRow, Comparison, compare, compare_files, load_json
 from kiln.bench.loadgen import LoadReport, LoadResult
 from kiln.bench.plots import bench_plots, load_plots
-from kiln.bench.runner import BenchResult
+from kiln.bench.results import BenchResult
 from kiln.console import progress_bar
 from kiln.repository import write_atomic
 
 __all__ = [
-    "CompareError", "CompareRow", "Comparison", "bench_table", "compare", "compare_files", "compare_table",
+    "CompareRow", "Comparison", "bench_table", "compare", "compare_files", "compare_table",
     "jsonable", "load_json", "load_table", "pareto_points", "plots", "progress_bar", "scenario_table",
     "variant_table", "write_html", "write_json", "write_load_html", "write_outputs",
 ]  # fmt: skip

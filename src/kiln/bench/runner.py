@@ -1,7 +1,7 @@
 """The in-process runner: each variant × batch size, warmed up, timed, repeated; memory, load time, size.
 
-Results are plain dataclasses so ``report.py`` can turn them into tables, JSON and HTML, and a run
-interrupted with Ctrl-C still returns (and writes) everything measured so far.
+Results are the plain dataclasses of ``results.py``, and a run interrupted with Ctrl-C still returns
+(and writes) everything measured so far.
 
 Load time and memory are measured fairly: each engine type is first loaded, run through the timing
 code and closed, untimed (priming), so one-time start-up costs (the runtime's thread pools and
@@ -11,97 +11,41 @@ allocators, numpy's first median) are not charged to whichever variant happens t
 from __future__ import annotations
 
 import functools
-import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from kiln.bench import scenarios
 from kiln.bench.config import BenchConfig
 from kiln.bench.memory import GpuMeter, check_device, host_meter
-from kiln.bench.stats import LatencyStats, latency_stats, spread, timed_loop
+from kiln.bench.results import BatchResult, BenchResult, VariantBench
+from kiln.bench.stats import latency_stats, spread, timed_loop
 from kiln.console import ProgressHook
 from kiln.convert.parity import random_inputs
+from kiln.engines.base import get_engine
 from kiln.errors import NotFoundError
-from kiln.predictor import CHOSEN, REFERENCE, Predictor, load
-from kiln.repository import RECIPE_FILE, VARIANTS_DIR, Repository, read_recipe
+from kiln.predictor import open_variant
+from kiln.repository import CHOSEN, REFERENCE, Repository, Variant
 
 MAX_SAMPLES = 2000
 
 
-@dataclass
-class BatchResult:
-    batch: int
-    latency: LatencyStats
-    items_per_s: float
-    per_item_ms: float
-    repeat_p50_ms: list[float]
-    spread_relative: float
-    warnings: list[str] = field(default_factory=list)
-    samples_ms: list[float] = field(default_factory=list)  # up to MAX_SAMPLES, for the distribution plot
-
-
-@dataclass
-class VariantResult:
-    variant: str
-    engine: str
-    precision: str
-    load_s: float
-    first_run_ms: float
-    size_bytes: int
-    peak_memory_bytes: int  # host memory: peak resident set above the baseline before load
-    memory_kind: str  # "vmhwm-delta" (Linux, the kernel's peak) or "rss-sampled-delta" (a sampler thread)
-    label: str = ""  # what the variant is, in words ("onnxruntime int8 static-minmax + onnxslim")
-    batches: list[BatchResult] = field(default_factory=list)
-    figures: dict[str, Any] = field(default_factory=dict)  # what the optimizer measured (accuracy …)
-    gpu_used_delta_bytes: dict[str, int] | None = None  # NVML used memory after - before, per device index
-    torch_max_allocated_bytes: int | None = None  # torch.cuda.max_memory_allocated (torch engine on CUDA)
-
-
-@dataclass
-class ScenarioResult:
-    scenario: str
-    variant: str
-    params: dict[str, Any]
-    metrics: dict[str, Any]
-
-
-@dataclass
-class BenchResult:
-    model: str
-    version: int
-    created: str
-    config: dict[str, Any]
-    machine: dict[str, Any]
-    variants: list[VariantResult] = field(default_factory=list)
-    scenarios: list[ScenarioResult] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    interrupted: bool = False
-    kind: str = "in-process"
-    repo: str = ""
-    command: str = ""  # the kiln bench command that measures this again
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
 def machine_facts() -> dict[str, Any]:
     """What ``kiln doctor`` reports about this machine, with kiln's version."""
-    from kiln import __version__
+    from kiln._version import __version__
     from kiln.hardware import detect
 
     return {**detect().to_dict(), "kiln_version": __version__}
 
 
-def resolve_variants(repository: Repository, model: str, version: int | None, wanted: list[str]) -> list[str]:
-    """Turn 'reference' / 'chosen' / 'all' / ids into the variant ids to measure, without duplicates."""
+def resolve_variants(repository: Repository, model: str, version: int, wanted: list[str]) -> list[Variant]:
+    """Turn 'reference' / 'chosen' / 'all' / ids into the variants to measure, without duplicates."""
     spec = repository.spec(model)
-    _, vdir = repository.resolve(model, version)
-    built = sorted(p.name for p in (vdir / VARIANTS_DIR).glob("*") if (p / RECIPE_FILE).is_file())
+    built = repository.variant_ids(model, version)
     out: list[str] = []
     for name in wanted:
         if name == "all":
@@ -113,53 +57,17 @@ def resolve_variants(repository: Repository, model: str, version: int | None, wa
             out.append(name)
         else:
             raise NotFoundError(f"model {model!r} has no variant {name!r}; available: {['reference', *built]}")
-    return list(dict.fromkeys(out))
-
-
-def _recipe(repository: Repository, model: str, version: int, variant: str) -> tuple[str, dict[str, Any]]:
-    """(engine name, run options) of a variant, read from its recipe without loading it."""
-    if variant == REFERENCE:
-        return "onnxruntime", {}  # what kiln.load runs for the reference
-    _, vdir = repository.resolve(model, version)
-    recipe = read_recipe(vdir / VARIANTS_DIR / variant, model, version)
-    return recipe.engine, dict(recipe.options)
-
-
-def artifact_size(predictor: Predictor) -> int:
-    """Bytes of the files the engine runs (the version's own files, or the variant directory)."""
-    root = predictor.path
-    files = [p for p in root.iterdir() if p.is_file() and p.suffix not in (".json", ".yaml")]
-    if predictor.variant == REFERENCE:
-        artifact = type(predictor.engine).artifact
-        files = [p for p in files if p.name.startswith(artifact)]
-    return sum(p.stat().st_size for p in files)
-
-
-def _figures(predictor: Predictor) -> dict[str, Any]:
-    path = predictor.path / "figures.json"
-    if predictor.variant != REFERENCE and path.is_file():
-        data: dict[str, Any] = json.loads(path.read_text())
-        return data
-    return {}
-
-
-def _label(predictor: Predictor) -> str:
-    """The optimizer's words for a variant (its recipe's ``label``), else the engine and precision."""
-    fallback = f"{predictor.engine.name} {predictor.engine.options.precision}"
-    path = predictor.path / "recipe.json"
-    if predictor.variant != REFERENCE and path.is_file():
-        return str(json.loads(path.read_text()).get("label") or fallback)
-    return fallback
+    return [repository.variant(model, version, v) for v in dict.fromkeys(out)]
 
 
 _PRIMING = BenchConfig(warmup_iters=0, min_time_s=1e-6, min_iters=2, max_iters=2, repeats=2)
 
 
-def prime(repo: Repository, model: str, version: int, variant: str, config: BenchConfig) -> None:
+def prime(variant: Variant, config: BenchConfig) -> None:
     """Load ``variant``, run it through the timing code once and close it, untimed: the engine's
     runtime starts up here, and so do the bench's own first-use costs (numpy's median alone allocates
     megabytes on its first call), so neither is charged to the first variant measured."""
-    predictor = load(repo, model, version=version, variant=variant, device=config.device, threads=config.threads)
+    predictor = open_variant(variant, device=config.device, threads=config.threads)
     try:
         feed = random_inputs(predictor.spec.inputs, 1, seed=0)
         _time_batch(functools.partial(predictor.engine.run, feed), 1, _PRIMING)
@@ -167,42 +75,40 @@ def prime(repo: Repository, model: str, version: int, variant: str, config: Benc
         predictor.close()
 
 
-def primers(engines: dict[str, tuple[str, dict[str, Any]]]) -> dict[str, str]:
+def primers(variants: list[Variant]) -> dict[str, Variant]:
     """One variant per engine type to prime with: the first that does not compile (so priming costs a
     load, not a torch.compile, and leaves no compiled-graph cache behind for a measured variant)."""
-    chosen: dict[str, str] = {}
-    for variant, (engine, options) in engines.items():
-        if engine not in chosen or (options.get("compile") is None and engines[chosen[engine]][1].get("compile")):
-            chosen[engine] = variant
+    chosen: dict[str, Variant] = {}
+    for v in variants:
+        if v.engine not in chosen or (_plain(v) and not _plain(chosen[v.engine])):
+            chosen[v.engine] = v
     return chosen
 
 
+def _plain(variant: Variant) -> bool:
+    return get_engine(variant.engine).is_plain(variant.options)
+
+
 def measure_variant(
-    repo: Repository,
-    model: str,
-    version: int | None,
-    variant: str,
-    config: BenchConfig,
-    step: Callable[[str], None],
-    sink: list[VariantResult],
-    engine: str = "onnxruntime",
-) -> VariantResult:
+    variant: Variant, config: BenchConfig, step: Callable[[str], None], sink: list[VariantBench]
+) -> VariantBench:
     """Load one variant and time every batch size, appending to ``sink`` as soon as it loads, so a
     KeyboardInterrupt leaves every batch size measured so far in the results."""
-    host, gpu = host_meter(), GpuMeter(config.device, engine)
+    host, gpu = host_meter(), GpuMeter(config.device, variant.engine)
     with host, gpu:
         t0 = time.perf_counter()
-        predictor = load(repo, model, version=version, variant=variant, device=config.device, threads=config.threads)
+        predictor = open_variant(variant, device=config.device, threads=config.threads)
         load_s = time.perf_counter() - t0
-        result = VariantResult(
-            variant=variant, engine=predictor.engine.name, precision=predictor.engine.options.precision,
-            load_s=load_s, first_run_ms=float("nan"), size_bytes=artifact_size(predictor),
-            peak_memory_bytes=0, memory_kind=host.kind, figures=_figures(predictor), label=_label(predictor),
+        result = VariantBench(
+            variant=variant.id, engine=predictor.engine.name, precision=predictor.engine.options.precision,
+            load_s=load_s, first_run_ms=float("nan"), size_bytes=variant.artifact_bytes(type(predictor.engine).artifact),
+            peak_memory_bytes=0, memory_kind=host.kind, figures=variant.figures(),
+            label=variant.label,
         )  # fmt: skip
         sink.append(result)
         try:
             for i, batch in enumerate(config.batch_sizes):
-                step(f"{variant} · batch {batch}")
+                step(f"{variant.id} · batch {batch}")
                 feed = random_inputs(predictor.spec.inputs, batch, seed=batch)
                 call = functools.partial(predictor.engine.run, feed)
                 t0 = time.perf_counter()
@@ -259,18 +165,15 @@ def bench(
     ``options`` are :class:`BenchConfig` fields that override ``config``:
     ``kiln.bench(repo, "digits", batch_sizes=[1, 8], scenarios=["server"], find_max_qps=True)``.
     """
-    from kiln.bench import scenarios
-
     config = BenchConfig.build(config, **options)
     repository = repo if isinstance(repo, Repository) else Repository(repo)
     number, _ = repository.resolve(model, version)
     variants = resolve_variants(repository, model, number, config.variants)
-    engines = {v: _recipe(repository, model, number, v) for v in variants}
-    device_warnings = check_device(config.device, {e for e, _ in engines.values()})  # refuse before anything runs
+    device_warnings = check_device(config.device, {v.engine for v in variants})  # refuse before anything runs
     result = BenchResult(
         model=model, version=number, created=datetime.now(UTC).isoformat(timespec="seconds"),
         config=config.model_dump(mode="json"), machine=machine_facts(), warnings=device_warnings,
-        repo=str(repository.root), command=config.command(model, str(repository.root), number, variants),
+        repo=str(repository.root), command=config.command(model, str(repository.root), number, [v.id for v in variants]),
     )  # fmt: skip
     total = len(variants) * len(config.batch_sizes) + len(variants) * len(config.scenarios)
     done = [0]
@@ -281,18 +184,17 @@ def bench(
         done[0] += 1
 
     try:
-        for engine, variant in primers(engines).items():
+        for engine, primer in primers(variants).items():
             if progress is not None:
                 progress(f"starting {engine}", 0, total)
-            prime(repository, model, number, variant, config)
+            prime(primer, config)
         for variant in variants:
-            measured = measure_variant(repository, model, number, variant, config, step, result.variants,
-                                       engine=engines[variant][0])  # fmt: skip
-            result.warnings += [w for b in measured.batches for w in (f"{variant}: {x}" for x in b.warnings)]
+            measured = measure_variant(variant, config, step, result.variants)
+            result.warnings += [w for b in measured.batches for w in (f"{variant.id}: {x}" for x in b.warnings)]
         for scenario in config.scenarios:
             for variant in variants:
-                step(f"{scenario} · {variant}")
-                found = scenarios.run(scenario, repository, model, number, variant, config, result)
+                step(f"{scenario} · {variant.id}")
+                found = scenarios.run(scenario, repository, model, number, variant.id, config, result)
                 if found is not None:
                     result.scenarios.append(found)
         if progress is not None:

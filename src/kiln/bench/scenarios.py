@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from kiln.bench.results import BenchResult, ScenarioResult
 from kiln.bench.stats import latency_stats
 
 if TYPE_CHECKING:
     from kiln.bench.config import BenchConfig
-    from kiln.bench.runner import BenchResult, ScenarioResult
+    from kiln.execution.batcher import Batcher
     from kiln.repository import Repository
-    from kiln.serving.batcher import Batcher
     from kiln.spec import ModelSpec
 
 
@@ -196,8 +196,6 @@ def search_max(ok: Callable[[float], bool], start: float, integer: bool = False,
 def run(
     scenario: str, repo: Repository, model: str, version: int, variant: str, config: BenchConfig, result: BenchResult
 ) -> ScenarioResult | None:
-    from kiln.bench.runner import ScenarioResult
-
     measured = next((v for v in result.variants if v.variant == variant), None)
     if scenario == "single-stream":
         b1 = next((b for b in measured.batches if b.batch == 1), None) if measured else None
@@ -224,8 +222,6 @@ def run(
 def _server(
     submitter: Any, inputs: dict[str, np.ndarray], variant: str, config: BenchConfig, estimate: float
 ) -> ScenarioResult:
-    from kiln.bench.runner import ScenarioResult
-
     params: dict[str, Any] = {"slo_ms": config.slo_ms, "seconds": config.scenario_seconds,
                               "max_batch_size": config.max_batch_size, "max_queue_delay_ms": config.max_queue_delay_ms}  # fmt: skip
     metrics: dict[str, Any] = {}
@@ -251,8 +247,6 @@ def _server(
 def _multi_stream(
     submitter: Any, inputs: dict[str, np.ndarray], variant: str, config: BenchConfig, estimate: float
 ) -> ScenarioResult:
-    from kiln.bench.runner import ScenarioResult
-
     deadline_ms = 1e3 / config.stream_fps
     trials: list[dict[str, Any]] = []
 
@@ -311,16 +305,17 @@ class BatcherSubmitter:
 
 
 def batcher_for(repo: Repository, model: str, version: int, variant: str, config: BenchConfig) -> BatcherSubmitter:
-    """The dynamic batcher that `kiln serve` runs (kiln.serving.batcher), over one instance of ``variant``.
+    """The dynamic batcher that `kiln serve` runs (kiln.execution.batcher), over one instance of ``variant``.
 
     The batch limit and queue delay come from the bench options; a model without a batch dimension runs
     one request at a time, as the server would.
     """
+    from kiln.execution.batcher import Batcher, BatchPolicy
+    from kiln.execution.instances import open_instance
     from kiln.hardware import physical_cores
-    from kiln.serving.batcher import Batcher, BatchPolicy
-    from kiln.serving.runner import open_instance
 
-    instance = open_instance(repo.root, model, version, variant, config.threads or physical_cores(), process=False)
+    handle = repo.variant(model, version, variant)
+    instance = open_instance(handle, config.threads or physical_cores(), process=False)
     spec = instance.spec
     batched = spec.serving.max_batch_size > 0
     policy = BatchPolicy(

@@ -15,7 +15,7 @@ from typing import Any
 
 from kiln.convert.from_pytorch import TorchExport, update_with_state
 from kiln.convert.importer import ImportConfig, Staged
-from kiln.errors import EngineUnavailableError, InvalidSourceError
+from kiln.errors import EngineUnavailableError, InvalidSourceError, MissingExtraError, first_line
 from kiln.repository import sha256_file
 from kiln.spec import DType, dtype_name
 
@@ -29,7 +29,7 @@ def import_keras() -> Any:
     try:
         import keras
     except ImportError:
-        raise EngineUnavailableError("importing Keras models needs keras 3: pip install 'kiln[interop]'") from None
+        raise MissingExtraError("interop", "keras", "importing Keras models") from None
     backend = keras.backend.backend()
     if backend != "torch":
         raise EngineUnavailableError(
@@ -72,8 +72,7 @@ class KerasImporter:
             try:
                 model = keras.saving.load_model(str(self.path), compile=False, safe_mode=True)
             except Exception as exc:
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise InvalidSourceError(self.source, f"Keras cannot load it: {first[:400]}") from None
+                raise InvalidSourceError(self.source, f"Keras cannot load it: {first_line(exc, 400)}") from None
         else:
             model = source
             self.source = f"<{type(source).__name__}>"

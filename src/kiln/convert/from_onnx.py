@@ -8,7 +8,7 @@ from pathlib import Path
 from kiln.convert import onnx_io
 from kiln.convert.importer import ImportConfig, Staged
 from kiln.convert.parity import random_inputs
-from kiln.errors import CorruptModelError
+from kiln.errors import CorruptModelError, first_line
 from kiln.repository import sha256_file
 from kiln.spec import TensorSpec
 
@@ -64,5 +64,4 @@ def _smoke_run(path: Path, inputs: list[TensorSpec]) -> None:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         session.run(None, random_inputs(inputs, batch=1, seed=0))
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CorruptModelError(str(path), f"ONNX Runtime cannot run it: {first}") from None
+        raise CorruptModelError(str(path), f"ONNX Runtime cannot run it: {first_line(exc)}") from None

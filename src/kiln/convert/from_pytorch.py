@@ -21,12 +21,12 @@ from kiln.convert import onnx_io
 from kiln.convert.factory import resolve
 from kiln.convert.importer import ImportConfig, Staged
 from kiln.convert.parity import ParityResult, compare, raise_on_failure, random_inputs
-from kiln.errors import ExportError, InvalidSourceError
+from kiln.errors import ExportError, InvalidSourceError, first_line
+from kiln.repository import PT2_FILE
 from kiln.spec import DType, TensorSpec
 
 log = logging.getLogger(__name__)
 
-PT2_FILE = "model.pt2"
 PARITY_BATCHES = (1, 4)
 _EXPORT_BATCH = 2  # torch.export specialises a dimension of size 1, so trace the batch at 2
 _MAX_BATCH = 1 << 16
@@ -48,13 +48,13 @@ def load_weights(module: Any, path: Path, source: str) -> None:
             if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
                 state = state["state_dict"]
     except Exception as exc:
-        raise InvalidSourceError(source, f"cannot read weights {path}: {str(exc).splitlines()[0]}") from None
+        raise InvalidSourceError(source, f"cannot read weights {path}: {first_line(exc)}") from None
     if not isinstance(state, dict):
         raise InvalidSourceError(source, f"weights {path} hold a {type(state).__name__}, expected a state_dict")
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise InvalidSourceError(source, f"weights {path} do not fit the model: {str(exc).splitlines()[0]}") from None
+        raise InvalidSourceError(source, f"weights {path} do not fit the model: {first_line(exc)}") from None
 
 
 def flatten_outputs(out: Any) -> tuple[list[Any], list[str] | None]:
@@ -330,7 +330,7 @@ class TorchExport:
                 notes.append("torch.export inferred the ranges of the dynamic dims (the model limits them)")
             torch.export.save(program, str(staging / PT2_FILE))
         except Exception as exc:
-            notes.append(f"torch.export failed ({_first_line(exc)}); the torch engine is not available for this model")
+            notes.append(f"torch.export failed ({first_line(exc)}); the torch engine is not available for this model")
             program = None
 
         exporter = self._export_onnx(module, program, example, out_names, staging / onnx_io.ONNX_FILE, notes)
@@ -378,7 +378,7 @@ class TorchExport:
                 return f"torch.onnx dynamo exporter (torch {torch.__version__})"
             except Exception as exc:
                 notes.append(
-                    f"the dynamo ONNX exporter failed ({_first_line(exc)}); used the legacy TorchScript exporter"
+                    f"the dynamo ONNX exporter failed ({first_line(exc)}); used the legacy TorchScript exporter"
                 )
         dynamic_axes: dict[str, dict[int, str]] = {}
         for n in [*in_names, *out_names]:
@@ -387,14 +387,14 @@ class TorchExport:
             if axes:
                 dynamic_axes[n] = axes
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "model.onnx"
+            path = Path(tmp) / onnx_io.ONNX_FILE
             try:
                 torch.onnx.export(
                     module, example, str(path), dynamo=False, input_names=in_names, output_names=out_names,
                     dynamic_axes=dynamic_axes or None, opset_version=self.config.opset or 17,
                 )  # fmt: skip
             except Exception as exc:
-                raise ExportError(f"cannot export {self.source} to ONNX: {_first_line(exc)}") from None
+                raise ExportError(f"cannot export {self.source} to ONNX: {first_line(exc)}") from None
             onnx_io.save(onnx_io.load(path), dst)
         for note in notes:
             log.warning(note)
@@ -420,7 +420,7 @@ class TorchExport:
                 except Exception as exc:
                     raise ExportError(
                         f"the exported program rejects inputs of shapes {[list(a.shape) for a in feed.values()]}: "
-                        f"{_first_line(exc)}; a dim marked dynamic may be fixed by the model"
+                        f"{first_line(exc)}; a dim marked dynamic may be fixed by the model"
                     ) from None
                 candidates.append(
                     (PT2_FILE, dict(zip(names, [t.numpy() for t in flatten_outputs(out)[0]], strict=True)))
@@ -452,8 +452,3 @@ def quiet_exporter() -> Iterator[None]:
             yield
     finally:
         logger.setLevel(level)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
-    return (lines[0] if lines else type(exc).__name__)[:300]

@@ -18,7 +18,7 @@ import numpy as np
 from kiln.convert import onnx_io
 from kiln.convert.importer import ImportConfig, Staged
 from kiln.convert.parity import ParityResult, compare, raise_on_failure, random_inputs
-from kiln.errors import EngineUnavailableError, ExportError, InvalidSourceError, UntrustedSourceError
+from kiln.errors import ExportError, InvalidSourceError, MissingExtraError, UntrustedSourceError, first_line
 from kiln.repository import sha256_file
 from kiln.spec import TensorSpec
 
@@ -93,9 +93,7 @@ class SklearnImporter:
             from skl2onnx import to_onnx
             from skl2onnx.common.data_types import FloatTensorType
         except ImportError:
-            raise EngineUnavailableError(
-                "importing scikit-learn models needs skl2onnx: pip install 'kiln[interop]'"
-            ) from None
+            raise MissingExtraError("interop", "skl2onnx", "importing scikit-learn models") from None
 
         classifier = _is_classifier(self.estimator)
         try:
@@ -106,8 +104,7 @@ class SklearnImporter:
                 target_opset=self.config.opset,
             )
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ExportError(f"skl2onnx cannot convert {self.source}: {first[:400]}") from None
+            raise ExportError(f"skl2onnx cannot convert {self.source}: {first_line(exc, 400)}") from None
         graph_out = [o.name for o in model.graph.output]
         names = list(self.config.output_names or graph_out)
         if len(names) != len(graph_out):

@@ -23,15 +23,14 @@ from typing import Any
 from kiln.convert import onnx_io
 from kiln.convert.from_pytorch import (
     _EXPORT_BATCH,
-    PT2_FILE,
     TorchExport,
     flatten_outputs,
     quiet_exporter,
 )
 from kiln.convert.importer import ImportConfig, Staged
 from kiln.convert.parity import ParityResult, compare, raise_on_failure, random_inputs
-from kiln.errors import CorruptModelError, ExportError, InvalidSourceError, UntrustedSourceError
-from kiln.repository import sha256_file
+from kiln.errors import CorruptModelError, ExportError, InvalidSourceError, UntrustedSourceError, first_line
+from kiln.repository import PT2_FILE, sha256_file
 from kiln.spec import DType, TensorSpec, dtype_name
 
 DEFAULT_DYNAMIC_SIZE = 8
@@ -60,7 +59,7 @@ def _refuse_pickled_payloads(path: Path, source: str) -> None:
                             "names; pass --trust-pickle (trust_pickle=True) only for a file you made or trust",
                         )
     except (zipfile.BadZipFile, json.JSONDecodeError, AttributeError, OSError) as exc:
-        raise CorruptModelError(source, f"not a torch.export archive: {_first_line(exc)}") from None
+        raise CorruptModelError(source, f"not a torch.export archive: {first_line(exc)}") from None
 
 
 _TORCH_LOAD_LOCK = threading.Lock()
@@ -83,11 +82,6 @@ def _tensors_only() -> Iterator[None]:
             yield
         finally:
             torch.load = real
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
-    return (lines[0] if lines else type(exc).__name__)[:300]
 
 
 def _finite(bound: Any, default: int) -> int:
@@ -115,7 +109,7 @@ class TorchScriptImporter:
         except Exception as exc:
             raise CorruptModelError(
                 self.source,
-                f"not a TorchScript archive ({_first_line(exc)}); a state_dict saved with torch.save is imported "
+                f"not a TorchScript archive ({first_line(exc)}); a state_dict saved with torch.save is imported "
                 "as --weights of a factory 'package.module:callable'",
             ) from None
         self.script = script.eval()
@@ -160,7 +154,7 @@ class TorchScriptImporter:
             )
             return TS2EPConverter(self.script, example).convert().module()
         except Exception as exc:
-            notes.append(f"TorchScript could not be converted to an exported program ({_first_line(exc)})")
+            notes.append(f"TorchScript could not be converted to an exported program ({first_line(exc)})")
             return None
 
 
@@ -183,10 +177,10 @@ class ExportedProgramImporter:
             raise UntrustedSourceError(
                 self.source,
                 "the archive holds pickled objects other than tensors, and loading them runs the code they name "
-                f"({_first_line(exc)}); pass --trust-pickle (trust_pickle=True) only for a file you made or trust",
+                f"({first_line(exc)}); pass --trust-pickle (trust_pickle=True) only for a file you made or trust",
             ) from None
         except Exception as exc:
-            raise CorruptModelError(self.source, f"torch.export cannot load it: {_first_line(exc)}") from None
+            raise CorruptModelError(self.source, f"torch.export cannot load it: {first_line(exc)}") from None
         self.inputs, self.example_shapes, self.batched = self._read_inputs()
 
     def _read_inputs(self) -> tuple[list[TensorSpec], list[tuple[int, ...]], bool]:
@@ -281,9 +275,7 @@ class ExportedProgramImporter:
         try:
             module = self.program.module()
         except Exception as exc:
-            raise CorruptModelError(
-                self.source, f"torch.export cannot rebuild its module: {_first_line(exc)}"
-            ) from None
+            raise CorruptModelError(self.source, f"torch.export cannot rebuild its module: {first_line(exc)}") from None
         with torch.no_grad():
             tensors, dict_names = flatten_outputs(module(*example))
         out_names = list(self.config.output_names or dict_names or (
@@ -299,7 +291,7 @@ class ExportedProgramImporter:
                 raise ExportError("torch.onnx.export returned no program")
             model = onnx_program.model_proto
         except Exception as exc:
-            raise ExportError(f"cannot export {self.source} to ONNX: {_first_line(exc)}") from None
+            raise ExportError(f"cannot export {self.source} to ONNX: {first_line(exc)}") from None
         graph_in = [v.name for v in model.graph.input]
         graph_out = [v.name for v in model.graph.output]
         onnx_io.rename_io(

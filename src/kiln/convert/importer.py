@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kiln.convert.parity import ParityResult
-from kiln.errors import InvalidSourceError, SpecError
+from kiln.errors import InvalidSourceError, SpecError, spec_error
 from kiln.repository import Repository, VersionManifest
 from kiln.spec import DType, ModelSpec, ProcessingStep, ServingSettings, Task, TensorSpec
 
@@ -165,8 +165,7 @@ def import_model(
     try:
         config = ImportConfig.model_validate({**(config.model_dump() if config else {}), **overrides})
     except ValidationError as exc:
-        err = exc.errors()[0]
-        raise SpecError(f"import option {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        raise spec_error(exc, "import option") from None
     if config.preprocess is not None or config.postprocess is not None:
         from kiln.processing import check_steps
 
@@ -257,8 +256,7 @@ def _build_spec(repository: Repository, name: str, config: ImportConfig, staged:
     try:
         return ModelSpec.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        raise SpecError(f"spec for {name!r}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        raise spec_error(exc, f"spec for {name!r}:", empty="spec") from None
 
 
 def _safe_name(raw: str) -> str:

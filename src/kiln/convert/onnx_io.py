@@ -5,17 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kiln.errors import CorruptModelError
+from kiln.errors import CorruptModelError, first_line
+from kiln.repository import EXTERNAL_DATA_SUFFIX, ONNX_FILE
 from kiln.spec import TensorSpec, dtype_name
 
-ONNX_FILE = "model.onnx"
-EXTERNAL_DATA_FILE = "model.onnx.data"
+EXTERNAL_DATA_FILE = ONNX_FILE + EXTERNAL_DATA_SUFFIX
 PROTOBUF_LIMIT = 2**31 - 1  # a single serialized ModelProto cannot exceed 2 GB
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def check(path: Path) -> None:
@@ -27,7 +22,7 @@ def check(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path))
     except Exception as exc:  # protobuf DecodeError, onnx ValidationError, OSError...
-        raise CorruptModelError(str(path), _one_line(exc)) from None
+        raise CorruptModelError(str(path), first_line(exc)) from None
 
 
 def load(path: Path, external_data: bool = True) -> Any:
@@ -36,7 +31,7 @@ def load(path: Path, external_data: bool = True) -> Any:
     try:
         return onnx.load(str(path), load_external_data=external_data)
     except Exception as exc:
-        raise CorruptModelError(str(path), _one_line(exc)) from None
+        raise CorruptModelError(str(path), first_line(exc)) from None
 
 
 def save(model: Any, path: Path, force_external: bool = False) -> None:
@@ -67,7 +62,7 @@ def infer_shapes(path: Path) -> None:
     try:
         onnx.shape_inference.infer_shapes_path(str(path), str(path))
     except Exception as exc:
-        raise CorruptModelError(str(path), f"shape inference failed: {_one_line(exc)}") from None
+        raise CorruptModelError(str(path), f"shape inference failed: {first_line(exc)}") from None
 
 
 def graph_tensors(model: Any) -> tuple[list[TensorSpec], list[TensorSpec]]:

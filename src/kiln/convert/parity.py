@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from kiln.errors import ParityError
+from kiln.repository import ONNX_FILE
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ def compare(
     batch: int,
     atol: float,
     rtol: float,
-    artifact: str = "model.onnx",
+    artifact: str = ONNX_FILE,
 ) -> list[ParityResult]:
     results = []
     for name, ref in reference.items():

@@ -7,16 +7,21 @@ subclasses :class:`Engine` and decorates it with :func:`register`; nothing else 
 from __future__ import annotations
 
 import abc
+import dataclasses
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from kiln.errors import EngineUnavailableError, UnsupportedError
+from kiln.errors import EngineUnavailableError, SpecError, UnsupportedError
 from kiln.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from kiln.recipe import PlanContext, Recipe, Skipped
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -32,12 +37,50 @@ _REGISTRY: dict[str, type[Engine]] = {}
 
 @dataclass(frozen=True)
 class EngineOptions:
-    """How to run: device, precision and threads. Engines reject what they cannot honour."""
+    """How to run: device, precision and threads, plus the engine's own run options (``run``: a
+    variant's recipe options, checked against the engine's :class:`RunOptions` model when it loads).
+    Engines reject what they cannot honour."""
 
     device: str = "cpu"
     precision: Precision = "fp32"
     intra_op_threads: int | None = None  # default: physical cores (or KILN_NUM_THREADS)
-    extra: Mapping[str, Any] = field(default_factory=dict)  # backend-specific, e.g. ORT providers
+    run: Mapping[str, Any] | RunOptions = field(default_factory=dict)
+
+
+class RunOptions(BaseModel):
+    """An engine's typed run options (what ``kiln optimize`` writes into a recipe's ``options``); an
+    engine subclasses it and names it as its ``Options``. Unknown names are refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @classmethod
+    def of(cls, options: EngineOptions) -> Self:
+        """``options.run`` as this model (checked when the engine was loaded through :func:`load_engine`)."""
+        return cls.parse(options.run)
+
+    @classmethod
+    def parse(cls, run: Mapping[str, Any] | RunOptions, engine: str = "") -> Self:
+        if isinstance(run, cls):
+            return run
+        try:
+            return cls.model_validate(run.model_dump() if isinstance(run, RunOptions) else dict(run))
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            name = ".".join(map(str, err["loc"])) or "options"
+            known = ", ".join(cls.model_fields) or "none"
+            raise SpecError(
+                f"engine {engine or cls.__name__!r} run option {name}: {err['msg']} (its options: {known})"
+            ) from None
+
+
+@dataclass(frozen=True)
+class LabelParts:
+    """What an engine adds to a variant's label from its run options: a word after the precision
+    (`` cast``), words before the graph passes (``compile default``) and after them (``[throughput]``)."""
+
+    precision_suffix: str = ""
+    middle: tuple[str, ...] = ()
+    tail: tuple[str, ...] = ()
 
 
 def release_memory() -> None:
@@ -59,15 +102,60 @@ class Engine(abc.ABC):
 
     name: ClassVar[str]
     artifact: ClassVar[str]  # the file it runs, relative to the version (or variant) directory
+    builds_from: ClassVar[str] = ""  # the imported file its variants are made from, when not ``artifact``
+    conversion_passes: ClassVar[tuple[str, ...]] = ()  # passes that only change the format (no speed trick)
+    Options: ClassVar[type[RunOptions]] = RunOptions
+    cuda_stack: ClassVar[str] = ""  # whose CUDA it runs on ("torch", "onnxruntime"): what the bench checks and meters
     devices: ClassVar[tuple[str, ...]] = ("cpu",)
     precisions: ClassVar[tuple[Precision, ...]] = ("fp32",)
     dynamic_shapes: ClassVar[bool] = True
     releases_gil: ClassVar[bool] = True  # whether several instances can run in parallel threads
     concurrent_runs: ClassVar[bool] = False  # whether one loaded engine may run from several threads at once
+    # Triton's names for this kind of model (tritonclient and perf_analyzer display them); empty: the name
+    triton_platform: ClassVar[str] = ""
+    triton_backend: ClassVar[str] = ""
 
     def __init__(self, spec: ModelSpec, options: EngineOptions) -> None:
         self.spec = spec
         self.options = options
+
+    # ---- what the engine offers the optimizer ---------------------------------------------------------
+    @classmethod
+    def source_artifact(cls) -> str:
+        return cls.builds_from or cls.artifact
+
+    @classmethod
+    def available(cls) -> str | None:
+        """None when this engine can run here, else why not (a runtime that is not installed)."""
+        return None
+
+    @classmethod
+    def candidates(cls, ctx: PlanContext) -> tuple[list[Recipe], list[Skipped]]:
+        """The recipes worth building on ``ctx.device``, and the families left out with why."""
+        from kiln.recipe import Recipe
+
+        return [Recipe(engine=cls.name)], []
+
+    @classmethod
+    def describe(cls, options: Mapping[str, Any]) -> LabelParts:
+        """The words a variant's label gets from these run options."""
+        return LabelParts()
+
+    @classmethod
+    def is_plain(cls, options: Mapping[str, Any]) -> bool:
+        """Whether these run options leave the engine's plain run (no compilation and the like)."""
+        return True
+
+    @classmethod
+    def reset_compiled(cls) -> None:
+        """Drop process-wide compilation caches after a compiled engine closed (the optimizer builds many)."""
+        return None
+
+    @classmethod
+    def peer_key(cls, options: Mapping[str, Any]) -> tuple[Any, ...]:
+        """Run options that make variants comparable: int8 is judged against the fp32 variant with the
+        same key (OpenVINO's performance hint)."""
+        return ()
 
     @classmethod
     @abc.abstractmethod
@@ -141,6 +229,7 @@ def load_engine(name: str, artifact_dir: Path, spec: ModelSpec, options: EngineO
     cls = get_engine(name)
     options = options or EngineOptions()
     cls.check_options(artifact_dir, options)
+    options = dataclasses.replace(options, run=cls.Options.parse(options.run, name))
     return cls.load(artifact_dir, spec, options)
 
 

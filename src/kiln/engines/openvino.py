@@ -1,7 +1,7 @@
 """OpenVINO engine: an OpenVINO IR (``model.xml`` + ``model.bin``) or, failing that, the ONNX file read
 directly, compiled for the CPU with a LATENCY or THROUGHPUT hint.
 
-Run options (``EngineOptions.extra``): ``hint`` (``"latency"`` or ``"throughput"``), ``num_requests``.
+Run options (:class:`OpenVINOOptions`): ``hint`` (``"latency"`` or ``"throughput"``), ``num_requests``.
 With the THROUGHPUT hint a batch is split across the compiled model's optimal number of infer requests,
 run at once (as ``benchmark_app`` drives it): one synchronous request leaves its extra streams idle.
 The precision is always set explicitly: on CPUs with AVX512-BF16 or AMX OpenVINO runs **bf16 by
@@ -12,17 +12,25 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field
 
-from kiln.engines.base import Engine, EngineOptions, cast_outputs, register
+from kiln.engines.base import Engine, EngineOptions, LabelParts, RunOptions, cast_outputs, register
 from kiln.errors import CorruptModelError, EngineUnavailableError, UnsupportedError
+from kiln.recipe import NO_CALIBRATION, PlanContext, Recipe, Skipped, step
+from kiln.repository import IR_FILE, ONNX_FILE
 from kiln.spec import ModelSpec
 
-IR_FILE = "model.xml"
-ONNX_FILE = "model.onnx"
 HINTS = {"latency": "LATENCY", "throughput": "THROUGHPUT"}
+
+
+class OpenVINOOptions(RunOptions):
+    hint: Literal["latency", "throughput"] = "latency"
+    num_requests: int | None = Field(default=None, ge=1)
+
+
 _PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 
 
@@ -36,23 +44,26 @@ def artifact_path(artifact_dir: Path) -> Path | None:
 
 def compile_config(options: EngineOptions, threads: int) -> dict[str, Any]:
     """The properties passed to ``Core.compile_model``; precision is never left to the default."""
-    hint = str(options.extra.get("hint", "latency"))
-    if hint not in HINTS:
-        raise UnsupportedError(f"OpenVINO hint {hint!r} is unknown; use one of {sorted(HINTS)}")
+    run = OpenVINOOptions.of(options)
     config: dict[str, Any] = {
-        "PERFORMANCE_HINT": HINTS[hint],
+        "PERFORMANCE_HINT": HINTS[run.hint],
         "INFERENCE_PRECISION_HINT": _PRECISION[options.precision],
         "INFERENCE_NUM_THREADS": threads,
     }
-    if "num_requests" in options.extra:
-        config["PERFORMANCE_HINT_NUM_REQUESTS"] = int(options.extra["num_requests"])
+    if run.num_requests is not None:
+        config["PERFORMANCE_HINT_NUM_REQUESTS"] = run.num_requests
     return config
 
 
 @register
 class OpenVINOEngine(Engine):
     name = "openvino"
+    triton_platform = "openvino"
+    triton_backend = "openvino"
     artifact = IR_FILE
+    builds_from = ONNX_FILE  # its variants convert the imported ONNX file (ov-convert)
+    conversion_passes = ("ov-convert",)
+    Options = OpenVINOOptions
     devices = ("cpu",)
     precisions = ("fp32", "bf16")
 
@@ -61,13 +72,50 @@ class OpenVINOEngine(Engine):
         self.compiled = compiled
         self.request = compiled.create_infer_request()
         streams = 1
-        if options.extra.get("hint") == "throughput" and spec.serving.max_batch_size != 0:
+        if OpenVINOOptions.of(options).hint == "throughput" and spec.serving.max_batch_size != 0:
             streams = max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
         self._parallel = [self.request] + [compiled.create_infer_request() for _ in range(streams - 1)]
         names = [o.get_any_name() for o in compiled.outputs]
         wanted = [t.name for t in spec.outputs]
         # Outputs keep their ONNX names through conversion; fall back to order if a tool renamed them.
         self._outputs = [(w, w if w in names else names[i]) for i, w in enumerate(wanted)]
+
+    @classmethod
+    def available(cls) -> str | None:
+        import importlib.util
+
+        return None if importlib.util.find_spec("openvino") else "openvino is not installed (pip install openvino nncf)"
+
+    @classmethod
+    def describe(cls, options: Mapping[str, Any]) -> LabelParts:
+        hint = options.get("hint", "latency")
+        return LabelParts(tail=(f"[{hint}]",) if hint != "latency" else ())
+
+    @classmethod
+    def peer_key(cls, options: Mapping[str, Any]) -> tuple[Any, ...]:
+        return (options.get("hint"),)
+
+    @classmethod
+    def candidates(cls, ctx: PlanContext) -> tuple[list[Recipe], list[Skipped]]:
+        """Per performance hint: the converted IR at fp32 and bf16, and NNCF int8 with calibration data."""
+        if ctx.device.kind != "cpu":
+            return [], [Skipped("openvino variants", "kiln runs OpenVINO on the CPU only")]
+        recipes: list[Recipe] = []
+        convert = step("ov-convert")
+        nncf = "nncf" in ctx.int8 and ctx.calibration is not None
+        for hint in ctx.openvino_hints:
+            opts = {"hint": hint}
+            recipes.append(Recipe(engine=cls.name, passes=(convert,), options=opts))
+            if ctx.bf16:
+                recipes.append(Recipe(engine=cls.name, precision="bf16", passes=(convert,), options=opts))
+            if nncf:
+                quantized = (convert, step("nncf", calibration=ctx.calibration))
+                recipes.append(Recipe(engine=cls.name, int8="nncf", passes=quantized, options=opts))
+                if ctx.bf16:
+                    recipes.append(Recipe(engine=cls.name, precision="bf16", int8="nncf", passes=quantized,
+                                          options=opts))  # fmt: skip
+        skipped = [Skipped("openvino int8 nncf", NO_CALIBRATION)] if "nncf" in ctx.int8 and not nncf else []
+        return recipes, skipped
 
     @classmethod
     def check_options(cls, artifact_dir: Path, options: EngineOptions) -> None:

@@ -13,9 +13,17 @@ from typing import Any
 
 import numpy as np
 
-from kiln.engines.base import Engine, EngineOptions, cast_outputs, register
+from kiln.engines.base import Engine, EngineOptions, LabelParts, RunOptions, cast_outputs, register
 from kiln.errors import CorruptModelError, UnsupportedError
+from kiln.recipe import NO_CALIBRATION, PlanContext, Recipe, Skipped, step
+from kiln.repository import ONNX_FILE
 from kiln.spec import ModelSpec
+
+
+class OrtOptions(RunOptions):
+    tensorrt: bool = False  # run on TensorRT's execution provider (CUDA devices)
+    providers: list[Any] | None = None  # explicit execution providers, in priority order
+    optimized_model_filepath: str | None = None  # where ONNX Runtime saves the graph it optimized
 
 
 def providers_for(device: str, available: list[str], tensorrt: dict[str, Any] | None = None) -> list[Any]:
@@ -48,8 +56,12 @@ def providers_for(device: str, available: list[str], tensorrt: dict[str, Any] | 
 @register
 class OrtEngine(Engine):
     name = "onnxruntime"
-    artifact = "model.onnx"
+    triton_platform = "onnxruntime_onnx"
+    triton_backend = "onnxruntime"
+    artifact = ONNX_FILE
+    Options = OrtOptions
     devices = ("cpu", "cuda")
+    cuda_stack = "onnxruntime"
     # Reduced precision is a property of the ONNX graph (the ort-fp16 pass), not a run flag; fp16 is
     # accepted so that such a variant states it, and the hardware check keeps it to CUDA.
     precisions = ("fp32", "fp16")
@@ -71,21 +83,63 @@ class OrtEngine(Engine):
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
-        if "optimized_model_filepath" in options.extra:
-            so.optimized_model_filepath = str(options.extra["optimized_model_filepath"])
+        run = OrtOptions.of(options)
+        if run.optimized_model_filepath is not None:
+            so.optimized_model_filepath = run.optimized_model_filepath
         path = artifact_dir / cls.artifact
-        if options.precision == "fp16" and not options.extra.get("tensorrt") and not _has_fp16_weights(path):
+        if options.precision == "fp16" and not run.tensorrt and not _has_fp16_weights(path):
             raise UnsupportedError(
                 f"{path} holds fp32 weights: for ONNX Runtime fp16 is a converted graph, not a run option; "
                 "`kiln optimize --device cuda` builds one (or run this graph at fp32)"
             )
-        trt = _tensorrt_options(path, options) if options.extra.get("tensorrt") else None
-        providers = options.extra.get("providers") or providers_for(options.device, ort.get_available_providers(), trt)
+        trt = _tensorrt_options(path, options) if run.tensorrt else None
+        providers = run.providers or providers_for(options.device, ort.get_available_providers(), trt)
         try:
             session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise CorruptModelError(str(path), f"ONNX Runtime cannot load it: {exc}") from None
         return cls(spec, options, session)
+
+    @classmethod
+    def describe(cls, options: Mapping[str, Any]) -> LabelParts:
+        return LabelParts(tail=("[tensorrt]",) if options.get("tensorrt") else ())
+
+    @classmethod
+    def candidates(cls, ctx: PlanContext) -> tuple[list[Recipe], list[Skipped]]:
+        """fp32, the graph optimized for this machine, int8 (dynamic; static per calibration method), and
+        on CUDA fp16 and TensorRT."""
+        from kiln.hardware import machine_fingerprint
+
+        recipes = [Recipe(engine=cls.name)]
+        skipped: list[Skipped] = []
+        slim = [step("onnxslim")] if ctx.graph_passes else []
+        if ctx.graph_passes:
+            # level "all" lays the graph out for this CPU and this ONNX Runtime: another machine builds its own
+            tuned = step("ort-optimize", level="all", machine=machine_fingerprint("onnxruntime"))
+            recipes.append(Recipe(engine=cls.name, passes=(*slim, tuned)))
+        cuda = ctx.device.kind == "cuda"
+        if "fp16" in ctx.precisions:
+            if cuda and ctx.fp16:
+                recipes.append(Recipe(engine=cls.name, precision="fp16", passes=(*slim, step("ort-fp16"))))
+            else:
+                skipped.append(Skipped("onnxruntime fp16", "ONNX Runtime runs fp16 fast on CUDA only; on CPU it is slower than fp32"))  # fmt: skip
+        if cuda:
+            if _has_tensorrt():
+                recipes.append(Recipe(engine=cls.name, passes=tuple(slim), options={"tensorrt": True}))
+                if ctx.fp16:
+                    recipes.append(Recipe(engine=cls.name, precision="fp16", passes=tuple(slim),
+                                          options={"tensorrt": True}))  # fmt: skip
+            else:
+                skipped.append(Skipped("onnxruntime tensorrt", "this onnxruntime has no TensorrtExecutionProvider"))
+        if "ort-dynamic" in ctx.int8:
+            recipes.append(Recipe(engine=cls.name, int8="ort-dynamic", passes=(*slim, step("ort-dynamic"))))
+        if "ort-static" in ctx.int8:
+            if ctx.calibration is None:
+                skipped.append(Skipped("onnxruntime int8 static", NO_CALIBRATION))
+            for method in ctx.calibration_methods if ctx.calibration is not None else ():
+                static = step("ort-static", method=method, per_channel=ctx.per_channel, calibration=ctx.calibration)
+                recipes.append(Recipe(engine=cls.name, int8="ort-static", passes=(*slim, static)))
+        return recipes, skipped
 
     @property
     def active_providers(self) -> list[str]:
@@ -99,6 +153,12 @@ class OrtEngine(Engine):
         self.session = None
 
 
+def _has_tensorrt() -> bool:
+    import onnxruntime as ort
+
+    return "TensorrtExecutionProvider" in ort.get_available_providers()
+
+
 def _has_fp16_weights(path: Path) -> bool:
     import onnx
 
@@ -110,8 +170,8 @@ def _tensorrt_options(path: Path, options: EngineOptions) -> dict[str, Any]:
     """TensorRT provider options: fp16 when asked, and an engine cache per artifact in kiln's cache."""
     import hashlib
 
+    from kiln.environment import get_settings
     from kiln.repository import sha256_file
-    from kiln.settings import get_settings
 
     key = hashlib.sha256(f"{sha256_file(path)}:{options.device}:{options.precision}".encode()).hexdigest()[:16]
     cache = get_settings().cache_dir / "tensorrt" / key

@@ -1,6 +1,6 @@
 """PyTorch engine: the ``torch.export`` program run under ``inference_mode``.
 
-Run options (``EngineOptions.extra``, written by ``kiln optimize`` into a variant's recipe):
+Run options (:class:`TorchOptions`, written by ``kiln optimize`` into a variant's recipe):
 
 - ``cast``: with precision bf16/fp16, cast weights and inputs (default: autocast, weights stay fp32);
 - ``quantize``: ``"dynamic-int8"`` quantizes Linear layers dynamically (``torch.ao``);
@@ -15,20 +15,33 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
-from kiln.engines.base import Engine, EngineOptions, cast_outputs, register
+from kiln.engines.base import Engine, EngineOptions, LabelParts, RunOptions, cast_outputs, register
 from kiln.errors import CorruptModelError, UnsupportedError
+from kiln.recipe import PlanContext, PrecisionName, Recipe, Skipped, step
+from kiln.repository import PT2_FILE
 from kiln.spec import ModelSpec
+
+
+class TorchOptions(RunOptions):
+    cast: bool | None = None  # bf16/fp16: cast weights and inputs (True) or autocast (False / unset)
+    quantize: Literal["dynamic-int8"] | None = None
+    compile: str | None = None  # a torch.compile mode
+    freezing: bool = False
 
 
 @register
 class TorchEngine(Engine):
     name = "torch"
-    artifact = "model.pt2"
+    triton_platform = "pytorch_libtorch"
+    triton_backend = "pytorch"
+    artifact = PT2_FILE
+    Options = TorchOptions
     devices = ("cpu", "cuda")
+    cuda_stack = "torch"
     precisions = ("fp32", "bf16", "fp16")
 
     def __init__(self, spec: ModelSpec, options: EngineOptions, module: Any) -> None:
@@ -36,10 +49,62 @@ class TorchEngine(Engine):
         self.module = module
         self._input_names = [t.name for t in spec.inputs]
         self._output_names = [t.name for t in spec.outputs]
-        self.compile_mode: str | None = options.extra.get("compile")
-        self.freezing = bool(options.extra.get("freezing", False))
-        self.cast = bool(options.extra.get("cast", False)) and options.precision != "fp32"
+        run = TorchOptions.of(options)
+        self.compile_mode: str | None = run.compile
+        self.freezing = run.freezing
+        self.cast = bool(run.cast) and options.precision != "fp32"
         self.quantized_linears = 0
+
+    @classmethod
+    def describe(cls, options: Mapping[str, Any]) -> LabelParts:
+        cast = options.get("cast")
+        suffix = "" if cast is None else " cast" if cast else " autocast"
+        compiled = options.get("compile")
+        middle = (f"compile {compiled}" + (" +freezing" if options.get("freezing") else ""),) if compiled else ()
+        return LabelParts(precision_suffix=suffix, middle=middle)
+
+    @classmethod
+    def is_plain(cls, options: Mapping[str, Any]) -> bool:
+        return not options.get("compile")
+
+    @classmethod
+    def reset_compiled(cls) -> None:
+        import torch
+
+        torch._dynamo.reset()
+
+    @classmethod
+    def candidates(cls, ctx: PlanContext) -> tuple[list[Recipe], list[Skipped]]:
+        """Eager fp32; bf16/fp16 cast and autocast; conv-bn folded; dynamic int8 (CPU); torch.compile."""
+        recipes = [Recipe(engine=cls.name)]
+        skipped: list[Skipped] = []
+        reduced: tuple[tuple[PrecisionName, bool], ...] = (("bf16", ctx.bf16), ("fp16", ctx.fp16))
+        for precision, ok in reduced:
+            if ok:
+                recipes.append(Recipe(engine=cls.name, precision=precision, options={"cast": False}))
+                recipes.append(Recipe(engine=cls.name, precision=precision, options={"cast": True}))
+        if ctx.graph_passes:
+            recipes.append(Recipe(engine=cls.name, passes=(step("fold-conv-bn"),)))
+        if "torch-dynamic" in ctx.int8:
+            if ctx.device.kind == "cpu":
+                recipes.append(Recipe(engine=cls.name, int8="torch-dynamic", passes=(step("torch-dynamic"),),
+                                      options={"quantize": "dynamic-int8"}))  # fmt: skip
+            else:
+                skipped.append(Skipped("torch int8 dynamic", "torch dynamic quantization runs on the CPU only"))
+        low: PrecisionName = "bf16" if ctx.bf16 else "fp32"
+        for mode in ctx.compile_modes:
+            if mode == "reduce-overhead" and ctx.device.kind == "cpu":
+                skipped.append(Skipped("torch compile reduce-overhead", "uses CUDA graphs: CUDA only"))
+                continue
+            opts: dict[str, Any] = {"compile": mode, "freezing": True}
+            recipes.append(
+                Recipe(engine=cls.name, precision=low, options={**opts, "cast": True} if low != "fp32" else opts)
+            )
+            if ctx.compile_fp32 and low != "fp32":
+                recipes.append(Recipe(engine=cls.name, options=opts))
+        if "max-autotune" not in ctx.compile_modes and ctx.compile_modes:
+            skipped.append(Skipped("torch compile max-autotune", "slow to build and rarely wins on CPU; preset 'thorough' or --compile max-autotune"))  # fmt: skip
+        return recipes, skipped
 
     @classmethod
     def load(cls, artifact_dir: Path, spec: ModelSpec, options: EngineOptions) -> TorchEngine:
@@ -50,11 +115,8 @@ class TorchEngine(Engine):
 
         torch.set_num_threads(options.intra_op_threads or physical_cores())
         module = load_exported(artifact_dir / cls.artifact)
-        quantize = options.extra.get("quantize")
         made = 0
-        if quantize is not None:
-            if quantize != "dynamic-int8":
-                raise UnsupportedError(f"torch engine quantize={quantize!r} is unknown; use 'dynamic-int8'")
+        if TorchOptions.of(options).quantize is not None:
             if options.device != "cpu":
                 raise UnsupportedError("torch dynamic int8 quantization runs on the CPU only")
             module, made = torch_runtime.quantize_linear_dynamic(module)

@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 
 from kiln.errors import AccuracyBudgetError, DataError
-from kiln.metrics import is_padded_boxes, map50, unpad_boxes
 from kiln.optimize.config import OptimizeConfig
 from kiln.optimize.data import Samples
 from kiln.spec import ModelSpec
+from kiln.task_metrics import is_padded_boxes, map50, unpad_boxes
 
 Outputs = dict[str, np.ndarray]
 Detect = Callable[[Outputs], list[Any]]  # outputs -> per-image detections (the spec's post-processing)

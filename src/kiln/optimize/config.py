@@ -1,31 +1,23 @@
-"""What to search and what to keep: :class:`OptimizeConfig`, its presets, and the recipe of a variant.
-
-A :class:`Recipe` says how a variant is built (passes over the imported artifact) and how it runs
-(engine, precision, run options). Its id derives from the recipe and the version's source hash, so
-the same recipe on the same model is never built twice.
-"""
+"""What to search and what to keep: :class:`OptimizeConfig` and its presets. (The recipe of a variant,
+what the engines offer and the repository stores, is :mod:`kiln.recipe`.)"""
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kiln.errors import SpecError
+from kiln.recipe import Int8Kind, PrecisionName
 
-EngineName = Literal["onnxruntime", "openvino", "torch"]
-PrecisionName = Literal["fp32", "bf16", "fp16"]
-Int8Kind = Literal["ort-dynamic", "ort-static", "nncf", "torch-dynamic"]
 CalibrationMethod = Literal["minmax", "entropy", "percentile"]
 CompileModeName = Literal["default", "max-autotune", "reduce-overhead"]
 Objective = Literal["latency", "throughput"]
 Metric = Literal["auto", "top1", "agreement", "cosine", "map50", "sqnr", "max-abs"]
 Hint = Literal["latency", "throughput"]
 
-ENGINES: tuple[EngineName, ...] = ("onnxruntime", "openvino", "torch")
+ENGINES = ("torch", "onnxruntime", "openvino")  # kiln's own, in the order the search tries them
 INT8_KINDS: tuple[Int8Kind, ...] = ("ort-dynamic", "ort-static", "nncf", "torch-dynamic")
 CALIBRATION_METHODS: tuple[CalibrationMethod, ...] = ("minmax", "entropy", "percentile")
 PRECISIONS: tuple[PrecisionName, ...] = ("fp32", "bf16", "fp16")
@@ -71,7 +63,7 @@ class OptimizeConfig(BaseModel):
     min_sqnr_db: float = Field(default=30.0, description="the bound when the metric is sqnr")
     max_abs_error: float | None = Field(default=None, gt=0, description="also bound the max abs error")
     # ---- what to build -----------------------------------------------------------------------------
-    engines: list[EngineName] = Field(default_factory=lambda: list(ENGINES))
+    engines: list[str] = Field(default_factory=lambda: _default_engines(), description="registered engine names")
     precisions: list[PrecisionName] = Field(default_factory=lambda: list(PRECISIONS))
     int8: list[Int8Kind] = Field(default_factory=lambda: list(INT8_KINDS))
     calibration_methods: list[CalibrationMethod] = Field(default_factory=lambda: list(CALIBRATION_METHODS))
@@ -104,6 +96,17 @@ class OptimizeConfig(BaseModel):
                 raise ValueError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
             data = {**PRESETS[name], **{k: v for k, v in data.items() if v is not None}}
         return data
+
+    @field_validator("engines")
+    @classmethod
+    def _known_engines(cls, engines: list[str]) -> list[str]:
+        from kiln.engines.base import available_engines
+
+        known = available_engines()
+        for name in engines:
+            if name not in known:
+                raise ValueError(f"unknown engine {name!r}; known engines: {', '.join(known)}")
+        return engines
 
     @model_validator(mode="after")
     def _consistent(self) -> OptimizeConfig:
@@ -138,88 +141,11 @@ class OptimizeConfig(BaseModel):
         return rule
 
 
-class PassStep(BaseModel):
-    """One registered pass and its parameters."""
+def _default_engines() -> list[str]:
+    """kiln's engines, then any registered by a plug-in."""
+    from kiln.engines.base import available_engines
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str
-    params: dict[str, Any] = Field(default_factory=dict)
-
-
-class Recipe(BaseModel):
-    """How one variant is built and run. ``options`` become the engine's run options."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    engine: EngineName
-    precision: PrecisionName = "fp32"
-    int8: Int8Kind | None = None
-    passes: tuple[PassStep, ...] = ()
-    options: dict[str, Any] = Field(default_factory=dict)
-    device: str = "cpu"  # where it was measured and runs by default ("cuda:0" …)
-
-    @property
-    def base_artifact(self) -> str:
-        return "model.pt2" if self.engine == "torch" else "model.onnx"
-
-    @property
-    def is_reference(self) -> bool:
-        """The engine's plain fp32 run of the imported model (OpenVINO's after conversion): what its
-        int8 variants must beat."""
-        return (
-            self.int8 is None
-            and self.precision == "fp32"
-            and not self.options.get("compile")
-            and all(p.name == "ov-convert" for p in self.passes)
-        )
-
-    def label(self) -> str:
-        """A readable name: ``onnxruntime int8 static-entropy + onnxslim``."""
-        parts: list[str] = [self.engine]
-        if self.int8:
-            kind = self.int8.split("-", 1)[-1] if self.int8 != "nncf" else "nncf"
-            method = next((p.params.get("method") for p in self.passes if "method" in p.params), None)
-            parts.append(f"int8 {kind}" + (f"-{method}" if method else ""))
-            if self.precision != "fp32":
-                parts.append(f"({self.precision} rest)")
-        else:
-            cast = self.options.get("cast")
-            parts.append(
-                self.precision + ("" if self.precision == "fp32" or cast is None else " cast" if cast else " autocast")
-            )
-        if self.options.get("compile"):
-            parts.append(f"compile {self.options['compile']}" + (" +freezing" if self.options.get("freezing") else ""))
-        graph = [p.name for p in self.passes if p.name in GRAPH_PASS_NAMES]
-        if graph:
-            parts.append("+ " + "+".join(graph))
-        if self.engine == "openvino" and self.options.get("hint", "latency") != "latency":
-            parts.append(f"[{self.options['hint']}]")
-        if self.options.get("tensorrt"):
-            parts.append("[tensorrt]")
-        return " ".join(parts)
-
-    def artifact_key(self, source_hash: str) -> str:
-        """Identifies the built files: variants differing only in run options share them."""
-        payload = {"source": source_hash, "base": self.base_artifact, "passes": [p.model_dump() for p in self.passes]}
-        return _digest(payload)[:16]
-
-    def variant_id(self, source_hash: str) -> str:
-        # the default device stays out of the payload, so CPU variant ids read as they always have
-        payload = {
-            "source": source_hash,
-            **self.model_dump(mode="json", exclude={"device"} if self.device == "cpu" else None),
-        }
-        slug = "-".join(w for w in self.label().replace("+", " ").replace("(", "").replace(")", "").split() if w)
-        slug = slug.replace("onnxruntime", "ort").replace("openvino", "ov")[:48].strip("-")
-        return f"{slug}-{_digest(payload)[:8]}"
-
-
-GRAPH_PASS_NAMES = ("onnxslim", "ort-optimize", "fold-conv-bn")
-
-
-def _digest(payload: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+    return [*ENGINES, *(e for e in available_engines() if e not in ENGINES)]
 
 
 def resolve_data_path(data: str | None) -> str | None:

@@ -2,7 +2,7 @@
 model's own split.
 
 A ``.npz`` holds one array per model input (by name) and optionally ``labels`` (class ids, or for a
-detection model ground-truth boxes padded to ``[N, M, 5]``: see :func:`kiln.metrics.pad_boxes`); arrays named
+detection model ground-truth boxes padded to ``[N, M, 5]``: see :func:`kiln.task_metrics.pad_boxes`); arrays named
 ``calibration/<input>`` (or ``calib_<input>``) give separate calibration data. A callable returns an
 array (one input), a dict of arrays, or ``(inputs, labels)``. Files are read with
 ``allow_pickle=False``: kiln never unpickles data.

@@ -7,11 +7,7 @@ figures are reused while the validation data and timing settings are unchanged.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
-import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,21 +16,25 @@ from pathlib import Path
 from typing import Any, Literal
 
 from kiln.console import ProgressHook
-from kiln.engines.base import EngineOptions, load_engine
-from kiln.errors import AccuracyBudgetError, KilnError, NoVariantBuiltError, NoVariantWithinBudgetError
+from kiln.engines.base import EngineOptions, get_engine, load_engine
+from kiln.errors import (
+    AccuracyBudgetError,
+    KilnError,
+    NotFoundError,
+    NoVariantBuiltError,
+    NoVariantWithinBudgetError,
+)
 from kiln.optimize import accuracy, timing
-from kiln.optimize.config import OptimizeConfig, Recipe
+from kiln.optimize.config import OptimizeConfig
 from kiln.optimize.data import DataSplit, Samples, load_split
 from kiln.optimize.passes import PassContext, PassNotApplicable, run_passes
 from kiln.optimize.plan import enumerate_variants
-from kiln.repository import RECIPE_FILE, VARIANTS_DIR, Repository, staging_dir, write_atomic
+from kiln.recipe import Recipe
+from kiln.repository import REFERENCE, REFERENCE_ENGINE, Repository, Variant, VariantRecipe
 from kiln.spec import ModelSpec
 
-FIGURES_FILE = "figures.json"
 REPORT_FILE = "optimize.json"
-SKIPS_FILE = ".not-applicable.json"  # variant id -> why its pass had nothing to do
 SLOWER = "int8 slower than"  # the reason an int8 variant is rejected on speed
-EXTERNAL_DATA_SUFFIX = ".data"  # model.onnx.data: weights stored beside a model over 2 GB
 Status = Literal["chosen", "accepted", "rejected", "skipped", "failed"]
 
 
@@ -134,11 +134,12 @@ def optimize(
     calibration = None if split.calibration is None else split.calibration.fingerprint()
     recipes, skipped = enumerate_variants(config, vdir, device, calibration)
     threads = config.threads or physical_cores()
-    searcher = _Search(config, spec, vdir, manifest.source_hash, split, metric, threads, progress)
+    searcher = _Search(config, repository.variant(model, number, REFERENCE), manifest.source_hash, split, metric,
+                       threads, progress, repository)  # fmt: skip
     results = searcher.run(recipes)
     results += [VariantResult(id="-", label=s.label, recipe=None, status="skipped", reason=s.reason) for s in skipped]
     searcher.confirm_int8(results)
-    baseline = _baseline(results)
+    baseline = _baseline(results, searcher.original.engine)
     _judge(results, config, baseline)
     if searcher.final_round(results):
         _judge(results, config, baseline)
@@ -154,7 +155,7 @@ def optimize(
         model, number, config.objective, metric, config.budget_text(metric), _order(results, config.objective),
         chosen.id, baseline.id if baseline else None, split.source, notes, time.perf_counter() - start,
     )  # fmt: skip
-    write_atomic(vdir / "report" / REPORT_FILE, json.dumps(result.to_dict(), indent=2))
+    repository.save_report(model, number, REPORT_FILE, result.to_dict())
     if config.choose and repository.spec(model).chosen_variant != chosen.id:
         repository.save_spec(repository.spec(model).model_copy(update={"chosen_variant": chosen.id}))
     return result
@@ -162,12 +163,15 @@ def optimize(
 
 class _Search:
     def __init__(
-        self, config: OptimizeConfig, spec: ModelSpec, vdir: Path, source_hash: str, split: DataSplit,
-        metric: str, threads: int, progress: ProgressHook | None,
+        self, config: OptimizeConfig, reference: Variant, source_hash: str, split: DataSplit, metric: str,
+        threads: int, progress: ProgressHook | None, repository: Repository,
     ) -> None:  # fmt: skip
         self.config = config
-        self.spec = spec
-        self.vdir = vdir
+        self.repository = repository
+        self.reference_variant = reference
+        self.original = repository.original(reference.model, reference.version)
+        self.spec = spec = reference.spec
+        self.vdir = vdir = reference.path
         self.source_hash = source_hash
         self.split = split
         self.metric = metric
@@ -180,13 +184,12 @@ class _Search:
         self.timing_key = {"batch": config.batch_size, "threads": threads, "min_time_s": config.min_time_s,
                            "machine": machine_fingerprint(), "device": config.device}  # fmt: skip
         self.calibration = None if split.calibration is None else split.calibration.batches(config.batch_size)
-        self.skips_file = vdir / VARIANTS_DIR / SKIPS_FILE
-        self.skips: dict[str, str] = _read_json(self.skips_file)
+        self.skips: dict[str, str] = repository.skipped_variants(reference.model, reference.version)
 
     def _remember_skip(self, vid: str, reason: str) -> None:
         """A pass with nothing to do is a property of the model: remember it so reruns build nothing."""
         self.skips[vid] = reason
-        write_atomic(self.skips_file, json.dumps(self.skips, indent=2))
+        self.repository.save_skipped_variants(self.reference_variant.model, self.reference_variant.version, self.skips)
 
     def run(self, recipes: list[Recipe]) -> list[VariantResult]:
         total = len(recipes) + 1
@@ -203,25 +206,23 @@ class _Search:
 
     def _reference_outputs(self) -> accuracy.Outputs:
         """The original model's outputs: eager PyTorch when imported from PyTorch, else ONNX Runtime fp32."""
-        engine = "torch" if (self.vdir / "model.pt2").is_file() else "onnxruntime"
         options = EngineOptions(intra_op_threads=self.threads)
-        with load_engine(engine, self.vdir, self.spec, options) as e:
+        with load_engine(self.original.engine, self.original.path, self.spec, options) as e:
             return accuracy.run_all(e.run, self.split.validation, self.config.batch_size)
 
     def _one(self, recipe: Recipe, say: Callable[[str], None]) -> VariantResult:
         vid = recipe.variant_id(self.source_hash)
-        vpath = self.vdir / VARIANTS_DIR / vid
         result = VariantResult(id=vid, label=recipe.label(), recipe=recipe)
         try:
             if vid in self.skips:
                 raise PassNotApplicable(self.skips[vid])
-            if not (vpath / RECIPE_FILE).is_file():
+            variant = self._built(vid)
+            if variant is None:
                 say("building")
-                self._build(recipe, vid, vpath)
+                variant = self._build(recipe, vid)
                 result.built = True
-            stored = json.loads((vpath / RECIPE_FILE).read_text())
-            result.passes = stored.get("pass_reports", [])
-            figures = _read_json(vpath / FIGURES_FILE)
+            result.passes = variant.recipe.pass_reports if variant.recipe else []
+            figures = variant.figures()
             fingerprint = self.split.fingerprint()
             acc = figures.get("accuracy")
             if acc and acc.get("fingerprint") == fingerprint and acc.get("metric") == self.metric:
@@ -231,14 +232,14 @@ class _Search:
                 result.timing = timing.Timing(**tim)
             if result.accuracy is None or result.timing is None:
                 result.fresh = True
-                self._measure(recipe, vpath, result, say)
-                write_atomic(vpath / FIGURES_FILE, json.dumps({
+                self._measure(recipe, variant, result, say)
+                variant.save_figures({
                     "variant": vid, "label": result.label, "measured": datetime.now(UTC).isoformat(timespec="seconds"),
                     "accuracy": {**result.accuracy.to_dict(), "fingerprint": fingerprint} if result.accuracy else None,
                     "timing": result.timing.to_dict() if result.timing else None, "timing_key": self.timing_key,
-                    "compile_s": result.timing.first_run_s if result.timing and recipe.options.get("compile") else None,
+                    "compile_s": result.timing.first_run_s if result.timing and _compiles(recipe) else None,
                     "passes": result.passes, "data": self.split.source,
-                }, indent=2))  # fmt: skip
+                })  # fmt: skip
             if result.accuracy is not None:
                 accuracy.check(vid, result.accuracy, self.config)
         except PassNotApplicable as exc:
@@ -252,6 +253,15 @@ class _Search:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             result.status, result.reason = "failed", f"{type(exc).__name__}: {first}"
         return result
+
+    def _variant(self, vid: str) -> Variant:
+        return self.repository.variant(self.reference_variant.model, self.reference_variant.version, vid)
+
+    def _built(self, vid: str) -> Variant | None:
+        try:
+            return self._variant(vid)
+        except NotFoundError:
+            return None
 
     def confirm_int8(self, results: list[VariantResult]) -> None:
         """Before an int8 variant is rejected as slower than its engine's fp32, time the two again,
@@ -295,8 +305,8 @@ class _Search:
                 r = v.recipe
                 if r is None:  # filtered above; keeps the type checker informed
                     continue
-                options = EngineOptions(r.device, r.precision, self.threads, extra=dict(r.options))
-                engine = load_engine(r.engine, self.vdir / VARIANTS_DIR / v.id, self.spec, options)
+                options = EngineOptions(r.device, r.precision, self.threads, run=dict(r.options))
+                engine = load_engine(r.engine, self._variant(v.id).path, self.spec, options)
                 engines.append(engine)
                 for _ in range(3):  # warm-up (compiles again for torch.compile variants)
                     engine.run(feed1)
@@ -309,50 +319,40 @@ class _Search:
             if v.timing is None:
                 continue
             v.timing = dataclasses.replace(v.timing, latency_ms=latency, throughput=throughput)
-            path = self.vdir / VARIANTS_DIR / v.id / FIGURES_FILE
-            stored = _read_json(path)
+            variant = self._variant(v.id)
+            stored = variant.figures()
             stored["timing"], stored["retimed_interleaved"] = v.timing.to_dict(), True
-            write_atomic(path, json.dumps(stored, indent=2))
+            variant.save_figures(stored)
 
-    def _build(self, recipe: Recipe, vid: str, vpath: Path) -> None:
-        variants = self.vdir / VARIANTS_DIR
-        variants.mkdir(parents=True, exist_ok=True)
-        staging = staging_dir(variants)
-        try:
+    def _build(self, recipe: Recipe, vid: str) -> Variant:
+        model, number = self.reference_variant.model, self.reference_variant.version
+        with self.repository.new_variant(model, number) as staging:
             key = recipe.artifact_key(self.source_hash)
-            donor = _find_artifact(variants, key)
-            if donor is not None:  # same files, other run options (an OpenVINO hint, a precision)
-                _link_artifacts(donor, staging)
-                reports = json.loads((donor / RECIPE_FILE).read_text()).get("pass_reports", [])
+            donor = self.repository.find_variant(model, number, key)
+            if donor is not None and donor.recipe is not None:  # same files, other run options (a hint, a precision)
+                self.repository.share_artifacts(donor, staging)
+                reports = donor.recipe.pass_reports
             else:
-                _link_base(self.vdir, staging, recipe.base_artifact)
+                self.repository.share_artifacts(self.reference_variant, staging, recipe.base_artifact)
                 ctx = PassContext(staging, self.spec, self.calibration)
                 reports = [r.to_dict() for r in run_passes(recipe.passes, ctx)]
-            from kiln import __version__
+            from kiln._version import __version__
 
-            record = {
-                **recipe.model_dump(mode="json"), "label": recipe.label(), "variant_id": vid, "artifact_key": key,
-                "source_hash": self.source_hash, "pass_reports": reports, "kiln_version": __version__,
-                "built": datetime.now(UTC).isoformat(timespec="seconds"),
-            }  # fmt: skip
-            write_atomic(staging / RECIPE_FILE, json.dumps(record, indent=2))
-            try:
-                os.rename(staging, vpath)
-            except OSError:
-                if not (vpath / RECIPE_FILE).is_file():  # another process built it meanwhile: keep theirs
-                    raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            record = VariantRecipe.of(
+                recipe, label=recipe.label(), variant_id=vid, artifact_key=key, source_hash=self.source_hash,
+                pass_reports=reports, kiln_version=__version__, built=datetime.now(UTC).isoformat(timespec="seconds"),
+            )  # fmt: skip
+            return self.repository.save_variant(model, number, staging, record)
 
-    def _measure(self, recipe: Recipe, vpath: Path, result: VariantResult, say: Callable[[str], None]) -> None:
-        options = EngineOptions(recipe.device, recipe.precision, self.threads, extra=dict(recipe.options))
+    def _measure(self, recipe: Recipe, variant: Variant, result: VariantResult, say: Callable[[str], None]) -> None:
+        options = EngineOptions(recipe.device, recipe.precision, self.threads, run=dict(recipe.options))
         t0 = time.perf_counter()
-        engine = load_engine(recipe.engine, vpath, self.spec, options)
+        engine = load_engine(recipe.engine, variant.path, self.spec, options)
         load_s = time.perf_counter() - t0
         try:
             validation: Samples = self.split.validation
             feed1, feed_n = validation.first(1), validation.first(self.config.batch_size)
-            if recipe.options.get("compile"):
+            if _compiles(recipe):
                 say("compiling")
             say("timing")
             result.timing = timing.measure(engine.run, feed1, feed_n, min_time_s=self.config.min_time_s,
@@ -366,10 +366,8 @@ class _Search:
             )
         finally:
             engine.close()
-            if recipe.options.get("compile"):
-                import torch
-
-                torch._dynamo.reset()
+            if _compiles(recipe):
+                get_engine(recipe.engine).reset_compiled()
 
 
 def _detector(spec: ModelSpec, vdir: Path, samples: Samples) -> accuracy.Detect:
@@ -382,56 +380,19 @@ def _detector(spec: ModelSpec, vdir: Path, samples: Samples) -> accuracy.Detect:
     return lambda outputs: pipeline.postprocess(outputs, batch)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
-        data = json.loads(path.read_text())
-        if isinstance(data, dict):
-            return data
-    return {}
-
-
-def _find_artifact(variants: Path, key: str) -> Path | None:
-    for d in variants.iterdir():
-        if d.name.startswith(".") or not (d / RECIPE_FILE).is_file():
-            continue
-        if _read_json(d / RECIPE_FILE).get("artifact_key") == key:
-            return d
-    return None
-
-
-def _link(src: Path, dst: Path) -> None:
-    """Share a file with the variant: a hard link, except for ONNX external data, which onnx refuses to
-    read once it has several links (its guard against hard-link attacks), so it is copied."""
-    if src.name.endswith(EXTERNAL_DATA_SUFFIX):
-        shutil.copy2(src, dst)
-        return
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-def _link_artifacts(donor: Path, staging: Path) -> None:
-    for p in donor.iterdir():
-        if p.is_file() and p.name not in (RECIPE_FILE, FIGURES_FILE):
-            _link(p, staging / p.name)
-
-
-def _link_base(vdir: Path, staging: Path, artifact: str) -> None:
-    """Hard-link the imported artifact (and its external data) into the variant; passes replace files,
-    never write through a link, so the version's own files stay as imported."""
-    for p in vdir.glob(artifact + "*"):
-        if p.is_file():
-            _link(p, staging / p.name)
+def _compiles(recipe: Recipe) -> bool:
+    """Whether the variant compiles when it loads (torch.compile): its first run is compile time."""
+    return not get_engine(recipe.engine).is_plain(recipe.options)
 
 
 def _budget_reason(exc: AccuracyBudgetError) -> str:
     return f"out of budget: {exc.metric} {exc.value:.4g} (needs {exc.rule} {exc.bound:.4g})"
 
 
-def _baseline(results: list[VariantResult]) -> VariantResult | None:
-    """What speed-ups are quoted against: torch eager fp32 (the original), else ONNX Runtime fp32."""
-    for engine in ("torch", "onnxruntime"):
+def _baseline(results: list[VariantResult], original: str) -> VariantResult | None:
+    """What speed-ups are quoted against: the original model's engine at fp32 (torch eager for a PyTorch
+    import), else the reference's (ONNX Runtime fp32)."""
+    for engine in dict.fromkeys((original, REFERENCE_ENGINE)):
         for v in results:
             r = v.recipe
             if r is not None and r.engine == engine and not r.passes and r.is_reference and v.timing is not None:
@@ -440,7 +401,7 @@ def _baseline(results: list[VariantResult]) -> VariantResult | None:
 
 
 def _engine_key(recipe: Recipe) -> tuple[str, Any]:
-    return recipe.engine, recipe.options.get("hint")
+    return recipe.engine, get_engine(recipe.engine).peer_key(recipe.options)
 
 
 def _plain_fp32(results: list[VariantResult]) -> dict[tuple[str, Any], VariantResult]:

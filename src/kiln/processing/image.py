@@ -17,6 +17,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, field_validator
 
+from kiln.errors import first_line
 from kiln.processing.registry import InstanceOp, OpArgs, register_op
 from kiln.spec import DType
 
@@ -108,7 +109,7 @@ class DecodeImage(InstanceOp):
             except ValueError:
                 raise
             except Exception as exc:  # PIL.UnidentifiedImageError, truncated files, OSError
-                raise ValueError(f"cannot decode the image: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+                raise ValueError(f"cannot decode the image: {first_line(exc)}") from None
         elif isinstance(value, (Image.Image, np.ndarray)):
             img = _as_image(value)
         else:

@@ -18,7 +18,7 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from kiln.errors import ProcessingError
+from kiln.errors import ProcessingError, first_line
 from kiln.processing.pipeline import Pipeline, Prepared
 from kiln.processing.registry import Batch
 
@@ -43,8 +43,7 @@ def _one_line(exc: BaseException) -> str:
     """The reason, without the in-batch instance index (the result names its item already)."""
     if isinstance(exc, ProcessingError):
         return f"{exc.op}: {exc.reason}"
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    return first_line(exc)
 
 
 @dataclass

@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from kiln.errors import SpecError
+from kiln.errors import SpecError, spec_error
 from kiln.spec import ModelSpec, ProcessingStep
 
 OpKind = Literal["instance", "collate", "post"]
@@ -147,9 +147,7 @@ def parse_args(cls: type[Op], step: ProcessingStep, where: str) -> OpArgs:
     try:
         return cls.Args.model_validate(step.args)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"]) or "args"
-        raise SpecError(f"{where} ({step.op}): argument {loc}: {err['msg']}") from None
+        raise spec_error(exc, f"{where} ({step.op}): argument", empty="args") from None
 
 
 def check_steps(preprocess: Sequence[ProcessingStep], postprocess: Sequence[ProcessingStep]) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from pydantic import Field, model_validator
 
-from kiln.errors import ProcessingError, SpecError
+from kiln.errors import ProcessingError, SpecError, first_line
 from kiln.processing.registry import CollateOp, OpArgs, OpContext, register_op
 
 
@@ -58,7 +58,7 @@ class Tokenize(CollateOp):
         try:
             self.tokenizer = Tokenizer.from_file(str(path))
         except Exception as exc:
-            raise SpecError(f"tokenize: {path} is not a tokenizer.json: {str(exc).splitlines()[0]}") from None
+            raise SpecError(f"tokenize: {path} is not a tokenizer.json: {first_line(exc)}") from None
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_length=args.max_length)
         self.buckets = args.buckets or [2**i for i in range(3, 16) if 2**i < args.max_length] + [args.max_length]

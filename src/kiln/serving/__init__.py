@@ -3,10 +3,11 @@ a model manager, a response cache, metrics and fallback to the reference variant
 
 The road through this package, in the order a request travels::
 
-    app.py / grpc_service.py   decode the wire format (protocol.py: JSON, binary tensors, BYTES)
+    app.py / grpc_service.py   decode the wire format (protocol.py: JSON, binary tensors, BYTES); answer
+                               errors as error_map.py decides, metadata as metadata.py renders it
     service.py                 validate, cache (cache.py), queue, time out, count (metrics.py)
-    batcher.py                 merge queued requests into batches, one worker per instance
-    runner.py                  run on the chosen variant, fall back to the reference fp32 one
+    kiln.execution             merge queued requests into batches (batcher.py), one worker per instance;
+                               run on the chosen variant, fall back to the reference fp32 one (instances.py)
     manager.py                 which versions are loaded: policy, lazy/preload, reload, unload, LRU
     server.py                  both front ends on one event loop; SIGTERM drains and exits 0
 """

@@ -3,18 +3,22 @@ instances (``raw.py``), plus ``/metrics``.
 
 ``POST …/infer`` is a bare ASGI handler in front of Starlette (its middleware, router and
 Request/Response objects cost about a fifth of the server's CPU per request, measured); everything
-else goes through Starlette's routing. No per-request validation layer: the spec validates tensors.
+else goes through Starlette's routing, to the module-level handlers below, which find the
+:class:`Service` on the app's state. No per-request validation layer: the spec validates tensors.
 Request bodies may come gzip- or deflate-compressed (``Content-Encoding``, see ``encoding.py``); infer
-responses are compressed when ``Accept-Encoding`` asks. Known errors answer 4xx/5xx with
-``{"error": "..."}``; anything else is logged with its traceback and answered 500 with a generic message.
+responses are compressed when ``Accept-Encoding`` asks. What a handler raises is answered as
+``error_map.py`` decides, for gRPC too: known errors 4xx/5xx with ``{"error": "..."}``; anything else is
+logged with its traceback and answered 500 with a generic message.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.applications import Starlette
@@ -23,18 +27,70 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from kiln import logs
 from kiln.errors import PayloadTooLargeError, ProtocolError
-from kiln.serving import logs
+from kiln.repository import parse_version
+from kiln.serving import metadata
 from kiln.serving.encoding import MIN_COMPRESS_BYTES, Inflater, compress, request_coding, response_coding
+from kiln.serving.error_map import error_answer
 from kiln.serving.protocol import decode_http, encode_http, load_json, short_repr
 from kiln.serving.raw import parse_instances
-from kiln.serving.service import Service, check_load_parameters, parse_version, retry_after
+from kiln.serving.service import SHM_ENDPOINTS, Service, check_load_parameters
 from kiln.serving.shared_memory import ShmSession
 
 log = logging.getLogger("kiln.serving")
 access = logging.getLogger("kiln.serving.access")
 
 _EMPTY = Response(b"", 200)
+
+
+def build_app(service: Service) -> ASGIApp:
+    """The server's ASGI app: the infer hot path, then Starlette's routes (handlers reach ``service``
+    through ``request.app.state``)."""
+    rest = Starlette(routes=_routes(), exception_handlers={404: _not_found, 405: _not_allowed})
+    rest.state.service = service
+    rest.router.redirect_slashes = False  # 'm/' is no other spelling of 'm'
+    infer = InferEndpoint(service)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and _ENCODED_SEPARATOR.search(scope.get("raw_path") or b""):
+            # uvicorn decodes %2F into '/' before routing: a name holding one would become other path segments
+            await _ENCODED_SEPARATOR_ANSWER(scope, receive, send)
+            return
+        # The hot path skips Starlette's middleware, router and Request/Response objects: plain ASGI.
+        if scope["type"] == "http" and scope["method"] == "POST":
+            match = _INFER_PATH.match(scope["path"])
+            if match is not None:
+                await infer(match.group("model"), match.group("version"), scope, receive, send)
+                return
+        await rest(scope, receive, send)
+
+    return app
+
+
+def error_response(service: Service, exc: BaseException) -> JSONResponse:
+    answer = error_answer(exc, service.manager.repository)
+    wait = answer.retry_after
+    headers = {"retry-after": wait} if wait else None
+    return JSONResponse({"error": answer.message}, status_code=answer.status, headers=headers)
+
+
+Handler = Callable[[Request, Service], Awaitable[Response]]
+
+
+def endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+    """A Starlette route for ``handler(request, service)``: what it raises is answered by
+    :func:`error_response`, the one mapping of errors to answers (``error_map.py``)."""
+
+    @functools.wraps(handler)
+    async def route(request: Request) -> Response:
+        service: Service = request.app.state.service
+        try:
+            return await handler(request, service)
+        except Exception as exc:
+            return error_response(service, exc)
+
+    return route
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -59,165 +115,166 @@ async def read_body(request: Request, limit: int) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def error_response(service: Service, exc: BaseException) -> JSONResponse:
-    status, message = service.error_status(exc)
-    wait = retry_after(exc)
-    return JSONResponse({"error": message}, status_code=status, headers={"retry-after": wait} if wait else None)
+async def _json_body(request: Request, service: Service) -> dict[str, Any]:
+    """The body as a JSON object ({} when empty), within the server's body limit."""
+    return _json_object(await read_body(request, service.settings.max_body_bytes))
 
 
-def build_app(service: Service) -> ASGIApp:
-    limit = service.settings.max_body_bytes
+# ---- health and metadata -------------------------------------------------------------------------------
+@endpoint
+async def live(request: Request, service: Service) -> Response:
+    return _EMPTY if service.live else JSONResponse({"error": "not live"}, status_code=503)
 
-    async def live(request: Request) -> Response:
-        return _EMPTY if service.live else JSONResponse({"error": "not live"}, status_code=503)
 
-    async def ready(request: Request) -> Response:
-        if service.ready:
-            return Response(b"", 200)
-        return JSONResponse({"error": "the server is starting or shutting down"}, status_code=503)
+@endpoint
+async def ready(request: Request, service: Service) -> Response:
+    if service.ready:
+        return Response(b"", 200)
+    return JSONResponse({"error": "the server is starting or shutting down"}, status_code=503)
 
-    async def server_metadata(request: Request) -> Response:
-        return JSONResponse(service.server_metadata())
 
-    async def model_metadata(request: Request) -> Response:
-        p = request.path_params
-        try:
-            return JSONResponse(service.model_metadata(p["model"], p.get("version")))
-        except Exception as exc:
-            return error_response(service, exc)
+@endpoint
+async def server_metadata(request: Request, service: Service) -> Response:
+    return JSONResponse(metadata.server_metadata())
 
-    async def model_config(request: Request) -> Response:
-        p = request.path_params
-        try:
-            return JSONResponse(service.model_config(p["model"], p.get("version")))
-        except Exception as exc:
-            return error_response(service, exc)
 
-    async def model_ready(request: Request) -> Response:
-        p = request.path_params
-        try:
-            if service.model_ready(p["model"], p.get("version")):  # unknown model or version: 404
-                return Response(b"", 200)
-            return JSONResponse({"error": f"model {p['model']!r} is not ready"}, status_code=503)
-        except Exception as exc:
-            return error_response(service, exc)
+@endpoint
+async def model_metadata(request: Request, service: Service) -> Response:
+    p = request.path_params
+    return JSONResponse(service.model_metadata(p["model"], p.get("version")))
 
-    async def repository_index(request: Request) -> Response:
-        try:
-            service.check_token(request.headers.get("authorization"))
-            body = await read_body(request, limit)
-            ready = _json_object(body).get("ready", False)
-            if not isinstance(ready, bool):
-                raise ProtocolError("ready", f"must be true or false, got {short_repr(ready)}")
-            return JSONResponse(service.manager.index(ready_only=ready))
-        except Exception as exc:
-            return error_response(service, exc)
 
-    async def repository_load(request: Request) -> Response:
-        try:
-            service.check_token(request.headers.get("authorization"))
-            params = _json_object(await read_body(request, limit)).get("parameters")
-            check_load_parameters({} if params is None else params)
-            await service.manager.load(request.path_params["model"])
-            return Response(b"", 200)
-        except Exception as exc:
-            return error_response(service, exc)
+@endpoint
+async def model_config(request: Request, service: Service) -> Response:
+    p = request.path_params
+    return JSONResponse(service.model_config(p["model"], p.get("version")))
 
-    async def repository_unload(request: Request) -> Response:
-        try:
-            service.check_token(request.headers.get("authorization"))
-            _unload_parameters(_json_object(await read_body(request, limit)).get("parameters"))
-            await service.manager.unload(request.path_params["model"])
-            return Response(b"", 200)
-        except Exception as exc:
-            return error_response(service, exc)
 
-    async def statistics(request: Request) -> Response:
-        p = request.path_params
-        try:
-            return JSONResponse({"model_stats": service.statistics(p.get("model"), p.get("version"))})
-        except Exception as exc:
-            return error_response(service, exc)
+@endpoint
+async def model_ready(request: Request, service: Service) -> Response:
+    p = request.path_params
+    if service.model_ready(p["model"], p.get("version")):  # unknown model or version: 404
+        return Response(b"", 200)
+    return JSONResponse({"error": f"model {p['model']!r} is not ready"}, status_code=503)
 
-    # ---- system shared memory (shared_memory.py) -----------------------------------------------------------
-    async def shm_status(request: Request) -> Response:
-        try:
-            service.check_token(request.headers.get("authorization"), _SHM_ENDPOINTS)
-            return JSONResponse(service.shared_memory.status(request.path_params.get("region")))
-        except Exception as exc:
-            return error_response(service, exc)
 
-    async def shm_register(request: Request) -> Response:
-        try:
-            service.check_token(request.headers.get("authorization"), _SHM_ENDPOINTS)
-            doc = _json_object(await read_body(request, limit))
-            unknown = sorted(set(doc) - {"key", "offset", "byte_size"})
-            if unknown or "key" not in doc or "byte_size" not in doc:
-                raise ProtocolError(
-                    "body", f"must hold key and byte_size (offset: 0 when left out) and nothing else, got {sorted(doc)}"
-                )
-            region = request.path_params["region"]
-            service.shared_memory.register(region, doc["key"], doc.get("offset", 0), doc["byte_size"])
-            return Response(b"", 200)
-        except Exception as exc:
-            return error_response(service, exc)
+@endpoint
+async def statistics(request: Request, service: Service) -> Response:
+    p = request.path_params
+    return JSONResponse({"model_stats": service.statistics(p.get("model"), p.get("version"))})
 
-    async def cuda_shm_none(request: Request) -> Response:
-        """CUDA shared memory is not served: no regions to list, none to unregister (perf_analyzer's clean-up)."""
-        return JSONResponse([]) if request.method == "GET" else Response(b"", 200)
 
-    async def shm_unregister(request: Request) -> Response:
-        try:
-            service.check_token(request.headers.get("authorization"), _SHM_ENDPOINTS)
-            await read_body(request, limit)  # tritonclient sends an empty body; none is read
-            service.shared_memory.unregister(request.path_params.get("region"))
-            return Response(b"", 200)
-        except Exception as exc:
-            return error_response(service, exc)
+@endpoint
+async def metrics(request: Request, service: Service) -> Response:
+    return Response(service.metrics.render(), media_type=service.metrics.content_type)
 
-    async def metrics(request: Request) -> Response:
-        return Response(service.metrics.render(), media_type=service.metrics.content_type)
 
-    # ---- KServe V1: raw instances through the model's processing (see raw.py) -----------------------------
-    async def v1_models(request: Request) -> Response:
-        return JSONResponse({"models": sorted({row["name"] for row in service.manager.index()})})
+# ---- model repository ----------------------------------------------------------------------------------
+@endpoint
+async def repository_index(request: Request, service: Service) -> Response:
+    service.check_token(request.headers.get("authorization"))
+    ready_only = (await _json_body(request, service)).get("ready", False)
+    if not isinstance(ready_only, bool):
+        raise ProtocolError("ready", f"must be true or false, got {short_repr(ready_only)}")
+    return JSONResponse(service.manager.index(ready_only=ready_only))
 
-    async def v1_model(request: Request) -> Response:
-        name = request.path_params["model"]
-        try:
-            ready = service.manager.is_ready(name)
-            if not ready:
-                service.manager.spec(name)  # unknown model: 404
-            return JSONResponse({"name": name, "ready": ready})
-        except Exception as exc:
-            return error_response(service, exc)
 
+@endpoint
+async def repository_load(request: Request, service: Service) -> Response:
+    service.check_token(request.headers.get("authorization"))
+    params = (await _json_body(request, service)).get("parameters")
+    check_load_parameters({} if params is None else params)
+    await service.manager.load(request.path_params["model"])
+    return Response(b"", 200)
+
+
+@endpoint
+async def repository_unload(request: Request, service: Service) -> Response:
+    service.check_token(request.headers.get("authorization"))
+    _unload_parameters((await _json_body(request, service)).get("parameters"))
+    await service.manager.unload(request.path_params["model"])
+    return Response(b"", 200)
+
+
+# ---- system shared memory (shared_memory.py) -----------------------------------------------------------
+@endpoint
+async def shm_status(request: Request, service: Service) -> Response:
+    service.check_token(request.headers.get("authorization"), SHM_ENDPOINTS)
+    return JSONResponse(service.shared_memory.status(request.path_params.get("region")))
+
+
+@endpoint
+async def shm_register(request: Request, service: Service) -> Response:
+    service.check_token(request.headers.get("authorization"), SHM_ENDPOINTS)
+    doc = await _json_body(request, service)
+    unknown = sorted(set(doc) - {"key", "offset", "byte_size"})
+    if unknown or "key" not in doc or "byte_size" not in doc:
+        raise ProtocolError(
+            "body", f"must hold key and byte_size (offset: 0 when left out) and nothing else, got {sorted(doc)}"
+        )
+    region = request.path_params["region"]
+    service.shared_memory.register(region, doc["key"], doc.get("offset", 0), doc["byte_size"])
+    return Response(b"", 200)
+
+
+@endpoint
+async def shm_unregister(request: Request, service: Service) -> Response:
+    service.check_token(request.headers.get("authorization"), SHM_ENDPOINTS)
+    await read_body(request, service.settings.max_body_bytes)  # tritonclient sends an empty body; none is read
+    service.shared_memory.unregister(request.path_params.get("region"))
+    return Response(b"", 200)
+
+
+@endpoint
+async def cuda_shm_none(request: Request, service: Service) -> Response:
+    """CUDA shared memory is not served: no regions to list, none to unregister (perf_analyzer's clean-up)."""
+    return JSONResponse([]) if request.method == "GET" else Response(b"", 200)
+
+
+# ---- KServe V1: raw instances through the model's processing (see raw.py) -----------------------------
+@endpoint
+async def v1_models(request: Request, service: Service) -> Response:
+    return JSONResponse({"models": sorted({row["name"] for row in service.manager.index()})})
+
+
+@endpoint
+async def v1_model(request: Request, service: Service) -> Response:
+    name = request.path_params["model"]
+    ready = service.manager.is_ready(name)
+    if not ready:
+        service.manager.spec(name)  # unknown model: 404
+    return JSONResponse({"name": name, "ready": ready})
+
+
+@endpoint
+async def v1_predict(request: Request, service: Service) -> Response:
+    """Counted in the metrics like an infer, failures included: it answers its own errors."""
+    start = time.perf_counter()
+    name = request.path_params["model"]
+    logs.request_id.set(request.headers.get("x-request-id") or logs.new_request_id())
+    version, status = "", 200
     in_flight = service.metrics.in_flight.labels("http")
+    in_flight.inc()
+    try:
+        sv = await service.resolve(name, None)
+        version = str(sv.version)
+        instances = parse_instances(load_json(await read_body(request, service.settings.max_body_bytes)))
+        predictions, _ = await service.predict(sv, instances)
+        payload = json.dumps({"predictions": predictions}, separators=(",", ":")).encode()
+        response: Response = Response(payload, media_type="application/json")
+    except Exception as exc:
+        response = error_response(service, exc)
+        status = response.status_code
+    finally:
+        in_flight.dec()
+    elapsed = time.perf_counter() - start
+    service.record(service.model_label(name) if status >= 400 else name, version, "http", status, elapsed)
+    return response
 
-    async def v1_predict(request: Request) -> Response:
-        start = time.perf_counter()
-        name = request.path_params["model"]
-        logs.request_id.set(request.headers.get("x-request-id") or logs.new_request_id())
-        version, status = "", 200
-        in_flight.inc()
-        try:
-            sv = await service.resolve(name, None)
-            version = str(sv.version)
-            instances = parse_instances(_json_value(await read_body(request, limit)))
-            predictions, _ = await service.predict(sv, instances)
-            payload = json.dumps({"predictions": predictions}, separators=(",", ":")).encode()
-            response = Response(payload, media_type="application/json")
-        except Exception as exc:
-            response = error_response(service, exc)
-            status = response.status_code
-        finally:
-            in_flight.dec()
-        elapsed = time.perf_counter() - start
-        service.record(service.model_label(name) if status >= 400 else name, version, "http", status, elapsed)
-        return response
 
+def _routes() -> list[Route]:
     m, mv = "/v2/models/{model}", "/v2/models/{model}/versions/{version}"
-    routes = [
+    return [
         Route("/v2/models/stats", statistics, methods=["GET"]),  # before /v2/models/{model}
         Route("/v2/health/live", live, methods=["GET"]),
         Route("/v2/health/ready", ready, methods=["GET"]),
@@ -245,24 +302,6 @@ def build_app(service: Service) -> ASGIApp:
         Route("/v1/models/{model}:predict", v1_predict, methods=["POST"]),
         Route("/v1/models/{model}", v1_model, methods=["GET"]),
     ]
-    rest = Starlette(routes=routes, exception_handlers={404: _not_found, 405: _not_allowed})
-    rest.router.redirect_slashes = False  # 'm/' is no other spelling of 'm'
-    infer = InferEndpoint(service)
-
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and _ENCODED_SEPARATOR.search(scope.get("raw_path") or b""):
-            # uvicorn decodes %2F into '/' before routing: a name holding one would become other path segments
-            await _ENCODED_SEPARATOR_ANSWER(scope, receive, send)
-            return
-        # The hot path skips Starlette's middleware, router and Request/Response objects: plain ASGI.
-        if scope["type"] == "http" and scope["method"] == "POST":
-            match = _INFER_PATH.match(scope["path"])
-            if match is not None:
-                await infer(match.group("model"), match.group("version"), scope, receive, send)
-                return
-        await rest(scope, receive, send)
-
-    return app
 
 
 _ENCODED_SEPARATOR = re.compile(rb"%(2f|5c|00)", re.IGNORECASE)  # '/', '\\' and NUL, percent-encoded
@@ -322,14 +361,14 @@ class InferEndpoint:
                 payload = compress(payload, coding)
                 out_headers.append((b"content-encoding", coding.encode()))
         except Exception as exc:
-            status, message = service.error_status(exc)
-            payload = json.dumps({"error": message}).encode()
+            answer = error_answer(exc, service.manager.repository)
+            status = answer.status
+            payload = json.dumps({"error": answer.message}).encode()
             out_headers = [(b"x-request-id", rid.encode("latin-1")), (b"content-type", b"application/json")]
-            wait = retry_after(exc)
-            if wait is not None:
-                out_headers.append((b"retry-after", wait.encode()))
+            if answer.retry_after is not None:
+                out_headers.append((b"retry-after", answer.retry_after.encode()))
             if status >= 500 and status != 503:  # 503s (overload) are counted, not logged one by one
-                log.warning("infer %s failed: %s", model, message, extra={"status": status})
+                log.warning("infer %s failed: %s", model, answer.message, extra={"status": status})
         finally:
             self.in_flight.dec()
             if shm is not None:
@@ -377,14 +416,10 @@ _WANTED = frozenset(
 )
 
 
-def _json_value(body: bytes) -> Any:
-    return load_json(body)  # 400 for bad UTF-8, nesting too deep, numbers past 4300 digits
-
-
 def _json_object(body: bytes) -> dict[str, Any]:
     if not body.strip():
         return {}
-    doc = _json_value(body)
+    doc = load_json(body)  # 400 for bad UTF-8, nesting too deep, numbers past 4300 digits
     if not isinstance(doc, dict):
         raise ProtocolError("body", f"must be a JSON object, got {type(doc).__name__}")
     return doc
@@ -408,9 +443,6 @@ _UNSUPPORTED = (
     (re.compile(r"^/v2/cudasharedmemory(/|$)"), "CUDA shared memory"),
     (re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/generate(_stream)?$"), "generate"),
 )
-
-
-_SHM_ENDPOINTS = "the shared-memory endpoints"
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:

@@ -1,8 +1,9 @@
 """The gRPC front end: ``inference.GRPCInferenceService`` on grpc.aio, with tritonclient's generated
 stubs (``service_pb2``, ``model_config_pb2``), so that Triton's clients and tools work unchanged.
 
-Errors map to status codes: 400 -> INVALID_ARGUMENT, 401 -> UNAUTHENTICATED, 404 -> NOT_FOUND,
-413/507 -> RESOURCE_EXHAUSTED, 503 -> UNAVAILABLE, 504 -> DEADLINE_EXCEEDED, else INTERNAL. An RPC the
+Errors are answered as HTTP answers them, with the status code :mod:`.error_map` gives (400 ->
+INVALID_ARGUMENT, 401 -> UNAUTHENTICATED, 404 -> NOT_FOUND, 413/507 -> RESOURCE_EXHAUSTED, 503 ->
+UNAVAILABLE, 504 -> DEADLINE_EXCEEDED, else INTERNAL) and the message as details. An RPC the
 client cancels, or whose deadline passes, is counted as ``cancelled`` or ``timeout``, never as served.
 Bytes that are not the method's protobuf message answer INVALID_ARGUMENT (see :func:`add_servicer`), and
 the methods kiln does not serve (CUDA shared memory, tracing, logging) UNIMPLEMENTED. ``ModelStreamInfer``
@@ -12,6 +13,7 @@ answers a failed request in the stream instead (``error_message``), and goes on 
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -24,8 +26,11 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
+from kiln import logs
 from kiln.errors import ProtocolError
-from kiln.serving import logs
+from kiln.repository import parse_version
+from kiln.serving import metadata
+from kiln.serving.error_map import error_answer, grpc_code
 from kiln.serving.grpc_stream import answer_stream
 from kiln.serving.metrics import CLIENT_CLOSED
 from kiln.serving.protocol import (
@@ -41,30 +46,16 @@ from kiln.serving.protocol import (
     to_raw,
     write_shm_output,
 )
-from kiln.serving.service import Service, check_load_parameters, parse_version
+from kiln.serving.service import REPOSITORY_ENDPOINTS, SHM_ENDPOINTS, Service, check_load_parameters
 from kiln.serving.shared_memory import ShmSession
 from kiln.spec import ModelSpec
 
-_CODES = {
-    400: grpc.StatusCode.INVALID_ARGUMENT,
-    401: grpc.StatusCode.UNAUTHENTICATED,
-    404: grpc.StatusCode.NOT_FOUND,
-    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    422: grpc.StatusCode.INVALID_ARGUMENT,
-    503: grpc.StatusCode.UNAVAILABLE,
-    504: grpc.StatusCode.DEADLINE_EXCEEDED,
-    507: grpc.StatusCode.RESOURCE_EXHAUSTED,
-}
 # Typed ``contents`` fields per V2 datatype (used when a client does not send raw_input_contents).
 _CONTENTS = {
     "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
     "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
     "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents",
 }  # fmt: skip
-
-
-def status_code(http_status: int) -> grpc.StatusCode:
-    return _CODES.get(http_status, grpc.StatusCode.INTERNAL)
 
 
 def _param(p: Any) -> Any:
@@ -168,16 +159,30 @@ def encode_grpc(model: str, version: int, req: InferRequest, outputs: dict[str, 
     return resp
 
 
+Rpc = Callable[[Any, Any, Any], Awaitable[Any]]  # a servicer method: (self, request, context)
+
+
+def _answers_errors(method: Rpc) -> Rpc:
+    """A servicer method whose exceptions abort the RPC with the code and message :mod:`.error_map` decides,
+    as HTTP answers them (:func:`kiln.serving.app.endpoint`)."""
+
+    @functools.wraps(method)
+    async def rpc(self: InferenceServicer, request: Any, context: Any) -> Any:
+        try:
+            return await method(self, request, context)
+        except Exception as exc:
+            answer = error_answer(exc, self.service.manager.repository)
+            await context.abort(answer.grpc_code, answer.message)
+
+    return rpc
+
+
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, service: Service) -> None:
         self.service = service
         self._in_flight = service.metrics.in_flight.labels("grpc")
 
-    async def _fail(self, context: Any, exc: BaseException) -> None:
-        status, message = self.service.error_status(exc)
-        await context.abort(status_code(status), message)
-
-    def _check_token(self, context: Any, endpoints: str = "the model-repository endpoints") -> None:
+    def _check_token(self, context: Any, endpoints: str = REPOSITORY_ENDPOINTS) -> None:
         md = {k.lower(): v for k, v in (context.invocation_metadata() or ())}
         self.service.check_token(md.get("authorization"), endpoints)
 
@@ -188,40 +193,32 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ServerReady(self, request: Any, context: Any) -> Any:
         return service_pb2.ServerReadyResponse(ready=self.service.ready)
 
+    @_answers_errors
     async def ModelReady(self, request: Any, context: Any) -> Any:
-        try:
-            return service_pb2.ModelReadyResponse(ready=self.service.model_ready(request.name, request.version))
-        except Exception as exc:
-            await self._fail(context, exc)
+        return service_pb2.ModelReadyResponse(ready=self.service.model_ready(request.name, request.version))
 
     async def ServerMetadata(self, request: Any, context: Any) -> Any:
-        return service_pb2.ServerMetadataResponse(**self.service.server_metadata())
+        return service_pb2.ServerMetadataResponse(**metadata.server_metadata())
 
+    @_answers_errors
     async def ModelMetadata(self, request: Any, context: Any) -> Any:
-        try:
-            md = self.service.model_metadata(request.name, request.version)
-            resp = service_pb2.ModelMetadataResponse(name=md["name"], versions=md["versions"], platform=md["platform"])
-            for key in ("inputs", "outputs"):
-                for t in md[key]:
-                    getattr(resp, key).add(name=t["name"], datatype=t["datatype"], shape=t["shape"])
-            return resp
-        except Exception as exc:
-            await self._fail(context, exc)
+        md = self.service.model_metadata(request.name, request.version)
+        resp = service_pb2.ModelMetadataResponse(name=md["name"], versions=md["versions"], platform=md["platform"])
+        for key in ("inputs", "outputs"):
+            for t in md[key]:
+                getattr(resp, key).add(name=t["name"], datatype=t["datatype"], shape=t["shape"])
+        return resp
 
+    @_answers_errors
     async def ModelConfig(self, request: Any, context: Any) -> Any:
-        try:
-            cfg = self.service.model_config(request.name, request.version)
-            config = json_format.ParseDict(cfg, model_config_pb2.ModelConfig(), ignore_unknown_fields=True)
-            return service_pb2.ModelConfigResponse(config=config)
-        except Exception as exc:
-            await self._fail(context, exc)
+        cfg = self.service.model_config(request.name, request.version)
+        config = json_format.ParseDict(cfg, model_config_pb2.ModelConfig(), ignore_unknown_fields=True)
+        return service_pb2.ModelConfigResponse(config=config)
 
+    @_answers_errors
     async def ModelStatistics(self, request: Any, context: Any) -> Any:
-        try:
-            stats = self.service.statistics(request.name or None, request.version or None)
-            return json_format.ParseDict({"model_stats": stats}, service_pb2.ModelStatisticsResponse())
-        except Exception as exc:
-            await self._fail(context, exc)
+        stats = self.service.statistics(request.name or None, request.version or None)
+        return json_format.ParseDict({"model_stats": stats}, service_pb2.ModelStatisticsResponse())
 
     # ---- inference ---------------------------------------------------------------------------------------
     async def ModelInfer(self, request: Any, context: Any) -> Any:
@@ -231,7 +228,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         finally:
             self._in_flight.dec()
         if response is None:
-            await context.abort(status_code(status), message)
+            await context.abort(grpc_code(status), message)
         return response
 
     async def ModelStreamInfer(self, request_iterator: Any, context: Any) -> None:
@@ -271,8 +268,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             status = 504 if remaining is not None and remaining <= 0 else CLIENT_CLOSED
             raise
         except Exception as exc:
-            status, message = self.service.error_status(exc)
-            return None, status, message
+            answer = error_answer(exc, self.service.manager.repository)
+            status = answer.status
+            return None, status, answer.message
         finally:
             if shm is not None:
                 shm.release()
@@ -280,51 +278,41 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             self.service.record(label, version, "grpc", status, time.perf_counter() - start)
 
     # ---- model repository --------------------------------------------------------------------------------
+    @_answers_errors
     async def RepositoryIndex(self, request: Any, context: Any) -> Any:
-        try:
-            self._check_token(context)
-            resp = service_pb2.RepositoryIndexResponse()
-            for row in self.service.manager.index(ready_only=request.ready):
-                resp.models.add(**row)
-            return resp
-        except Exception as exc:
-            await self._fail(context, exc)
+        self._check_token(context)
+        resp = service_pb2.RepositoryIndexResponse()
+        for row in self.service.manager.index(ready_only=request.ready):
+            resp.models.add(**row)
+        return resp
 
+    @_answers_errors
     async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
-        try:
-            self._check_token(context)
-            check_load_parameters(dict(request.parameters))
-            await self.service.manager.load(request.model_name)
-            return service_pb2.RepositoryModelLoadResponse()
-        except Exception as exc:
-            await self._fail(context, exc)
+        self._check_token(context)
+        check_load_parameters(dict(request.parameters))
+        await self.service.manager.load(request.model_name)
+        return service_pb2.RepositoryModelLoadResponse()
 
+    @_answers_errors
     async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:
-        try:
-            self._check_token(context)
-            await self.service.manager.unload(request.model_name)
-            return service_pb2.RepositoryModelUnloadResponse()
-        except Exception as exc:
-            await self._fail(context, exc)
+        self._check_token(context)
+        await self.service.manager.unload(request.model_name)
+        return service_pb2.RepositoryModelUnloadResponse()
 
     # ---- system shared memory (shared_memory.py) -----------------------------------------------------------
+    @_answers_errors
     async def SystemSharedMemoryStatus(self, request: Any, context: Any) -> Any:
-        try:
-            self._check_token(context, _SHM_ENDPOINTS)
-            resp = service_pb2.SystemSharedMemoryStatusResponse()
-            for row in self.service.shared_memory.status(request.name or None):
-                resp.regions[row["name"]].CopyFrom(service_pb2.SystemSharedMemoryStatusResponse.RegionStatus(**row))
-            return resp
-        except Exception as exc:
-            await self._fail(context, exc)
+        self._check_token(context, SHM_ENDPOINTS)
+        resp = service_pb2.SystemSharedMemoryStatusResponse()
+        for row in self.service.shared_memory.status(request.name or None):
+            resp.regions[row["name"]].CopyFrom(service_pb2.SystemSharedMemoryStatusResponse.RegionStatus(**row))
+        return resp
 
+    @_answers_errors
     async def SystemSharedMemoryRegister(self, request: Any, context: Any) -> Any:
-        try:
-            self._check_token(context, _SHM_ENDPOINTS)
-            self.service.shared_memory.register(request.name, request.key, request.offset, request.byte_size)
-            return service_pb2.SystemSharedMemoryRegisterResponse()
-        except Exception as exc:
-            await self._fail(context, exc)
+        self._check_token(context, SHM_ENDPOINTS)
+        self.service.shared_memory.register(request.name, request.key, request.offset, request.byte_size)
+        return service_pb2.SystemSharedMemoryRegisterResponse()
 
     # CUDA shared memory is not served: there are never CUDA regions, so "status" and "unregister all" answer
     # truthfully (perf_analyzer calls both when it cleans up), and the rest names the extension.
@@ -338,16 +326,11 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, _NO_CUDA)
         return service_pb2.CudaSharedMemoryUnregisterResponse()
 
+    @_answers_errors
     async def SystemSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
-        try:
-            self._check_token(context, _SHM_ENDPOINTS)
-            self.service.shared_memory.unregister(request.name or None)
-            return service_pb2.SystemSharedMemoryUnregisterResponse()
-        except Exception as exc:
-            await self._fail(context, exc)
-
-
-_SHM_ENDPOINTS = "the shared-memory endpoints"
+        self._check_token(context, SHM_ENDPOINTS)
+        self.service.shared_memory.unregister(request.name or None)
+        return service_pb2.SystemSharedMemoryUnregisterResponse()
 
 
 def build_grpc_server(service: Service, max_message_bytes: int) -> Any:

@@ -15,21 +15,19 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from kiln.engines.base import release_memory
 from kiln.errors import KilnError, MemoryBudgetError, ModelNotReadyError, NotFoundError, ShuttingDownError, first_line
-from kiln.repository import RECIPE_FILE, VARIANTS_DIR, Repository, read_recipe
-from kiln.serving.admission import AUTO
-from kiln.serving.batcher import Batcher, BatchPolicy, Runner
+from kiln.execution.admission import AUTO
+from kiln.execution.batcher import Batcher, BatchPolicy, Runner
+from kiln.execution.instances import FallbackState, open_instances, warm_up, warmup_inputs
+from kiln.repository import CHOSEN, REFERENCE, REFERENCE_ENGINE, Repository, Variant
 from kiln.serving.metrics import Metrics
 from kiln.serving.raw import RawModel
-from kiln.serving.runner import FallbackState, open_instances, warm_up, warmup_inputs
 from kiln.serving.settings import ServerSettings
 from kiln.spec import ModelSpec
 
 log = logging.getLogger("kiln.serving")
-REFERENCE_ENGINE = "onnxruntime"  # what ``kiln.load(variant='reference')`` runs the imported model.onnx on
 
 
 class State(enum.StrEnum):
@@ -104,42 +102,16 @@ def policy_text(spec: ModelSpec) -> str:
     return "all" if s.version_policy == "all" else f"specific {s.versions}"
 
 
-def _chosen_dir(vdir: Path, spec: ModelSpec) -> Path | None:
-    chosen = spec.chosen_variant
-    if chosen and (vdir / VARIANTS_DIR / chosen / RECIPE_FILE).is_file():
-        return vdir / VARIANTS_DIR / chosen
-    return None
-
-
-def reference_bytes(vdir: Path) -> int:
-    return sum(p.stat().st_size for p in vdir.glob("model.onnx*") if p.is_file())
-
-
-def artifact_bytes(vdir: Path, spec: ModelSpec) -> int:
-    """Bytes of what the engine loads: the chosen variant's files, else the reference ONNX model."""
-    chosen = _chosen_dir(vdir, spec)
-    if chosen is not None:
-        return sum(p.stat().st_size for p in chosen.iterdir() if p.is_file())
-    return reference_bytes(vdir)
-
-
-def version_bytes(vdir: Path, spec: ModelSpec, reference_copies: int | None = None) -> int:
+def version_bytes(repository: Repository, served: Variant, reference_copies: int | None = None) -> int:
     """The memory estimate of one served version: its instances, plus the reference they fall back on.
 
     ``reference_copies`` is what was loaded; before the load it is estimated as one shared copy.
     """
-    own = artifact_bytes(vdir, spec) * spec.serving.instances
-    if _chosen_dir(vdir, spec) is None:
+    own = served.artifact_bytes() * served.spec.serving.instances
+    if served.is_reference:
         return own
-    return own + reference_bytes(vdir) * (1 if reference_copies is None else reference_copies)
-
-
-def engine_of(vdir: Path, spec: ModelSpec, version: int) -> str:
-    """The engine that serves a version by default (its chosen variant's), read from the repository."""
-    chosen = _chosen_dir(vdir, spec)
-    if chosen is None:
-        return REFERENCE_ENGINE
-    return read_recipe(chosen, spec.name, version).engine
+    reference = repository.variant(served.model, served.version, REFERENCE)
+    return own + reference.artifact_bytes() * (1 if reference_copies is None else reference_copies)
 
 
 class ModelManager:
@@ -253,7 +225,7 @@ class ModelManager:
             version = served[-1] if served else None
         if version is None:
             return REFERENCE_ENGINE
-        return engine_of(self.repository.resolve(name, version)[1], spec, version)
+        return self.repository.variant(name, version, CHOSEN).engine
 
     def is_ready(self, name: str, version: int | None = None) -> bool:
         entry = self.entries.get(name)
@@ -295,7 +267,7 @@ class ModelManager:
             versions = policy_versions(spec, self.repository.versions(name))
             if not versions:
                 raise NotFoundError(f"model {name!r} has no versions in {self.repository.root}")
-            need = sum(version_bytes(self.repository.resolve(name, v)[1], spec) for v in versions)
+            need = sum(version_bytes(self.repository, self.repository.variant(name, v, CHOSEN)) for v in versions)
             await self._make_room(entry, need)
             was = entry.state
             if was is not State.READY:
@@ -382,10 +354,11 @@ class ModelManager:
     def _open_version(self, spec: ModelSpec, version: int) -> ServedVersion:
         s = spec.serving
         name = spec.name
-        vdir = self.repository.resolve(name, version)[1]
-        processing = RawModel.build(spec, vdir)  # before the engines: a bad step fails the load at once
+        served = self.repository.variant(name, version, CHOSEN)
+        processing = RawModel.build(spec, served.version_dir)  # before the engines: a bad step fails the load at once
         counter = self.metrics.fallbacks.labels(name, str(version))
-        inst = open_instances(self.repository.root, spec, version, self.settings.engine_threads, counter.inc)
+        reference = self.repository.variant(name, version, REFERENCE)
+        inst = open_instances(served, reference, self.settings.engine_threads, counter.inc)
         runners = inst.runners
         timeout_s = (s.timeout_ms / 1e3) if s.timeout_ms else self.settings.request_timeout_s
         policy = BatchPolicy(
@@ -422,7 +395,7 @@ class ModelManager:
             spec=spec,
             batcher=batcher,
             variant=inst.variant,
-            memory_bytes=version_bytes(vdir, spec, inst.reference_copies),
+            memory_bytes=version_bytes(self.repository, served, inst.reference_copies),
             generation=self._generation,
             fallback=inst.fallback,
             timeout_s=timeout_s,

@@ -17,7 +17,6 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-Protocol = Literal["http", "grpc"]
 Outcome = Literal["ok", "client_error", "not_found", "unavailable", "timeout", "cancelled", "error"]
 CLIENT_CLOSED = 499  # the client cancelled or went away before the answer (nginx's code; no response is sent)
 

@@ -266,10 +266,34 @@ def decode_http(
     raw_inputs = doc.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise ProtocolError("inputs", "must be a non-empty list of tensors")
+    inputs = _http_inputs(raw_inputs, body, end, spec, keep_bytes, shm)
+    rid = doc.get("id", "")
+    if not isinstance(rid, str):
+        raise ProtocolError("id", f"must be a string, got {short_repr(rid)}")
+    req = InferRequest(id=rid, inputs=inputs)
+    params = doc.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ProtocolError("parameters", f"must be an object, got {short_repr(params)}")
+    req.parameters = params
+    req.binary_output = _flag(params, "binary_data_output", False, "parameters.binary_data_output")
+    timeout = params.get("timeout")
+    if isinstance(timeout, int) and not isinstance(timeout, bool) and timeout >= 2**63:  # the type: service.py
+        raise ProtocolError("parameters.timeout", f"must be below 2**63 microseconds, got {short_repr(timeout)}")
+    outs = doc.get("outputs")
+    if outs is not None:
+        req.outputs, req.shm_outputs = _http_outputs(outs, req.binary_output, spec, shm)
+    return req
+
+
+def _http_inputs(
+    docs: list[Any], body: bytes, start: int, spec: ModelSpec, keep_bytes: frozenset[str], shm: ShmSession | None
+) -> dict[str, np.ndarray]:
+    """The request's ``inputs``, checked against ``spec``; binary ones are views of ``body`` from ``start`` on,
+    in their order, and must claim every byte of it."""
     binary = memoryview(body)
-    offset = end
+    offset = start
     inputs: dict[str, np.ndarray] = {}
-    for i, t in enumerate(raw_inputs):
+    for i, t in enumerate(docs):
         if not isinstance(t, dict):
             raise ProtocolError(f"inputs[{i}]", "must be an object with name, shape, datatype and data")
         name = t.get("name")
@@ -290,16 +314,7 @@ def decode_http(
             continue
         size = params.get("binary_data_size")
         if size is not None:
-            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-                raise ProtocolError(
-                    f"input {name!r}: binary_data_size", f"must be a non-negative integer, got {short_repr(size)}"
-                )
-            if offset + size > len(body):
-                raise ProtocolError(
-                    f"input {name!r}: binary_data_size",
-                    f"{size} bytes announced but only {len(body) - offset} binary bytes remain in the body",
-                )
-            inputs[name] = from_raw(name, binary[offset : offset + size], dtype, shape, name not in keep_bytes)
+            inputs[name] = _binary_input(name, size, binary, offset, dtype, shape, name not in keep_bytes)
             offset += size
         else:
             if "data" not in t:
@@ -307,37 +322,47 @@ def decode_http(
             inputs[name] = _from_json(name, t["data"], dtype, shape, name in keep_bytes)
     if offset != len(body):
         raise ProtocolError("body", f"{len(body) - offset} bytes of binary data are not claimed by any input")
-    rid = doc.get("id", "")
-    if not isinstance(rid, str):
-        raise ProtocolError("id", f"must be a string, got {short_repr(rid)}")
-    req = InferRequest(id=rid, inputs=inputs)
-    params = doc.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise ProtocolError("parameters", f"must be an object, got {short_repr(params)}")
-    req.parameters = params
-    req.binary_output = _flag(params, "binary_data_output", False, "parameters.binary_data_output")
-    timeout = params.get("timeout")
-    if isinstance(timeout, int) and not isinstance(timeout, bool) and timeout >= 2**63:  # the type: service.py
-        raise ProtocolError("parameters.timeout", f"must be below 2**63 microseconds, got {short_repr(timeout)}")
-    outs = doc.get("outputs")
-    if outs is not None:
-        if not isinstance(outs, list):
-            raise ProtocolError("outputs", f"must be a list of {{name, parameters}}, got {short_repr(outs)}")
-        req.outputs = []
-        for j, o in enumerate(outs):
-            if not isinstance(o, dict) or not isinstance(o.get("name"), str):
-                raise ProtocolError(f"outputs[{j}]", f"must be an object with a string name, got {short_repr(o)}")
-            oparams = o.get("parameters") or {}
-            if not isinstance(oparams, dict):
-                raise ProtocolError(f"outputs[{j}].parameters", f"must be an object, got {short_repr(oparams)}")
-            if "classification" in oparams:
-                raise ProtocolError(f"outputs[{j}].parameters.classification", "is not supported by this server")
-            if "shared_memory_region" in oparams:
-                req.shm_outputs = shm_output(shm, req.shm_outputs, o["name"], oparams)
-            as_binary = _flag(oparams, "binary_data", req.binary_output, f"outputs[{j}].parameters.binary_data")
-            req.outputs.append(RequestedOutput(o["name"], as_binary))
-        check_outputs(spec, req.output_names or ())
-    return req
+    return inputs
+
+
+def _binary_input(
+    name: str, size: Any, binary: memoryview, offset: int, dtype: np.dtype[Any], shape: tuple[int, ...], text: bool
+) -> np.ndarray:
+    """Input ``name``: the ``size`` (its ``binary_data_size``) bytes of ``binary`` at ``offset``."""
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise ProtocolError(
+            f"input {name!r}: binary_data_size", f"must be a non-negative integer, got {short_repr(size)}"
+        )
+    if offset + size > len(binary):
+        raise ProtocolError(
+            f"input {name!r}: binary_data_size",
+            f"{size} bytes announced but only {len(binary) - offset} binary bytes remain in the body",
+        )
+    return from_raw(name, binary[offset : offset + size], dtype, shape, text)
+
+
+def _http_outputs(
+    docs: Any, binary_default: bool, spec: ModelSpec, shm: ShmSession | None
+) -> tuple[list[RequestedOutput], dict[str, ShmTarget] | None]:
+    """The request's ``outputs``, checked against ``spec``, and those of them to write into shared memory."""
+    if not isinstance(docs, list):
+        raise ProtocolError("outputs", f"must be a list of {{name, parameters}}, got {short_repr(docs)}")
+    outputs: list[RequestedOutput] = []
+    shm_outputs: dict[str, ShmTarget] | None = None
+    for j, o in enumerate(docs):
+        if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+            raise ProtocolError(f"outputs[{j}]", f"must be an object with a string name, got {short_repr(o)}")
+        oparams = o.get("parameters") or {}
+        if not isinstance(oparams, dict):
+            raise ProtocolError(f"outputs[{j}].parameters", f"must be an object, got {short_repr(oparams)}")
+        if "classification" in oparams:
+            raise ProtocolError(f"outputs[{j}].parameters.classification", "is not supported by this server")
+        if "shared_memory_region" in oparams:
+            shm_outputs = shm_output(shm, shm_outputs, o["name"], oparams)
+        as_binary = _flag(oparams, "binary_data", binary_default, f"outputs[{j}].parameters.binary_data")
+        outputs.append(RequestedOutput(o["name"], as_binary))
+    check_outputs(spec, tuple(o.name for o in outputs))
+    return outputs, shm_outputs
 
 
 def load_json(body: bytes) -> Any:

@@ -24,8 +24,16 @@ from typing import Any
 
 import uvicorn
 
-from kiln.errors import BindError, KilnError, ModelLoadError, NotFoundError, PortInUseError, RepositoryUnreadableError
-from kiln.serving import logs
+from kiln import logs
+from kiln.errors import (
+    BindError,
+    KilnError,
+    ModelLoadError,
+    NotFoundError,
+    PortInUseError,
+    RepositoryUnreadableError,
+    first_line,
+)
 from kiln.serving.app import build_app
 from kiln.serving.grpc_service import build_grpc_server
 from kiln.serving.manager import ModelManager
@@ -154,8 +162,11 @@ class Server:
         for name in self.settings.models:
             if name not in held:
                 raise NotFoundError(
-                    f"--model {name!r}: repository {repo} has no such model (it holds {', '.join(held) or 'none'}); "
-                    "pass one it holds, or leave --model out to preload them all"
+                    "model",
+                    name,
+                    held,
+                    where=f"repository {repo}",
+                    fix="pass one it holds to --model, or leave --model out to preload them all",
                 )
         return held
 
@@ -182,8 +193,7 @@ class Server:
             versions = []
         version = versions[0] if len(versions) == 1 else None
         if isinstance(exc, KilnError):
-            lines = str(exc).strip().splitlines() or [type(exc).__name__]
-            reason = lines[0].rstrip(".")
+            reason = first_line(exc).rstrip(".")
         else:  # the manager logged its traceback
             reason = f"{type(exc).__name__}; see the server log for the traceback"
         return ModelLoadError(name, version, reason, fix)

@@ -1,23 +1,20 @@
-"""What HTTP and gRPC share: inference through cache and batcher, metadata, model configuration.
+"""What HTTP and gRPC share: inference through cache and batcher, health, auth, the model lookups behind
+metadata (rendered by ``metadata.py``).
 
 The front ends decode their wire format into an :class:`InferRequest`, call :meth:`Service.infer`, and
-encode the outputs; everything between (validation, cache, batching, timeout, metrics) lives here.
+encode the outputs; everything between (validation, cache, batching, timeout, metrics) lives here. How a
+failure is answered is ``error_map.py``'s.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import logging
-import math
-import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
-from kiln import __version__
 from kiln.errors import (
     ClientClosedError,
     KilnError,
@@ -26,37 +23,22 @@ from kiln.errors import (
     RequestTimeoutError,
     UnauthorizedError,
 )
+from kiln.execution.batcher import BatcherClosedError, Outputs
 from kiln.repository import parse_version
-from kiln.serving.batcher import BatcherClosedError, Outputs
+from kiln.serving import metadata
 from kiln.serving.cache import ResponseCache, cache_key
 from kiln.serving.manager import ModelManager, ServedVersion
 from kiln.serving.metrics import Metrics, outcome_for
 from kiln.serving.protocol import InferRequest, check_outputs
-from kiln.serving.raw import PREDICTIONS, RAW_INPUT, predictions_tensor, wire_spec
+from kiln.serving.raw import PREDICTIONS, RAW_INPUT, predictions_tensor
 from kiln.serving.settings import ServerSettings
 from kiln.serving.shared_memory import SharedMemoryRegistry
 from kiln.spec import ModelSpec
 
-log = logging.getLogger("kiln.serving")
 _CONTENTION_MEMORY_S = 0.5
 _WATCH_AFTER_S = 0.02  # a queued request listens for its client's disconnect once it has waited this long
-
-EXTENSIONS = [
-    "binary_tensor_data", "model_configuration", "model_repository", "statistics", "system_shared_memory",
-]  # fmt: skip
-
-# Triton's platform and backend names for kiln's engines (tritonclient and perf_analyzer only display
-# them; perf_analyzer looks for "ensemble" alone). Engines Triton has no name for are shown as they are.
-_TRITON_PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "torch": "pytorch_libtorch", "openvino": "openvino"}
-_TRITON_BACKENDS = {"onnxruntime": "onnxruntime", "torch": "pytorch", "openvino": "openvino"}
-
-
-def triton_platform(engine: str) -> str:
-    return _TRITON_PLATFORMS.get(engine, engine)
-
-
-def triton_backend(engine: str) -> str:
-    return _TRITON_BACKENDS.get(engine, engine)
+REPOSITORY_ENDPOINTS = "the model-repository endpoints"  # what a token guards, as error messages name it
+SHM_ENDPOINTS = "the shared-memory endpoints"
 
 
 def client_timeout_s(parameters: dict[str, Any]) -> float | None:
@@ -116,7 +98,7 @@ class Service:
     def ready(self) -> bool:
         return self.started and not self.manager.draining
 
-    def check_token(self, authorization: str | None, endpoints: str = "the model-repository endpoints") -> None:
+    def check_token(self, authorization: str | None, endpoints: str = REPOSITORY_ENDPOINTS) -> None:
         token = self.settings.token
         if token is None:
             return
@@ -301,22 +283,10 @@ class Service:
         elif status == 503:  # how fast overload is refused, as the server sees it (from its handler's start)
             self.metrics.refusal_seconds.labels(protocol).observe(seconds)
 
-    def error_status(self, exc: BaseException) -> tuple[int, str]:
-        """HTTP status and message for an exception: known errors say what is wrong, with files named
-        relative to the repository (no answer carries a server path); others are logged, answered 500."""
-        if isinstance(exc, KilnError):
-            message = self.manager.repository.relative(str(exc))
-            return exc.http_status, _ABSOLUTE_PATH.sub("<path>", message)
-        log.error("unexpected error while serving a request", exc_info=exc)
-        return 500, "internal server error; the server log has the details"
-
     def model_label(self, name: str) -> str:
         return name if name in self.manager.entries or self.manager.repository.has_model(name) else ""
 
     # ---- metadata and configuration ---------------------------------------------------------------------
-    def server_metadata(self) -> dict[str, Any]:
-        return {"name": "kiln", "version": __version__, "extensions": EXTENSIONS}
-
     def model_ready(self, model: str, version: str | None) -> bool:
         """Whether ``model`` (``version``) is ready; an unknown model or version raises, as metadata does."""
         v = parse_version(version)
@@ -327,15 +297,7 @@ class Service:
 
     def model_metadata(self, model: str, version: str | None) -> dict[str, Any]:
         spec, versions = self._spec_versions(model, version)
-        spec = wire_spec(spec) or spec  # a model with pre-processing lists its raw input too (raw.py)
-        engine = self.manager.engine(model, parse_version(version))
-        return {
-            "name": model,
-            "versions": [str(v) for v in versions],
-            "platform": triton_platform(engine),
-            "inputs": [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in spec.inputs],
-            "outputs": [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in spec.outputs],
-        }
+        return metadata.model_metadata(model, versions, spec, self.manager.engine(model, parse_version(version)))
 
     def statistics(self, model: str | None, version: str | None) -> list[dict[str, object]]:
         """The statistics extension: every model's, or ``model``'s (a served ``version``'s), as Triton's."""
@@ -347,55 +309,9 @@ class Service:
         return self.metrics.statistics(model, str(parse_version(version)) if version else None)
 
     def model_config(self, model: str, version: str | None = None) -> dict[str, Any]:
-        """Triton's model configuration (as JSON), so Triton's tools (perf_analyzer …) can drive kiln."""
         spec, _ = self._spec_versions(model, version)
-        wire = wire_spec(spec)
-        s = spec.serving
-        batched = s.max_batch_size > 0
-
-        def tensor(t: Any) -> dict[str, Any]:
-            dims = list(t.shape[1:] if batched else t.shape)
-            out = {"name": t.name, "data_type": triton_type(t.datatype), "dims": dims}
-            if wire is not None and t.name in (RAW_INPUT, PREDICTIONS):  # one element per instance
-                out.update(dims=[1], reshape={"shape": []})
-            return out
-
-        def inputs() -> list[dict[str, Any]]:
-            if wire is None:
-                return [tensor(t) for t in spec.inputs]
-            return [{**tensor(t), "optional": True} for t in wire.inputs]  # raw or tensors, not both
-
-        policy: dict[str, Any]
-        if s.version_policy == "latest":
-            policy = {"latest": {"num_versions": s.num_versions}}
-        elif s.version_policy == "all":
-            policy = {"all": {}}
-        else:
-            policy = {"specific": {"versions": list(s.versions)}}
         engine = self.manager.engine(model, parse_version(version))
-        config: dict[str, Any] = {
-            "name": model,
-            "platform": triton_platform(engine),
-            "backend": triton_backend(engine),
-            "version_policy": policy,
-            "max_batch_size": s.max_batch_size,
-            "input": inputs(),
-            "output": [tensor(t) for t in (wire or spec).outputs],
-            "instance_group": [{"name": f"{model}_0", "count": s.instances, "kind": "KIND_CPU"}],
-            "response_cache": {"enable": s.response_cache},
-        }
-        if batched:
-            config["dynamic_batching"] = {
-                "preferred_batch_size": list(s.preferred_batch_sizes),
-                "max_queue_delay_microseconds": s.max_queue_delay_us,
-                "default_queue_policy": {
-                    "max_queue_size": s.max_queue_size,
-                    "default_timeout_microseconds": int(
-                        (s.timeout_ms * 1000) if s.timeout_ms else self.settings.request_timeout_s * 1e6
-                    ),
-                },
-            }
-        return config
+        return metadata.model_config(model, spec, engine, self.settings.request_timeout_s)
 
     def _spec_versions(self, model: str, version: str | None) -> tuple[ModelSpec, list[int]]:
         spec = self.manager.spec(model)
@@ -404,10 +320,6 @@ class Service:
         if v is not None and v not in versions:
             raise NotFoundError(f"model {model!r} has no served version {v}; served versions: {versions}")
         return spec, versions
-
-
-def triton_type(datatype: str) -> str:
-    return "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
 
 
 def _settle(fut: asyncio.Future[Outputs], out: Outputs | None, err: BaseException | None) -> None:
@@ -427,20 +339,4 @@ def _drop(fut: asyncio.Future[Outputs], pending: Any, error: type[KilnError], *a
         fut.set_exception(error(*args))
 
 
-def retry_after(exc: BaseException) -> str | None:
-    """``Retry-After`` (whole seconds, at least 1) for an overload answer; None for other errors."""
-    wait = getattr(exc, "retry_after_s", None)
-    if wait is None:
-        return None
-    return str(max(1, math.ceil(wait)))
-
-
-# An absolute path under a top-level directory of this machine (/home/..., /tmp/...): the net under
-# ``Repository.relative`` that keeps every other server path out of answers. URL paths (/v2/...) stay.
-_ABSOLUTE_PATH = re.compile(
-    r"(?<![\w.:/-])/(?:"
-    + "|".join(sorted(re.escape(p.name) for p in Path("/").iterdir() if p.is_dir()))
-    + r")(?![\w.-])(?:/[^\s'\",;:)\]]*)?"
-)
-
-__all__ = ["Service", "client_timeout_s", "parse_version", "retry_after", "triton_platform", "triton_type"]
+__all__ = ["REPOSITORY_ENDPOINTS", "SHM_ENDPOINTS", "Service", "check_load_parameters", "client_timeout_s"]

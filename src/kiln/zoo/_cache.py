@@ -14,7 +14,7 @@ def recipe_key(recipe: dict[str, Any]) -> str:
 
 
 def trained_weights_path(stem: str, recipe: dict[str, Any], cache_dir: Path | None = None) -> Path:
-    from kiln.settings import get_settings
+    from kiln.environment import get_settings
 
     root = cache_dir or get_settings().cache_dir
     return root / "zoo" / f"{stem}-{recipe_key(recipe)}.safetensors"

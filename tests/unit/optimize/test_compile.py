@@ -19,7 +19,7 @@ def test_compiled_mlp_runs_batches_1_to_32_on_one_graph(mlp: Imported) -> None:
     torch._dynamo.reset()
     counters.clear()
     eager = load_engine("torch", mlp.version_dir, spec, EngineOptions())
-    options = EngineOptions(extra={"compile": "default", "freezing": True})
+    options = EngineOptions(run={"compile": "default", "freezing": True})
     with load_engine("torch", mlp.version_dir, spec, options) as engine:
         for batch in range(1, 33):
             feed = {"x": mlp.x[:batch]}
@@ -33,4 +33,4 @@ def test_reduce_overhead_is_refused_on_cpu(mlp: Imported) -> None:
 
     spec = Repository(mlp.repo).spec(mlp.name)
     with pytest.raises(UnsupportedError, match="CUDA"):
-        load_engine("torch", mlp.version_dir, spec, EngineOptions(extra={"compile": "reduce-overhead"}))
+        load_engine("torch", mlp.version_dir, spec, EngineOptions(run={"compile": "reduce-overhead"}))

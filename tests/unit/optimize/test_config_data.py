@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from kiln.errors import DataError, SpecError
-from kiln.optimize import PRESETS, OptimizeConfig, Recipe
-from kiln.optimize.config import PassStep
+from kiln.optimize.config import PRESETS, OptimizeConfig
 from kiln.optimize.data import load_split
+from kiln.recipe import PassStep, Recipe
 from kiln.spec import ModelSpec, TensorSpec
 
 SPEC = ModelSpec(name="m", task="classification", inputs=[TensorSpec(name="x", dtype="float32", shape=(-1, 4))],

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from kiln.engines.base import EngineOptions, load_engine
-from kiln.errors import UnsupportedError
+from kiln.errors import PassNotApplicable, UnsupportedError
 from kiln.optimize.accuracy import sqnr_db
-from kiln.optimize.config import PassStep
-from kiln.optimize.passes import PassContext, PassNotApplicable, get_pass, known_passes, run_passes
+from kiln.recipe import PassStep
+from kiln.optimize.passes import PassContext, get_pass, known_passes, run_passes
 from kiln.optimize.passes.base import op_histogram
 from kiln.repository import Repository
 from tests.unit.optimize.conftest import Imported
@@ -30,7 +30,7 @@ def _work(imported: Imported, dst: Path, artifact: str) -> PassContext:
 def _run(engine: str, directory: Path, imported: Imported, **options: object) -> np.ndarray:
     spec = Repository(imported.repo).spec(imported.name)
     precision = options.pop("precision", "fp32")
-    with load_engine(engine, directory, spec, EngineOptions(precision=precision, extra=options)) as e:  # type: ignore[arg-type]
+    with load_engine(engine, directory, spec, EngineOptions(precision=precision, run=options)) as e:  # type: ignore[arg-type]
         return e.run({"x": imported.x})["y"]
 
 
@@ -210,7 +210,7 @@ def test_torch_dynamic_int8_quantizes_linear_layers(mlp: Imported, work: Path) -
     [report] = run_passes([PassStep(name="torch-dynamic")], _work(mlp, work, "model.pt2"))
     assert report.details["linear_layers"] == 2
     spec = Repository(mlp.repo).spec(mlp.name)
-    with load_engine("torch", work, spec, EngineOptions(extra={"quantize": "dynamic-int8"})) as engine:
+    with load_engine("torch", work, spec, EngineOptions(run={"quantize": "dynamic-int8"})) as engine:
         assert count_dynamic_quantized(engine.module) == 2  # type: ignore[attr-defined]
         out = engine.run({"x": mlp.x})["y"]
     assert out.dtype == np.float32
@@ -225,7 +225,7 @@ def test_torch_bf16_cast_runs_bf16_weights(mlp: Imported) -> None:
     if not detect().device("cpu").bf16.supported:
         pytest.skip("no native bf16 on this CPU")
     spec = Repository(mlp.repo).spec(mlp.name)
-    with load_engine("torch", mlp.version_dir, spec, EngineOptions(precision="bf16", extra={"cast": True})) as e:
+    with load_engine("torch", mlp.version_dir, spec, EngineOptions(precision="bf16", run={"cast": True})) as e:
         dtypes = {p.dtype for p in e.module.parameters()}  # type: ignore[attr-defined]
         out = e.run({"x": mlp.x})["y"]
     assert dtypes == {torch.bfloat16}
@@ -247,10 +247,10 @@ def test_openvino_engine_sets_the_precision_it_was_asked_for(mlp: Imported) -> N
 def test_openvino_throughput_hint_runs_a_batch_across_its_infer_requests(cnn: Imported) -> None:
     spec = Repository(cnn.repo).spec(cnn.name)
     feed = {"x": cnn.x[:7]}  # an odd batch: uneven chunks
-    with load_engine("openvino", cnn.version_dir, spec, EngineOptions(extra={"hint": "latency"})) as e:
+    with load_engine("openvino", cnn.version_dir, spec, EngineOptions(run={"hint": "latency"})) as e:
         want = e.run(feed)["y"]
         assert len(e._parallel) == 1  # type: ignore[attr-defined]
-    options = EngineOptions(intra_op_threads=2, extra={"hint": "throughput", "num_requests": 2})
+    options = EngineOptions(intra_op_threads=2, run={"hint": "throughput", "num_requests": 2})
     with load_engine("openvino", cnn.version_dir, spec, options) as e:
         optimal = int(e.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))  # type: ignore[attr-defined]
         assert optimal == 2 and len(e._parallel) == optimal  # type: ignore[attr-defined]

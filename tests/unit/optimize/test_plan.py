@@ -8,8 +8,9 @@ import pytest
 import kiln
 from kiln.errors import UnsupportedError
 from kiln.hardware import Device, cpu_device, cuda_rules
-from kiln.optimize import OptimizeConfig, Recipe
+from kiln.optimize.config import OptimizeConfig
 from kiln.optimize.plan import enumerate_variants
+from kiln.recipe import Recipe
 from tests.unit.optimize.conftest import Imported
 
 
@@ -56,9 +57,9 @@ def test_optimizing_for_a_device_this_machine_lacks_is_a_clear_error(mlp: Import
 
 
 def test_with_tensorrt_a_cuda_search_tries_it_in_fp32_and_fp16(cnn: Imported, monkeypatch: pytest.MonkeyPatch) -> None:
-    import kiln.optimize.plan
+    from kiln.engines import ort
 
-    monkeypatch.setattr(kiln.optimize.plan, "_has_tensorrt", lambda: True)
+    monkeypatch.setattr(ort, "_has_tensorrt", lambda: True)
     recipes, _ = enumerate_variants(OptimizeConfig(device="cuda"), cnn.version_dir, _h200(), calibration=None)
     trt = [r for r in recipes if r.options.get("tensorrt")]
     assert sorted(r.precision for r in trt) == ["fp16", "fp32"]

@@ -10,11 +10,11 @@ import pytest
 
 import kiln
 from kiln.errors import NoVariantWithinBudgetError
-from kiln.optimize import OptimizeConfig, Recipe
 from kiln.optimize.accuracy import AccuracyFigures
-from kiln.optimize.config import PassStep
+from kiln.optimize.config import OptimizeConfig
 from kiln.optimize.search import VariantResult, _choose, _judge
 from kiln.optimize.timing import Timing
+from kiln.recipe import PassStep, Recipe
 from kiln.repository import Repository
 from tests.unit.optimize.conftest import Imported
 
@@ -200,15 +200,14 @@ def test_new_calibration_data_builds_new_static_variants(mlp: Imported, tmp_path
 @pytest.mark.slow
 def test_figures_from_another_machine_are_measured_again(mlp: Imported, monkeypatch: pytest.MonkeyPatch) -> None:
     import kiln.hardware
-    import kiln.optimize.plan
+    from kiln.optimize import plan as plan_module
 
     options = {"data": str(mlp.data), "engines": ["onnxruntime"], "int8": ["ort-dynamic"], "choose": False, **FAST}
     kiln.optimize(mlp.repo, mlp.name, **options)
     same = kiln.optimize(mlp.repo, mlp.name, **options)
     assert same.built == 0 and not any(v.fresh for v in same.variants)
     real = kiln.hardware.machine_fingerprint
-    for module in (kiln.hardware, kiln.optimize.plan):
-        monkeypatch.setattr(module, "machine_fingerprint", lambda *libs: "another-" + real(*libs))
+    monkeypatch.setattr(kiln.hardware, "machine_fingerprint", lambda *libs: "another-" + real(*libs))
     moved = kiln.optimize(mlp.repo, mlp.name, **options)  # the repository copied to another machine
     timed = [v for v in moved.variants if v.timing is not None]
     assert timed and all(v.fresh for v in timed)

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from kiln.errors import KilnError
+from kiln.errors import NotFoundError
 from kiln.spec import ModelSpec
 
 # Modules whose import registers passes; imported on first lookup so that `import kiln` stays cheap.
@@ -42,10 +42,6 @@ class PassReport:
         return asdict(self)
 
 
-class PassNotApplicable(Exception):
-    """The pass has nothing to do on this model (no Conv+BN pairs, no Linear layers): skip the variant."""
-
-
 PassFn = Callable[[PassContext, dict[str, Any]], PassReport]
 _PASSES: dict[str, PassFn] = {}
 
@@ -71,7 +67,7 @@ def known_passes() -> list[str]:
 def get_pass(name: str) -> PassFn:
     _load_builtin()
     if name not in _PASSES:
-        raise KilnError(f"unknown pass {name!r}; known passes: {known_passes()}")
+        raise NotFoundError("pass", name, known_passes())
     return _PASSES[name]
 
 

@@ -11,11 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from kiln.optimize.passes.base import PassContext, PassNotApplicable, PassReport, onnx_node_count, register_pass
-
-ONNX = "model.onnx"
-PT2 = "model.pt2"
-IR = "model.xml"
+from kiln.errors import PassNotApplicable
+from kiln.optimize.passes.base import PassContext, PassReport, onnx_node_count, register_pass
+from kiln.repository import IR_FILE as IR
+from kiln.repository import ONNX_FILE as ONNX
+from kiln.repository import PT2_FILE as PT2
 
 
 def _save_onnx(model: Any, path: Path) -> None:

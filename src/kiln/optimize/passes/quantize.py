@@ -14,10 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from kiln.optimize.passes.base import PassContext, PassNotApplicable, PassReport, op_histogram, register_pass
+from kiln.errors import PassNotApplicable
+from kiln.optimize.passes.base import PassContext, PassReport, op_histogram, register_pass
 from kiln.optimize.passes.graph import IR, ONNX, PT2, _adopt, _quiet, uses_external_data
+from kiln.recipe import NO_CALIBRATION
 
-NO_CALIBRATION = "static int8 needs calibration data (--data, or a zoo model's own split); none was given"
 # Op types that dynamic quantization targets: MatMul-like ops gain from it, ConvInteger is slow on CPU.
 DYNAMIC_OPS = ("MatMul", "Gemm", "Attention", "LSTM")
 _INT_OPS = ("MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv", "DynamicQuantizeMatMul")

@@ -19,14 +19,14 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from kiln.engines.base import engine_modules
 from kiln.errors import InstanceExitedError
-from kiln.predictor import CHOSEN, REFERENCE, Predictor, load
+from kiln.predictor import Predictor, open_variant
+from kiln.repository import Variant
 from kiln.spec import ModelSpec, ServingSettings
 
 log = logging.getLogger("kiln.serving")
@@ -185,13 +185,13 @@ class Instances:
 
 
 def open_instances(
-    repo: Path, spec: ModelSpec, version: int, threads: int, on_fallback: Callable[[], None] | None = None
+    served: Variant, reference: Variant, threads: int, on_fallback: Callable[[], None] | None = None
 ) -> Instances:
-    """Load ``spec.serving.instances`` instances of the chosen variant and, when that is not the reference,
-    the reference to fall back on. Slow: call it from a worker thread."""
-    s = spec.serving
-    name = spec.name
-    first = open_instance(repo, name, version, CHOSEN, threads, process=False)
+    """Load ``spec.serving.instances`` instances of the ``served`` variant and, when that is not the
+    reference, the ``reference`` to fall back on. Slow: call it from a worker thread."""
+    s = served.spec.serving
+    name, version = served.model, served.version
+    first = open_instance(served, threads, process=False)
     primaries = [first]
     references: list[Any] = []
     try:
@@ -201,22 +201,22 @@ def open_instances(
             first.close()
             primaries = []
         while len(primaries) < s.instances:
-            primaries.append(open_instance(repo, name, version, CHOSEN, threads, process=not in_process))
+            primaries.append(open_instance(served, threads, process=not in_process))
         reference_engine = None
-        if first.variant != REFERENCE and s.fallback:
-            ref = open_instance(repo, name, version, REFERENCE, threads, process=False)
+        if not served.is_reference and s.fallback:
+            ref = open_instance(reference, threads, process=False)
             references.append(ref)
             reference_engine = ref.predictor.engine.name
             if shareable(ref.predictor.engine):
                 references = [ref] * s.instances
             elif ref.predictor.engine.releases_gil or s.instances == 1:
                 while len(references) < s.instances:
-                    references.append(open_instance(repo, name, version, REFERENCE, threads, process=False))
+                    references.append(open_instance(reference, threads, process=False))
             else:  # a reference that holds the GIL: one child process per instance, like the chosen variant
                 ref.close()
                 references = []
                 while len(references) < s.instances:
-                    references.append(open_instance(repo, name, version, REFERENCE, threads, process=True))
+                    references.append(open_instance(reference, threads, process=True))
     except BaseException:
         for e in [*primaries, *{id(r): r for r in references}.values()]:
             e.close()
@@ -255,9 +255,9 @@ class ProcessEngine:
     :class:`InstanceExitedError`, and the next run starts a fresh child. :meth:`abort` kills a hung one.
     """
 
-    def __init__(self, repo: Path, model: str, version: int, variant: str, threads: int) -> None:
-        self._args = (str(repo), model, version, variant, threads)
-        self.model = model
+    def __init__(self, variant: Variant, threads: int) -> None:
+        self._args = (variant, threads)
+        self.model = variant.model
         self._lock = threading.Lock()
         self._proc: Any = None
         self._conn: Connection | None = None
@@ -325,13 +325,11 @@ class ProcessEngine:
         self._close_conn()
 
 
-def _child_main(
-    conn: Connection, repo: str, model: str, version: int, variant: str, threads: int, modules: Sequence[str] = ()
-) -> None:
+def _child_main(conn: Connection, variant: Variant, threads: int, modules: Sequence[str] = ()) -> None:
     try:
         for module in modules:  # engines registered in the parent (plug-ins) are registered here too
             importlib.import_module(module)
-        predictor = load(repo, model, version=version, variant=variant, threads=threads)
+        predictor = open_variant(variant, threads=threads)
     except BaseException as exc:
         conn.send(("err", exc))
         return
@@ -350,15 +348,14 @@ def _child_main(
     predictor.close()
 
 
-def open_instance(repo: Path, model: str, version: int, variant: str, threads: int, process: bool) -> Any:
-    """Load one instance of ``model`` ``version`` (``variant`` 'chosen' or 'reference')."""
+def open_instance(variant: Variant, threads: int, process: bool) -> Any:
+    """Load one instance of ``variant``, in this process or in a child process."""
     if process:
-        return ProcessEngine(repo, model, version, variant, threads)
-    return InProcessEngine(load(repo, model, version=version, variant=variant, threads=threads))
+        return ProcessEngine(variant, threads)
+    return InProcessEngine(open_variant(variant, threads=threads))
 
 
 __all__ = [
-    "REFERENCE",
     "FallbackState",
     "InProcessEngine",
     "Instances",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kiln.metrics import average_precision, box_iou, map50
+from kiln.task_metrics import average_precision, box_iou, map50
 
 GT = [[{"box": [0, 0, 10, 10], "class_id": 0}, {"box": [20, 20, 30, 30], "class_id": 1}]]
 

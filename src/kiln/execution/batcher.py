@@ -1,6 +1,6 @@
 """The dynamic batcher: one bounded queue per served model version, drained by its instances.
 
-:class:`~kiln.serving.batch_queue.BatchQueue` holds the policy and no threads, and takes the time as an
+:class:`~kiln.execution.batch_queue.BatchQueue` holds the policy and no threads, and takes the time as an
 argument, so tests drive it with a fake clock. :class:`Batcher` runs it: one worker thread per instance pulls the next
 batch, concatenates the inputs once, runs the engine and hands each caller a view of its rows.
 
@@ -36,6 +36,7 @@ from typing import Protocol
 
 import numpy as np
 
+from kiln import logs
 from kiln.errors import (
     ComputeTimeoutError,
     EngineFailedError,
@@ -47,9 +48,8 @@ from kiln.errors import (
     ShuttingDownError,
     first_line,
 )
-from kiln.serving import logs
-from kiln.serving.admission import OVERLOAD_S, ServiceTimes, expected_wait, queue_budget
-from kiln.serving.batch_queue import (
+from kiln.execution.admission import OVERLOAD_S, ServiceTimes, expected_wait, queue_budget
+from kiln.execution.batch_queue import (
     BatchPolicy,
     BatchQueue,
     Clock,
@@ -69,7 +69,7 @@ class BatcherClosedError(ShuttingDownError):
 
 
 class Runner(Protocol):
-    """What an instance runs a batch on (a :class:`~kiln.serving.runner.ModelRunner`, or a fake)."""
+    """What an instance runs a batch on (a :class:`~kiln.execution.instances.ModelRunner`, or a fake)."""
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> Outputs: ...
 

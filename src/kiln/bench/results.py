@@ -1,0 +1,70 @@
+"""What a bench run measured, as plain dataclasses.
+
+Their own module so that the runner, the scenarios and the report all read them without importing
+each other; ``report.py`` turns them into tables, JSON and HTML.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from kiln.bench.stats import LatencyStats
+
+
+@dataclass
+class BatchResult:
+    batch: int
+    latency: LatencyStats
+    items_per_s: float
+    per_item_ms: float
+    repeat_p50_ms: list[float]
+    spread_relative: float
+    warnings: list[str] = field(default_factory=list)
+    samples_ms: list[float] = field(default_factory=list)  # up to runner.MAX_SAMPLES, for the distribution plot
+
+
+@dataclass
+class VariantBench:
+    """One variant measured in-process: load, memory, size and every batch size."""
+
+    variant: str
+    engine: str
+    precision: str
+    load_s: float
+    first_run_ms: float
+    size_bytes: int
+    peak_memory_bytes: int  # host memory: peak resident set above the baseline before load
+    memory_kind: str  # "vmhwm-delta" (Linux, the kernel's peak) or "rss-sampled-delta" (a sampler thread)
+    label: str = ""  # what the variant is, in words ("onnxruntime int8 static-minmax + onnxslim")
+    batches: list[BatchResult] = field(default_factory=list)
+    figures: dict[str, Any] = field(default_factory=dict)  # what the optimizer measured (accuracy …)
+    gpu_used_delta_bytes: dict[str, int] | None = None  # NVML used memory after - before, per device index
+    torch_max_allocated_bytes: int | None = None  # torch.cuda.max_memory_allocated (torch engine on CUDA)
+
+
+@dataclass
+class ScenarioResult:
+    scenario: str
+    variant: str
+    params: dict[str, Any]
+    metrics: dict[str, Any]
+
+
+@dataclass
+class BenchResult:
+    model: str
+    version: int
+    created: str
+    config: dict[str, Any]
+    machine: dict[str, Any]
+    variants: list[VariantBench] = field(default_factory=list)
+    scenarios: list[ScenarioResult] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    interrupted: bool = False
+    kind: str = "in-process"
+    repo: str = ""
+    command: str = ""  # the kiln bench command that measures this again
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
