@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 def first_line(exc: BaseException, limit: int = 300) -> str:
     """An exception's first line (its type's name when it has no text), cut at ``limit`` characters: what a
-    one-line error shows of a library's exception, whose later lines are C++ traces or pydantic detail."""
+    one-line error shows of a library's exception, whose later lines are traces."""
     text = str(exc).strip()
     line = text.splitlines()[0] if text else type(exc).__name__
     return line if len(line) <= limit else line[: limit - 3] + "..."
@@ -27,17 +27,16 @@ def pip_install(package: str, extra: str | None = None) -> str:
     return f"pip install 'kiln[{extra}]'" if extra else f"pip install {package}"
 
 
-def spec_error(exc: ValidationError, what: str, *, empty: str = "", flag: bool = False) -> SpecFieldError:
-    """The :class:`SpecFieldError` for the first problem pydantic found, read ``{what} {field}: {problem}``.
-
-    ``field`` is the dotted location (``inputs.0.shape``), ``empty`` stands for it when the problem is the
-    whole object's (a model validator), and ``flag`` names a command-line option instead (``--max-memory``).
-    pydantic's ``Value error,`` prefix is dropped: the validator's own message says what is wrong.
-    """
+def spec_error(
+    exc: ValidationError, what: str, *, empty: str = "", flag: bool = False, fix: str = ""
+) -> SpecFieldError:
+    """The :class:`SpecFieldError` for pydantic's first problem: ``field`` is its dotted location, ``empty``
+    when the whole object is at fault, or with ``flag`` the command-line option (``--max-memory``). pydantic's
+    ``Value error,`` prefix is dropped: the validator's own message says what is wrong."""
     err = exc.errors()[0]
     loc = err["loc"]
     field = ("--" + str(loc[0]).replace("_", "-")) if flag and loc else ".".join(map(str, loc)) or empty
-    return SpecFieldError(what, field, str(err["msg"]).removeprefix("Value error, "))
+    return SpecFieldError(what, field, str(err["msg"]).removeprefix("Value error, "), fix)
 
 
 class KilnError(Exception):
@@ -103,11 +102,12 @@ class SpecError(KilnError):
 
 
 class SpecFieldError(SpecError):
-    """One field of a spec, of a set of options or of an op's arguments, refused by its validator;
-    built by :func:`spec_error` from pydantic's error."""
+    """One field of a spec, of a set of options or of an op's arguments, refused by its validator; read
+    ``{what} {field}: {problem}[; {fix}]``, built by :func:`spec_error` from pydantic's error."""
 
-    def __init__(self, what: str, field: str, problem: str) -> None:
-        super().__init__(f"{' '.join(p for p in (what, field) if p)}: {problem}")
+    def __init__(self, what: str, field: str, problem: str, fix: str = "") -> None:
+        msg = f"{' '.join(p for p in (what, field) if p)}: {problem}"
+        super().__init__(f"{msg}; {fix}" if fix else msg)
         self.what = what
         self.field = field
         self.problem = problem
@@ -125,21 +125,12 @@ class InputError(KilnError):
         self.received = received
 
 
-_MESSAGE_ONLY: Any = object()
-
-
 class NotFoundError(KilnError):
-    """A model, version, variant or registered name that does not exist; ``available`` lists the ones that do.
+    """A model, version, variant or registered name that does not exist; ``available`` lists those that do.
 
-    ``owner`` names what should hold it (``"model 'm'"``), ``where`` the place searched (``"repository
-    /srv/repo"``); with neither, ``name`` is looked up in a registry. The message reads:
-
-    - ``{owner} has no {kind} {name!r}; available {kind}s: [...]``, or ``{owner} has no {kind}s in {where}``
-      when ``name`` is None;
-    - ``{kind} {name!r} is not in {where}; it holds [...]``;
-    - ``unknown {kind} {name!r}; known {kind}s: [...]``;
-
-    followed by ``; {fix}`` when one is given.
+    With ``owner`` (``"model 'm'"``): "{owner} has no {kind} {name!r}; available {kind}s: [...]" (or, with no
+    name, "{owner} has no {kind}s in {where}"); with only ``where``: "{kind} {name!r} is not in {where}; it
+    holds [...]"; with neither, a registry's "unknown {kind} {name!r}; known {kind}s: [...]". Then "; {fix}".
     """
 
     http_status = 404
@@ -147,24 +138,14 @@ class NotFoundError(KilnError):
     def __init__(
         self,
         kind: str,
-        name: object = _MESSAGE_ONLY,
+        name: object,
         available: Sequence[object] = (),
         *,
         owner: str = "",
         where: str = "",
         fix: str = "",
     ) -> None:
-        self.kind = kind
-        self.name = None if name is _MESSAGE_ONLY else name
-        self.available = list(available)
-        self.owner = owner
-        self.where = where
-        if name is _MESSAGE_ONLY:
-            # Transitional: ``NotFoundError("a whole message")`` from callers not converted yet. Once none is
-            # left, ``name`` loses its default and this branch goes.
-            self.kind = ""
-            super().__init__(kind)
-            return
+        self.kind, self.name, self.available, self.owner, self.where = kind, name, list(available), owner, where
         kinds = kind + ("es" if kind.endswith("s") else "s")
         if owner and name is None:
             msg = f"{owner} has no {kinds}" + (f" in {where}" if where else "")
@@ -185,11 +166,8 @@ class VersionNotServedError(NotFoundError):
             self,
             f"model {model!r} version {version} is not served: its version policy ({policy}) serves {list(served)}",
         )
-        self.kind = "version"
-        self.name = version
-        self.available = list(served)
+        self.kind, self.name, self.available, self.where = "version", version, list(served), ""
         self.owner = f"model {model!r}"
-        self.where = ""
         self.model = model
         self.policy = policy
 
@@ -201,11 +179,8 @@ class EngineUnavailableError(KilnError):
 
 
 class MissingExtraError(EngineUnavailableError):
-    """An optional dependency that is not installed: names the package and the command that installs it.
-
-    ``extra`` is the kiln extra that carries the package (``"interop"``, ``"zoo"``); None for a package
-    that is a dependency of kiln itself (a broken install), installed on its own.
-    """
+    """An optional dependency that is not installed; ``extra`` is kiln's extra that carries ``package``
+    (``"interop"``, ``"zoo"``), None for a dependency of kiln itself (a broken install)."""
 
     def __init__(self, extra: str | None, package: str, feature: str) -> None:
         self.install = pip_install(package, extra)

@@ -65,6 +65,10 @@ class PlanContext:
     openvino_hints: tuple[str, ...] = ("latency",)
     settings: Mapping[str, Any] = field(default_factory=dict)  # anything else of the config, by field name
 
+    def plain(self, engine: str) -> Recipe:
+        """The engine's plain fp32 run of the imported artifact."""
+        return Recipe(engine=engine)
+
     @property
     def bf16(self) -> bool:
         return "bf16" in self.precisions and self.device.bf16.supported

@@ -320,7 +320,7 @@ class Repository:
         )
 
     def _missing(self, model: str) -> NotFoundError:
-        return NotFoundError(f"model {model!r} is not in {self._where}; it holds {self.models() or 'no models'}")
+        return NotFoundError("model", model, self.models(), where=self._where)
 
     def spec(self, model: str) -> ModelSpec:
         path = self.model_dir(model) / SPEC_FILE
@@ -335,11 +335,12 @@ class Repository:
         if not versions:
             if not self.has_model(model):
                 raise self._missing(model)
-            raise NotFoundError(f"model {model!r} has no versions in {self._where}; import one with `kiln import`")
+            raise NotFoundError("version", None, owner=f"model {model!r}", where=self._where,
+                                fix="import one with `kiln import`")  # fmt: skip
         if version is None:
             version = versions[-1]
         elif version not in versions:
-            raise NotFoundError(f"model {model!r} has no version {version}; available versions: {versions}")
+            raise NotFoundError("version", version, versions, owner=f"model {model!r}")
         return version, self.version_dir(model, version)
 
     def manifest(self, model: str, version: int | None = None) -> VersionManifest:
@@ -385,7 +386,7 @@ class Repository:
         path = vdir / VARIANTS_DIR / which
         if not _is_variant_dir(path):
             available = [REFERENCE, *self.variant_ids(model, number)]
-            raise NotFoundError(f"model {model!r} version {number} has no variant {which!r}; available: {available}")
+            raise NotFoundError("variant", which, available, owner=f"model {model!r} version {number}")
         recipe = VariantRecipe.model_validate_json((path / RECIPE_FILE).read_text())
         return Variant(model, number, which, spec, vdir, path, recipe)
 

@@ -166,7 +166,7 @@ class ModelSpec(BaseModel):
         return yaml.safe_dump(data, sort_keys=False)
 
     @classmethod
-    def from_yaml(cls, text: str, source: str = "model.yaml") -> ModelSpec:
+    def from_yaml(cls, text: str, source: str = "the spec") -> ModelSpec:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:

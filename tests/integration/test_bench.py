@@ -220,7 +220,7 @@ def test_cli_refuses_cuda_it_cannot_use_before_running(
     def no_load(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("nothing may load before the device check")
 
-    monkeypatch.setattr(runner, "load", no_load)
+    monkeypatch.setattr(runner, "open_variant", no_load)
     code, out = run_cli(["bench", "linear", "--repo", str(linear_repo), "--device", "cuda"], capsys)
     assert code == 2, out
     assert "Traceback" not in out and "--device cuda" in out and "--device cpu" in out

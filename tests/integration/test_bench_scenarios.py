@@ -112,7 +112,9 @@ def test_load_generator_agrees_with_kiln_serve_metrics(tmp_path: Path) -> None:
     kiln.import_model(onnx_models.save(onnx_models.linear_model(), tmp_path / "linear.onnx"), repo)
     settings = ServerSettings(repo=repo, http_port=0, grpc_port=0, log_level="WARNING")
     with ServerThread(settings) as server:
-        http = loadgen.apply_load(f"http://127.0.0.1:{server.http_port}", "linear", concurrency=4, requests=150, seconds=30)
+        http = loadgen.apply_load(
+            f"http://127.0.0.1:{server.http_port}", "linear", concurrency=4, requests=150, seconds=30
+        )
         grpc = loadgen.apply_load(f"grpc://127.0.0.1:{server.grpc_port}", "linear", qps=200, requests=60, seconds=30)
         json_tensors = loadgen.apply_load(
             f"http://127.0.0.1:{server.http_port}", "linear", concurrency=2, requests=40, seconds=30, binary=False

@@ -8,7 +8,7 @@ import json
 import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pytest
@@ -40,7 +40,7 @@ class WrappedOrt(Engine):
     triton_platform = "wrapped_onnx"
     triton_backend = "wrapped"
     concurrent_runs = True
-    loads: list[str] = []  # the graph level of every load
+    loads: ClassVar[list[str]] = []  # the graph level of every load
 
     def __init__(self, spec: ModelSpec, options: EngineOptions, session: Any) -> None:
         super().__init__(spec, options)
@@ -67,7 +67,10 @@ class WrappedOrt(Engine):
         run = WrappedOptions.of(options)
         so = ort.SessionOptions()
         so.intra_op_num_threads = options.intra_op_threads or 1
-        levels = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+        levels = {
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }
         so.graph_optimization_level = levels[run.graph]
         cls.loads.append(run.graph)
         session = ort.InferenceSession(str(artifact_dir / cls.artifact), so, providers=["CPUExecutionProvider"])

@@ -140,15 +140,24 @@ def test_no_import_cycle_in_kiln() -> None:
     assert not cycles, "import cycles (lazy imports count): " + "; ".join(" -> ".join(c) for c in cycles)
 
 
-def test_bench_does_not_import_serving() -> None:
-    offenders = sorted(
-        f"{m} imports {n}"
-        for m in _modules()
-        if m == "kiln.bench" or m.startswith("kiln.bench.")
-        for n in _edges(m)
-        if n == "kiln.serving" or n.startswith("kiln.serving.")
+def _imports_between(packages: tuple[str, ...], forbidden: tuple[str, ...]) -> list[str]:
+    def inside(module: str, names: tuple[str, ...]) -> bool:
+        return any(module == n or module.startswith(n + ".") for n in names)
+
+    return sorted(
+        f"{m} imports {n}" for m in _modules() if inside(m, packages) for n in _edges(m) if inside(n, forbidden)
     )
+
+
+def test_bench_does_not_import_serving() -> None:
+    offenders = _imports_between(("kiln.bench",), ("kiln.serving",))
     assert not offenders, "bench stands left of serving: " + "; ".join(offenders)
+
+
+def test_execution_imports_neither_bench_nor_serving() -> None:
+    """Both run models through kiln.execution, so it takes their settings as values."""
+    offenders = _imports_between(("kiln.execution",), ("kiln.bench", "kiln.serving"))
+    assert not offenders, "kiln.execution is shared by bench and serving: " + "; ".join(offenders)
 
 
 def test_no_module_over_600_lines() -> None:

@@ -56,7 +56,7 @@ def resolve_variants(repository: Repository, model: str, version: int, wanted: l
         elif name == REFERENCE or name in built:
             out.append(name)
         else:
-            raise NotFoundError(f"model {model!r} has no variant {name!r}; available: {['reference', *built]}")
+            raise NotFoundError("variant", name, [REFERENCE, *built], owner=f"model {model!r}")
     return [repository.variant(model, version, v) for v in dict.fromkeys(out)]
 
 

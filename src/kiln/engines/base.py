@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from kiln.errors import EngineUnavailableError, SpecError, UnsupportedError
+from kiln.errors import EngineUnavailableError, MissingExtraError, UnsupportedError, spec_error
 from kiln.spec import ModelSpec
 
 if TYPE_CHECKING:
@@ -65,12 +65,9 @@ class RunOptions(BaseModel):
         try:
             return cls.model_validate(run.model_dump() if isinstance(run, RunOptions) else dict(run))
         except ValidationError as exc:
-            err = exc.errors()[0]
-            name = ".".join(map(str, err["loc"])) or "options"
             known = ", ".join(cls.model_fields) or "none"
-            raise SpecError(
-                f"engine {engine or cls.__name__!r} run option {name}: {err['msg']} (its options: {known})"
-            ) from None
+            raise spec_error(exc, f"engine {engine or cls.__name__!r} run option", empty="options",
+                             fix=f"its options: {known}") from None  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -132,9 +129,7 @@ class Engine(abc.ABC):
     @classmethod
     def candidates(cls, ctx: PlanContext) -> tuple[list[Recipe], list[Skipped]]:
         """The recipes worth building on ``ctx.device``, and the families left out with why."""
-        from kiln.recipe import Recipe
-
-        return [Recipe(engine=cls.name)], []
+        return [ctx.plain(cls.name)], []
 
     @classmethod
     def describe(cls, options: Mapping[str, Any]) -> LabelParts:
@@ -219,7 +214,7 @@ def get_engine(name: str) -> type[Engine]:
         try:
             importlib.import_module(_BUILTIN[name])
         except ImportError as exc:
-            raise EngineUnavailableError(f"engine {name!r} needs a package that is not installed: {exc}") from None
+            raise MissingExtraError(None, exc.name or "a package", f"engine {name!r}") from None
     if name not in _REGISTRY:
         raise EngineUnavailableError(f"unknown engine {name!r}; known engines: {available_engines()}")
     return _REGISTRY[name]

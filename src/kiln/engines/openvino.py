@@ -18,7 +18,14 @@ import numpy as np
 from pydantic import Field
 
 from kiln.engines.base import Engine, EngineOptions, LabelParts, RunOptions, cast_outputs, register
-from kiln.errors import CorruptModelError, EngineUnavailableError, UnsupportedError
+from kiln.errors import (
+    CorruptModelError,
+    EngineUnavailableError,
+    MissingExtraError,
+    UnsupportedError,
+    first_line,
+    pip_install,
+)
 from kiln.recipe import NO_CALIBRATION, PlanContext, Recipe, Skipped, step
 from kiln.repository import IR_FILE, ONNX_FILE
 from kiln.spec import ModelSpec
@@ -84,7 +91,11 @@ class OpenVINOEngine(Engine):
     def available(cls) -> str | None:
         import importlib.util
 
-        return None if importlib.util.find_spec("openvino") else "openvino is not installed (pip install openvino nncf)"
+        return (
+            None
+            if importlib.util.find_spec("openvino")
+            else f"openvino is not installed ({pip_install('openvino nncf')})"
+        )
 
     @classmethod
     def describe(cls, options: Mapping[str, Any]) -> LabelParts:
@@ -140,8 +151,8 @@ class OpenVINOEngine(Engine):
     def load(cls, artifact_dir: Path, spec: ModelSpec, options: EngineOptions) -> OpenVINOEngine:
         try:
             import openvino as ov
-        except ImportError as exc:
-            raise EngineUnavailableError(f"engine 'openvino' needs the openvino package: {exc}") from None
+        except ImportError:
+            raise MissingExtraError(None, "openvino", "engine 'openvino'") from None
         from kiln.hardware import physical_cores
 
         path = artifact_path(artifact_dir)
@@ -154,7 +165,7 @@ class OpenVINOEngine(Engine):
                 model, "CPU", compile_config(options, options.intra_op_threads or physical_cores())
             )
         except Exception as exc:  # openvino raises RuntimeError with long C++ traces
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise CorruptModelError(str(path), f"OpenVINO cannot compile it: {first}") from None
         return cls(spec, options, compiled)
 

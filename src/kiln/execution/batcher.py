@@ -38,6 +38,7 @@ import numpy as np
 
 from kiln import logs
 from kiln.errors import (
+    BatcherClosedError,
     ComputeTimeoutError,
     EngineFailedError,
     EngineInputError,
@@ -62,10 +63,6 @@ from kiln.execution.batch_queue import (
 )
 
 log = logging.getLogger("kiln.serving")
-
-
-class BatcherClosedError(ShuttingDownError):
-    """The batcher of a version being retired (reload or unload); the caller may retry on the new one."""
 
 
 class Runner(Protocol):
@@ -232,7 +229,7 @@ class Batcher:
         item = Pending(inputs, rows, now, done, deadline, timeout_s or 0.0, request_id=logs.request_id.get())
         with self._cond:
             if self._closing:
-                raise BatcherClosedError(f"model {self.model!r} is unloading; retry to reach its new version")
+                raise BatcherClosedError(self.model)
             self._admit(now, rows, budget_s)
             self.queue.put(item)
             if self._lent is None:
@@ -478,7 +475,6 @@ __all__ = [
     "BatchPolicy",
     "BatchQueue",
     "Batcher",
-    "BatcherClosedError",
     "Pending",
     "Runner",
     "Take",

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from kiln.errors import SpecError
+from kiln.errors import spec_error
 from kiln.recipe import Int8Kind, PrecisionName
 
 CalibrationMethod = Literal["minmax", "entropy", "percentile"]
@@ -123,9 +123,7 @@ class OptimizeConfig(BaseModel):
         try:
             return cls.model_validate({**base, **overrides})
         except ValidationError as exc:
-            err = exc.errors()[0]
-            loc = ".".join(map(str, err["loc"])) or "config"
-            raise SpecError(f"optimize option {loc}: {err['msg']}") from None
+            raise spec_error(exc, "optimize option", empty="config") from None
 
     def budget_text(self, metric: str) -> str:
         rule = {

@@ -23,11 +23,13 @@ from kiln.errors import (
     NotFoundError,
     NoVariantBuiltError,
     NoVariantWithinBudgetError,
+    PassNotApplicable,
+    first_line,
 )
 from kiln.optimize import accuracy, timing
 from kiln.optimize.config import OptimizeConfig
 from kiln.optimize.data import DataSplit, Samples, load_split
-from kiln.optimize.passes import PassContext, PassNotApplicable, run_passes
+from kiln.optimize.passes import PassContext, run_passes
 from kiln.optimize.plan import enumerate_variants
 from kiln.recipe import Recipe
 from kiln.repository import REFERENCE, REFERENCE_ENGINE, Repository, Variant, VariantRecipe
@@ -250,7 +252,7 @@ class _Search:
         except KilnError as exc:
             result.status, result.reason = "failed", str(exc)
         except Exception as exc:  # a library failing on one variant must not end the search
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            first = first_line(exc, 200)
             result.status, result.reason = "failed", f"{type(exc).__name__}: {first}"
         return result
 

@@ -17,7 +17,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kiln.engines.base import release_memory
-from kiln.errors import KilnError, MemoryBudgetError, ModelNotReadyError, NotFoundError, ShuttingDownError, first_line
+from kiln.errors import (
+    KilnError,
+    MemoryBudgetError,
+    ModelNotReadyError,
+    NotFoundError,
+    ShuttingDownError,
+    VersionNotServedError,
+    WarmupFailedError,
+    first_line,
+)
 from kiln.execution.admission import AUTO
 from kiln.execution.batcher import Batcher, BatchPolicy, Runner
 from kiln.execution.instances import FallbackState, open_instances, warm_up, warmup_inputs
@@ -87,10 +96,8 @@ def policy_versions(spec: ModelSpec, available: list[int]) -> list[int]:
     if s.version_policy == "specific":
         missing = [v for v in s.versions if v not in available]
         if missing:
-            raise NotFoundError(
-                f"model {spec.name!r}: serving.versions lists {missing}, which the repository lacks; "
-                f"available versions: {available}"
-            )
+            raise NotFoundError("version", missing[0], available, owner=f"model {spec.name!r}",
+                                fix=f"serving.versions lists {missing}; import them or fix the list")  # fmt: skip
         return sorted(s.versions)
     return list(available[-s.num_versions :])
 
@@ -192,11 +199,8 @@ class ModelManager:
         available = self.repository.versions(name)
         if version is not None and version in available:
             served = sorted(self.entries[name].versions)
-            raise NotFoundError(
-                f"model {name!r} version {version} is not served: its version policy ({policy_text(spec)}) "
-                f"serves {served}"
-            )
-        raise NotFoundError(f"model {name!r} has no version {version}; available versions: {available}")
+            raise VersionNotServedError(name, version, policy_text(spec), served)
+        raise NotFoundError("version", version, available, owner=f"model {name!r}")
 
     def spec(self, name: str) -> ModelSpec:
         """The spec of a loaded model, else the one on disk (metadata needs no load)."""
@@ -266,7 +270,7 @@ class ModelManager:
             spec = self.repository.spec(name)
             versions = policy_versions(spec, self.repository.versions(name))
             if not versions:
-                raise NotFoundError(f"model {name!r} has no versions in {self.repository.root}")
+                raise NotFoundError("version", None, owner=f"model {name!r}", where="the repository")
             need = sum(version_bytes(self.repository, self.repository.variant(name, v, CHOSEN)) for v in versions)
             await self._make_room(entry, need)
             was = entry.state
@@ -386,7 +390,7 @@ class ModelManager:
         except Exception as exc:
             for r in runners:
                 r.close()
-            raise KilnError(f"model {name!r} version {version} failed its warm-up run: {first_line(exc)}") from exc
+            raise WarmupFailedError(name, version, first_line(exc)) from exc
         batcher.start()
         self._generation += 1
         return ServedVersion(

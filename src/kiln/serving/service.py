@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from kiln.errors import (
+    BatcherClosedError,
     ClientClosedError,
     KilnError,
     NotFoundError,
@@ -23,7 +24,7 @@ from kiln.errors import (
     RequestTimeoutError,
     UnauthorizedError,
 )
-from kiln.execution.batcher import BatcherClosedError, Outputs
+from kiln.execution.batcher import Outputs
 from kiln.repository import parse_version
 from kiln.serving import metadata
 from kiln.serving.cache import ResponseCache, cache_key
@@ -318,7 +319,7 @@ class Service:
         versions = self.manager.served_versions(model)
         v = parse_version(version)
         if v is not None and v not in versions:
-            raise NotFoundError(f"model {model!r} has no served version {v}; served versions: {versions}")
+            raise NotFoundError("served version", v, versions, owner=f"model {model!r}")
         return spec, versions
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from kiln.errors import AccuracyBudgetError, AccuracyError, DataError
-from kiln.optimize.config import OptimizeConfig
 from kiln.optimize.accuracy import AccuracyFigures, check, choose_metric, cosine_rows, max_abs_error, measure, sqnr_db
+from kiln.optimize.config import OptimizeConfig
 from kiln.optimize.data import Samples
 from kiln.spec import ModelSpec, ProcessingStep, TensorSpec
 from kiln.task_metrics import pad_boxes, unpad_boxes

@@ -12,9 +12,9 @@ import pytest
 from kiln.engines.base import EngineOptions, load_engine
 from kiln.errors import PassNotApplicable, UnsupportedError
 from kiln.optimize.accuracy import sqnr_db
-from kiln.recipe import PassStep
 from kiln.optimize.passes import PassContext, get_pass, known_passes, run_passes
 from kiln.optimize.passes.base import op_histogram
+from kiln.recipe import PassStep
 from kiln.repository import Repository
 from tests.unit.optimize.conftest import Imported
 

@@ -200,7 +200,6 @@ def test_new_calibration_data_builds_new_static_variants(mlp: Imported, tmp_path
 @pytest.mark.slow
 def test_figures_from_another_machine_are_measured_again(mlp: Imported, monkeypatch: pytest.MonkeyPatch) -> None:
     import kiln.hardware
-    from kiln.optimize import plan as plan_module
 
     options = {"data": str(mlp.data), "engines": ["onnxruntime"], "int8": ["ort-dynamic"], "choose": False, **FAST}
     kiln.optimize(mlp.repo, mlp.name, **options)

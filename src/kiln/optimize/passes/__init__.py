@@ -12,7 +12,6 @@ there, registered by name and recorded (with its parameters) in the variant's re
 
 from __future__ import annotations
 
-from kiln.errors import PassNotApplicable  # TODO(#12): drop once optimize/search.py imports it from kiln.errors
 from kiln.optimize.passes.base import (
     PassContext,
     PassFn,
@@ -26,7 +25,6 @@ from kiln.optimize.passes.base import (
 __all__ = [
     "PassContext",
     "PassFn",
-    "PassNotApplicable",
     "PassReport",
     "get_pass",
     "known_passes",

@@ -229,7 +229,7 @@ def ov_convert_pass(ctx: PassContext, params: dict[str, Any]) -> PassReport:
     before = onnx_node_count(src)
     model = ov.convert_model(str(src))
     ov.save_model(model, str(ctx.work / IR), compress_to_fp16=False)
-    for p in ctx.work.glob("model.onnx*"):
+    for p in ctx.work.glob(ONNX + "*"):
         p.unlink()
     return PassReport("ov-convert", nodes_before=before, nodes_after=len(model.get_ops()))
 
