@@ -226,7 +226,9 @@ def optimize(
     model: Annotated[str, typer.Argument(help="model name in the repository")],
     repo: RepoOpt,
     version: Annotated[int | None, typer.Option(help="version (default: the latest)")] = None,
-    preset: Annotated[str | None, typer.Option(help="cpu-latency, cpu-throughput, quick or thorough")] = None,
+    preset: Annotated[
+        str | None, typer.Option(help="cpu-latency, cpu-throughput, quick, compress or thorough")
+    ] = None,
     objective: Annotated[str | None, typer.Option(help="latency (batch 1) or throughput (batch N)")] = None,
     device: Annotated[
         str | None, typer.Option(help="cpu (default), cuda or cuda:N: where variants run and are timed")
@@ -245,6 +247,16 @@ def optimize(
         list[str] | None, typer.Option("--compile", help="torch.compile modes: default, max-autotune")
     ] = None,
     no_compile: Annotated[bool, typer.Option("--no-compile", help="skip torch.compile")] = False,
+    prune: Annotated[
+        list[float] | None, typer.Option(help="prune this share of channels (0.5), then distill; repeatable")
+    ] = None,
+    qat: Annotated[bool, typer.Option("--qat", help="also quantization-aware training (NNCF, on OpenVINO)")] = False,
+    train_data: Annotated[
+        str | None, typer.Option(help="data to fine-tune on: a .npz or 'module:callable' (default: a zoo split)")
+    ] = None,
+    train_budget: Annotated[
+        str | None, typer.Option(help="time each fine-tuning pass may take: 120s, 2m or seconds")
+    ] = None,
     include: Annotated[list[str] | None, typer.Option(help="only variants whose label contains this")] = None,
     exclude: Annotated[list[str] | None, typer.Option(help="drop variants whose label contains this")] = None,
     batch_size: Annotated[int | None, typer.Option(help="batch for throughput and accuracy runs")] = None,
@@ -264,7 +276,8 @@ def optimize(
         "min_sqnr_db": min_sqnr_db, "max_abs_error": max_abs_error, "data": data, "engines": engine,
         "int8": [] if no_int8 else int8, "compile_modes": [] if no_compile else compile_mode,
         "include": include, "exclude": exclude, "batch_size": batch_size, "threads": threads,
-        "min_time_s": min_time, "retime": retime or None, "choose": choose,
+        "min_time_s": min_time, "retime": retime or None, "choose": choose, "prune": prune, "qat": qat or None,
+        "train_data": train_data, "train_budget_s": None if train_budget is None else _seconds(train_budget),
     }  # fmt: skip
     options = {k: v for k, v in options.items() if v is not None}
     with progress_bar(console, f"optimizing {model}") as hook:
@@ -285,6 +298,17 @@ def demo(
     from kiln.demo import run_demo
 
     run_demo(directory)
+
+
+def _seconds(text: str) -> float:
+    """``120s``, ``2m``, ``1.5h`` or plain seconds."""
+    scale = {"s": 1.0, "m": 60.0, "h": 3600.0}
+    t = text.strip().lower()
+    unit = t[-1] if t[-1:] in scale else "s"
+    try:
+        return float(t.rstrip("smh")) * scale[unit]
+    except ValueError:
+        raise SpecError(f"--train-budget {text!r}: expected a duration such as 120s, 2m or 90") from None
 
 
 def _csv(text: str, kind: type = str) -> list[Any]:

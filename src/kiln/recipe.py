@@ -21,9 +21,13 @@ if TYPE_CHECKING:
     from kiln.hardware import Device
 
 PrecisionName = Literal["fp32", "bf16", "fp16"]
-Int8Kind = Literal["ort-dynamic", "ort-static", "nncf", "torch-dynamic"]
+Int8Kind = Literal["ort-dynamic", "ort-static", "nncf", "torch-dynamic", "nncf-qat"]
 GRAPH_PASS_NAMES = ("onnxslim", "ort-optimize", "fold-conv-bn")
+# Passes that change the model itself on the torch side and write both model.pt2 and model.onnx, so any
+# engine's usual passes can follow them; the search builds such a prefix once and reuses it.
+COMPRESSION_PASSES = ("prune-structured", "distill")
 NO_CALIBRATION = "static int8 needs calibration data (--data, or a zoo model's own split); none was given"
+NO_TRAINING = "needs training data (--train-data, or a zoo model's training split); never fine-tuned on random noise"
 
 
 class PassStep(BaseModel):
@@ -63,6 +67,9 @@ class PlanContext:
     compile_modes: tuple[str, ...] = ()
     compile_fp32: bool = False
     openvino_hints: tuple[str, ...] = ("latency",)
+    train: str | None = None  # the training data's fingerprint; None: nothing to fine-tune on
+    train_budget_s: float = 120.0
+    qat: bool = False  # quantization-aware training asked for
     settings: Mapping[str, Any] = field(default_factory=dict)  # anything else of the config, by field name
 
     def plain(self, engine: str) -> Recipe:
@@ -127,7 +134,7 @@ class Recipe(BaseModel):
         else:
             parts.append(self.precision + ("" if self.precision == "fp32" else extra.precision_suffix))
         parts += extra.middle
-        graph = [p.name for p in self.passes if p.name in GRAPH_PASS_NAMES]
+        graph = [_word(p) for p in self.passes if p.name in (*COMPRESSION_PASSES, *GRAPH_PASS_NAMES)]
         if graph:
             parts.append("+ " + "+".join(graph))
         parts += extra.tail
@@ -147,6 +154,25 @@ class Recipe(BaseModel):
         slug = "-".join(w for w in self.label().replace("+", " ").replace("(", "").replace(")", "").split() if w)
         slug = slug.replace("onnxruntime", "ort").replace("openvino", "ov")[:48].strip("-")
         return f"{slug}-{_digest(payload)[:8]}"
+
+
+def compression_prefix(passes: tuple[PassStep, ...]) -> tuple[PassStep, ...]:
+    """The leading passes that compress the model on the torch side (what the search caches as a stage)."""
+    n = 0
+    while n < len(passes) and passes[n].name in COMPRESSION_PASSES:
+        n += 1
+    return passes[:n]
+
+
+def stage_key(source_hash: str, passes: tuple[PassStep, ...]) -> str:
+    """Identifies what a compression prefix builds from this source: its files serve any engine."""
+    return _digest({"source": source_hash, "passes": [p.model_dump() for p in passes]})[:16]
+
+
+def _word(p: PassStep) -> str:
+    if p.name == "prune-structured":
+        return f"prune{round(float(p.params.get('ratio', 0)) * 100)}"
+    return p.name
 
 
 def _digest(payload: dict[str, Any]) -> str:

@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,6 +33,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from kiln.errors import CorruptModelError, InvalidNameError, NotFoundError, SpecError
+from kiln.files import EXTERNAL_DATA_SUFFIX, STAGING_PREFIX, is_abandoned, sha256_file, staging_dir, write_atomic
+from kiln.files import link as _link
 from kiln.recipe import Recipe
 from kiln.spec import MODEL_NAME_PATTERN, ModelSpec
 
@@ -43,7 +43,7 @@ MANIFEST_FILE = "manifest.json"
 ONNX_FILE = "model.onnx"  # + model.onnx.data for weights stored beside a model over 2 GB
 PT2_FILE = "model.pt2"  # a torch.export program
 IR_FILE = "model.xml"  # OpenVINO IR (+ model.bin)
-EXTERNAL_DATA_SUFFIX = ".data"
+MODULE_WEIGHTS_FILE = "module.safetensors"  # a compressed variant's torch weights (their shapes: its widths)
 VARIANTS_DIR = "variants"
 RECIPE_FILE = "recipe.json"
 FIGURES_FILE = "figures.json"
@@ -52,7 +52,8 @@ REPORT_DIR = "report"
 REFERENCE = "reference"  # the imported fp32 artifact, as imported
 CHOSEN = "chosen"  # what `kiln optimize` chose, else the reference
 REFERENCE_ENGINE = "onnxruntime"  # what runs the reference: the imported model.onnx
-_STAGING_PREFIX = ".staging-"
+_STAGE_PREFIX = ".stage-"  # variants/.stage-<key>: a build step shared by several variants (hidden: not one)
+_STAGE_REPORTS = "stage.json"  # what the stage's passes reported
 _MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
 _VERSION = re.compile(r"[0-9]{1,18}")
 NAME_RULE = "use 1-128 letters, digits, '_', '.' or '-', starting with a letter, digit or '_'"
@@ -194,69 +195,6 @@ def _read_json(path: Path) -> dict[str, Any]:
         if isinstance(data, dict):
             return data
     return {}
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _umask() -> int:
-    """The process umask, read without changing it where Linux tells it (``os.umask`` can only swap)."""
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def shareable(path: Path) -> Path:
-    """Give a file or directory made by ``tempfile`` (0600 / 0700) the permissions the umask allows, as
-    ``open``/``mkdir`` would, so a server running as another user can read the repository."""
-    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
-    return path
-
-
-def staging_dir(parent: Path) -> Path:
-    """A hidden directory to assemble something in, named after this process so that a clean-up in
-    another process can tell a live import from one that was killed."""
-    return shareable(Path(tempfile.mkdtemp(dir=parent, prefix=f"{_STAGING_PREFIX}{os.getpid()}-")))
-
-
-def is_abandoned(staging: Path) -> bool:
-    """Whether a staging directory's process is gone (or the name carries no process id)."""
-    pid = staging.name.removeprefix(_STAGING_PREFIX).split("-", 1)[0]
-    if not pid.isdigit():
-        return True
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, another user's
-        return False
-    return False
-
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write ``data`` to ``path`` so readers see the old file or the new one, never a partial one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        shareable(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 class Repository:
@@ -436,6 +374,44 @@ class Repository:
         for p in donor.artifact_files(artifact):
             _link(p, staging / p.name)
 
+    def stage(self, model: str, version: int, key: str) -> tuple[Path, list[dict[str, Any]]] | None:
+        """A cached intermediate build (a compression prefix: its model.pt2, model.onnx and module weights),
+        shared by every variant that starts with it, and the reports of its passes; None until
+        :meth:`save_stage` stored it."""
+        path = self.version_dir(model, version) / VARIANTS_DIR / f"{_STAGE_PREFIX}{key}"
+        if not _is_own_dir(path) or not (path / _STAGE_REPORTS).is_file():
+            return None
+        reports = json.loads((path / _STAGE_REPORTS).read_text())
+        return path, reports if isinstance(reports, list) else []
+
+    def save_stage(self, model: str, version: int, key: str, staging: Path, reports: list[dict[str, Any]]) -> Path:
+        """Publish ``staging`` as the stage ``key`` (a stage another process published first is kept)."""
+        write_atomic(staging / _STAGE_REPORTS, json.dumps(reports, indent=2))
+        path = self.version_dir(model, version) / VARIANTS_DIR / f"{_STAGE_PREFIX}{key}"
+        try:
+            os.rename(staging, path)
+        except OSError:
+            if not _is_own_dir(path):
+                raise
+        return path
+
+    def share_stage(self, stage: Path, staging: Path) -> None:
+        """Hard-link a stage's artifacts into ``staging`` (a variant built on top of it)."""
+        for p in stage.iterdir():
+            if p.is_file() and p.name != _STAGE_REPORTS:
+                _link(p, staging / p.name)
+
+    @staticmethod
+    def keep_artifact(staging: Path, artifact: str) -> None:
+        """After a compression stage: leave in ``staging`` what an engine running ``artifact`` loads (drop the
+        module weights and the other format), so the variant's size is what runs."""
+        drop = [MODULE_WEIGHTS_FILE, *([PT2_FILE] if artifact != PT2_FILE else [])]
+        if artifact == PT2_FILE:
+            drop += [ONNX_FILE, ONNX_FILE + EXTERNAL_DATA_SUFFIX]
+        for name in drop:
+            with contextlib.suppress(FileNotFoundError):
+                (staging / name).unlink()
+
     def skipped_variants(self, model: str, version: int) -> dict[str, str]:
         """Variant id -> why its pass had nothing to do on this model (remembered, so reruns skip it)."""
         return _read_json(self.version_dir(model, version) / VARIANTS_DIR / SKIPS_FILE)
@@ -522,25 +498,13 @@ class Repository:
 
     def cleanup_staging(self, model: str) -> None:
         """Remove staging directories left by a process that was killed mid-import (never a live one)."""
-        for p in self.model_dir(model).glob(f"{_STAGING_PREFIX}*"):
+        for p in self.model_dir(model).glob(f"{STAGING_PREFIX}*"):
             if is_abandoned(p):
                 shutil.rmtree(p, ignore_errors=True)
 
 
 def _is_variant_dir(path: Path) -> bool:
     return not path.name.startswith(".") and _is_own_dir(path) and (path / RECIPE_FILE).is_file()
-
-
-def _link(src: Path, dst: Path) -> None:
-    """Share a file: a hard link, except for ONNX external data, which onnx refuses to read once it has
-    several links (its guard against hard-link attacks), so it is copied."""
-    if src.name.endswith(EXTERNAL_DATA_SUFFIX):
-        shutil.copy2(src, dst)
-        return
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
 
 
 def _is_own_dir(path: Path) -> bool:

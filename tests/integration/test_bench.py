@@ -16,10 +16,10 @@ import pytest
 import kiln
 from kiln.bench import loadgen, report, runner
 from kiln.bench.config import BenchConfig
-from kiln.bench.memory import KernelPeak
 from kiln.bench.runner import bench
 from kiln.cli import main
 from kiln.errors import LoadTargetError
+from kiln.memory import KernelPeak
 from kiln.repository import RECIPE_FILE, VARIANTS_DIR
 from tests.fixtures import onnx_models, v2_server
 
@@ -55,6 +55,7 @@ def test_bench_measures_every_batch_size(linear_repo: Path) -> None:
         assert b.items_per_s > 0 and len(b.repeat_p50_ms) == 2
     assert variant.size_bytes == (linear_repo / "linear" / "1" / "model.onnx").stat().st_size
     assert variant.load_s > 0 and variant.peak_memory_bytes >= 0
+    assert (variant.params, variant.macs) == (4 * 3 + 3, 4 * 3)  # counted for the reference (it has no figures)
     names = {s.scenario for s in result.scenarios}
     assert names == {"single-stream", "offline"}
     offline = next(s for s in result.scenarios if s.scenario == "offline")
@@ -173,7 +174,9 @@ def test_cli_writes_json_and_html_and_compares(
     assert "in-process latency and throughput" in out
     data = json.loads(a.read_text())
     assert [b["batch"] for b in data["variants"][0]["batches"]] == [1, 2]
+    assert (data["variants"][0]["params"], data["variants"][0]["macs"]) == (15, 12)
     assert html_path.is_file()
+    assert "<th>params</th><th>MACs</th>" in html_path.read_text() and "<td>15</td><td>12</td>" in html_path.read_text()
     assert {p.name for p in (tmp_path / "report_plots").iterdir()} == {
         "latency_vs_batch.png", "throughput_vs_batch.png", "latency_distribution.png"}  # fmt: skip
 

@@ -1,4 +1,4 @@
-"""Peak host memory from the kernel, and which GPU figures are read for which engine (with a fake CUDA)."""
+"""Peak host memory from the kernel (:mod:`kiln.memory`), and which GPU figures are read for which engine (with a fake CUDA)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from kiln.bench.memory import GpuMeter, KernelPeak, check_device, device_index, host_meter
+from kiln.bench.memory import GpuMeter, check_device, device_index
 from kiln.errors import UnsupportedError
+from kiln.memory import KernelPeak, host_meter
 
 
 @pytest.mark.skipif(not KernelPeak.available(), reason="/proc/self/clear_refs is not writable here")

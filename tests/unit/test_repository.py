@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from kiln.errors import CorruptModelError, NotFoundError, SpecError
-from kiln.repository import Repository, sha256_file, write_atomic
+from kiln.files import sha256_file, write_atomic
+from kiln.repository import Repository
 from kiln.spec import ModelSpec
 
 

@@ -18,7 +18,8 @@ from kiln.bench.loadgen import LoadReport, LoadResult
 from kiln.bench.plots import bench_plots, load_plots
 from kiln.bench.results import BenchResult
 from kiln.console import progress_bar
-from kiln.repository import write_atomic
+from kiln.files import write_atomic
+from kiln.optimize.table import count_text
 
 __all__ = [
     "CompareRow", "Comparison", "bench_table", "compare", "compare_files", "compare_table",
@@ -63,10 +64,12 @@ def variant_table(result: BenchResult | dict[str, Any]) -> Table:
     data = _data(result)
     gpu = any(v.get("gpu_used_delta_bytes") or v.get("torch_max_allocated_bytes") for v in data["variants"])
     table = Table(title="load, size and memory", title_justify="left")
-    for col in ("variant", "load s", "first run ms", "size MB", "peak memory MB", *(("GPU MB",) if gpu else ())):
+    for col in ("variant", "load s", "first run ms", "size MB", "params", "MACs", "peak memory MB",
+                *(("GPU MB",) if gpu else ())):  # fmt: skip
         table.add_column(col, justify="left" if col == "variant" else "right")
     for v in data["variants"]:
         cells = [v["variant"], _n(v["load_s"]), _n(v["first_run_ms"], ".1f"), _n(v["size_bytes"] / 1e6, ".2f"),
+                 count_text(v.get("params")), count_text(v.get("macs")),
                  f"{_n(v['peak_memory_bytes'] / 1e6, '.1f')} ({v['memory_kind']})"]  # fmt: skip
         if gpu:
             cells.append(_gpu_cell(v))
@@ -226,7 +229,8 @@ def write_html(
             )
     memory = "".join(
         f"<tr><td>{esc(v['variant'])}</td><td>{_n(v['load_s'])}</td><td>{_n(v['first_run_ms'], '.1f')}</td>"
-        f"<td>{_n(v['size_bytes'] / 1e6, '.2f')}</td><td>{_n(v['peak_memory_bytes'] / 1e6, '.1f')} "
+        f"<td>{_n(v['size_bytes'] / 1e6, '.2f')}</td><td>{count_text(v.get('params'))}</td>"
+        f"<td>{count_text(v.get('macs'))}</td><td>{_n(v['peak_memory_bytes'] / 1e6, '.1f')} "
         f"({esc(v['memory_kind'])})</td><td>{esc(_gpu_cell(v))}</td></tr>"
         for v in data["variants"]
     )
@@ -236,7 +240,7 @@ def write_html(
         "<h2>Latency and throughput</h2><table><tr><th>variant</th><th>runs as</th><th>batch</th><th>p50 ms</th>"
         f"<th>p90 ms</th><th>p99 ms</th><th>items/s</th><th>spread</th></tr>{''.join(rows)}</table>"
         "<h2>Load, size and memory</h2><table><tr><th>variant</th><th>load s</th><th>first run ms</th>"
-        f"<th>size MB</th><th>peak memory MB</th><th>GPU MB</th></tr>{memory}</table>"
+        f"<th>size MB</th><th>params</th><th>MACs</th><th>peak memory MB</th><th>GPU MB</th></tr>{memory}</table>"
         + ("<h2>Scenarios</h2><table><tr><th>scenario</th><th>variant</th><th>result</th></tr>" + scen + "</table>"
            if scen else "")
     )  # fmt: skip

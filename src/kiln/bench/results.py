@@ -41,6 +41,8 @@ class VariantBench:
     figures: dict[str, Any] = field(default_factory=dict)  # what the optimizer measured (accuracy …)
     gpu_used_delta_bytes: dict[str, int] | None = None  # NVML used memory after - before, per device index
     torch_max_allocated_bytes: int | None = None  # torch.cuda.max_memory_allocated (torch engine on CUDA)
+    params: int | None = None  # parameters of the artifact it runs (kiln.optimize.size)
+    macs: int | None = None  # multiply-accumulates per item at batch 1; None where not countable
 
 
 @dataclass

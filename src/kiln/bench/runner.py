@@ -21,13 +21,14 @@ import numpy as np
 
 from kiln.bench import scenarios
 from kiln.bench.config import BenchConfig
-from kiln.bench.memory import GpuMeter, check_device, host_meter
+from kiln.bench.memory import GpuMeter, check_device
 from kiln.bench.results import BatchResult, BenchResult, VariantBench
 from kiln.bench.stats import latency_stats, spread, timed_loop
 from kiln.console import ProgressHook
 from kiln.convert.parity import random_inputs
 from kiln.engines.base import get_engine
 from kiln.errors import NotFoundError
+from kiln.memory import host_meter
 from kiln.predictor import open_variant
 from kiln.repository import CHOSEN, REFERENCE, Repository, Variant
 
@@ -94,6 +95,7 @@ def measure_variant(
 ) -> VariantBench:
     """Load one variant and time every batch size, appending to ``sink`` as soon as it loads, so a
     KeyboardInterrupt leaves every batch size measured so far in the results."""
+    params, macs = _counts(variant)  # before the meters start: counting loads the artifact
     host, gpu = host_meter(), GpuMeter(config.device, variant.engine)
     with host, gpu:
         t0 = time.perf_counter()
@@ -103,7 +105,7 @@ def measure_variant(
             variant=variant.id, engine=predictor.engine.name, precision=predictor.engine.options.precision,
             load_s=load_s, first_run_ms=float("nan"), size_bytes=variant.artifact_bytes(type(predictor.engine).artifact),
             peak_memory_bytes=0, memory_kind=host.kind, figures=variant.figures(),
-            label=variant.label,
+            label=variant.label, params=params, macs=macs,
         )  # fmt: skip
         sink.append(result)
         try:
@@ -126,6 +128,15 @@ def measure_variant(
             result.gpu_used_delta_bytes, result.torch_max_allocated_bytes = gpu.used_delta, gpu.torch_max_allocated
             predictor.close()
     return result
+
+
+def _counts(variant: Variant) -> tuple[int | None, int | None]:
+    """Parameters and MACs: what the optimizer recorded in the variant's figures, else counted now (the
+    reference, or a variant an older kiln measured)."""
+    from kiln.optimize.size import SizeFigures, count_size
+
+    size = SizeFigures.from_dict(variant.figures().get("size")) or count_size(variant)
+    return size.params, size.macs
 
 
 def _time_batch(fn: Callable[[], object], batch: int, config: BenchConfig) -> BatchResult:

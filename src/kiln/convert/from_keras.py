@@ -16,7 +16,7 @@ from typing import Any
 from kiln.convert.from_pytorch import TorchExport, update_with_state
 from kiln.convert.importer import ImportConfig, Staged
 from kiln.errors import EngineUnavailableError, InvalidSourceError, MissingExtraError, first_line
-from kiln.repository import sha256_file
+from kiln.files import sha256_file
 from kiln.spec import DType, dtype_name
 
 DEFAULT_DYNAMIC_SIZE = 8  # example size for a dimension Keras leaves open (None), unless --input-shape says

@@ -9,7 +9,7 @@ from kiln.convert import onnx_io
 from kiln.convert.importer import ImportConfig, Staged
 from kiln.convert.parity import random_inputs
 from kiln.errors import CorruptModelError, first_line
-from kiln.repository import sha256_file
+from kiln.files import sha256_file
 from kiln.spec import TensorSpec
 
 

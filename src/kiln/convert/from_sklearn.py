@@ -19,7 +19,7 @@ from kiln.convert import onnx_io
 from kiln.convert.importer import ImportConfig, Staged
 from kiln.convert.parity import ParityResult, compare, raise_on_failure, random_inputs
 from kiln.errors import ExportError, InvalidSourceError, MissingExtraError, UntrustedSourceError, first_line
-from kiln.repository import sha256_file
+from kiln.files import sha256_file
 from kiln.spec import TensorSpec
 
 PARITY_BATCHES = (1, 16)

@@ -30,7 +30,8 @@ from kiln.convert.from_pytorch import (
 from kiln.convert.importer import ImportConfig, Staged
 from kiln.convert.parity import ParityResult, compare, raise_on_failure, random_inputs
 from kiln.errors import CorruptModelError, ExportError, InvalidSourceError, UntrustedSourceError, first_line
-from kiln.repository import PT2_FILE, sha256_file
+from kiln.files import sha256_file
+from kiln.repository import PT2_FILE
 from kiln.spec import DType, TensorSpec, dtype_name
 
 DEFAULT_DYNAMIC_SIZE = 8

@@ -207,7 +207,7 @@ def _with_assets(source_hash: str, assets: list[Path], source: str) -> str:
         return source_hash
     import hashlib
 
-    from kiln.repository import sha256_file
+    from kiln.files import sha256_file
 
     h = hashlib.sha256(source_hash.encode())
     for path in assets:

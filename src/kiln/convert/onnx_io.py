@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from kiln.errors import CorruptModelError, first_line
-from kiln.repository import EXTERNAL_DATA_SUFFIX, ONNX_FILE
+from kiln.files import EXTERNAL_DATA_SUFFIX
+from kiln.repository import ONNX_FILE
 from kiln.spec import TensorSpec, dtype_name
 
 EXTERNAL_DATA_FILE = ONNX_FILE + EXTERNAL_DATA_SUFFIX

@@ -171,7 +171,7 @@ def _tensorrt_options(path: Path, options: EngineOptions) -> dict[str, Any]:
     import hashlib
 
     from kiln.environment import get_settings
-    from kiln.repository import sha256_file
+    from kiln.files import sha256_file
 
     key = hashlib.sha256(f"{sha256_file(path)}:{options.device}:{options.precision}".encode()).hexdigest()[:16]
     cache = get_settings().cache_dir / "tensorrt" / key

@@ -36,6 +36,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "openvino_hints": ["latency"],
         "min_time_s": 0.25,
     },
+    # Compression too: channels pruned by half then distilled, and quantization-aware training.
+    "compress": {"prune": [0.5], "qat": True},
     # Everything, max-autotune and both OpenVINO hints included: slow, for a final pick.
     "thorough": {
         "compile_modes": ["default", "max-autotune"],
@@ -72,10 +74,16 @@ class OptimizeConfig(BaseModel):
     compile_modes: list[CompileModeName] = Field(default_factory=lambda: list(DEFAULT_COMPILE))
     compile_fp32: bool = Field(default=False, description="also compile in fp32 (bf16 + freezing is tried first)")
     openvino_hints: list[Hint] = Field(default_factory=lambda: list(DEFAULT_HINTS))
+    prune: list[float] = Field(
+        default_factory=list, description="structured pruning ratios, each followed by distillation"
+    )
+    qat: bool = Field(default=False, description="also quantization-aware training (NNCF, run on OpenVINO)")
     include: list[str] = Field(default_factory=list, description="keep only variants whose label has one of these")
     exclude: list[str] = Field(default_factory=list, description="drop variants whose label has one of these")
     # ---- data --------------------------------------------------------------------------------------
     data: str | None = Field(default=None, description="a .npz file or 'module:callable'; default: the zoo's split")
+    train_data: str | None = Field(default=None, description="data to fine-tune on (.npz or 'module:callable')")
+    train_budget_s: float = Field(default=120.0, gt=0, description="seconds each fine-tuning pass may take")
     calibration_samples: int = Field(default=128, ge=1)
     validation_samples: int = Field(default=512, ge=1)
     # ---- timing ------------------------------------------------------------------------------------
@@ -107,6 +115,14 @@ class OptimizeConfig(BaseModel):
             if name not in known:
                 raise ValueError(f"unknown engine {name!r}; known engines: {', '.join(known)}")
         return engines
+
+    @field_validator("prune")
+    @classmethod
+    def _ratios(cls, ratios: list[float]) -> list[float]:
+        for r in ratios:
+            if not 0 < r < 1:
+                raise ValueError(f"pruning ratio {r:g} is not between 0 and 1 (0.5 removes half the channels)")
+        return sorted(set(ratios))
 
     @model_validator(mode="after")
     def _consistent(self) -> OptimizeConfig:

@@ -25,7 +25,16 @@ from kiln.spec import ModelSpec
 ZOO_DATA: dict[str, str] = {
     "kiln.zoo.digits:build_model": "kiln.zoo.digits:optimize_data",
     "kiln.zoo.detector:build_model": "kiln.zoo.detector:optimize_data",
+    "kiln.zoo.detector:build_large_model": "kiln.zoo.detector:large_optimize_data",
     "kiln.zoo.minilm:build_model": "kiln.zoo.minilm:optimize_data",
+}
+
+# ... and their training split, for the passes that fine-tune (distill, qat-int8): source -> "module:callable"
+# returning (inputs, labels).
+ZOO_TRAIN: dict[str, str] = {
+    "kiln.zoo.digits:build_model": "kiln.zoo.digits:train_data",
+    "kiln.zoo.detector:build_model": "kiln.zoo.detector:train_data",
+    "kiln.zoo.detector:build_large_model": "kiln.zoo.detector:large_train_data",
 }
 
 
@@ -211,3 +220,19 @@ def _check(spec: ModelSpec, samples: Samples, source: str) -> None:
             raise DataError(source, f"input {t.name!r} has shape {list(arr.shape)}, the model takes {list(t.shape)}")
     if samples.labels is not None and len(samples.labels) != len(samples):
         raise DataError(source, f"{len(samples.labels)} labels for {len(samples)} samples")
+
+
+def load_training(spec: ModelSpec, data: str | None, manifest_source: str) -> Samples | None:
+    """The data to fine-tune on: the user's (``.npz`` with the inputs and optional ``labels``, or a
+    ``module:callable`` returning ``inputs`` or ``(inputs, labels)``), else the zoo model's training
+    split, else None: without it the fine-tuning passes are skipped, never run on random noise."""
+    if data is not None:
+        samples = _from_npz(spec, Path(data))[0] if data.endswith(".npz") else _call(data, spec, tuple_means="labels")
+        source = data
+    elif manifest_source in ZOO_TRAIN:
+        source = ZOO_TRAIN[manifest_source]
+        samples = _call(source, spec, tuple_means="labels")
+    else:
+        return None
+    _check(spec, samples, source)
+    return samples

@@ -10,10 +10,15 @@ from kiln.engines.base import get_engine
 from kiln.errors import EngineUnavailableError
 from kiln.hardware import Device
 from kiln.optimize.config import OptimizeConfig
-from kiln.recipe import PlanContext, Recipe, Skipped
+from kiln.recipe import COMPRESSION_PASSES, NO_TRAINING, PlanContext, Recipe, Skipped, step
+from kiln.repository import ONNX_FILE, PT2_FILE
+
+COMPRESSED = (ONNX_FILE, PT2_FILE)  # what a compression prefix writes: engines starting from these follow it
 
 
-def plan_context(config: OptimizeConfig, version_dir: Path, device: Device, calibration: str | None) -> PlanContext:
+def plan_context(
+    config: OptimizeConfig, version_dir: Path, device: Device, calibration: str | None, train: str | None = None
+) -> PlanContext:
     """``calibration`` is the calibration data's fingerprint (None without any): it is a parameter of every
     calibrated pass, so new calibration data gives new variants instead of reusing ranges taken from the old."""
     return PlanContext(
@@ -28,15 +33,25 @@ def plan_context(config: OptimizeConfig, version_dir: Path, device: Device, cali
         compile_modes=tuple(config.compile_modes),
         compile_fp32=config.compile_fp32,
         openvino_hints=tuple(config.openvino_hints),
+        train=train,
+        train_budget_s=config.train_budget_s,
+        qat=config.qat,
         settings=config.model_dump(),
     )
 
 
 def enumerate_variants(
-    config: OptimizeConfig, version_dir: Path, device: Device, calibration: str | None
+    config: OptimizeConfig,
+    version_dir: Path,
+    device: Device,
+    calibration: str | None,
+    train: str | None = None,
+    untrainable: str | None = None,
 ) -> tuple[list[Recipe], list[Skipped]]:
-    """The recipes to build on ``device`` and the families left out, with why."""
-    ctx = plan_context(config, version_dir, device, calibration)
+    """The recipes to build on ``device`` and the families left out, with why. ``train`` is the training
+    data's fingerprint (None without any); ``untrainable`` why this version cannot be fine-tuned at all."""
+    trainable = untrainable is None and train is not None
+    ctx = plan_context(config, version_dir, device, calibration, train if trainable else None)
     recipes: list[Recipe] = []
     skipped: list[Skipped] = []
     if "bf16" in ctx.precisions and not device.bf16.supported:
@@ -61,7 +76,32 @@ def enumerate_variants(
         offered, left_out = engine.candidates(ctx)
         recipes += offered
         skipped += left_out
+    if config.prune or config.qat:
+        why = untrainable or (None if trainable else NO_TRAINING)
+        if why is not None:
+            asked = " and ".join(w for w, on in (("pruned", config.prune), ("QAT", config.qat)) if on)
+            skipped.append(Skipped(f"{asked} variants", why))
+        recipes += compressed(config, recipes, train if trainable else None)
     return _filter(config, recipes, device), skipped
+
+
+def compressed(config: OptimizeConfig, recipes: list[Recipe], train: str | None) -> list[Recipe]:
+    """Every recipe again after each pruning ratio and its distillation (prune → distill → the engine's own
+    passes, int8 included), for the engines whose variants start from what compression writes."""
+    if train is None:
+        return []
+    out = []
+    for ratio in config.prune:
+        prefix = (
+            step("prune-structured", ratio=ratio, round_to=8),
+            step("distill", budget_s=config.train_budget_s, train=train),
+        )
+        for r in recipes:
+            if any(p.name in COMPRESSION_PASSES for p in r.passes):
+                continue
+            if get_engine(r.engine).source_artifact() in COMPRESSED:
+                out.append(r.model_copy(update={"passes": (*prefix, *r.passes)}))
+    return out
 
 
 def _filter(config: OptimizeConfig, recipes: list[Recipe], device: Device) -> list[Recipe]:

@@ -26,12 +26,15 @@ from kiln.errors import (
     PassNotApplicable,
     first_line,
 )
+from kiln.memory import host_meter
 from kiln.optimize import accuracy, timing
 from kiln.optimize.config import OptimizeConfig
-from kiln.optimize.data import DataSplit, Samples, load_split
+from kiln.optimize.data import DataSplit, Samples, load_split, load_training
 from kiln.optimize.passes import PassContext, run_passes
-from kiln.optimize.plan import enumerate_variants
-from kiln.recipe import Recipe
+from kiln.optimize.plan import COMPRESSED, enumerate_variants
+from kiln.optimize.size import SizeFigures, count_size
+from kiln.optimize.training import factory_of
+from kiln.recipe import PassStep, Recipe, compression_prefix, stage_key
 from kiln.repository import REFERENCE, REFERENCE_ENGINE, Repository, Variant, VariantRecipe
 from kiln.spec import ModelSpec
 
@@ -54,6 +57,7 @@ class VariantResult:
     pareto: bool = False
     speedup: float | None = None
     fresh: bool = False  # timed in this run (not read from figures.json)
+    size: SizeFigures | None = None  # parameters, MACs, file size, peak memory
 
     def objective(self, objective: str) -> float | None:
         """Lower is better: batch-1 ms, or seconds per item."""
@@ -68,6 +72,7 @@ class VariantResult:
             "recipe": None if self.recipe is None else self.recipe.model_dump(mode="json"),
             "accuracy": None if self.accuracy is None else self.accuracy.to_dict(),
             "timing": None if self.timing is None else self.timing.to_dict(), "passes": self.passes,
+            "size": None if self.size is None else self.size.to_dict(),
         }  # fmt: skip
 
 
@@ -134,10 +139,13 @@ def optimize(
     metric = accuracy.choose_metric(config, spec, split.validation)
     device = detect().device(config.device)  # a device this machine lacks is a clear error here
     calibration = None if split.calibration is None else split.calibration.fingerprint()
-    recipes, skipped = enumerate_variants(config, vdir, device, calibration)
+    train, untrainable = _training(config, spec, manifest.source)
+    recipes, skipped = enumerate_variants(
+        config, vdir, device, calibration, None if train is None else train.fingerprint(), untrainable
+    )
     threads = config.threads or physical_cores()
     searcher = _Search(config, repository.variant(model, number, REFERENCE), manifest.source_hash, split, metric,
-                       threads, progress, repository)  # fmt: skip
+                       threads, progress, repository, train, manifest.source)  # fmt: skip
     results = searcher.run(recipes)
     results += [VariantResult(id="-", label=s.label, recipe=None, status="skipped", reason=s.reason) for s in skipped]
     searcher.confirm_int8(results)
@@ -166,10 +174,13 @@ def optimize(
 class _Search:
     def __init__(
         self, config: OptimizeConfig, reference: Variant, source_hash: str, split: DataSplit, metric: str,
-        threads: int, progress: ProgressHook | None, repository: Repository,
+        threads: int, progress: ProgressHook | None, repository: Repository, train: Samples | None = None,
+        source: str = "",
     ) -> None:  # fmt: skip
         self.config = config
         self.repository = repository
+        self.train = train  # what fine-tuning passes train on
+        self.source = source  # the manifest's source: the factory that rebuilds the torch module
         self.reference_variant = reference
         self.original = repository.original(reference.model, reference.version)
         self.spec = spec = reference.spec
@@ -221,7 +232,7 @@ class _Search:
             variant = self._built(vid)
             if variant is None:
                 say("building")
-                variant = self._build(recipe, vid)
+                variant = self._build(recipe, vid, say)
                 result.built = True
             result.passes = variant.recipe.pass_reports if variant.recipe else []
             figures = variant.figures()
@@ -232,13 +243,15 @@ class _Search:
             tim = figures.get("timing")
             if tim and figures.get("timing_key") == self.timing_key and not self.config.retime:
                 result.timing = timing.Timing(**tim)
-            if result.accuracy is None or result.timing is None:
+            result.size = SizeFigures.from_dict(figures.get("size"))
+            if result.accuracy is None or result.timing is None or result.size is None:
                 result.fresh = True
                 self._measure(recipe, variant, result, say)
                 variant.save_figures({
                     "variant": vid, "label": result.label, "measured": datetime.now(UTC).isoformat(timespec="seconds"),
                     "accuracy": {**result.accuracy.to_dict(), "fingerprint": fingerprint} if result.accuracy else None,
                     "timing": result.timing.to_dict() if result.timing else None, "timing_key": self.timing_key,
+                    "size": result.size.to_dict() if result.size else None,
                     "compile_s": result.timing.first_run_s if result.timing and _compiles(recipe) else None,
                     "passes": result.passes, "data": self.split.source,
                 })  # fmt: skip
@@ -326,18 +339,24 @@ class _Search:
             stored["timing"], stored["retimed_interleaved"] = v.timing.to_dict(), True
             variant.save_figures(stored)
 
-    def _build(self, recipe: Recipe, vid: str) -> Variant:
+    def _build(self, recipe: Recipe, vid: str, say: Callable[[str], None]) -> Variant:
         model, number = self.reference_variant.model, self.reference_variant.version
         with self.repository.new_variant(model, number) as staging:
             key = recipe.artifact_key(self.source_hash)
             donor = self.repository.find_variant(model, number, key)
+            prefix = compression_prefix(recipe.passes)
             if donor is not None and donor.recipe is not None:  # same files, other run options (a hint, a precision)
                 self.repository.share_artifacts(donor, staging)
                 reports = donor.recipe.pass_reports
+            elif prefix:  # pruned (and distilled) once for every engine and int8 kind that follows
+                stage, reports = self._stage(prefix, say)
+                self.repository.share_stage(stage, staging)
+                rest = recipe.passes[len(prefix) :]
+                reports = [*reports, *(r.to_dict() for r in run_passes(rest, self._context(staging, say)))]
+                self.repository.keep_artifact(staging, get_engine(recipe.engine).artifact)
             else:
                 self.repository.share_artifacts(self.reference_variant, staging, recipe.base_artifact)
-                ctx = PassContext(staging, self.spec, self.calibration)
-                reports = [r.to_dict() for r in run_passes(recipe.passes, ctx)]
+                reports = [r.to_dict() for r in run_passes(recipe.passes, self._context(staging, say))]
             from kiln._version import __version__
 
             record = VariantRecipe.of(
@@ -346,30 +365,55 @@ class _Search:
             )  # fmt: skip
             return self.repository.save_variant(model, number, staging, record)
 
+    def _context(self, work: Path, say: Callable[[str], None]) -> PassContext:
+        return PassContext(
+            work, self.spec, self.calibration, source=self.source, version_dir=self.vdir, train=self.train,
+            validation=self.split.validation, train_budget_s=self.config.train_budget_s, progress=say,
+        )  # fmt: skip
+
+    def _stage(self, prefix: tuple[PassStep, ...], say: Callable[[str], None]) -> tuple[Path, list[dict[str, Any]]]:
+        """The files after the compression ``prefix`` (built once, kept as a stage of the version) and the
+        reports of its passes."""
+        model, number = self.reference_variant.model, self.reference_variant.version
+        key = stage_key(self.source_hash, prefix)
+        found = self.repository.stage(model, number, key)
+        if found is not None:
+            return found
+        with self.repository.new_variant(model, number) as staging:
+            for artifact in COMPRESSED:
+                self.repository.share_artifacts(self.reference_variant, staging, artifact)
+            reports = [r.to_dict() for r in run_passes(prefix, self._context(staging, say))]
+            return self.repository.save_stage(model, number, key, staging, reports), reports
+
     def _measure(self, recipe: Recipe, variant: Variant, result: VariantResult, say: Callable[[str], None]) -> None:
         options = EngineOptions(recipe.device, recipe.precision, self.threads, run=dict(recipe.options))
-        t0 = time.perf_counter()
-        engine = load_engine(recipe.engine, variant.path, self.spec, options)
-        load_s = time.perf_counter() - t0
-        try:
-            validation: Samples = self.split.validation
-            feed1, feed_n = validation.first(1), validation.first(self.config.batch_size)
-            if _compiles(recipe):
-                say("compiling")
-            say("timing")
-            result.timing = timing.measure(engine.run, feed1, feed_n, min_time_s=self.config.min_time_s,
-                                           warmup=self.config.warmup, load_s=load_s, threads=self.threads)  # fmt: skip
-            say("checking accuracy")
-            outputs = accuracy.run_all(engine.run, validation, self.config.batch_size)
-            if self.reference is None:
-                raise RuntimeError("the reference outputs are computed before any variant")
-            result.accuracy = accuracy.measure(
-                self.metric, self.spec, self.reference, outputs, validation.labels, self.detect
-            )
-        finally:
-            engine.close()
-            if _compiles(recipe):
-                get_engine(recipe.engine).reset_compiled()
+        with host_meter() as meter:  # peak memory over the load and the timing at batch 1 and N, as the bench meters
+            t0 = time.perf_counter()
+            engine = load_engine(recipe.engine, variant.path, self.spec, options)
+            load_s = time.perf_counter() - t0
+            try:
+                validation: Samples = self.split.validation
+                feed1, feed_n = validation.first(1), validation.first(self.config.batch_size)
+                if _compiles(recipe):
+                    say("compiling")
+                say("timing")
+                result.timing = timing.measure(engine.run, feed1, feed_n, min_time_s=self.config.min_time_s,
+                                               warmup=self.config.warmup, load_s=load_s, threads=self.threads)  # fmt: skip
+                meter.stop()
+                say("checking accuracy")
+                outputs = accuracy.run_all(engine.run, validation, self.config.batch_size)
+                if self.reference is None:
+                    raise RuntimeError("the reference outputs are computed before any variant")
+                result.accuracy = accuracy.measure(
+                    self.metric, self.spec, self.reference, outputs, validation.labels, self.detect
+                )
+            finally:
+                meter.stop()
+                engine.close()
+                if _compiles(recipe):
+                    get_engine(recipe.engine).reset_compiled()
+        say("counting parameters and MACs")
+        result.size = count_size(variant, get_engine(recipe.engine).artifact).with_peak(meter.delta, meter.kind)
 
 
 def _detector(spec: ModelSpec, vdir: Path, samples: Samples) -> accuracy.Detect:
@@ -380,6 +424,17 @@ def _detector(spec: ModelSpec, vdir: Path, samples: Samples) -> accuracy.Detect:
     pipeline = Pipeline.from_spec(spec, root=vdir)
     batch = Batch(samples.inputs, [{} for _ in range(len(samples))])
     return lambda outputs: pipeline.postprocess(outputs, batch)
+
+
+def _training(config: OptimizeConfig, spec: ModelSpec, source: str) -> tuple[Samples | None, str | None]:
+    """The training data for pruning/QAT when they are asked for, and why the model cannot be fine-tuned."""
+    if not (config.prune or config.qat):
+        return None, None
+    try:
+        factory_of(source)
+    except PassNotApplicable as exc:
+        return None, str(exc)
+    return load_training(spec, config.train_data, source), None
 
 
 def _compiles(recipe: Recipe) -> bool:

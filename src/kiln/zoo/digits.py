@@ -172,3 +172,10 @@ def optimize_data() -> tuple[tuple[dict[str, np.ndarray], np.ndarray], tuple[dic
     the held-out split, so calibration never sees the images that accuracy is measured on."""
     data = load_data()
     return ({INPUT_NAME: data.x_train}, data.y_train), ({INPUT_NAME: data.x_val}, data.y_val)
+
+
+def train_data() -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The training split as ``(inputs, labels)``, for the passes that fine-tune (distillation,
+    quantization-aware training): the same images training saw, never the validation ones."""
+    data = load_data()
+    return {INPUT_NAME: data.x_train}, data.y_train

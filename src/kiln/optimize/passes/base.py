@@ -12,20 +12,34 @@ from typing import Any
 import numpy as np
 
 from kiln.errors import NotFoundError
+from kiln.optimize.data import Samples
 from kiln.spec import ModelSpec
 
 # Modules whose import registers passes; imported on first lookup so that `import kiln` stays cheap.
-_PASS_MODULES = ("kiln.optimize.passes.graph", "kiln.optimize.passes.quantize")
+_PASS_MODULES = (
+    "kiln.optimize.passes.graph",
+    "kiln.optimize.passes.quantize",
+    "kiln.optimize.passes.qat",
+    "kiln.optimize.passes.compress",
+)
 
 
 @dataclass
 class PassContext:
-    """What a pass may read: the work directory holding the artifact, the spec, calibration data."""
+    """What a pass may read: the work directory holding the artifact, the spec, calibration data; for the
+    passes that fine-tune, the model's source (its factory), the version directory (the imported weights),
+    training and validation samples, a time budget and a progress hook."""
 
     work: Path
     spec: ModelSpec
     calibration: list[dict[str, np.ndarray]] | None = None  # batches, each {input name: array}
     device: str = "cpu"
+    source: str = ""  # the manifest's source: a factory 'module:callable' when imported from PyTorch code
+    version_dir: Path | None = None
+    train: Samples | None = None  # inputs with optional labels
+    validation: Samples | None = None
+    train_budget_s: float = 120.0
+    progress: Callable[[str], None] = field(default=lambda what: None)
 
 
 @dataclass

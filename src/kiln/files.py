@@ -1,0 +1,90 @@
+"""Files written so that readers never see half of one: atomic replaces, staging directories named after
+their process (so a clean-up can tell a live build from an abandoned one), content hashes and shared links.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+STAGING_PREFIX = ".staging-"
+EXTERNAL_DATA_SUFFIX = ".data"  # ONNX weights stored beside a model over 2 GB
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux tells it (``os.umask`` can only swap)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def shareable(path: Path) -> Path:
+    """Give a file or directory made by ``tempfile`` (0600 / 0700) the permissions the umask allows, as
+    ``open``/``mkdir`` would, so a server running as another user can read the repository."""
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
+    return path
+
+
+def staging_dir(parent: Path) -> Path:
+    """A hidden directory to assemble something in, named after this process so that a clean-up in
+    another process can tell a live import from one that was killed."""
+    return shareable(Path(tempfile.mkdtemp(dir=parent, prefix=f"{STAGING_PREFIX}{os.getpid()}-")))
+
+
+def is_abandoned(staging: Path) -> bool:
+    """Whether a staging directory's process is gone (or the name carries no process id)."""
+    pid = staging.name.removeprefix(STAGING_PREFIX).split("-", 1)[0]
+    if not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write ``data`` to ``path`` so readers see the old file or the new one, never a partial one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        shareable(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def link(src: Path, dst: Path) -> None:
+    """Share a file: a hard link, except for ONNX external data, which onnx refuses to read once it has
+    several links (its guard against hard-link attacks), so it is copied."""
+    if src.name.endswith(EXTERNAL_DATA_SUFFIX):
+        shutil.copy2(src, dst)
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

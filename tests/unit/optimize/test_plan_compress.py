@@ -1,0 +1,62 @@
+"""What the planner makes of compression: every engine's recipes again after prune → distill, QAT on
+OpenVINO, and without training data (or without the model's code) a reason in the not-built list instead."""
+
+from __future__ import annotations
+
+import kiln
+from kiln.hardware import detect
+from kiln.optimize.config import OptimizeConfig
+from kiln.optimize.plan import enumerate_variants
+from kiln.recipe import NO_TRAINING, compression_prefix, stage_key
+from tests.unit.optimize.conftest import Imported
+
+CPU = detect().device("cpu")
+
+
+def test_with_training_data_every_engine_is_tried_again_pruned_and_distilled(cnn: Imported) -> None:
+    config = OptimizeConfig(prune=[0.5, 0.25], qat=True, engines=["onnxruntime", "openvino"], train_budget_s=30)
+    plain, _ = enumerate_variants(OptimizeConfig(engines=["onnxruntime", "openvino"]), cnn.version_dir, CPU, "c")
+    recipes, skipped = enumerate_variants(config, cnn.version_dir, CPU, "c", train="t0", untrainable=None)
+    pruned = [r for r in recipes if compression_prefix(r.passes)]
+    by_ratio = {ratio: [r for r in pruned if r.passes[0].params["ratio"] == ratio] for ratio in (0.25, 0.5)}
+    qat = [r for r in recipes if r.int8 == "nncf-qat" and not compression_prefix(r.passes)]
+    assert len(by_ratio[0.5]) == len(by_ratio[0.25]) == len(plain) + len(qat)  # each recipe once more per ratio
+    for r in pruned:
+        prune, distill = r.passes[:2]
+        assert (prune.name, prune.params["round_to"]) == ("prune-structured", 8)
+        assert (distill.name, distill.params) == ("distill", {"budget_s": 30, "train": "t0"})
+        assert "+ prune" in r.label() and "distill" in r.label()
+        assert not r.is_reference  # a pruned model is judged on its own, never the fp32 int8 is held to
+    assert {r.label() for r in qat} == {"openvino int8 qat"}
+    assert qat[0].passes[0].params["train"] == "t0" and qat[0].passes[0].params["calibration"] == "c"
+    assert not any("pruned" in s.label for s in skipped)
+    # one stage per prefix: the two ratios build apart, every engine after one ratio shares its build
+    keys = {stage_key("h", compression_prefix(r.passes)) for r in pruned}
+    assert len(keys) == 2
+
+
+def test_without_training_data_compression_is_skipped_with_the_reason(cnn: Imported) -> None:
+    config = OptimizeConfig(prune=[0.5], qat=True, engines=["onnxruntime", "openvino"])
+    recipes, skipped = enumerate_variants(config, cnn.version_dir, CPU, "c", train=None, untrainable=None)
+    assert not any(compression_prefix(r.passes) or r.int8 == "nncf-qat" for r in recipes)
+    assert {s.label: s.reason for s in skipped}["pruned and QAT variants"] == NO_TRAINING
+
+
+def test_a_model_without_its_code_says_why_it_cannot_be_fine_tuned(cnn: Imported) -> None:
+    result = kiln.optimize(
+        cnn.repo, cnn.name, prune=[0.5], engines=["onnxruntime"], int8=[], graph_passes=False, choose=False,
+        data=str(cnn.data), min_time_s=0.02, warmup=2, finalists=0,
+    )  # fmt: skip
+    reasons = {v.label: v.reason for v in result.variants if v.status == "skipped"}
+    assert "factory 'module:callable'" in reasons["pruned variants"] and "object in memory" in reasons["pruned variants"]
+    assert not any(v.recipe is not None and compression_prefix(v.recipe.passes) for v in result.variants)
+
+
+def test_pruning_ratios_are_checked() -> None:
+    import pytest
+
+    from kiln.errors import SpecError
+
+    with pytest.raises(SpecError, match="between 0 and 1"):
+        OptimizeConfig.build(prune=[1.5])
+    assert OptimizeConfig.build(preset="compress").prune == [0.5]
