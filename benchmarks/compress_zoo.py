@@ -154,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="digits,detector")
     parser.add_argument("--budget", type=float, default=120.0, help="seconds each fine-tuning pass may take")
     parser.add_argument("--qat-check", action="store_true", help="also the QAT-where-PTQ-fails check on digits")
+    parser.add_argument("--prune", help="pruning ratios instead of each model's own, e.g. 0.5,0.65")
+    parser.add_argument("--engines", help="engines to search, e.g. onnxruntime,openvino (default: all)")
+    parser.add_argument("--no-qat", action="store_true", help="leave quantization-aware training out")
     args = parser.parse_args(argv)
     repo = args.dir / "repo"
     checks = []
@@ -164,7 +167,12 @@ def main(argv: list[str] | None = None) -> int:
         console.rule(f"[bold]{name}[/]")
         with console.status(f"importing {name} (training it once if needed) …"):
             _import(name, repo)
-        options = {**MODELS[name]["optimize"], "qat": True, "train_budget_s": args.budget, "compile_modes": []}
+        options = {**MODELS[name]["optimize"], "qat": not args.no_qat, "train_budget_s": args.budget,
+                   "compile_modes": []}  # fmt: skip
+        if args.prune:
+            options["prune"] = [float(r) for r in args.prune.split(",")]
+        if args.engines:
+            options["engines"] = args.engines.split(",")
         with progress_bar(console, f"optimizing {name}") as hook:
             result = kiln.optimize(repo, name, progress=hook, **options)
         console.print(result_table(result))

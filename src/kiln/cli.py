@@ -226,9 +226,7 @@ def optimize(
     model: Annotated[str, typer.Argument(help="model name in the repository")],
     repo: RepoOpt,
     version: Annotated[int | None, typer.Option(help="version (default: the latest)")] = None,
-    preset: Annotated[
-        str | None, typer.Option(help="cpu-latency, cpu-throughput, quick, compress or thorough")
-    ] = None,
+    preset: Annotated[str | None, typer.Option(help="cpu-latency, cpu-throughput, quick, compress or thorough")] = None,
     objective: Annotated[str | None, typer.Option(help="latency (batch 1) or throughput (batch N)")] = None,
     device: Annotated[
         str | None, typer.Option(help="cpu (default), cuda or cuda:N: where variants run and are timed")
@@ -249,6 +247,9 @@ def optimize(
     no_compile: Annotated[bool, typer.Option("--no-compile", help="skip torch.compile")] = False,
     prune: Annotated[
         list[float] | None, typer.Option(help="prune this share of channels (0.5), then distill; repeatable")
+    ] = None,
+    prune_keep: Annotated[
+        list[str] | None, typer.Option(help="a module pruning leaves whole (e.g. features.0); repeatable")
     ] = None,
     qat: Annotated[bool, typer.Option("--qat", help="also quantization-aware training (NNCF, on OpenVINO)")] = False,
     train_data: Annotated[
@@ -276,7 +277,7 @@ def optimize(
         "min_sqnr_db": min_sqnr_db, "max_abs_error": max_abs_error, "data": data, "engines": engine,
         "int8": [] if no_int8 else int8, "compile_modes": [] if no_compile else compile_mode,
         "include": include, "exclude": exclude, "batch_size": batch_size, "threads": threads,
-        "min_time_s": min_time, "retime": retime or None, "choose": choose, "prune": prune, "qat": qat or None,
+        "min_time_s": min_time, "retime": retime or None, "choose": choose, "prune": prune, "prune_keep": prune_keep, "qat": qat or None,
         "train_data": train_data, "train_budget_s": None if train_budget is None else _seconds(train_budget),
     }  # fmt: skip
     options = {k: v for k, v in options.items() if v is not None}

@@ -77,6 +77,7 @@ class OptimizeConfig(BaseModel):
     prune: list[float] = Field(
         default_factory=list, description="structured pruning ratios, each followed by distillation"
     )
+    prune_keep: list[str] = Field(default_factory=list, description="modules (by name) pruning leaves as they are")
     qat: bool = Field(default=False, description="also quantization-aware training (NNCF, run on OpenVINO)")
     include: list[str] = Field(default_factory=list, description="keep only variants whose label has one of these")
     exclude: list[str] = Field(default_factory=list, description="drop variants whose label has one of these")

@@ -93,7 +93,12 @@ def compressed(config: OptimizeConfig, recipes: list[Recipe], train: str | None)
     out = []
     for ratio in config.prune:
         prefix = (
-            step("prune-structured", ratio=ratio, round_to=8),
+            step(
+                "prune-structured",
+                ratio=ratio,
+                round_to=8,
+                **({"keep": config.prune_keep} if config.prune_keep else {}),
+            ),
             step("distill", budget_s=config.train_budget_s, train=train),
         )
         for r in recipes:

@@ -368,7 +368,7 @@ class _Search:
     def _context(self, work: Path, say: Callable[[str], None]) -> PassContext:
         return PassContext(
             work, self.spec, self.calibration, source=self.source, version_dir=self.vdir, train=self.train,
-            validation=self.split.validation, train_budget_s=self.config.train_budget_s, progress=say,
+            validation=None, train_budget_s=self.config.train_budget_s, progress=say,  # stop on held-out training data
         )  # fmt: skip
 
     def _stage(self, prefix: tuple[PassStep, ...], say: Callable[[str], None]) -> tuple[Path, list[dict[str, Any]]]:

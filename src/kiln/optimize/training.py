@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.errors import InvalidSourceError, PassNotApplicable
+from kiln.optimize.data import Samples
 from kiln.repository import MODULE_WEIGHTS_FILE, ONNX_FILE, PT2_FILE
 from kiln.spec import ModelSpec
 
@@ -126,3 +127,19 @@ def _resize(module: Any, state: dict[str, Any]) -> None:
             layer.num_features = weight.shape[0]
         elif isinstance(layer, torch.nn.LayerNorm):
             layer.normalized_shape = tuple(weight.shape)
+
+
+HELD_OUT = 0.1  # share of the training samples kept for early stopping when no validation data is given
+
+
+def held_out_split(train: Samples, validation: Samples | None) -> tuple[Samples, Samples]:
+    """The samples to train on and to stop early on: ``validation`` when given, else a held-out tenth of the
+    training data (at most 512 samples; the rest trains). The search gives none, so that fine-tuning never
+    stops on the very samples its result is judged on."""
+    if validation is not None and len(validation):
+        return train, validation
+    n = len(train)
+    held = max(1, min(512, int(n * HELD_OUT))) if n > 1 else 0
+    if held == 0:
+        return train, train
+    return train.take(0, n - held), train.take(n - held, n)

@@ -350,9 +350,9 @@ def train_data() -> Split:
     return _split(training_images(SMALL))
 
 
-def large_train_data(images: int = 384) -> Split:
-    """The large size's fine-tuning split: ``images`` 256 px images from the training seed (fewer than
-    it trained on: 384 of them already take 300 MB as float32)."""
+def large_train_data(images: int = 1024) -> Split:
+    """The large size's fine-tuning split: ``images`` 256 px images from the training seed (800 MB as
+    float32; with 384 a 65 % pruned model stopped improving at mAP@0.5 −0.022, short of the −0.02 budget)."""
     return _split(make_data(images, LARGE.recipe["seed"], LARGE))
 
 

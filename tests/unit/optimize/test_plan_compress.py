@@ -3,6 +3,8 @@ OpenVINO, and without training data (or without the model's code) a reason in th
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import kiln
 from kiln.hardware import detect
 from kiln.optimize.config import OptimizeConfig
@@ -48,7 +50,9 @@ def test_a_model_without_its_code_says_why_it_cannot_be_fine_tuned(cnn: Imported
         data=str(cnn.data), min_time_s=0.02, warmup=2, finalists=0,
     )  # fmt: skip
     reasons = {v.label: v.reason for v in result.variants if v.status == "skipped"}
-    assert "factory 'module:callable'" in reasons["pruned variants"] and "object in memory" in reasons["pruned variants"]
+    assert (
+        "factory 'module:callable'" in reasons["pruned variants"] and "object in memory" in reasons["pruned variants"]
+    )
     assert not any(v.recipe is not None and compression_prefix(v.recipe.passes) for v in result.variants)
 
 
@@ -60,3 +64,44 @@ def test_pruning_ratios_are_checked() -> None:
     with pytest.raises(SpecError, match="between 0 and 1"):
         OptimizeConfig.build(prune=[1.5])
     assert OptimizeConfig.build(preset="compress").prune == [0.5]
+
+
+def test_the_search_builds_prune_distill_int8_and_qat_once_and_a_rerun_builds_nothing(tmp_path: Path) -> None:
+    """End to end on a factory import: pruned (and int8 after pruning) and QAT variants are built, checked and
+    timed beside the others, smaller by their figures, the pruned model built once for every engine after it;
+    a second run reuses everything."""
+    import numpy as np
+    import torch
+
+    from tests.fixtures import compress_models
+
+    repo = tmp_path / "repo"
+    kiln.import_model("tests.fixtures.compress_models:cnn", repo, name="c", input_shapes=[(1, 1, 8, 8)],
+                      input_names=["x"], output_names=["y"], task="classification")  # fmt: skip
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((400, 1, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        y = compress_models.cnn()(torch.from_numpy(x)).numpy().argmax(axis=1)
+    np.savez(tmp_path / "val.npz", x=x[:200], labels=y[:200], **{"calibration/x": x[200:264]})
+    np.savez(tmp_path / "train.npz", x=x[200:], labels=y[200:])
+    options = {
+        "data": str(tmp_path / "val.npz"), "train_data": str(tmp_path / "train.npz"), "prune": [0.5], "qat": True,
+        "train_budget_s": 2.0, "engines": ["onnxruntime", "openvino"], "int8": ["ort-static"], "max_drop": 1.0,
+        "calibration_methods": ["minmax"], "graph_passes": False, "min_time_s": 0.02, "warmup": 2, "finalists": 0,
+        "choose": False, "batch_size": 8,
+    }  # fmt: skip
+    first = kiln.optimize(repo, "c", **options)
+    pruned = [v for v in first.variants if v.recipe is not None and compression_prefix(v.recipe.passes)]
+    qat = [v for v in first.variants if v.recipe is not None and v.recipe.int8 == "nncf-qat"]
+    assert {v.recipe.engine for v in pruned} == {"onnxruntime", "openvino"} and len(qat) == 2  # alone and pruned
+    measured = [v for v in [*pruned, *qat] if v.accuracy is not None and v.timing is not None]
+    assert len(measured) == len(pruned) + len(qat), [(v.label, v.reason) for v in [*pruned, *qat]]
+    reference = next(v for v in first.variants if v.recipe is not None and v.recipe.is_reference
+                     and v.recipe.engine == "onnxruntime")  # fmt: skip
+    for v in pruned:
+        assert v.size is not None and reference.size is not None and v.size.params < 0.5 * reference.size.params
+    stages = list((repo / "c" / "1" / "variants").glob(".stage-*"))
+    assert len(stages) == 1  # one prune+distill build served every engine and int8 kind after it
+    again = kiln.optimize(repo, "c", **options)
+    assert again.built == 0 and not any(v.fresh for v in again.variants)
+    assert {v.id for v in again.variants} == {v.id for v in first.variants}

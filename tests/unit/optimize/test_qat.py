@@ -17,8 +17,7 @@ from kiln.engines.base import EngineOptions, load_engine
 from kiln.errors import PassNotApplicable
 from kiln.optimize.data import Samples
 from kiln.optimize.passes import PassContext, run_passes
-from kiln.optimize.passes.qat import NO_TRAINING
-from kiln.recipe import NO_CALIBRATION, PassStep
+from kiln.recipe import NO_CALIBRATION, NO_TRAINING, PassStep
 from kiln.repository import Repository
 from kiln.spec import ModelSpec
 from tests.fixtures import onnx_models

@@ -3,8 +3,8 @@
 ``prune-structured`` removes whole channels, filters, attention heads and FFN units with Torch-Pruning's
 dependency graph, so every engine after it does less work (unstructured masks would leave dense kernels as
 slow as before). Pruning costs accuracy; ``distill`` recovers it by fine-tuning the pruned module against
-the original one on the training data, within a time budget, keeping the weights that score best on the
-validation split. Both read the module with :func:`~kiln.optimize.training.load_module` and write it back
+the original one on the training data, within a time budget, keeping the weights that score best on
+held-out data. Both read the module with :func:`~kiln.optimize.training.load_module` and write it back
 with :func:`~kiln.optimize.training.save_module`, so the ONNX and ``torch.export`` artifacts the later
 passes and engines read always match the module.
 """
@@ -24,7 +24,7 @@ from kiln.errors import PassNotApplicable
 from kiln.optimize.data import Samples
 from kiln.optimize.passes.base import PassContext, PassReport, onnx_node_count, register_pass
 from kiln.optimize.passes.graph import ONNX, _quiet
-from kiln.optimize.training import factory_of, load_module, save_module
+from kiln.optimize.training import factory_of, held_out_split, load_module, save_module
 from kiln.recipe import NO_TRAINING
 from kiln.repository import MODULE_WEIGHTS_FILE
 
@@ -363,22 +363,20 @@ def distill_pass(ctx: PassContext, params: dict[str, Any]) -> PassReport:
     kind = str(params.get("loss", "auto"))
     if kind not in ("auto", "kl", "mse"):
         raise ValueError(f"distill loss {kind!r}: use 'auto', 'kl' (logits) or 'mse' (outputs)")
-    max_epochs, patience = int(params.get("epochs", 100)), int(params.get("patience", 3))
+    max_epochs, patience = int(params.get("epochs", 100)), int(params.get("patience", 5))
     base_lr = float(params.get("lr", 1e-3))
     start = time.perf_counter()
     torch.manual_seed(0)
     student = load_module(ctx.source, _version_dir(ctx), ctx.work)
     teacher = load_module(ctx.source, _version_dir(ctx)).requires_grad_(False)
     names = [t.name for t in ctx.spec.inputs]
-    train = ctx.train
+    train, held_out = held_out_split(ctx.train, ctx.validation)
     probe = _predict(teacher, train.take(0, min(len(train), 256)), names)
     objective = _objective(ctx, kind, float(params.get("temperature", 4.0)), probe, train.labels)
     # The teacher is frozen: its outputs on the training data are computed once, unless they would not fit.
     fits = sum(t.element_size() * t.numel() for t in probe) * len(train) / len(probe[0]) <= _TEACHER_CACHE_BYTES
     teacher_train = _predict(teacher, train, names) if fits else None
-    given = ctx.validation is not None and len(ctx.validation) > 0
-    held_out = ctx.validation if ctx.validation is not None and given else train.take(0, min(len(train), 512))
-    top1 = given and _class_ids(held_out.labels, probe) is not None
+    top1 = _class_ids(held_out.labels, probe) is not None
     validate = _Validator(held_out, _predict(teacher, held_out, names), names, objective, top1)
 
     batch = max(2, min(int(params.get("batch_size", 64)), len(train)))

@@ -32,12 +32,11 @@ from kiln.optimize.data import Samples
 from kiln.optimize.passes.base import PassContext, PassReport, onnx_node_count, op_histogram, register_pass
 from kiln.optimize.passes.graph import _quiet
 from kiln.optimize.passes.quantize import _nncf_quiet
-from kiln.optimize.training import factory_of, load_module
+from kiln.optimize.training import factory_of, held_out_split, load_module
 from kiln.recipe import NO_CALIBRATION, NO_TRAINING
 from kiln.repository import IR_FILE, MODULE_WEIGHTS_FILE, ONNX_FILE, PT2_FILE
 
 TEMPERATURE = 4.0  # softens the teacher's logits so the student also learns the ranking of the wrong classes
-HELD_OUT = 0.1  # share of the training samples kept for early stopping when no validation data is given
 
 
 @dataclass
@@ -87,7 +86,7 @@ def qat_pass(ctx: PassContext, params: dict[str, Any]) -> PassReport:
     kwargs: dict[str, Any] = {"subset_size": len(items)}
     if transformer:
         kwargs["model_type"] = nncf.ModelType.TRANSFORMER
-    train, validation = _split(ctx.train, ctx.validation)
+    train, validation = held_out_split(ctx.train, ctx.validation)
     classify = ctx.spec.task == "classification"
     metric = _pick_metric(classify, validation)
     loss_fn = _distill_loss(classify)
@@ -138,18 +137,6 @@ def _flat_outputs(module: Any) -> Any:
             return tuple(flatten_outputs(self.inner(*args))[0])
 
     return Outputs(module).eval()
-
-
-def _split(train: Samples, validation: Samples | None) -> tuple[Samples, Samples]:
-    """The samples to train on and to stop on: the validation data when there is some, else a held-out
-    tenth of the training data (the rest trains)."""
-    if validation is not None and len(validation):
-        return train, validation
-    n = len(train)
-    held = max(1, min(512, int(n * HELD_OUT))) if n > 1 else 0
-    if held == 0:
-        return train, train
-    return train.take(0, n - held), train.take(n - held, n)
 
 
 def _class_ids(labels: np.ndarray | None) -> bool:
