@@ -442,12 +442,20 @@ def _takes_varargs(module: Any) -> bool:
 
 @contextlib.contextmanager
 def quiet_exporter() -> Iterator[None]:
-    """Hide the exporters' chatter (torchvision op registration, deprecations); real errors still raise."""
+    """The settings ``torch.export`` runs under: the exporters' chatter hidden (torchvision op registration,
+    deprecations; real errors still raise) and dynamo's process-wide ``backed_size_oblivious`` off.
+
+    A compiled engine in the same process switches that flag on (one graph for batch 1…N); left on during
+    an export, it turns a dynamic batch into a guard ``batch != 1`` for modules such as
+    ``nn.MultiheadAttention``, and the exported program then rejects a batch of 1.
+    """
+    import torch.fx.experimental._config as fx_config
+
     logger = logging.getLogger("torch.onnx")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), fx_config.patch(backed_size_oblivious=False):
             warnings.simplefilter("ignore")
             yield
     finally:

@@ -106,6 +106,7 @@ def fold_conv_bn_pass(ctx: PassContext, params: dict[str, Any]) -> PassReport:
     """Fold eval-mode BatchNorm into the preceding convolution of the exported program, re-export."""
     import torch
 
+    from kiln.convert.from_pytorch import quiet_exporter
     from kiln.engines.pytorch import load_exported
 
     path = ctx.work / PT2
@@ -115,7 +116,7 @@ def fold_conv_bn_pass(ctx: PassContext, params: dict[str, Any]) -> PassReport:
     if folded == 0:
         raise PassNotApplicable("no Conv+BatchNorm pairs to fold")
     example, dynamic = _export_example(ctx)
-    with _quiet():
+    with quiet_exporter():
         try:
             program = torch.export.export(gm, example, dynamic_shapes=dynamic)
         except Exception:  # the model limits a dim (stride-2 convs) or ties two together (ids and mask)
