@@ -39,8 +39,11 @@ def progress_bar(console: Console, title: str) -> Iterator[ProgressHook]:
 
 
 def error_line(message: str) -> None:
-    """One red line on stderr: what the CLI prints for any user error."""
-    err_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+    """One red line on stderr: what the CLI prints for any user error (its text is not markup: a fix such
+    as ``pip install 'kiln[interop]'`` prints as written)."""
+    from rich.markup import escape
+
+    err_console.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False)
 
 
 @contextlib.contextmanager

@@ -197,6 +197,20 @@ def _read_json(path: Path) -> dict[str, Any]:
     return {}
 
 
+def policy_versions(spec: ModelSpec, available: list[int]) -> list[int]:
+    """The versions ``spec.serving``'s version policy serves out of ``available`` (ascending)."""
+    s = spec.serving
+    if s.version_policy == "all":
+        return list(available)
+    if s.version_policy == "specific":
+        missing = [v for v in s.versions if v not in available]
+        if missing:
+            raise NotFoundError("version", missing[0], available, owner=f"model {spec.name!r}",
+                                fix=f"serving.versions lists {missing}; import them or fix the list")  # fmt: skip
+        return sorted(s.versions)
+    return list(available[-s.num_versions :])
+
+
 class Repository:
     """A directory of models, each with a spec and numbered versions."""
 

@@ -80,6 +80,36 @@ class ProcessingStep(BaseModel):
     args: dict[str, Any] = Field(default_factory=dict)
 
 
+class RayServing(BaseModel):
+    """How ``kiln serve --ray`` runs this model on Ray Serve: its replicas and their autoscaling."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(default=1, ge=0, description="replicas kept however idle the model is")
+    max_replicas: int = Field(default=2, ge=1, description="replicas autoscaling may add under load")
+    initial_replicas: int | None = Field(default=None, ge=0, description="replicas at deploy; default: min")
+    target_ongoing_requests: float = Field(
+        default=1.0, gt=0, description="batches in flight per replica autoscaling aims for (the ingress batches)"
+    )
+    upscale_delay_s: float = Field(default=2.0, ge=0, description="load held this long before a replica is added")
+    downscale_delay_s: float = Field(default=30.0, ge=0, description="idle this long before a replica is removed")
+    num_cpus: float = Field(default=1.0, ge=0, description="CPUs Ray reserves per replica")
+    num_gpus: float = Field(default=0.0, ge=0, description="GPUs Ray reserves per replica")
+    engine_threads: int | None = Field(
+        default=None, ge=1, description="intra-op threads per replica; default: num_cpus"
+    )
+    max_replicas_per_node: int | None = Field(default=None, ge=1, description="spread replicas over nodes")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> RayServing:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} exceeds max_replicas {self.max_replicas}")
+        initial = self.initial_replicas
+        if initial is not None and not self.min_replicas <= initial <= self.max_replicas:
+            raise ValueError(f"initial_replicas {initial} must lie in min_replicas..max_replicas")
+        return self
+
+
 class ServingSettings(BaseModel):
     """How the server batches and limits this model."""
 
@@ -122,6 +152,7 @@ class ServingSettings(BaseModel):
         default=5, ge=1, description="failed batches in a row (after any fallback) before the model is marked "
         "not ready and reloaded",
     )  # fmt: skip
+    ray: RayServing = Field(default_factory=RayServing, description="replicas and autoscaling under --ray")
 
     @model_validator(mode="after")
     def _preferred(self) -> ServingSettings:

@@ -208,3 +208,25 @@ def test_variant_file_names_only_in_the_repository() -> None:
             if names.fullmatch(node.value)
         ]
     assert not seen, "the repository owns the variant file names; found them in: " + "; ".join(sorted(seen))
+
+
+def _imports_of(path: Path) -> set[str]:
+    """Every module name an import statement of ``path`` names (absolute imports; lazy ones count)."""
+    v = _Imports()
+    v.visit(_tree(path))
+    names: set[str] = set()
+    for node in v.found:
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif node.module and not node.level:
+            names.add(node.module)
+    return names
+
+
+def test_only_kiln_ray_imports_ray() -> None:
+    """Ray stays behind one package (kiln[ray] is optional): the rest of kiln reaches it through kiln.ray."""
+    users = sorted(
+        m for m, p in _modules().items()
+        if any(n == "ray" or n.startswith("ray.") for n in _imports_of(p))
+    )  # fmt: skip
+    assert users and all(m == "kiln.ray" or m.startswith("kiln.ray.") for m in users), users

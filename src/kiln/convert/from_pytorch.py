@@ -455,7 +455,7 @@ def quiet_exporter() -> Iterator[None]:
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), fx_config.patch(backed_size_oblivious=False):
+        with warnings.catch_warnings(), fx_config.patch(backed_size_oblivious=False):  # type: ignore[attr-defined]
             warnings.simplefilter("ignore")
             yield
     finally:

@@ -30,7 +30,7 @@ from kiln.errors import (
 from kiln.execution.admission import AUTO
 from kiln.execution.batcher import Batcher, BatchPolicy, Runner
 from kiln.execution.instances import FallbackState, open_instances, warm_up, warmup_inputs
-from kiln.repository import CHOSEN, REFERENCE, REFERENCE_ENGINE, Repository, Variant
+from kiln.repository import CHOSEN, REFERENCE, REFERENCE_ENGINE, Repository, Variant, policy_versions
 from kiln.serving.metrics import Metrics
 from kiln.serving.raw import RawModel
 from kiln.serving.settings import ServerSettings
@@ -87,19 +87,6 @@ class ModelEntry:
     @property
     def memory_bytes(self) -> int:
         return sum(v.memory_bytes for v in self.versions.values())
-
-
-def policy_versions(spec: ModelSpec, available: list[int]) -> list[int]:
-    s = spec.serving
-    if s.version_policy == "all":
-        return list(available)
-    if s.version_policy == "specific":
-        missing = [v for v in s.versions if v not in available]
-        if missing:
-            raise NotFoundError("version", missing[0], available, owner=f"model {spec.name!r}",
-                                fix=f"serving.versions lists {missing}; import them or fix the list")  # fmt: skip
-        return sorted(s.versions)
-    return list(available[-s.num_versions :])
 
 
 def policy_text(spec: ModelSpec) -> str:
@@ -362,7 +349,12 @@ class ModelManager:
         processing = RawModel.build(spec, served.version_dir)  # before the engines: a bad step fails the load at once
         counter = self.metrics.fallbacks.labels(name, str(version))
         reference = self.repository.variant(name, version, REFERENCE)
-        inst = open_instances(served, reference, self.settings.engine_threads, counter.inc)
+        if self.settings.ray:  # the replicas run on Ray Serve; this server batches and sends them the batches
+            from kiln.ray.serve import open_ray_instances
+
+            inst = open_ray_instances(served, reference, counter.inc)
+        else:
+            inst = open_instances(served, reference, self.settings.engine_threads, counter.inc)
         runners = inst.runners
         timeout_s = (s.timeout_ms / 1e3) if s.timeout_ms else self.settings.request_timeout_s
         policy = BatchPolicy(

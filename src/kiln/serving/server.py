@@ -82,6 +82,8 @@ class Server:
         self._stop = asyncio.Event()
         check_repository(s.repo)
         held = self._models_held()
+        if s.ray:  # before binding: a missing kiln[ray] or an unreachable cluster fails the start at once
+            await asyncio.get_running_loop().run_in_executor(None, _start_ray, s.ray_address)
         if s.grpc_port and s.grpc_port == s.http_port:
             raise BindError(
                 "gRPC", s.host, s.grpc_port, "--grpc-port", "is the HTTP port too",
@@ -234,6 +236,15 @@ class Server:
             log.info("stopped")
 
 
+def _start_ray(address: str | None) -> None:
+    from kiln.ray import connect
+
+    connect(address, "kiln serve --ray")
+    from kiln.ray.serve import start_serve
+
+    start_serve()
+
+
 async def _main(settings: ServerSettings) -> int:
     server = Server(settings)
     loop = asyncio.get_running_loop()
@@ -252,8 +263,16 @@ async def _main(settings: ServerSettings) -> int:
 def serve(settings: ServerSettings) -> int:
     """Run until SIGTERM or SIGINT; return the exit code (0 after a clean drain)."""
     logs.configure(settings.log_format, settings.log_level)
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        return runner.run(_main(settings))
+    if settings.ray:  # on the main thread: Ray installs its signal handlers there
+        _start_ray(settings.ray_address)
+    try:
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            return runner.run(_main(settings))
+    finally:
+        if settings.ray:
+            from kiln.ray import disconnect
+
+            disconnect()
 
 
 class ServerThread:

@@ -63,6 +63,10 @@ class ServerSettings(BaseSettings):
     processing_threads: int = Field(
         default=2, ge=1, description="threads that decode raw inputs (images, texts) and post-process results"
     )
+    ray: bool = Field(default=False, description="run the models' replicas on Ray Serve (kiln[ray])")
+    ray_address: str | None = Field(
+        default=None, description="Ray cluster to join ('auto', or HOST:PORT); None: start a private local one"
+    )
     log_format: Literal["json", "text"] = "json"
     log_level: str = "INFO"
     access_log: bool = Field(default=False, description="log every request (costs a few µs each)")
