@@ -150,15 +150,17 @@ class KilnServe:
         self._log.close()
 
 
-def _replicas(repo: Path, n: int) -> None:
+def _configure(repo: Path, replicas: int = 1) -> None:
+    """A queue budget of 2 s: this benchmark measures throughput at saturation (32 closed-loop clients), where
+    kiln's default admission would refuse requests early (the plain deployment has no admission)."""
     from kiln.repository import Repository
 
     repository = Repository(repo)
     spec = repository.spec("cnn")
     ray = spec.serving.ray.model_copy(
-        update={"min_replicas": n, "max_replicas": n, "num_cpus": 0.5, "engine_threads": 1}
+        update={"min_replicas": replicas, "max_replicas": replicas, "num_cpus": 0.5, "engine_threads": 1}
     )
-    serving = spec.serving.model_copy(update={"ray": ray})  # no preferred size: big batches pay for the hop
+    serving = spec.serving.model_copy(update={"ray": ray, "queue_budget_ms": 2000.0})
     repository.save_spec(spec.model_copy(update={"serving": serving}))
 
 
@@ -208,6 +210,7 @@ def main() -> None:
         for c in args.concurrency:
             row(f"plain Ray Serve ({n})", c, *drive_plain(plain.port, x, c, args.seconds))
         serve.shutdown()
+    _configure(repo)
     server = KilnServe(repo, work / "kiln.log")
     try:
         for c in args.concurrency:
@@ -216,7 +219,7 @@ def main() -> None:
     finally:
         server.stop()
     for n in (1, 2):
-        _replicas(repo, n)
+        _configure(repo, n)
         server = KilnServe(repo, work / f"kiln-ray-{n}.log", "--ray", "--ray-address", address)
         try:
             for c in args.concurrency:

@@ -146,6 +146,14 @@ def predict(
     version: Annotated[int | None, typer.Option(help="model version (default: latest)")] = None,
     engine: Annotated[str | None, typer.Option(help="engine (default: the chosen variant, else onnxruntime)")] = None,
     threads: Annotated[int | None, typer.Option(min=1, help="engine intra-op threads")] = None,
+    ray: Annotated[
+        bool, typer.Option("--ray", help="run on Ray Data: reading spread over the cluster, engines in actors")
+    ] = False,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(help="Ray cluster to join ('auto' or HOST:PORT; implies --ray); default: a private local one"),
+    ] = None,
+    concurrency: Annotated[int, typer.Option(min=1, help="engine actors with --ray")] = 1,
 ) -> None:
     """Predict over files in batches and write one JSON line per instance; bad files are reported and skipped."""
     from kiln.batch import count_items, plan, predict_files
@@ -155,26 +163,32 @@ def predict(
     from kiln.repository import Repository
 
     repository = Repository(repo)
-    predictor = load(repository, model, version=version, engine=engine, threads=threads)
-    _, version_dir = repository.resolve(model, predictor.version)
-    pipeline = Pipeline.from_spec(predictor.spec, root=version_dir)
-    try:
-        files = plan(pipeline, inputs)
-    except KilnError:
-        predictor.close()
-        raise
-    sink = output.open("w", encoding="utf-8") if output is not None else sys.stdout
-    try:
-        with predict_progress(count_items(pipeline, files)) as advance:
-            summary = predict_files(
-                pipeline, predictor.predict, files, sink, batch_size, workers, prefetch, on_result=advance
-            )
-    finally:
-        if output is not None:
-            sink.close()
-        predictor.close()
+    if ray or ray_address is not None:
+        summary = _predict_on_ray(repository, model, version, engine, threads, inputs, output, batch_size,
+                                  concurrency, ray_address)  # fmt: skip
+    else:
+        predictor = load(repository, model, version=version, engine=engine, threads=threads)
+        _, version_dir = repository.resolve(model, predictor.version)
+        pipeline = Pipeline.from_spec(predictor.spec, root=version_dir)
+        try:
+            files = plan(pipeline, inputs)
+        except KilnError:
+            predictor.close()
+            raise
+        sink = output.open("w", encoding="utf-8") if output is not None else sys.stdout
+        try:
+            with predict_progress(count_items(pipeline, files)) as advance:
+                summary = predict_files(
+                    pipeline, predictor.predict, files, sink, batch_size, workers, prefetch, on_result=advance
+                )
+        finally:
+            if output is not None:
+                sink.close()
+            predictor.close()
+    from rich.markup import escape
+
     for key, reason in summary.errors[:20]:
-        err_console.print(f"[yellow]skipped[/] {key}: {reason}", markup=True, highlight=False)
+        err_console.print(f"[yellow]skipped[/] {escape(f'{key}: {reason}')}", markup=True, highlight=False)
     where = f" to {output}" if output is not None else ""
     err_console.print(f"{summary.succeeded} predictions{where}, {summary.failed} failed", highlight=False)
     if summary.failed:
@@ -452,6 +466,19 @@ def serve(
     drain_timeout: Annotated[float, typer.Option(help="seconds to finish in-flight requests on SIGTERM")] = 30.0,
     log_format: Annotated[str, typer.Option(help="json or text")] = "json",
     access_log: Annotated[bool, typer.Option(help="log every request")] = False,
+    ray: Annotated[
+        bool, typer.Option("--ray", help="run the models' replicas on Ray Serve (kiln[ray]); kiln stays the front end")
+    ] = False,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(help="Ray cluster to join ('auto' or HOST:PORT; implies --ray); default: a private local one"),
+    ] = None,
+    emit_config: Annotated[
+        Path | None,
+        typer.Option(
+            help="write a Ray Serve config file (for `serve deploy`) of the replicas and exit (implies --ray)"
+        ),
+    ] = None,
 ) -> None:
     """Serve the repository over the Open Inference Protocol (HTTP and gRPC) until SIGTERM."""
     from pydantic import ValidationError
@@ -472,6 +499,11 @@ def serve(
     }  # fmt: skip
     if engine_threads is not None:
         fields["engine_threads"] = engine_threads
+    ray = ray or ray_address is not None or emit_config is not None  # either implies --ray, as for predict
+    fields.update(ray=ray, ray_address=ray_address)
+    if emit_config is not None:
+        _emit_ray_config(fields["repo"], model or [], emit_config)
+        return
     try:  # the repository itself is checked by the server, before it binds a port
         settings = ServerSettings(**fields)
     except ValidationError as exc:
@@ -479,6 +511,48 @@ def serve(
     code = run_server(settings)
     if code:
         raise typer.Exit(code)
+
+
+def _predict_on_ray(
+    repository: Any, model: str, version: int | None, engine: str | None, threads: int | None,
+    inputs: list[Path], output: Path | None, batch_size: int, concurrency: int, address: str | None,
+) -> Any:  # fmt: skip
+    """``kiln predict --ray``: the inputs checked here, then read, pre-processed and run on Ray Data."""
+    from kiln.batch import count_items, plan
+    from kiln.console import predict_progress
+    from kiln.processing import Pipeline
+    from kiln.ray import connect, require_ray
+
+    require_ray("kiln predict --ray")  # before any work: exit 2 naming the extra when Ray is missing
+    number, version_dir = repository.resolve(model, version)
+    pipeline = Pipeline.from_spec(repository.spec(model), root=version_dir)
+    files = plan(pipeline, inputs)
+    connect(address, "kiln predict --ray")
+    from kiln.ray.data import predict_files_ray
+
+    sink = output.open("w", encoding="utf-8") if output is not None else sys.stdout
+    try:
+        with predict_progress(count_items(pipeline, files)) as advance:
+            return predict_files_ray(repository.root, model, number, engine, threads, files, sink, batch_size,
+                                     concurrency, on_result=advance)  # fmt: skip
+    finally:
+        if output is not None:
+            sink.close()
+
+
+def _emit_ray_config(repo: Path, models: list[str], path: Path) -> None:
+    from kiln.ray import require_ray
+    from kiln.repository import Repository
+    from kiln.serving.server import check_repository
+
+    require_ray("kiln serve --ray")
+    from kiln.ray.serve import emit_config
+
+    check_repository(repo)
+    repository = Repository(repo)
+    emit_config(repository, models or repository.models(), path)
+    console.print(f"wrote {path}: deploy the replicas with `serve deploy {path}`, then run "
+                  f"`kiln serve {repo} --ray --ray-address auto` for the front end")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -99,6 +99,10 @@ class RayServing(BaseModel):
         default=None, ge=1, description="intra-op threads per replica; default: num_cpus"
     )
     max_replicas_per_node: int | None = Field(default=None, ge=1, description="spread replicas over nodes")
+    multiplex: bool = Field(
+        default=False, description="share replicas with the repository's other multiplexed models (Ray Serve "
+        "model multiplexing) instead of replicas of its own; the replica settings of kiln-shared apply",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _bounds(self) -> RayServing:

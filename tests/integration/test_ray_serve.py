@@ -42,6 +42,9 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     kiln.import_model(models.add_model(d / "spread.onnx", const=3.0), root, name="spread")
     _set_ray(root, "add", min_replicas=1, max_replicas=2, upscale_delay_s=0.5, downscale_delay_s=2.0, num_cpus=0.5)
     _set_ray(root, "spread", min_replicas=2, max_replicas=2, max_replicas_per_node=1, num_cpus=0.5)
+    for i in (1, 2):  # small models sharing one replica (Ray Serve model multiplexing)
+        kiln.import_model(models.add_model(d / f"small{i}.onnx", const=10.0 * i), root, name=f"small{i}")
+        _set_ray(root, f"small{i}", multiplex=True, min_replicas=1, max_replicas=1, num_cpus=0.5)
     return root
 
 
@@ -107,7 +110,7 @@ def test_v2_over_http_and_grpc_through_ray_matches_in_process_predict(server: Se
         np.testing.assert_array_equal(_infer(grpc, grpcclient, "add", x), want)
         np.testing.assert_array_equal(_infer(grpc, grpcclient, "spread", x), x + 3.0)
         index = {m["name"]: m["state"] for m in http.get_model_repository_index()}
-        assert index == {"add": "READY", "spread": "READY"}
+        assert index == {"add": "READY", "spread": "READY", "small1": "READY", "small2": "READY"}
     finally:
         http.close()
         grpc.close()
@@ -118,6 +121,23 @@ def test_one_model_is_served_by_replicas_on_two_nodes(server: ServeProcess) -> N
     nodes = {d["node_id"] for d in _describe_all("kiln-spread-v1")}
     assert len(nodes) == 2
     assert all(d["engine"] == "onnxruntime" for d in _describe_all("kiln-spread-v1", 2))
+
+
+def test_small_models_share_one_replica_through_multiplexing(server: ServeProcess) -> None:
+    import tritonclient.http as httpclient
+    from ray import serve
+
+    client = httpclient.InferenceServerClient(server.http_url)
+    try:
+        for i in (1, 2):
+            np.testing.assert_array_equal(_infer(client, httpclient, f"small{i}", _feed()), _feed() + 10.0 * i)
+    finally:
+        client.close()
+    shared = serve.get_app_handle("kiln-shared")
+    seen = [shared.options(multiplexed_model_id=f"small{i}:1").describe.remote().result(timeout_s=30) for i in (1, 2)]
+    assert seen[0]["pid"] == seen[1]["pid"], "both models answer from the one shared replica"
+    assert {"small1:1", "small2:1"} <= set(seen[1]["models"])
+    assert "kiln-small1-v1" not in serve.status().applications  # no replicas of their own
 
 
 class _Load:
@@ -251,7 +271,7 @@ def test_a_cluster_kiln_starts_is_private_and_token_protected(
         assert len(gcs) == 1, "kiln serve --ray without an address starts its own cluster"
         env = gcs[0].environ()
         assert env.get("RAY_AUTH_MODE") == "token" and len(env.get("RAY_AUTH_TOKEN", "")) >= 32
-        assert f"--node-ip-address=127.0.0.1" in " ".join(gcs[0].cmdline()) or "127.0.0.1" in " ".join(gcs[0].cmdline())
+        assert "--node-ip-address=127.0.0.1" in " ".join(gcs[0].cmdline()) or "127.0.0.1" in " ".join(gcs[0].cmdline())
         client = httpclient.InferenceServerClient(proc.http_url)
         try:
             np.testing.assert_array_equal(_infer(client, httpclient, "add", _feed()), _feed() + 1.0)

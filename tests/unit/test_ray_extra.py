@@ -25,7 +25,8 @@ def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
     "args",
     [
         ["serve", "{repo}", "--ray", "--http-port", "0", "--grpc-port", "-1"],
-        ["serve", "{repo}", "--ray", "--emit-config", "{tmp}/serve.yaml"],
+        ["serve", "{repo}", "--emit-config", "{tmp}/serve.yaml"],
+        ["serve", "{repo}", "--ray-address", "auto", "--http-port", "0"],
     ],
 )
 def test_ray_without_the_extra_is_one_line_naming_it(
@@ -39,12 +40,6 @@ def test_ray_without_the_extra_is_one_line_naming_it(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "kiln[ray]" in err and "Traceback" not in err, err
     assert not (tmp_path / "serve.yaml").exists()
-
-
-def test_ray_address_without_ray_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exit_:
-        main(["serve", str(tmp_path), "--ray-address", "auto"])
-    assert exit_.value.code == 2 and "--ray" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

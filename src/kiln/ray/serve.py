@@ -78,9 +78,74 @@ class KilnReplica:
             runner.close()
 
 
-def deployment_options(spec: ModelSpec) -> dict[str, Any]:
-    """Ray Serve options of a model's replicas, from ``spec.serving.ray``."""
-    r: RayServing = spec.serving.ray
+class KilnSharedReplica:
+    """A replica shared by many small models (Ray Serve model multiplexing): it loads the model version a
+    request names (``multiplexed_model_id`` ``"model:version"``) on first use and keeps the
+    ``max_models`` most recently used, closing the one it evicts."""
+
+    def __init__(self, repo: str, max_models: int, threads: int | None = None) -> None:
+        self.repository = Repository(Path(repo))
+        self.threads = threads or max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.loaded: set[str] = set()
+
+        async def load(model_id: str) -> _Loaded:
+            import asyncio
+
+            return await asyncio.to_thread(self._load, model_id)
+
+        self.model = serve.multiplexed(max_num_models_per_replica=max_models)(load)
+
+    def _load(self, model_id: str) -> _Loaded:
+        model, _, version = model_id.rpartition(":")
+        served = self.repository.variant(model, int(version), CHOSEN)
+        reference = self.repository.variant(model, int(version), REFERENCE)
+        instances = open_instances(served, reference, self.threads)
+        if served.spec.serving.warmup:
+            warm_up(instances.runners[:1], served.spec)
+        return _Loaded(model_id, instances, self.loaded)
+
+    async def run(self, inputs: dict[str, np.ndarray]) -> Outputs:
+        import asyncio
+
+        loaded = await self.model(serve.get_multiplexed_model_id())
+        return await asyncio.to_thread(loaded.runner.run, inputs)
+
+    async def describe(self) -> dict[str, Any]:
+        loaded = await self.model(serve.get_multiplexed_model_id())
+        i = loaded.instances
+        return {"variant": i.variant, "engine": i.engine, "reference_engine": i.reference_engine,
+                "node_id": self.node_id, "pid": os.getpid(), "models": sorted(self.loaded)}  # fmt: skip
+
+
+class _Loaded:
+    """One model version in a shared replica; closed when Ray Serve evicts it."""
+
+    def __init__(self, model_id: str, instances: Instances, registry: set[str]) -> None:
+        self.model_id = model_id
+        self.instances = instances
+        self.runner = instances.runners[0]
+        self._registry = registry
+        registry.add(model_id)
+
+    def __del__(self) -> None:
+        self._registry.discard(self.model_id)
+        for r in self.instances.runners:
+            r.close()
+
+
+SHARED_APP = "kiln-shared"
+_shared_users: set[str] = set()  # the multiplexed model versions this server serves through SHARED_APP
+
+
+def shared_app(repo: str | Path, max_models: int, settings: RayServing) -> Any:
+    """The Ray Serve application of the replicas every multiplexed model shares."""
+    deployment = serve.deployment(KilnSharedReplica).options(**deployment_options(settings))
+    return deployment.bind(str(Path(repo).resolve()), max_models, settings.engine_threads)
+
+
+def deployment_options(r: RayServing) -> dict[str, Any]:
+    """Ray Serve options of a model's replicas, from its ``serving.ray``."""
     autoscaling: dict[str, Any] = {
         "min_replicas": r.min_replicas,
         "max_replicas": r.max_replicas,
@@ -118,7 +183,7 @@ def deployment_options(spec: ModelSpec) -> dict[str, Any]:
 def replica_app(repo: str | Path, model: str, version: int, spec: ModelSpec) -> Any:
     """The Ray Serve application of one model version."""
     r = spec.serving.ray
-    deployment = serve.deployment(KilnReplica).options(**deployment_options(spec))
+    deployment = serve.deployment(KilnReplica).options(**deployment_options(spec.serving.ray))
     return deployment.bind(str(Path(repo).resolve()), model, version, r.engine_threads)
 
 
@@ -162,6 +227,7 @@ def open_ray_instances(
     served: Variant,
     reference: Variant,
     on_fallback: Callable[[], None] | None = None,
+    memory_budget: int | None = None,
     timeout_s: float = 600.0,
 ) -> Instances:
     """Deploy (or find already deployed, e.g. by ``serve deploy``) the Ray Serve application of ``served``'s
@@ -169,6 +235,8 @@ def open_ray_instances(
     application when this server deployed it. The replicas fall back themselves (``reference`` is what they
     fall back on)."""
     spec, model, version = served.spec, served.model, served.version
+    if spec.serving.ray.multiplex:
+        return _open_shared(served, on_fallback, memory_budget, timeout_s)
     name = app_name(model, version)
     status = serve.status().applications.get(name)
     owned = status is None or str(status.status) not in ("RUNNING", "ApplicationStatus.RUNNING")
@@ -182,12 +250,60 @@ def open_ray_instances(
     described = handle.describe.remote().result(timeout_s=timeout_s)
     r = spec.serving.ray
     replicas = RayReplicas(handle, model, version, owned)
+    return _instances(replicas, described, spec, r.max_replicas, on_fallback)
+
+
+def _instances(
+    replicas: RayReplicas, described: dict[str, Any], spec: ModelSpec, max_replicas: int,
+    on_fallback: Callable[[], None] | None,
+) -> Instances:  # fmt: skip
     state = FallbackState(spec.serving.fallback_after)
+    label = f"{replicas.model}:{replicas.version}"
     runners = [
-        ModelRunner(replicas, None, state, f"{model}:{version}", on_fallback)
-        for _ in range(r.max_replicas * _IN_FLIGHT_PER_REPLICA)
+        ModelRunner(replicas, None, state, label, on_fallback) for _ in range(max_replicas * _IN_FLIGHT_PER_REPLICA)
     ]
     return Instances(runners, described["variant"], described["engine"], described["reference_engine"], 0, state)
+
+
+def _open_shared(
+    served: Variant, on_fallback: Callable[[], None] | None, memory_budget: int | None, timeout_s: float
+) -> Instances:
+    """A multiplexed model version: served by the shared replicas (deployed by the first one), each holding
+    as many model versions as kiln's memory budget allows (8 without one)."""
+    model, version = served.model, served.version
+    status = serve.status().applications.get(SHARED_APP)
+    if status is None or not str(status.status).endswith("RUNNING"):
+        per_model = max(1, served.artifact_bytes())
+        max_models = max(1, memory_budget // per_model) if memory_budget else 8
+        root = served.version_dir.parent.parent
+        log.info("deploying the shared replicas (%s, up to %d models each)", SHARED_APP, max_models)
+        serve.run(shared_app(root, max_models, served.spec.serving.ray), name=SHARED_APP, route_prefix=None,
+                  blocking=False)  # fmt: skip
+        _wait_running(SHARED_APP, timeout_s)
+    model_id = f"{model}:{version}"
+    handle = serve.get_app_handle(SHARED_APP).options(multiplexed_model_id=model_id)
+    described = handle.describe.remote().result(timeout_s=timeout_s)
+    _shared_users.add(model_id)
+    replicas = _SharedReplicas(handle, model, version)
+    return _instances(replicas, described, served.spec, served.spec.serving.ray.max_replicas, on_fallback)
+
+
+class _SharedReplicas(RayReplicas):
+    """Runs batches on the shared replicas; the last multiplexed model version to close removes them."""
+
+    def __init__(self, handle: Any, model: str, version: int) -> None:
+        super().__init__(handle, model, version, owned=False)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        _shared_users.discard(f"{self.model}:{self.version}")
+        if not _shared_users:
+            try:
+                serve.delete(SHARED_APP, _blocking=False)
+            except Exception as exc:
+                log.warning("could not delete the shared Ray Serve replicas: %s", exc)
 
 
 def _wait_running(name: str, timeout_s: float) -> None:
@@ -222,7 +338,7 @@ def emit_config(repository: Repository, models: list[str], path: Path) -> None:
     for model in models:
         spec = repository.spec(model)
         for version in policy_versions(spec, repository.versions(model)):
-            options = deployment_options(spec)
+            options = deployment_options(spec.serving.ray)
             deployment = {k: v for k, v in options.items() if k != "name"}
             applications.append(
                 {
@@ -240,7 +356,9 @@ def emit_config(repository: Repository, models: list[str], path: Path) -> None:
 
 
 __all__ = [
+    "SHARED_APP",
     "KilnReplica",
+    "KilnSharedReplica",
     "RayReplicas",
     "app_name",
     "build_app",

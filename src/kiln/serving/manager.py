@@ -352,7 +352,7 @@ class ModelManager:
         if self.settings.ray:  # the replicas run on Ray Serve; this server batches and sends them the batches
             from kiln.ray.serve import open_ray_instances
 
-            inst = open_ray_instances(served, reference, counter.inc)
+            inst = open_ray_instances(served, reference, counter.inc, self.settings.max_memory)
         else:
             inst = open_instances(served, reference, self.settings.engine_threads, counter.inc)
         runners = inst.runners

@@ -155,21 +155,15 @@ def test_prune_removes_whole_attention_heads_and_ffn_units(tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("compiled_engine_loaded", [False, True])
-def test_prune_leaves_torch_multihead_attention_alone(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compiled_engine_loaded: bool
-) -> None:
-    # A compiled engine switches dynamo's process-wide backed_size_oblivious on; the re-export after
-    # pruning must still keep the batch dynamic (it once fixed it at 1 for nn.MultiheadAttention).
-    if compiled_engine_loaded:
-        import torch.fx.experimental._config as fx_config
+def test_prune_leaves_torch_multihead_attention_alone(tmp_path: Path, compiled_engine_loaded: bool) -> None:
+    # A compiled engine switches dynamo's process-wide backed_size_oblivious on (configure_compile); the
+    # re-export after pruning must still keep the batch dynamic (it once fixed it at 1 for nn.MultiheadAttention).
+    import torch.fx.experimental._config as fx_config
 
-        from kiln.engines.torch_runtime import configure_compile
-
-        monkeypatch.setattr(fx_config, "backed_size_oblivious", fx_config.backed_size_oblivious)
-        configure_compile(freezing=False)
-    enc = _import(tmp_path, "torch_encoder", (1, 6, 32), "embedding")
-    ctx = _context(enc, tmp_path / "work")
-    report = run_passes([Step("prune-structured", {"ratio": 0.5})], ctx)[0]
+    with fx_config.patch(backed_size_oblivious=compiled_engine_loaded):
+        enc = _import(tmp_path, "torch_encoder", (1, 6, 32), "embedding")
+        ctx = _context(enc, tmp_path / "work")
+        report = run_passes([Step("prune-structured", {"ratio": 0.5})], ctx)[0]
     assert report.details["widths"] == {"ffn.0": [64, 32]}
     assert "attention" in report.details["kept"]
 
