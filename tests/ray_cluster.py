@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import os
-import subprocess
+import socket
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,10 +35,18 @@ def private_network() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.unshare(_CLONE_NEWNET) != 0:
         pytest.skip(f"cannot enter a private network namespace: {os.strerror(ctypes.get_errno())}")
-    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    _loopback_up()
     _isolated = True
     os.environ.setdefault("RAY_AUTH_MODE", "token")  # as kiln starts its own clusters (read at `import ray`)
     os.environ.setdefault("RAY_AUTH_TOKEN", os.urandom(32).hex())
+
+
+def _loopback_up() -> None:
+    """``ip link set lo up``, without needing iproute2: SIOCGIFFLAGS, then SIOCSIFFLAGS with IFF_UP."""
+    request = struct.pack("16sH", b"lo", 0)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        flags = struct.unpack("16sH", fcntl.ioctl(s, 0x8913, request)[:18])[1]
+        fcntl.ioctl(s, 0x8914, struct.pack("16sH", b"lo", flags | 0x1))
 
 
 def only_loopback() -> list[str]:

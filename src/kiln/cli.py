@@ -22,6 +22,10 @@ app = typer.Typer(
 )
 
 RepoOpt = Annotated[Path, typer.Option("--repo", "-r", help="model repository directory")]
+RayAddressOpt = Annotated[
+    str | None,
+    typer.Option(help="Ray cluster to join ('auto' or HOST:PORT; implies --ray); default: a private local one"),
+]
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -149,10 +153,7 @@ def predict(
     ray: Annotated[
         bool, typer.Option("--ray", help="run on Ray Data: reading spread over the cluster, engines in actors")
     ] = False,
-    ray_address: Annotated[
-        str | None,
-        typer.Option(help="Ray cluster to join ('auto' or HOST:PORT; implies --ray); default: a private local one"),
-    ] = None,
+    ray_address: RayAddressOpt = None,
     concurrency: Annotated[int, typer.Option(min=1, help="engine actors with --ray")] = 1,
 ) -> None:
     """Predict over files in batches and write one JSON line per instance; bad files are reported and skipped."""
@@ -469,10 +470,7 @@ def serve(
     ray: Annotated[
         bool, typer.Option("--ray", help="run the models' replicas on Ray Serve (kiln[ray]); kiln stays the front end")
     ] = False,
-    ray_address: Annotated[
-        str | None,
-        typer.Option(help="Ray cluster to join ('auto' or HOST:PORT; implies --ray); default: a private local one"),
-    ] = None,
+    ray_address: RayAddressOpt = None,
     emit_config: Annotated[
         Path | None,
         typer.Option(
