@@ -39,7 +39,7 @@ class Result(Generic[T]):
         return self.error is None
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
     """The reason, without the in-batch instance index (the result names its item already)."""
     if isinstance(exc, ProcessingError):
         return f"{exc.op}: {exc.reason}"
@@ -87,7 +87,7 @@ def predict_overlapped(
             futures = [pool.submit(prepare, item, i) for i, item in enumerate(chunk)]
             # Queued after its own instances (the pool is first in, first out), so it only ever waits on
             # work already running: no deadlock, whatever the number of workers.
-            return pool.submit(_collate, chunk, futures, pipeline)
+            return pool.submit(collate, chunk, futures, pipeline)
 
         pending: collections.deque[Future[_Collated[T]]] = collections.deque()
         posts: collections.deque[Future[list[Result[T]]]] = collections.deque()
@@ -102,7 +102,7 @@ def predict_overlapped(
             if not pending:
                 break
             current = pending.popleft()
-            posts.append(_run_collated(current.result(), pipeline, run, pool))
+            posts.append(run_collated(current.result(), pipeline, run, pool))
             while posts and (posts[0].done() or len(posts) > prefetch + 1):
                 yield from posts.popleft().result()
         while posts:
@@ -117,10 +117,10 @@ def _run_one_by_one(
             single = pipeline.collate([p])
             results[i].output = pipeline.postprocess(run(single.inputs), single)[0]
         except Exception as exc:
-            results[i].error = _one_line(exc)
+            results[i].error = one_line(exc)
 
 
-def _collate(items: list[T], futures: list[Future[Prepared]], pipeline: Pipeline) -> _Collated[T]:
+def collate(items: list[T], futures: list[Future[Prepared]], pipeline: Pipeline) -> _Collated[T]:
     """Collate a chunk's good instances (in a worker); an instance that does not fit is dropped alone."""
     results: list[Result[T]] = [Result(item) for item in items]
     good: list[int] = []
@@ -130,7 +130,7 @@ def _collate(items: list[T], futures: list[Future[Prepared]], pipeline: Pipeline
             prepared.append(fut.result())
             good.append(i)
         except Exception as exc:  # a bad file, an undecodable image: this item only
-            results[i].error = _one_line(exc)
+            results[i].error = one_line(exc)
     batch = None
     while good:
         try:
@@ -139,19 +139,19 @@ def _collate(items: list[T], futures: list[Future[Prepared]], pipeline: Pipeline
         except ProcessingError as exc:
             if exc.index is None or not 0 <= exc.index < len(good):
                 for i in good:
-                    results[i].error = _one_line(exc)
+                    results[i].error = one_line(exc)
                 good = []
                 break
-            results[good[exc.index]].error = _one_line(exc)  # drop the instance that does not fit, retry
+            results[good[exc.index]].error = one_line(exc)  # drop the instance that does not fit, retry
             del good[exc.index], prepared[exc.index]
         except Exception as exc:  # a library failing on the batch: its instances fail, the run goes on
             for i in good:
-                results[i].error = _one_line(exc)
+                results[i].error = one_line(exc)
             good = []
     return _Collated(results, good, prepared, batch if good else None)
 
 
-def _run_collated(c: _Collated[T], pipeline: Pipeline, run: RunFn, pool: ThreadPoolExecutor) -> Future[list[Result[T]]]:
+def run_collated(c: _Collated[T], pipeline: Pipeline, run: RunFn, pool: ThreadPoolExecutor) -> Future[list[Result[T]]]:
     """Run the engine here on a collated chunk, and post-process it in the pool."""
     results, good, prepared, batch = c.results, c.good, c.prepared, c.batch
     if batch is None:
@@ -162,7 +162,7 @@ def _run_collated(c: _Collated[T], pipeline: Pipeline, run: RunFn, pool: ThreadP
         outputs = run(batch.inputs)
     except Exception as exc:  # the engine's own errors too (an id past the vocabulary, a NaN check …)
         if len(good) == 1:
-            results[good[0]].error = _one_line(exc)
+            results[good[0]].error = one_line(exc)
         else:  # find the instance at fault: one at a time, so a bad one costs only itself
             _run_one_by_one(results, good, prepared, pipeline, run)
         done = Future()
@@ -174,7 +174,7 @@ def _run_collated(c: _Collated[T], pipeline: Pipeline, run: RunFn, pool: ThreadP
             values = pipeline.postprocess(outputs, batch)
         except Exception as exc:
             for i in good:
-                results[i].error = _one_line(exc)
+                results[i].error = one_line(exc)
             return results
         for i, value in zip(good, values, strict=True):
             results[i].output = value

@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import pickle
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -29,7 +28,7 @@ import numpy as np
 from kiln.batch import Item, Summary, iter_items, load_item
 from kiln.errors import KilnError
 from kiln.processing.pipeline import Pipeline, Prepared
-from kiln.processing.prefetch import Result, _collate, _one_line, _run_collated
+from kiln.processing.prefetch import Result, collate, one_line, run_collated
 
 FEATURE = "kiln predict --ray"
 READER_CPUS = 0.25  # per read-and-pre-process task; unlike the engines' share, so Ray Data keeps the stages apart
@@ -52,30 +51,29 @@ def _input_rank(pipeline: Pipeline) -> int | None:
 
 
 def expand_file(row: dict[str, Any], *, root: str, model: str, version: int) -> list[dict[str, Any]]:
-    """One file reference -> its instances, each ``{"key", "item"}`` (the :class:`Item`, pickled)."""
+    """One file reference -> its instances, each ``{"key", "item"}`` (the :class:`Item`; Ray Data carries it
+    between the cluster's own workers as it carries every Python object)."""
     given, path = str(row["path"]), Path(row["absolute"])
     try:
         items = list(iter_items([path], _input_rank(_pipeline(root, model, version))))
     except Exception as exc:  # anything iter_items does not already turn into an error item
-        items = [Item(str(path), "unknown", path, text=f"cannot read: {_one_line(exc)}")]
+        items = [Item(str(path), "unknown", path, text=f"cannot read: {one_line(exc)}")]
     prefix = len(str(path))
-    return [{"key": given + it.key[prefix:], "item": pickle.dumps(it)} for it in items]
+    return [{"key": given + it.key[prefix:], "item": it} for it in items]
 
 
 def prepare_batch(batch: dict[str, np.ndarray], *, root: str, model: str, version: int) -> dict[str, Any]:
     """Read and pre-process a batch of instances; a bad one gets its reason in ``error``."""
     pipeline = _pipeline(root, model, version)
-    prepared: list[bytes] = []
+    prepared: list[Prepared | None] = []
     errors: list[str] = []
-    for i, blob in enumerate(batch["item"]):
+    for i, item in enumerate(batch["item"]):
         try:
-            item: Item = pickle.loads(blob)
-            p = pipeline.preprocess_instance(load_item(item), i)
-            prepared.append(pickle.dumps((p.value, p.meta)))
+            prepared.append(pipeline.preprocess_instance(load_item(item), i))
             errors.append("")
         except Exception as exc:  # a bad file, an undecodable image: this instance only
-            prepared.append(b"")
-            errors.append(_one_line(exc))
+            prepared.append(None)
+            errors.append(one_line(exc))
     return {"key": list(batch["key"]), "prepared": prepared, "error": errors}
 
 
@@ -100,14 +98,13 @@ class EngineActor:
         good = [i for i, e in enumerate(errors) if e is None]
         futures: list[Future[Prepared]] = []
         for i in good:
-            value, meta = pickle.loads(batch["prepared"][i])
             fut: Future[Prepared] = Future()
-            fut.set_result(Prepared(value, meta))
+            fut.set_result(batch["prepared"][i])
             futures.append(fut)
         results: list[Result[str]] = [Result(k, error=e) for k, e in zip(keys, errors, strict=True)]
         if good:
-            collated = _collate([keys[i] for i in good], futures, self.pipeline)
-            done = _run_collated(collated, self.pipeline, self.predictor.predict, self.pool).result()
+            collated = collate([keys[i] for i in good], futures, self.pipeline)
+            done = run_collated(collated, self.pipeline, self.predictor.predict, self.pool).result()
             for i, r in zip(good, done, strict=True):
                 results[i] = r
         lines = [json.dumps(_record(r)) for r in results]
