@@ -6,12 +6,19 @@ Triton's own (``tritonclient.http`` / ``tritonclient.grpc``, binary tensors on),
 on the same cores as the server. The ``json`` rows are ``tritonclient.http`` with ``binary_data=False``
 on the input and the output: tensors as JSON lists both ways, as clients without the binary extension send.
 
-    .venv/bin/python benchmarks/serve_overhead.py [--seconds 3] [--concurrency 1 4 8 16]
+    .venv/bin/python benchmarks/serve_overhead.py [--seconds 3] [--concurrency 1 4 8 16] [--batching-only]
+
+The batching section serves the same CNN three times from the one server, under ``dynamic_batching``
+``off`` (each request runs as sent), ``auto`` (the default: merge as far as the batch-size curve measured
+at load pays) and ``on`` (merge up to the preferred size whatever it pays), and drives them in turn at
+each concurrency: auto must stay within 3 % of off at concurrency 1 and not fall below it (beyond the same
+3 % of noise) at any concurrency.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import socket
@@ -140,7 +147,8 @@ def drive(
             inp.set_data_from_numpy(x)
             outputs = None
         for _ in range(20):
-            client.infer(model, [inp], outputs=outputs)
+            with contextlib.suppress(Exception):  # refused under overload: counted in the window, not here
+                client.infer(model, [inp], outputs=outputs)
         warmed.wait()
         mine = lat[i]
         while not stop.is_set():
@@ -212,6 +220,43 @@ def drive(
     return len(flat) / elapsed, p50, p99, sum(errors), server_cpu / n * 1e3, client_cpu / n * 1e3
 
 
+BATCHING = ("off", "auto", "on")
+
+
+def batching(url: str, x: np.ndarray, args: argparse.Namespace, pid: int) -> None:
+    """The same CNN under dynamic_batching off, auto and on, driven in turn (binary HTTP) at each concurrency,
+    in rounds so that drift hits them alike; the median round counts."""
+    print("\ndynamic batching, binary HTTP, the same CNN served three times (req/s, p50 ms; median of 3 rounds)")
+    print(f"{'conc':>4} " + " ".join(f"{m + ' req/s':>12} {m + ' p50':>9}" for m in BATCHING) + f" {'auto/off':>9}")
+    checks: list[str] = []
+    for c in args.concurrency:
+        rates: dict[str, list[float]] = {m: [] for m in BATCHING}
+        p50s: dict[str, list[float]] = {m: [] for m in BATCHING}
+        refused = dict.fromkeys(BATCHING, 0)
+        for _ in range(3):
+            for mode in BATCHING:
+                rate, p50, _, errors, _, _ = drive("http", url, x, c, args.seconds / 2, f"cnn-{mode}", pid)
+                refused[mode] += errors
+                rates[mode].append(rate)
+                p50s[mode].append(p50)
+        rate = {m: float(np.median(v)) for m, v in rates.items()}
+        p50 = {m: float(np.median(v)) for m, v in p50s.items()}
+        ratio = rate["auto"] / rate["off"]
+        print(
+            f"{c:>4} "
+            + " ".join(f"{rate[m]:12.1f} {p50[m]:9.3f}" for m in BATCHING)
+            + f" {ratio:9.3f}"
+            + (
+                "   refused (503): " + ", ".join(f"{m} {n}" for m, n in refused.items())
+                if any(refused.values())
+                else ""
+            )
+        )
+        need = "within 3 % of off" if c == 1 else "not below off (3 % noise allowance)"
+        checks.append(f"concurrency {c}: auto ÷ off {ratio:.3f}, needs {need}: {'PASS' if ratio >= 0.97 else 'FAIL'}")
+    print("\n".join(checks))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=3.0)
@@ -219,6 +264,7 @@ def main() -> None:
     ap.add_argument("--max-queue-delay-us", type=int, default=0)
     ap.add_argument("--no-inline", action="store_true", help="always hand requests to the batcher's thread")
     ap.add_argument("--preferred", type=int, default=4, help="preferred batch size (this CNN gains nothing past 4)")
+    ap.add_argument("--batching-only", action="store_true", help="only the batching off / auto / on section")
     args = ap.parse_args()
 
     import kiln
@@ -230,12 +276,17 @@ def main() -> None:
                       input_names=["input"], output_names=["logits"])  # fmt: skip
     kiln.import_model(build_floor_model(work / "floor.onnx"), repo, name="floor")
     repository = Repository(repo)
-    spec = repository.spec("cnn")
     x = np.random.default_rng(0).standard_normal(INPUT_SHAPE).astype(np.float32)
     per_row = batch_scaling(repo, x)
     update: dict[str, Any] = {"max_queue_delay_us": args.max_queue_delay_us, "preferred_batch_sizes": [args.preferred]}
-    serving = spec.serving.model_copy(update=update)
-    repository.save_spec(spec.model_copy(update={"serving": serving}))
+    for mode in BATCHING:  # the same CNN under each dynamic_batching mode, served side by side
+        kiln.import_model(f"{Path(__file__).resolve()}:build_cnn", repo, name=f"cnn-{mode}", input_shapes=[INPUT_SHAPE],
+                          input_names=["input"], output_names=["logits"])  # fmt: skip
+    for name in ("cnn", *(f"cnn-{m}" for m in BATCHING)):
+        spec = repository.spec(name)
+        mode = name.removeprefix("cnn-") if name != "cnn" else spec.serving.dynamic_batching
+        serving = spec.serving.model_copy(update={**update, "dynamic_batching": mode})
+        repository.save_spec(spec.model_copy(update={"serving": serving}))
     print(f"machine: {os.cpu_count()} logical cores, shared; server engine threads: 1; clients in this process")
     print("engine ms per row by batch size: " + ", ".join(f"{b}: {t:.3f}" for b, t in per_row.items()))
     print(f"served with max_batch_size {serving.max_batch_size}, preferred_batch_sizes {serving.preferred_batch_sizes}, "
@@ -273,6 +324,9 @@ def main() -> None:
             f"{'protocol':8} {'conc':>4} {'req/s':>8} {'engine':>8} {'served/engine':>14} {'p50 ms':>8} "
             f"{'engine p50':>10} {'p99 ms':>8} {'errors':>6}"
         )
+        if args.batching_only:
+            batching(urls["http"], x, args, proc.pid)
+            return
         cpu: dict[tuple[str, int], tuple[float, float]] = {}
         for c in args.concurrency:  # protocols alternate, so drift hits them alike
             for protocol in ("http", "grpc", "json", "json1"):
@@ -305,6 +359,7 @@ def main() -> None:
             n = sums["kiln_batch_size_count"]
             print(f"\nserver: mean batch {sums['kiln_batch_size_sum'] / n:.2f} rows over {int(n)} batches, "
                   f"mean engine time per batch {sums['kiln_compute_seconds_sum'] / n * 1e3:.3f} ms")  # fmt: skip
+        batching(urls["http"], x, args, proc.pid)
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(60)

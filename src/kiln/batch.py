@@ -1,6 +1,8 @@
 """Offline batch prediction over files (``kiln predict``): images, text files (one sentence a line) and
 ``.npy`` arrays go through the model's declared pre-processing, the engine and post-processing, in
-batches, with the next batches decoded while the engine runs; each result is one JSON line.
+batches, with the next batches decoded while the engine runs; each result is one JSON line, in input
+order. Sentences are batched by length (within a bounded window: see
+:func:`kiln.processing.prefetch.predict_overlapped`), so a batch of text pads little.
 
 A file that cannot be read or decoded becomes an error record (and a warning), never a silent gap
 and never the end of the run.

@@ -123,6 +123,13 @@ class ServingSettings(BaseModel):
     preferred_batch_sizes: list[int] = Field(default_factory=list)
     max_queue_delay_us: int = Field(default=0, ge=0)
     max_queue_size: int = Field(default=256, ge=1)
+    dynamic_batching: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="merge requests into batches: auto, requests queued behind a busy engine merge (free where "
+        "rows/s is flat, a gain where it rises), but a batch waits (max_queue_delay_us) only for the rows the "
+        "batch-size curve measured at load shows pay on this machine; on, waits for the preferred or maximum "
+        "size whatever it measures; off, each request runs as sent",
+    )
     instances: int = Field(default=1, ge=1)
     response_cache: bool = False
     version_policy: Literal["latest", "all", "specific"] = Field(
@@ -166,6 +173,48 @@ class ServingSettings(BaseModel):
         if self.version_policy == "specific" and not self.versions:
             raise ValueError("version_policy 'specific' needs the list of versions to serve, e.g. versions: [1, 3]")
         return self
+
+
+class InputCheck:
+    """A spec's input rules precomputed for the hot path: a feed that satisfies them passes in a few
+    attribute reads per tensor; anything else goes through :meth:`ModelSpec.validate_inputs`, which
+    raises the error naming the tensor. Build one per loaded model (the spec must not change after)."""
+
+    __slots__ = ("_batched", "_rules", "_spec")
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self._spec = spec
+        self._batched = spec.serving.max_batch_size != 0
+        self._rules = tuple(
+            (t.name, None if t.dtype == "string" else t.numpy_dtype, len(t.shape),
+             tuple((axis, d) for axis, d in enumerate(t.shape) if d != -1))
+            for t in spec.inputs
+        )  # fmt: skip
+
+    def passes(self, inputs: Mapping[str, Any], max_batch: int | None = None) -> bool:
+        """Whether ``inputs`` satisfy the spec (False says nothing of why: validate for the error)."""
+        if (type(inputs) is not dict and not isinstance(inputs, Mapping)) or len(inputs) != len(self._rules):
+            return False
+        batch = -1
+        for name, dtype, rank, fixed in self._rules:
+            arr = inputs.get(name)
+            if type(arr) is not np.ndarray or dtype is None or arr.dtype != dtype or arr.ndim != rank:
+                return False
+            shape = arr.shape
+            for axis, d in fixed:
+                if shape[axis] != d:
+                    return False
+            if self._batched and rank:
+                if batch == -1:
+                    batch = shape[0]
+                elif shape[0] != batch:
+                    return False
+        return max_batch is None or batch <= max_batch
+
+    def __call__(self, inputs: Mapping[str, Any], max_batch: int | None = None) -> None:
+        """Return when ``inputs`` are valid, else raise the :class:`InputError` that names the tensor."""
+        if not self.passes(inputs, max_batch):
+            self._spec.validate_inputs(inputs, max_batch)
 
 
 class ModelSpec(BaseModel):

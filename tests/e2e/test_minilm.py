@@ -77,3 +77,35 @@ def test_v1_predict_with_raw_sentences_matches_the_fp32_original(server: ServerT
 def test_a_bad_instance_is_a_400_naming_it(server: ServerThread) -> None:
     status, body = predict_v1(server, ["fine", {"b64": "aGk="}])
     assert status == 400 and "instance 1" in body["error"] and "string" in body["error"], body
+
+
+def test_kiln_predicts_batches_by_length_with_the_embeddings_of_each_sentence_alone(repo: Path) -> None:
+    """The fp32 reference through ``kiln predict``'s runner: sentences batched by length and padded to the
+    default buckets embed as each sentence run alone at its exact length does."""
+    from kiln.predictor import load
+    from kiln.processing import Pipeline
+    from kiln.processing.prefetch import predict_overlapped
+
+    texts = [*TEXTS, *minilm.sentences()]
+    with load(kiln.Repository(repo), "minilm") as predictor:
+        assert predictor.variant == "reference"  # the fp32 export
+        pipe = Pipeline.from_spec(predictor.spec, root=repo / "minilm" / "1")
+        padding: list[tuple[int, int]] = []
+
+        def run(feed: Any) -> dict[str, np.ndarray]:
+            padding.append((int(feed["attention_mask"].sum(axis=1).max()), feed["input_ids"].shape[1]))
+            return predictor.predict(feed)
+
+        results = list(predict_overlapped(texts, lambda t: t, pipe, run, batch_size=16))
+        assert [r.item for r in results] == texts and all(r.ok for r in results)
+        batched = np.asarray([r.output[minilm.OUTPUT_NAME] for r in results], dtype=np.float64)
+        assert all(longest <= padded <= 1.25 * longest for longest, padded in padding), padding
+
+        tokenizer = pipe.collate_op.tokenizer  # type: ignore[union-attr]
+        alone = []
+        for text in texts:
+            ids = np.asarray([tokenizer.encode(text).ids], dtype=np.int64)  # its exact length, no padding
+            outputs = predictor.predict({"input_ids": ids, "attention_mask": np.ones_like(ids)})
+            alone.append(outputs[minilm.OUTPUT_NAME][0])
+    cosine = cosine_rows(np.asarray(alone, dtype=np.float64), batched)
+    assert cosine.min() >= 0.999, cosine

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import kiln
+import kiln.predictor
 from kiln.processing import Pipeline
 from tests.fixtures import tiny_models
 from tests.fixtures.processing import IMAGE_POST, IMAGE_PRE, WORDS, gradient_image, png_bytes, word_tokenizer
@@ -97,6 +98,59 @@ def test_text_file_one_sentence_a_line_with_mean_pooling(repo: Path, tmp_path: P
         ids = [WORDS.index(w) if w in WORDS else WORDS.index("[UNK]") for w in text.split()]
         want = weights[ids].mean(axis=0)
         np.testing.assert_allclose(rec["output"]["output"], want / np.linalg.norm(want), rtol=1e-5, atol=1e-6)
+
+
+def test_text_of_mixed_lengths_is_batched_by_length_and_written_in_input_order(
+    repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``kiln predict`` groups sentences of similar length into a batch and pads it to the default
+    buckets (at most 1.25x its longest sentence); the JSONL keeps the input order, and each output equals
+    its sentence run alone at its exact length."""
+    tok = word_tokenizer(tmp_path / "tokenizer.json")
+    kiln.import_model(
+        "tests.fixtures.tiny_models:token_embedder", repo, name="emb", input_shapes=[(1, 6), (1, 6)],
+        input_dtypes=["int64", "int64"], dynamic_axes={"input_ids": {1: "seq"}, "attention_mask": {1: "seq"}},
+        assets=[tok], preprocess=[{"op": "tokenize", "args": {"tokenizer": "tokenizer.json"}}],
+        postprocess=[{"op": "mean_pool"}],
+    )  # fmt: skip
+    counts = [3, 27, 1, 14, 9, 30, 2, 17, 8, 22, 5, 11, 19, 4, 25, 6]
+    vocabulary = [*WORDS[2:], "glaze"]  # one word the tokenizer does not know: [UNK]
+    texts = [" ".join(vocabulary[(n * 7 + i) % len(vocabulary)] for i in range(n)) for n in counts]
+    sentences = tmp_path / "mixed.txt"
+    sentences.write_text("\n".join(texts) + "\n")
+
+    batches: list[tuple[list[int], int]] = []  # each engine call's token counts and padded length
+    real_load = kiln.predictor.load
+
+    def recording_load(*args: Any, **kwargs: Any) -> kiln.predictor.Predictor:
+        predictor = real_load(*args, **kwargs)
+        predict = predictor.predict
+
+        def run(feed: Any) -> dict[str, np.ndarray]:
+            batches.append((feed["attention_mask"].sum(axis=1).tolist(), feed["input_ids"].shape[1]))
+            return predict(feed)
+
+        predictor.predict = run  # type: ignore[method-assign]
+        return predictor
+
+    monkeypatch.setattr(kiln.predictor, "load", recording_load)
+    out = tmp_path / "emb.jsonl"
+    assert kiln_main(["predict", "emb", str(sentences), "--repo", str(repo), "-o", str(out), "--batch-size", "4"]) == 0
+    recs = records(out)
+    assert [r["input"] for r in recs] == [f"{sentences}:{i}" for i in range(1, len(texts) + 1)]
+
+    assert sorted(n for rows, _ in batches for n in rows) == sorted(counts) and len(batches) == 4
+    assert [sorted(rows) for rows, _ in batches] == [sorted(counts)[k : k + 4] for k in range(0, 16, 4)]
+    for rows, padded in batches:
+        assert max(rows) <= padded <= 1.25 * max(rows), (rows, padded)
+
+    with real_load(kiln.Repository(repo), "emb") as predictor:
+        pipe = Pipeline.from_spec(predictor.spec, root=repo / "emb" / "1")
+        for rec, text, n in zip(recs, texts, counts, strict=True):
+            ids = np.array([[WORDS.index(w) if w in WORDS else WORDS.index("[UNK]") for w in text.split()]])
+            assert ids.shape == (1, n)
+            alone = pipe.postprocess(predictor.predict({"input_ids": ids, "attention_mask": np.ones_like(ids)}))
+            np.testing.assert_allclose(rec["output"]["output"], alone[0]["output"], rtol=1e-5, atol=1e-6)
 
 
 def kiln_main(argv: list[str]) -> int:

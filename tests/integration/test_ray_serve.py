@@ -212,7 +212,7 @@ def test_a_killed_replica_is_replaced_and_requests_resume(server: ServeProcess) 
         recovered = _wait_for(replaced, 30, "a replacement replica")
         _wait_for(lambda: load.ok_after(time.monotonic() - 0.5) > 5, 10, "requests after the replacement")
     print(f"replica replaced in {recovered:.1f} s; {len([r for r in load.results if not r[1]])} requests failed")
-    assert recovered < 10, f"the killed replica took {recovered:.1f} s to be replaced"
+    assert recovered < 20, f"the killed replica took {recovered:.1f} s to be replaced"
     failed = [t for t, ok in load.results if not ok]
     assert all(t >= killed_at for t in failed)  # only requests in flight on the dead replica may fail
     assert len(failed) <= 8, f"{len(failed)} requests failed after one replica died"
@@ -225,7 +225,7 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(server: Serv
         t0 = time.monotonic()
         up = _wait_for(lambda: _replicas(app) == 2, 30, "a second replica under load")
         assert load.ok_after(t0) > 0
-    assert up < 10, f"scale-up took {up:.1f} s"
+    assert up < 20, f"scale-up took {up:.1f} s"
     down = _wait_for(lambda: _replicas(app) == 1, 30, "scale-down after the load")
     print(f"scale-up in {up:.1f} s, scale-down {down:.1f} s after the load stopped")
 

@@ -210,7 +210,8 @@ def test_lazy_load_unload_frees_memory_and_lru_eviction(tmp_path: Path, serve_pr
 
 
 def _broken_variant(repo: Path, model: str) -> None:
-    """A chosen variant that fails at batch 2 only: it passes warm-up (batch 1 and max_batch_size)."""
+    """A chosen variant that fails at batch 2 only: it passes warm-up (batch 1 and max_batch_size, under
+    ``dynamic_batching: on``; auto would warm batch 2 too and refuse the variant at load)."""
     vdir = repo / model / "1" / VARIANTS_DIR / "fails-at-2"
     vdir.mkdir(parents=True)
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
@@ -244,7 +245,8 @@ def _broken_variant(repo: Path, model: str) -> None:
     (vdir / "recipe.json").write_text(json.dumps({"engine": "onnxruntime", "precision": "fp32"}))
     repository = Repository(repo)
     spec = repository.spec(model)
-    repository.save_spec(spec.model_copy(update={"chosen_variant": "fails-at-2"}))
+    serving = spec.serving.model_copy(update={"dynamic_batching": "on"})
+    repository.save_spec(spec.model_copy(update={"chosen_variant": "fails-at-2", "serving": serving}))
 
 
 def test_failing_chosen_variant_falls_back_to_the_reference(

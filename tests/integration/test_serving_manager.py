@@ -187,7 +187,8 @@ def test_the_reference_loads_and_warms_with_the_model_shared_by_instances_and_co
         sv = await service.resolve("m", None)
         assert [r["variant"] for r in loads] == ["gate", "gate", "reference"]  # one reference for both
         assert all(r["thread"] != loop_thread for r in loads)  # loaded off the event loop
-        assert len(loads[2]["runs"]) == 2  # warmed at batch 1 and 32 before the model reported ready
+        # warmed at batch 1, 2, 4 … 32 (dynamic_batching auto traces the curve) before the model reported ready
+        assert len(loads[2]["runs"]) == 6
         gate_bytes = (repo / "m" / "1" / VARIANTS_DIR / "gate" / "gate.json").stat().st_size  # what the engine reads
         onnx_bytes = (repo / "m" / "1" / "model.onnx").stat().st_size
         assert sv.memory_bytes == 2 * gate_bytes + onnx_bytes
@@ -206,16 +207,20 @@ def test_the_reference_loads_and_warms_with_the_model_shared_by_instances_and_co
 
 def test_warm_up_runs_the_largest_preferred_size_and_max_batch_size(tmp_path: Path) -> None:
     repo = _repo(tmp_path, 1)
-    add_gate_variant(repo, "m", max_batch_size=8, preferred_batch_sizes=[4, 2])  # unsorted on purpose
-    service = _service(repo)
+    add_gate_variant(repo, "m", max_batch_size=8, preferred_batch_sizes=[4, 2], dynamic_batching="on")  # unsorted
 
     async def scenario() -> None:
+        service = _service(repo)
         await service.manager.start()
         await service.manager.close()
 
     with gate() as g:
         asyncio.run(scenario())
-        assert g.rows == [1, 1, 4, 4, 8, 8]  # each size twice: the second, warm run is timed
+        assert g.rows == [1] * 6 + [4] * 6 + [8] * 6  # each size warmed, then timed (5 runs: the gate takes no time)
+    add_gate_variant(repo, "m", max_batch_size=8, dynamic_batching="auto")  # the powers of two as well
+    with gate() as g:
+        asyncio.run(scenario())
+        assert g.rows == [1] * 6 + [2] * 6 + [4] * 6 + [8] * 6
 
 
 def test_metric_series_of_retired_versions_go_with_them(tmp_path: Path) -> None:

@@ -346,3 +346,76 @@ def test_a_batch_runs_with_its_requests_ids_in_the_worker_threads_log_context() 
         batcher.close()
     assert runner.batches == [1, 2]
     assert seen == ["first", "second,third"]
+
+
+# ---- batching that earns its place: merge only as far as the measured curve pays ----------------------
+def test_merge_limit_follows_the_measured_batch_size_curve() -> None:
+    from kiln.execution.admission import merge_limit
+
+    flat = {1: 4e-3, 2: 8e-3, 4: 16.1e-3, 8: 32e-3, 16: 64e-3}  # a CPU CNN: the same rows/s at any size
+    assert merge_limit(flat) == 1
+    knee = {1: 4e-3, 2: 4.4e-3, 4: 5e-3, 8: 8e-3, 16: 16e-3, 32: 32e-3}  # a GPU: pays up to 8, then flat
+    assert merge_limit(knee) == 8
+    tiny = {1: 20e-6, 2: 40e-6, 4: 80e-6, 8: 160e-6}  # engine time flat per row, but the per-batch cost dominates
+    assert merge_limit(tiny) > 1
+    assert merge_limit({}) == 1 and merge_limit({1: 0.0}) == 1
+
+
+def test_merge_cap_stops_where_larger_batches_lose_rows_per_second() -> None:
+    from kiln.execution.admission import merge_cap
+
+    falling = {1: 1 / 858, 2: 2 / 859, 4: 4 / 840, 8: 8 / 801, 16: 16 / 751, 32: 32 / 809}  # measured here
+    assert merge_cap(falling, overhead_s=0) == 4
+    rising = {1: 4e-3, 2: 4.4e-3, 4: 5e-3, 8: 8e-3, 16: 16e-3, 32: 32e-3}  # flat from 8 on: merging is free
+    assert merge_cap(rising, overhead_s=0) == 32
+    assert merge_cap({}) == 1
+
+
+def test_merge_rows_one_never_merges_nor_waits_yet_runs_a_large_request_whole() -> None:
+    clock = FakeClock()
+    q = BatchQueue("m", BatchPolicy(max_batch_size=8, max_queue_delay_s=1.0, merge_rows=1))
+    big, a, b = _req(clock, rows=5), _req(clock), _req(clock)
+    for r in (big, a, b):
+        q.put(r)
+    for want in (big, a, b):  # one request per batch, each leaving at once despite the 1 s delay
+        take = q.take(clock())
+        assert take.batch == [want] and take.wait_s is None
+
+
+def test_merge_rows_caps_a_merged_batch_below_max_batch() -> None:
+    clock = FakeClock()
+    q = BatchQueue("m", BatchPolicy(max_batch_size=8, merge_rows=2))
+    reqs = [_req(clock, tag=i) for i in range(5)]
+    for r in reqs:
+        q.put(r)
+    assert [len(q.take(clock()).batch) for _ in range(3)] == [2, 2, 1]
+
+
+def test_auto_wait_sets_the_rows_a_batch_waits_for_from_the_warm_up_curve() -> None:
+    runner = GatedRunner()
+    batcher = Batcher("m", [runner], BatchPolicy(max_batch_size=16, max_queue_delay_s=1.0, auto_wait=True))
+    batcher.seed({1: 4e-3, 2: 8e-3, 16: 64e-3})  # flat: waiting for more rows gains nothing
+    assert batcher.policy.wait_rows == 1 and batcher.queue.policy.wait_rows == 1
+    assert batcher.policy.merge_limit == 16  # merging what is queued costs nothing
+    clock = FakeClock()
+    q = batcher.queue
+    a = _req(clock)
+    q.put(a)
+    take = q.take(clock())  # alone, with a 1 s delay configured: leaves at once
+    assert take.batch == [a] and take.wait_s is None
+    reqs = [_req(clock, tag=i) for i in range(3)]
+    for r in reqs:
+        q.put(r)
+    assert q.take(clock()).batch == reqs  # queued behind a busy engine: still merged (free when flat)
+    fixed = Batcher("m", [runner], BatchPolicy(max_batch_size=16))  # dynamic_batching: on
+    fixed.seed({1: 4e-3, 2: 8e-3, 16: 64e-3})
+    assert fixed.policy.wait_rows == 0
+
+
+def test_auto_batching_warms_the_powers_of_two_that_trace_the_curve() -> None:
+    from kiln.execution.instances import warmup_sizes
+    from kiln.spec import ServingSettings
+
+    assert warmup_sizes(ServingSettings(max_batch_size=32)) == [1, 2, 4, 8, 16, 32]
+    assert warmup_sizes(ServingSettings(max_batch_size=32, dynamic_batching="on")) == [1, 32]
+    assert warmup_sizes(ServingSettings(max_batch_size=0)) == [1]

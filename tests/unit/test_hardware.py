@@ -89,3 +89,13 @@ def test_cgroup_quota_is_read_from_v2_and_v1_files(tmp_path: Path) -> None:
     (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("200000\n")
     (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
     assert _cgroup_cpus(tmp_path) == 2.0
+
+
+def test_int8_saturates_on_x86_without_vnni_only() -> None:
+    from kiln.hardware import int8_saturates
+
+    assert int8_saturates({"avx2", "fma"})  # ONNX Runtime's u8s8 kernels overflow: 7-bit weights
+    assert int8_saturates({"avx2", "avx512f", "avx512bw"})
+    assert not int8_saturates({"avx2", "avx512f", "avx512_vnni"})
+    assert not int8_saturates({"avx2", "avx_vnni"})
+    assert not int8_saturates({"asimd", "fp"})  # ARM

@@ -1,9 +1,11 @@
-"""The overlapped runner: order, isolation of bad items, and real overlap of decode with the engine."""
+"""The overlapped runner: order, isolation of bad items, real overlap of decode with the engine, and text
+batched by length."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ import pytest
 from kiln.processing import Pipeline
 from kiln.processing.prefetch import predict_overlapped
 from kiln.spec import ModelSpec
+from tests.fixtures.processing import WORDS, word_tokenizer
 
 SPEC = ModelSpec.model_validate({
     "name": "m",
@@ -147,3 +150,87 @@ def test_collation_runs_in_the_workers_not_on_the_engine_thread(monkeypatch: pyt
     results = list(predict_overlapped(range(12), ok, pipe, double, batch_size=4, workers=2, prefetch=1))
     assert all(r.ok for r in results) and len(threads) == 3
     assert all(name.startswith("kiln-prep") for name in threads), threads
+
+
+# ---- text: batched by length, results in input order ----------------------------------------------------
+@pytest.fixture
+def text_pipe(tmp_path: Path) -> Pipeline:
+    spec = ModelSpec.model_validate({
+        "name": "t",
+        "inputs": [{"name": "input_ids", "dtype": "int64", "shape": [-1, -1]},
+                   {"name": "attention_mask", "dtype": "int64", "shape": [-1, -1]}],
+        "outputs": [{"name": "n", "dtype": "int64", "shape": [-1]}],
+        "preprocess": [{"op": "tokenize", "args": {"tokenizer": "tokenizer.json", "max_length": 64}}],
+    })  # fmt: skip
+    word_tokenizer(tmp_path / "tokenizer.json")
+    return Pipeline.from_spec(spec, root=tmp_path)
+
+
+def sentence(n: int) -> str:
+    return " ".join(WORDS[2 + i % 8] for i in range(n))  # n known words: n tokens
+
+
+class CountTokens:
+    """An engine that answers each row's token count, and records each batch's lengths and padding."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[list[int], int]] = []
+
+    def __call__(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        counts = feed["attention_mask"].sum(axis=1)
+        self.batches.append((counts.tolist(), feed["input_ids"].shape[1]))
+        return {"n": counts}
+
+
+def test_text_is_batched_by_length_and_comes_back_in_input_order(text_pipe: Pipeline) -> None:
+    lengths = np.random.default_rng(0).permutation(np.arange(1, 41)).tolist()
+    engine = CountTokens()
+    results = list(predict_overlapped(lengths, sentence, text_pipe, engine, batch_size=4, workers=2, prefetch=1))
+    assert [r.item for r in results] == lengths
+    assert [r.output for r in results] == [{"n": n} for n in lengths]  # each result is its own sentence's
+    assert [sorted(rows) for rows, _ in engine.batches] == [list(range(k, k + 4)) for k in range(1, 41, 4)]
+    for rows, padded in engine.batches:
+        assert max(rows) <= padded <= 1.25 * max(rows)
+    assert sum(len(rows) * padded for rows, padded in engine.batches) <= 1.2 * sum(lengths)
+
+
+def test_text_is_sorted_only_within_a_bounded_window(text_pipe: Pipeline) -> None:
+    lengths = np.random.default_rng(1).permutation(np.arange(1, 25)).tolist()
+    engine = CountTokens()
+    results = list(predict_overlapped(lengths, sentence, text_pipe, engine, batch_size=2, sort_window=3))
+    assert [r.output for r in results] == [{"n": n} for n in lengths]
+    place = {n: i for i, n in enumerate(lengths)}
+    windows = [{place[n] // 6 for n in rows} for rows, _ in engine.batches]
+    assert all(len(w) == 1 for w in windows)  # a batch never mixes two windows of 3 batches
+    assert [w.pop() for w in windows] == [k for k in range(4) for _ in range(3)]  # and windows go in order
+    for k in range(4):
+        window = [row for rows, _ in engine.batches[3 * k : 3 * k + 3] for row in rows]
+        assert window == sorted(lengths[6 * k : 6 * k + 6])
+
+
+def test_bad_text_fails_alone_when_sorted(text_pipe: Pipeline) -> None:
+    values: list[object] = [sentence(5), 7, sentence(1), "pots \ud800", sentence(3), sentence(9)]
+    results = list(predict_overlapped(values, lambda v: v, text_pipe, CountTokens(), batch_size=2))
+    assert [r.item for r in results] == values
+    assert results[1].error == "tokenize: expected a string, got int"
+    assert results[3].error is not None and results[3].error.startswith("tokenize: not valid Unicode text")
+    assert [r.output for i, r in enumerate(results) if i not in (1, 3)] == [{"n": 5}, {"n": 1}, {"n": 3}, {"n": 9}]
+
+
+def test_the_next_window_is_prepared_while_the_engine_runs(text_pipe: Pipeline) -> None:
+    next_window_loaded = threading.Event()
+    overlapped: list[bool] = []
+
+    def loader(i: int) -> str:
+        if i >= 4:
+            next_window_loaded.set()
+        return sentence(i + 1)
+
+    def run(feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not overlapped:
+            overlapped.append(next_window_loaded.wait(timeout=20))
+        return {"n": feed["attention_mask"].sum(axis=1)}
+
+    results = list(predict_overlapped(range(8), loader, text_pipe, run, batch_size=2, prefetch=1, sort_window=2))
+    assert overlapped == [True]
+    assert [r.output for r in results] == [{"n": i + 1} for i in range(8)]

@@ -12,7 +12,7 @@ import pytest
 from kiln.errors import ProcessingError, SpecError
 from kiln.processing import Batch, Pipeline, known_ops
 from kiln.processing.detection import anchor_points, batched_nms, nms
-from kiln.processing.text import bucket_length
+from kiln.processing.text import bucket_length, default_buckets
 from kiln.spec import ModelSpec
 from tests.fixtures.processing import WORDS, gradient_image, png_bytes, word_tokenizer
 
@@ -238,6 +238,49 @@ def test_tokenize_truncates_and_rejects_non_text(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("longest", "want"), [(1, 8), (8, 8), (9, 16), (100, 128), (500, 128)])
 def test_bucket_length(longest: int, want: int) -> None:
     assert bucket_length(longest, [8, 16, 32, 64, 128], 128) == want
+
+
+@pytest.mark.parametrize("max_length", [1, 5, 8, 9, 10, 16, 17, 100, 128, 130, 256, 512, 1000])
+def test_default_buckets_never_pad_past_a_quarter_more_than_the_longest(max_length: int) -> None:
+    buckets = default_buckets(max_length)
+    assert buckets == sorted(set(buckets)) and buckets[-1] == max_length and buckets[0] >= 1
+    for longest in range(1, max_length + 1):
+        padded = bucket_length(longest, buckets, max_length)
+        assert longest <= padded <= max_length
+        assert padded == longest if longest <= 8 else padded / longest <= 1.25, (longest, padded)
+    assert bucket_length(max_length + 50, buckets, max_length) == max_length  # truncated texts fit the last
+
+
+def test_default_buckets_stay_few() -> None:
+    assert default_buckets(128) == [*range(1, 9), 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128]
+    assert len(default_buckets(512)) == 8 + 4 * 6  # four shapes per doubling past 8
+    with pytest.raises(ValueError, match="max_length must be at least 1"):
+        default_buckets(0)
+
+
+def test_tokenize_pads_to_the_default_buckets_unless_the_spec_names_some(tmp_path: Path) -> None:
+    tok = word_tokenizer(tmp_path / "tokenizer.json")
+    nine = "the kiln fires clay pots slowly hot cold the"
+    default = Pipeline.from_spec(text_spec(tok, max_length=32), root=tmp_path)
+    assert default.preprocess([nine, "hot"]).inputs["input_ids"].shape == (2, 10)  # 9 tokens: bucket 10
+    assert default.preprocess(["hot pots cold"]).inputs["input_ids"].shape == (1, 3)  # exact up to 8
+    explicit = Pipeline.from_spec(text_spec(tok, max_length=32, buckets=[16, 4]), root=tmp_path)
+    assert explicit.preprocess([nine]).inputs["input_ids"].shape == (1, 16)
+    assert explicit.preprocess(["hot"]).inputs["input_ids"].shape == (1, 4)
+    assert explicit.preprocess([" ".join([nine] * 3)]).inputs["input_ids"].shape == (1, 32)  # past 16: max_length
+    assert default.sorts_by_length and default.length(nine) == 9 and default.length(7) == 0
+    assert not image_pipeline({"op": "decode_image"}).sorts_by_length  # images keep their order
+
+
+def test_the_servers_text_preprocessing_pads_to_the_default_buckets(tmp_path: Path) -> None:
+    from kiln.serving.raw import RawModel
+
+    tok = word_tokenizer(tmp_path / "tokenizer.json")
+    raw = RawModel.build(text_spec(tok, max_length=64), tmp_path)
+    sentences = [" ".join(["clay"] * n) for n in (3, 17, 9)]
+    batch = raw.preprocess([sentences[0], sentences[1].encode(), sentences[2]])  # V2 sends UTF-8 bytes
+    assert batch.inputs["input_ids"].shape == (3, 20)  # longest 17 -> 20, where powers of two gave 32
+    assert [m["tokens"] for m in batch.meta] == [3, 17, 9]
 
 
 def test_minilm_tokenizer_from_its_package_matches_its_vocabulary(tmp_path: Path) -> None:

@@ -99,7 +99,8 @@ def measure_variant(
     host, gpu = host_meter(), GpuMeter(config.device, variant.engine)
     with host, gpu:
         t0 = time.perf_counter()
-        predictor = open_variant(variant, device=config.device, threads=config.threads)
+        predictor = open_variant(variant, device=config.device, threads=config.threads,
+                                 batch_sizes=tuple(config.batch_sizes))  # fmt: skip
         load_s = time.perf_counter() - t0
         result = VariantBench(
             variant=variant.id, engine=predictor.engine.name, precision=predictor.engine.options.precision,

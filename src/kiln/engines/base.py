@@ -45,6 +45,9 @@ class EngineOptions:
     precision: Precision = "fp32"
     intra_op_threads: int | None = None  # default: physical cores (or KILN_NUM_THREADS)
     run: Mapping[str, Any] | RunOptions = field(default_factory=dict)
+    # The batch sizes it will mostly run (batch 1, the serving preferred sizes, the bench's sizes): an engine
+    # may compile a static shape for each (OpenVINO does), its dynamic model serving every other size.
+    batch_sizes: tuple[int, ...] = ()
 
 
 class RunOptions(BaseModel):

@@ -8,7 +8,7 @@ their arguments and the time they are given, so that tests drive them with a fak
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 AUTO = "auto"
@@ -75,6 +75,46 @@ def expected_wait(
         batch = min(queued_rows, max_batch_size) if max_batch_size else 1
         left += times.batch_seconds(batch) * queued_rows / batch
     return left / instances
+
+
+MERGE_GAIN = 0.05  # a larger batch must raise rows/s by this much over the best smaller one to be worth forming
+BATCH_OVERHEAD_S = 50e-6  # the server's own cost per executed batch (queue, hand-off, split), paid once a batch
+
+
+def merge_limit(seconds_by_rows: Mapping[int, float], gain: float = MERGE_GAIN,
+                overhead_s: float = BATCH_OVERHEAD_S) -> int:  # fmt: skip
+    """The batch size worth waiting for, from the measured engine time per batch size (plus the server's
+    own cost per batch): the smallest size whose rows/s no larger size beats by more than ``gain``. 1 when
+    batching does not pay on this engine (the CNNs of this CPU: the same rows/s at any size), so a request
+    never waits for others; where batching pays (a GPU, a large matmul, a model so small that the
+    per-batch cost dominates) the size past which it stops paying."""
+    rates = sorted((n, n / (t + overhead_s)) for n, t in seconds_by_rows.items() if n >= 1 and t > 0)
+    if not rates:
+        return 1
+    best = max(r for _, r in rates)
+    for n, r in rates:
+        if r * (1 + gain) >= best:
+            return n
+    return rates[-1][0]
+
+
+def merge_cap(seconds_by_rows: Mapping[int, float], gain: float = MERGE_GAIN,
+              overhead_s: float = BATCH_OVERHEAD_S) -> int:  # fmt: skip
+    """The largest batch worth forming from queued requests: the sizes up to it all keep rows/s within
+    ``gain`` of the best measured, so merging there costs nothing; past it (a CPU whose caches a large
+    batch overflows) rows/s falls, and requests are better run in smaller batches."""
+    rates = sorted((n, n / (t + overhead_s)) for n, t in seconds_by_rows.items() if n >= 1 and t > 0)
+    if not rates:
+        return 1
+    best = max(r for _, r in rates)
+    cap, near_best = rates[0][0], False
+    for n, r in rates:
+        if r * (1 + gain) >= best:
+            near_best = True
+        elif near_best:  # rows/s falls away from the best: larger batches cost
+            break
+        cap = n  # on the rising part of the curve, or near the best
+    return cap
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,21 @@ class BatchPolicy:
     queue_budget_s: float | str | None = None
     compute_timeout_s: float | None = None  # a batch running longer is answered with an error
     fail_after: int = 0  # failed batches in a row before on_unhealthy; 0: never
+    # The rows a merged batch may reach (0: max_batch_size). 1 never merges: each request runs as sent
+    # (dynamic_batching: off). A single request larger than this still runs whole.
+    merge_rows: int = 0
+    # The rows a batch waits for under ``max_queue_delay_s`` (0: the largest preferred size, else
+    # max_batch_size): past the size where batching stops raising rows/s, waiting only adds latency.
+    wait_rows: int = 0
+    # Whether the batcher sets ``wait_rows`` and ``merge_rows`` from the batch-size curve it measures at warm-up.
+    auto_wait: bool = False
+
+    @property
+    def merge_limit(self) -> int:
+        """The rows a batch formed from several requests may reach."""
+        if self.max_batch_size == 0:
+            return 1
+        return min(self.merge_rows, self.max_batch_size) if self.merge_rows else self.max_batch_size
 
 
 @dataclass
@@ -94,12 +109,13 @@ class BatchQueue:
         # whose non-batch dims differ from the head's (padded texts, other image sizes): they go next.
         prefix: list[Pending] = []
         rows = 0
+        limit = p.merge_limit
         full = False  # the next request does not fit: waiting cannot make this batch larger
         head_dims: tuple[tuple[int, ...], ...] = ()
         for item in self._q:
             if item.cancelled or (item.deadline is not None and item.deadline <= now):
                 continue
-            if prefix and rows + item.rows > p.max_batch_size:
+            if prefix and rows + item.rows > limit:
                 full = True
                 break
             if not prefix:
@@ -108,7 +124,9 @@ class BatchQueue:
                 continue
             prefix.append(item)
             rows += item.rows
-        target = max(p.preferred_batch_sizes) if p.preferred_batch_sizes else p.max_batch_size
+        target = min(max(p.preferred_batch_sizes) if p.preferred_batch_sizes else p.max_batch_size, limit)
+        if p.wait_rows:
+            target = min(target, p.wait_rows)
         oldest = self._q[0].enqueued
         if rows < target and not full and p.max_queue_delay_s > 0 and now < oldest + p.max_queue_delay_s:
             out.wait_s = oldest + p.max_queue_delay_s - now

@@ -27,6 +27,7 @@ marks the model not ready and reloads it).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -49,7 +50,7 @@ from kiln.errors import (
     ShuttingDownError,
     first_line,
 )
-from kiln.execution.admission import OVERLOAD_S, ServiceTimes, expected_wait, queue_budget
+from kiln.execution.admission import OVERLOAD_S, ServiceTimes, expected_wait, merge_cap, merge_limit, queue_budget
 from kiln.execution.batch_queue import (
     BatchPolicy,
     BatchQueue,
@@ -192,7 +193,7 @@ class Batcher:
 
     def _expected_wait(self, now: float) -> float:
         running = [(r.started, r.rows) for r in self._running.values() if not r.timed_out]
-        return expected_wait(now, running, self.queue.rows, len(self.runners), self.times, self.policy.max_batch_size)
+        return expected_wait(now, running, self.queue.rows, len(self.runners), self.times, self.policy.merge_limit)
 
     def _admit(self, now: float, rows: int, budget_s: float | None) -> None:
         """Raise :class:`OverloadedError` unless the request's wait fits its budget: ``budget_s`` (the
@@ -255,11 +256,24 @@ class Batcher:
             return self._lent
 
     def seed(self, seconds_by_rows: Mapping[int, float]) -> None:
-        """Start the estimates from warm-up times per batch size (the batch-1 time decides inline runs)."""
+        """Start the estimates from warm-up times per batch size (the batch-1 time decides inline runs);
+        with ``auto_wait`` the batch-size curve they trace sets how many rows a batch waits for, and how
+        many queued rows merge into one."""
         for rows, seconds in seconds_by_rows.items():
             self.times.record(rows, seconds)
         if 1 in seconds_by_rows:
             self.row_seconds = seconds_by_rows[1]
+        if self.policy.auto_wait and self.policy.max_batch_size > 1 and len(seconds_by_rows) > 1:
+            rows, cap = merge_limit(seconds_by_rows), merge_cap(seconds_by_rows)
+            self.policy = dataclasses.replace(self.policy, wait_rows=rows, merge_rows=cap)
+            self.queue.policy = self.policy
+            rates = ", ".join(f"{n}: {n / t:,.0f}" for n, t in sorted(seconds_by_rows.items()) if t > 0)
+            log.info(
+                "%s: batching raises rows/s up to %d rows (%s), so a batch waits for no more; queued requests "
+                "merge up to %d rows, past which rows/s falls; rows/s by batch size: %s",
+                self._name, rows, "not at all on this engine" if rows == 1 else "little past it", cap, rates,
+                extra={"model": self._name, "wait_rows": rows, "merge_rows": cap},
+            )  # fmt: skip
 
     def record_compute(self, seconds: float, rows: int) -> None:
         """Fold one batch's engine time into the estimates (per row for inline runs, per size for admission)."""

@@ -189,6 +189,7 @@ class _Search:
         self.split = split
         self.metric = metric
         self.threads = threads
+        self.batch_sizes = (1, config.batch_size)  # what the variants are timed at: static shapes for both
         self.progress = progress or (lambda what, done, total: None)
         self.reference: accuracy.Outputs | None = None
         self.detect = _detector(spec, vdir, split.validation) if metric == "map50" else None
@@ -320,7 +321,9 @@ class _Search:
                 r = v.recipe
                 if r is None:  # filtered above; keeps the type checker informed
                     continue
-                options = EngineOptions(r.device, r.precision, self.threads, run=dict(r.options))
+                options = EngineOptions(
+                    r.device, r.precision, self.threads, run=dict(r.options), batch_sizes=self.batch_sizes
+                )
                 engine = load_engine(r.engine, self._variant(v.id).path, self.spec, options)
                 engines.append(engine)
                 for _ in range(3):  # warm-up (compiles again for torch.compile variants)
@@ -386,7 +389,8 @@ class _Search:
             return self.repository.save_stage(model, number, key, staging, reports), reports
 
     def _measure(self, recipe: Recipe, variant: Variant, result: VariantResult, say: Callable[[str], None]) -> None:
-        options = EngineOptions(recipe.device, recipe.precision, self.threads, run=dict(recipe.options))
+        options = EngineOptions(recipe.device, recipe.precision, self.threads, run=dict(recipe.options),
+                                batch_sizes=self.batch_sizes)  # fmt: skip
         with host_meter() as meter:  # peak memory over the load and the timing at batch 1 and N, as the bench meters
             t0 = time.perf_counter()
             engine = load_engine(recipe.engine, variant.path, self.spec, options)

@@ -129,11 +129,25 @@ def result_table(result: OptimizeResult, show_skipped: bool = False) -> Table:
     return table
 
 
+def plain_runtime_ratio(result: OptimizeResult) -> float | None:
+    """The chosen variant's speed against plain ONNX Runtime fp32 (the best plain runtime, what a user
+    gets without kiln) on the search's objective, when that variant was timed."""
+    chosen = result.chosen_variant
+    plain = next((v for v in result.variants if v.timing is not None and v.recipe is not None
+                  and v.recipe.engine == "onnxruntime" and v.recipe.precision == "fp32" and v.recipe.int8 is None
+                  and not v.recipe.passes and not v.recipe.options), None)  # fmt: skip
+    if chosen is None or plain is None or chosen.timing is None:
+        return None
+    return (plain.objective(result.objective) or 0) / (chosen.objective(result.objective) or 1)
+
+
 def summary_lines(result: OptimizeResult) -> list[str]:
     chosen = result.chosen_variant
     lines = []
     if chosen is not None:
         speed = f", {chosen.speedup:.2f}× the baseline" if chosen.speedup else ""
+        plain = plain_runtime_ratio(result)
+        speed += f", {plain:.2f}× plain ONNX Runtime fp32" if plain is not None else ""
         lines.append(f"chosen: [bold]{chosen.label}[/] ({chosen.id}){speed}; `kiln.load` now uses it by default")
         base = next((v for v in result.variants if v.id == result.baseline), None)
         if base is not None and base is not chosen and base.size is not None and chosen.size is not None:

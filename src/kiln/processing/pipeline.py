@@ -71,6 +71,16 @@ class Pipeline:
         """Whether the spec declares pre-processing (raw images or text in) rather than tensors."""
         return bool(self.instance_ops) or self.collate_op is not None
 
+    @property
+    def sorts_by_length(self) -> bool:
+        """Whether batches should hold instances of similar :meth:`length` (text, padded to a batch's
+        longest sentence); images and arrays stack at one shape and keep their order."""
+        return self.collate_op is not None and self.collate_op.sorts_by_length
+
+    def length(self, value: Any) -> int:
+        """The sort key of a prepared instance's value (a sentence's token count); see :attr:`sorts_by_length`."""
+        return self.collate_op.length(value) if self.collate_op is not None else 0
+
     # ---- pre-processing --------------------------------------------------------------------------------
     def preprocess_instance(self, raw: Any, index: int = 0) -> Prepared:
         """Run the per-instance steps on one raw instance; errors name ``index`` and the failing op."""

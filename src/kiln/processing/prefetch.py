@@ -4,7 +4,8 @@ the current one, and post-process finished batches there too.
 The engine runs on the calling thread (ONNX Runtime and PyTorch release the GIL while they compute);
 instance loading and decoding (Pillow releases the GIL while it inflates a PNG) and collation (where a
 text model's tokenizer runs) happen in a thread pool, up to ``prefetch`` batches ahead. A bad instance
-fails alone: its result carries the error and the rest of its batch goes on.
+fails alone: its result carries the error and the rest of its batch goes on. Text is batched by length
+within a bounded window (a batch is padded to its longest sentence), and results come in input order.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from __future__ import annotations
 import collections
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import numpy as np
@@ -57,6 +58,44 @@ class _Collated(Generic[T]):
     batch: Batch | None
 
 
+SORT_WINDOW = 16
+"""How many batches of text are sorted by length together: enough to find similar lengths, few enough
+that memory stays bounded and results keep streaming."""
+
+
+@dataclass
+class _Chunk(Generic[T]):
+    """Up to a batch of items on their way: their places in the input, and their ``prepare`` futures."""
+
+    places: list[int]
+    items: list[T]
+    futures: list[Future[Prepared]]
+
+
+@dataclass
+class _Window(Generic[T]):
+    """Items of several batches being prepared, and each one's length once prepared (the sort key)."""
+
+    start: int
+    items: list[T] = field(default_factory=list)
+    futures: list[Future[Prepared]] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+
+
+class _InOrder(Generic[T]):
+    """Results that may finish out of order, given back in input order as soon as they can be."""
+
+    def __init__(self) -> None:
+        self.waiting: dict[int, Result[T]] = {}
+        self.next = 0
+
+    def add(self, places: list[int], results: list[Result[T]]) -> Iterator[Result[T]]:
+        self.waiting.update(zip(places, results, strict=True))
+        while self.next in self.waiting:
+            yield self.waiting.pop(self.next)
+            self.next += 1
+
+
 def predict_overlapped(
     items: Iterable[T],
     load: Callable[[T], Any],
@@ -65,48 +104,95 @@ def predict_overlapped(
     batch_size: int = 32,
     workers: int = 2,
     prefetch: int = 2,
+    sort_window: int = SORT_WINDOW,
 ) -> Iterator[Result[T]]:
     """Yield one :class:`Result` per item, in order.
 
     ``load(item)`` reads a raw instance (file bytes, a sentence, an array) in a worker thread; the
     pipeline's per-instance steps follow it there; ``run`` (the engine) gets each collated batch on
     this thread; post-processing goes back to the workers.
+
+    When the pipeline pads a batch to its longest instance (:attr:`Pipeline.sorts_by_length`: text),
+    the items of each ``sort_window`` batches are batched by length (a sentence's token count), so that
+    a batch holds sentences of similar length and pads little; results still come in input order.
     """
-    if batch_size < 1 or workers < 1 or prefetch < 0:
-        raise ValueError("batch_size and workers must be at least 1 and prefetch at least 0")
+    if batch_size < 1 or workers < 1 or prefetch < 0 or sort_window < 1:
+        raise ValueError("batch_size, workers and sort_window must be at least 1 and prefetch at least 0")
     source = iter(items)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kiln-prep") as pool:
 
         def prepare(item: T, index: int) -> Prepared:
             return pipeline.preprocess_instance(load(item), index)
 
-        def submit_next() -> Future[_Collated[T]] | None:
-            chunk = list(itertools.islice(source, batch_size))
-            if not chunk:
+        def prepare_sized(item: T, index: int, lengths: list[int]) -> Prepared:
+            prepared = prepare(item, index)
+            lengths[index] = pipeline.length(prepared.value)  # its own slot: no lock needed
+            return prepared
+
+        def in_order() -> Iterator[_Chunk[T]]:
+            start = 0
+            while chunk := list(itertools.islice(source, batch_size)):
+                futures = [pool.submit(prepare, item, i) for i, item in enumerate(chunk)]
+                yield _Chunk(list(range(start, start + len(chunk))), chunk, futures)
+                start += len(chunk)
+
+        def extend(window: _Window[T], n: int) -> None:
+            for item in itertools.islice(source, n):
+                window.lengths.append(0)  # a failed instance keeps 0: collation reports it
+                window.futures.append(pool.submit(prepare_sized, item, len(window.items), window.lengths))
+                window.items.append(item)
+
+        def by_length() -> Iterator[_Chunk[T]]:
+            size = batch_size * sort_window
+            current: _Window[T] = _Window(0)
+            extend(current, size)
+            while current.items:
+                following: _Window[T] = _Window(current.start + len(current.items))
+                wait(current.futures)
+                order = sorted(range(len(current.items)), key=current.lengths.__getitem__)
+                for at in range(0, len(order), batch_size):
+                    # The next window is read a batch at a time, so its instances are prepared while this
+                    # window runs and each collation waits behind one batch's worth of them at most.
+                    extend(following, batch_size)
+                    part = order[at : at + batch_size]
+                    yield _Chunk(
+                        [current.start + i for i in part],
+                        [current.items[i] for i in part],
+                        [current.futures[i] for i in part],
+                    )
+                extend(following, size - len(following.items))
+                current = following
+
+        def submit_next() -> tuple[list[int], Future[_Collated[T]]] | None:
+            chunk = next(chunks, None)
+            if chunk is None:
                 return None
-            futures = [pool.submit(prepare, item, i) for i, item in enumerate(chunk)]
             # Queued after its own instances (the pool is first in, first out), so it only ever waits on
             # work already running: no deadlock, whatever the number of workers.
-            return pool.submit(collate, chunk, futures, pipeline)
+            return chunk.places, pool.submit(collate, chunk.items, chunk.futures, pipeline)
 
-        pending: collections.deque[Future[_Collated[T]]] = collections.deque()
-        posts: collections.deque[Future[list[Result[T]]]] = collections.deque()
+        chunks = by_length() if pipeline.sorts_by_length else in_order()
+        pending: collections.deque[tuple[list[int], Future[_Collated[T]]]] = collections.deque()
+        posts: collections.deque[tuple[list[int], Future[list[Result[T]]]]] = collections.deque()
+        ordered: _InOrder[T] = _InOrder()
         exhausted = False
         while True:
             while not exhausted and len(pending) <= prefetch:
-                chunk = submit_next()
-                if chunk is None:
+                submitted = submit_next()
+                if submitted is None:
                     exhausted = True
                 else:
-                    pending.append(chunk)
+                    pending.append(submitted)
             if not pending:
                 break
-            current = pending.popleft()
-            posts.append(run_collated(current.result(), pipeline, run, pool))
-            while posts and (posts[0].done() or len(posts) > prefetch + 1):
-                yield from posts.popleft().result()
+            places, collated = pending.popleft()
+            posts.append((places, run_collated(collated.result(), pipeline, run, pool)))
+            while posts and (posts[0][1].done() or len(posts) > prefetch + 1):
+                places, post = posts.popleft()
+                yield from ordered.add(places, post.result())
         while posts:
-            yield from posts.popleft().result()
+            places, post = posts.popleft()
+            yield from ordered.add(places, post.result())
 
 
 def _run_one_by_one(

@@ -1,6 +1,9 @@
 """Text pre-processing: a ``tokenizer.json`` through the ``tokenizers`` library, truncated, and padded
 to a bucket length so that a batch's sequence length takes few distinct values (engines and caches
-see a handful of shapes, not one per batch)."""
+see a few dozen shapes, not one per batch) while padding stays small: the default buckets
+(:func:`default_buckets`) pad a batch to at most 1.25 times its longest sentence. Padding is not
+free, since attention and every layer run over the padded length too, so power-of-two buckets, which
+may nearly double the work, would cost more than the extra shapes do."""
 
 from __future__ import annotations
 
@@ -18,7 +21,9 @@ class TokenizeArgs(OpArgs):
     tokenizer: str = Field(description="path to a tokenizer.json (relative paths: the model version directory)")
     max_length: int = Field(default=128, ge=1, description="longer texts are truncated")
     buckets: list[int] | None = Field(
-        default=None, description="pad to the smallest bucket that fits the batch (default: powers of two)"
+        default=None,
+        description="pad to the smallest bucket that fits the batch (default: default_buckets(max_length), "
+        "at most 1.25x the longest sentence)",
     )
     input_ids: str = "input_ids"
     attention_mask: str = "attention_mask"
@@ -30,6 +35,27 @@ class TokenizeArgs(OpArgs):
         if self.buckets is not None and (not self.buckets or any(b < 1 for b in self.buckets)):
             raise ValueError("buckets must be positive lengths")
         return self
+
+
+def default_buckets(max_length: int) -> list[int]:
+    """The bucket lengths a batch is padded to when the spec names none, ascending, the last one
+    ``max_length``: every length up to 8, then steps that grow with the length (2 up to 16, 4 up to 32,
+    8 up to 64, 16 up to 128 …, a quarter of the power of two below).
+
+    The bound: a batch whose longest sentence has ``n`` tokens is padded to at most ``1.25 * n``
+    (exactly ``n`` up to 8), whatever ``max_length``, with four shapes per doubling of the length.
+    """
+    if max_length < 1:
+        raise ValueError(f"max_length must be at least 1, got {max_length}")
+    edges = list(range(1, min(8, max_length) + 1))
+    low = 8
+    while low < max_length:
+        step = low // 4
+        edges.extend(e for e in range(low + step, 2 * low + 1, step) if e < max_length)
+        low *= 2
+    if edges[-1] != max_length:
+        edges.append(max_length)
+    return edges
 
 
 def bucket_length(longest: int, buckets: Sequence[int], max_length: int) -> int:
@@ -45,6 +71,7 @@ class Tokenize(CollateOp):
     """Sentences -> ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when the model takes them)."""
 
     name = "tokenize"
+    sorts_by_length = True
     Args = TokenizeArgs
     args: TokenizeArgs
 
@@ -61,7 +88,7 @@ class Tokenize(CollateOp):
             raise SpecError(f"tokenize: {path} is not a tokenizer.json: {first_line(exc)}") from None
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_length=args.max_length)
-        self.buckets = args.buckets or [2**i for i in range(3, 16) if 2**i < args.max_length] + [args.max_length]
+        self.buckets = sorted(args.buckets) if args.buckets else default_buckets(args.max_length)
         wanted = set(context.input_names) if context.spec else {args.input_ids, args.attention_mask}
         self.emit = [n for n in (args.input_ids, args.attention_mask, args.token_type_ids) if n in wanted]
         if args.input_ids not in self.emit:
@@ -69,6 +96,16 @@ class Tokenize(CollateOp):
                 f"tokenize: the model has no input {args.input_ids!r} (inputs: {sorted(wanted)}); "
                 "name the ids input with the input_ids argument"
             )
+
+    def length(self, value: Any) -> int:
+        """The sentence's token count after truncation (what its row needs before padding); 0 for a value
+        that is no text (collation reports it)."""
+        if not isinstance(value, str):
+            return 0
+        try:
+            return len(self.tokenizer.encode(value).ids)
+        except Exception:  # a lone surrogate: collation names the instance and the reason
+            return 0
 
     def __call__(self, values: Sequence[Any], meta: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
         for i, v in enumerate(values):

@@ -34,7 +34,7 @@ from kiln.repository import CHOSEN, REFERENCE, REFERENCE_ENGINE, Repository, Var
 from kiln.serving.metrics import Metrics
 from kiln.serving.raw import RawModel
 from kiln.serving.settings import ServerSettings
-from kiln.spec import ModelSpec
+from kiln.spec import InputCheck, ModelSpec
 
 log = logging.getLogger("kiln.serving")
 
@@ -62,6 +62,10 @@ class ServedVersion:
     processing: RawModel  # pre/post-processing for raw inputs (V1 predict, the V2 ``raw`` input)
     engine: str  # the chosen variant's engine
     reference_engine: str | None  # the fallback's engine; None when the reference itself is served
+    check_inputs: InputCheck = field(init=False)  # the spec's input rules, precomputed for the hot path
+
+    def __post_init__(self) -> None:
+        self.check_inputs = InputCheck(self.spec)
 
     @property
     def cache_enabled(self) -> bool:
@@ -365,6 +369,8 @@ class ModelManager:
             queue_budget_s=AUTO if s.queue_budget_ms is None else s.queue_budget_ms / 1e3,
             compute_timeout_s=(s.compute_timeout_ms / 1e3) if s.compute_timeout_ms else timeout_s,
             fail_after=s.unhealthy_after,
+            merge_rows=1 if s.dynamic_batching == "off" else 0,
+            auto_wait=s.dynamic_batching == "auto",
         )
         label = f"{name}:{version}"
         probe_feed = warmup_inputs(spec, 1)

@@ -135,7 +135,7 @@ class Service:
         parameter, when smaller, wins."""
         spec = sv.spec
         mbs = spec.serving.max_batch_size
-        spec.validate_inputs(req.inputs, max_batch=mbs or None)
+        sv.check_inputs(req.inputs, max_batch=mbs or None)
         client_s = client_timeout_s(req.parameters) if req.parameters else None
         if deadline_s is not None:
             client_s = deadline_s if client_s is None else min(client_s, deadline_s)

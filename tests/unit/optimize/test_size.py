@@ -202,6 +202,10 @@ def test_optimize_records_the_size_of_every_variant_and_shows_it(cnn: Imported) 
     text = console.export_text()
     assert "params · MACs" in text and "file · peak mem" in text and "vs baseline" in text
     assert f"{count_text(CNN_PARAMS)} · {count_text(CNN_MACS)}" in text
+    chosen = result.chosen_variant
+    assert chosen is not None and chosen.timing is not None and plain.timing is not None
+    ratio = plain.timing.latency_ms / chosen.timing.latency_ms  # the headline's ratio to plain ONNX Runtime fp32
+    assert f"{ratio:.2f}× plain ONNX Runtime fp32" in text
     int8 = next(v for v in measured if v.recipe is not None and v.recipe.int8 == "ort-static")
     assert "× file" in ratio_text(int8.size, result.variant(result.baseline or "").size)
 

@@ -32,7 +32,8 @@ def _require_calibration(ctx: PassContext) -> list[dict[str, Any]]:
 
 @register_pass("ort-dynamic")
 def ort_dynamic_pass(ctx: PassContext, params: dict[str, Any]) -> PassReport:
-    """Weights int8 ahead of time, activations quantized per batch at run time (MatMul/Gemm)."""
+    """Weights int8 ahead of time, activations quantized per batch at run time (MatMul/Gemm); 7-bit
+    weights with ``reduce_range`` (what the planner asks for on CPUs without VNNI, where 8 bits saturate)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     path = ctx.work / ONNX
@@ -46,6 +47,7 @@ def ort_dynamic_pass(ctx: PassContext, params: dict[str, Any]) -> PassReport:
         quantize_dynamic(
             str(path), str(tmp), weight_type=QuantType.QInt8, per_channel=bool(params.get("per_channel", False)),
             op_types_to_quantize=targets, use_external_data_format=uses_external_data(path),
+            reduce_range=bool(params.get("reduce_range", False)),
         )  # fmt: skip
     _adopt(tmp, path)
     after = op_histogram(path)
@@ -83,7 +85,8 @@ class _Reader:
 
 @register_pass("ort-static")
 def ort_static_pass(ctx: PassContext, params: dict[str, Any]) -> PassReport:
-    """QDQ static quantization: activations uint8 with ranges from calibration, weights int8."""
+    """QDQ static quantization: activations uint8 with ranges from calibration, weights int8 (7-bit with
+    ``reduce_range``, as on CPUs without VNNI)."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -112,7 +115,8 @@ def ort_static_pass(ctx: PassContext, params: dict[str, Any]) -> PassReport:
             str(path), str(tmp), Reader(batches), quant_format=QuantFormat.QDQ,
             per_channel=bool(params.get("per_channel", True)), calibrate_method=methods[method],
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            use_external_data_format=uses_external_data(path), **scope,
+            use_external_data_format=uses_external_data(path), reduce_range=bool(params.get("reduce_range", False)),
+            **scope,
         )  # fmt: skip
     _adopt(tmp, path)
     after = op_histogram(path)
