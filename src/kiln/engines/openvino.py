@@ -43,13 +43,6 @@ from kiln.repository import IR_FILE, ONNX_FILE
 from kiln.spec import ModelSpec
 
 log = logging.getLogger("kiln.engines")
-# OpenVINO's element type names for the numpy dtypes a spec declares.
-_OV_DTYPES: dict[str, np.dtype[Any]] = {
-    name: np.dtype(dt)
-    for name, dt in (("f32", "float32"), ("f16", "float16"), ("f64", "float64"), ("i8", "int8"), ("i16", "int16"),
-                     ("i32", "int32"), ("i64", "int64"), ("u8", "uint8"), ("u16", "uint16"), ("u32", "uint32"),
-                     ("u64", "uint64"), ("boolean", "bool"))
-}  # fmt: skip
 HINTS = {"latency": "LATENCY", "throughput": "THROUGHPUT"}
 
 
@@ -125,14 +118,9 @@ class OpenVINOEngine(Engine):
         wanted = [t.name for t in spec.outputs]
         # Outputs keep their ONNX names through conversion; fall back to order if a tool renamed them.
         self._outputs = [(w, w if w in names else names[i]) for i, w in enumerate(wanted)]
-        # (spec name, position among the compiled outputs, dtype to cast to or None): reduced precision may
-        # give other dtypes than the spec declares
+        # (spec name, position among the compiled outputs, the spec's dtype: reduced precision may give others)
         dtypes = {t.name: t.numpy_dtype for t in spec.outputs}
-        self._picks = [
-            (w, names.index(n), None if _OV_DTYPES.get(compiled.outputs[names.index(n)].get_element_type().get_type_name())
-             == dtypes[w] else dtypes[w])
-            for w, n in self._outputs
-        ]  # fmt: skip
+        self._picks = [(w, names.index(n), dtypes[w]) for w, n in self._outputs]
 
     @classmethod
     def available(cls) -> str | None:
@@ -260,7 +248,7 @@ class OpenVINOEngine(Engine):
         # or non-contiguous arrays); outputs are copied out once, as the request reuses its buffers.
         result = request.infer(inputs, share_inputs=True, share_outputs=True).to_tuple()
         # The request reuses its output buffers on the next call: each output is copied out once.
-        return {want: result[i].copy() if cast is None else result[i].astype(cast) for want, i, cast in self._picks}
+        return {want: result[i].astype(dtype, copy=True) for want, i, dtype in self._picks}
 
     def _run_split(self, inputs: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
         """Rows split across the infer requests, started together, outputs joined in order."""

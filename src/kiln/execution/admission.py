@@ -81,6 +81,11 @@ MERGE_GAIN = 0.05  # a larger batch must raise rows/s by this much over the best
 BATCH_OVERHEAD_S = 50e-6  # the server's own cost per executed batch (queue, hand-off, split), paid once a batch
 
 
+def _rates(seconds_by_rows: Mapping[int, float], overhead_s: float) -> list[tuple[int, float]]:
+    """(batch size, rows/s with the per-batch cost) for each measured size, smallest first."""
+    return sorted((n, n / (t + overhead_s)) for n, t in seconds_by_rows.items() if n >= 1 and t > 0)
+
+
 def merge_limit(seconds_by_rows: Mapping[int, float], gain: float = MERGE_GAIN,
                 overhead_s: float = BATCH_OVERHEAD_S) -> int:  # fmt: skip
     """The batch size worth waiting for, from the measured engine time per batch size (plus the server's
@@ -88,7 +93,7 @@ def merge_limit(seconds_by_rows: Mapping[int, float], gain: float = MERGE_GAIN,
     batching does not pay on this engine (the CNNs of this CPU: the same rows/s at any size), so a request
     never waits for others; where batching pays (a GPU, a large matmul, a model so small that the
     per-batch cost dominates) the size past which it stops paying."""
-    rates = sorted((n, n / (t + overhead_s)) for n, t in seconds_by_rows.items() if n >= 1 and t > 0)
+    rates = _rates(seconds_by_rows, overhead_s)
     if not rates:
         return 1
     best = max(r for _, r in rates)
@@ -103,7 +108,7 @@ def merge_cap(seconds_by_rows: Mapping[int, float], gain: float = MERGE_GAIN,
     """The largest batch worth forming from queued requests: the sizes up to it all keep rows/s within
     ``gain`` of the best measured, so merging there costs nothing; past it (a CPU whose caches a large
     batch overflows) rows/s falls, and requests are better run in smaller batches."""
-    rates = sorted((n, n / (t + overhead_s)) for n, t in seconds_by_rows.items() if n >= 1 and t > 0)
+    rates = _rates(seconds_by_rows, overhead_s)
     if not rates:
         return 1
     best = max(r for _, r in rates)
