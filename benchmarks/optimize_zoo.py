@@ -50,18 +50,18 @@ MODELS: dict[str, dict[str, Any]] = {
     },
     "minilm": {
         "import": {"source": "kiln.zoo.minilm:build_model", "zoo": "minilm"},
-        "optimize": {"max_drop": 0.01, "batch_size": 8, "calibration_methods": AFFORDABLE_CALIBRATION},
+        "optimize": {"max_drop": 0.01, "batch_size": 16, "calibration_methods": AFFORDABLE_CALIBRATION},
     },
     "mobilenetv2": {
         "import": {"source": "kiln.zoo.vision:mobilenet_v2", "input_shapes": [(1, 3, 224, 224)],
                    "input_names": ["pixel_values"], "output_names": ["logits"], "task": "generic", "atol": 1e-3},
-        "optimize": {"metric": "sqnr", "min_sqnr_db": 20.0, "data": f"{HERE}:images", "batch_size": 8,
+        "optimize": {"metric": "sqnr", "min_sqnr_db": 20.0, "data": f"{HERE}:images", "batch_size": 16,
                      "calibration_samples": 32, "validation_samples": 32, "calibration_methods": AFFORDABLE_CALIBRATION},
     },
     "resnet50": {
         "import": {"source": "kiln.zoo.vision:resnet50", "input_shapes": [(1, 3, 224, 224)],
                    "input_names": ["pixel_values"], "output_names": ["logits"], "task": "generic", "atol": 1e-3},
-        "optimize": {"metric": "sqnr", "min_sqnr_db": 20.0, "data": f"{HERE}:images", "batch_size": 8,
+        "optimize": {"metric": "sqnr", "min_sqnr_db": 20.0, "data": f"{HERE}:images", "batch_size": 16,
                      "calibration_samples": 32, "validation_samples": 32, "calibration_methods": AFFORDABLE_CALIBRATION},
     },
 }  # fmt: skip

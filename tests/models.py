@@ -28,6 +28,21 @@ def add_model(path: Path, const: float = 1.0, width: int = 4) -> Path:
     return _save(graph, path)
 
 
+def seq_model(path: Path) -> Path:
+    """y = 2 * sum(x, axis 1), x: float32 [N, L] with a dynamic length L (as a text model's tokens)."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceSum", ["x", "axes"], ["s"], keepdims=1),
+            helper.make_node("Mul", ["s", "two"], ["y"]),
+        ],
+        "seq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "L"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])],
+        [numpy_helper.from_array(np.array([1], np.int64), "axes"), numpy_helper.from_array(np.float32(2.0), "two")],
+    )
+    return _save(graph, path)
+
+
 def mixed_model(path: Path) -> Path:
     """text (string [N, 2]) passes through; ids_out = ids + 1 (int64 [N, 3]); z = x * 2 (float32 [N, 2])."""
     graph = helper.make_graph(

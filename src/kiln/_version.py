@@ -1,3 +1,5 @@
 """kiln's version, in a module of its own so that any module can read it without importing the package."""
 
 __version__ = "0.1.0"
+
+DISTRIBUTION = "kiln-inference"  # the name on the package index (``kiln`` there is another project)

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
+from kiln import cli_support as support
 from kiln.console import console, error_line
 from kiln.errors import KilnError, SpecError, spec_error
 
@@ -26,6 +27,24 @@ RayAddressOpt = Annotated[
     str | None,
     typer.Option(help="Ray cluster to join ('auto' or HOST:PORT; implies --ray); default: a private local one"),
 ]
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=support.print_version, is_eager=True, help="print kiln's version and exit"),
+    ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="also show the runtimes' own logs (ONNX Runtime's C++ log)")
+    ] = False,
+) -> None:
+    """Options before the verb: kiln --version, kiln -v import ..."""
+    if ctx.invoked_subcommand is not None and not verbose:
+        from kiln.console import quiet_runtimes
+
+        quiet_runtimes()
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -48,7 +67,10 @@ def import_cmd(
     repo: RepoOpt,
     name: Annotated[str | None, typer.Option(help="model name in the repository")] = None,
     input_shape: Annotated[
-        list[str] | None, typer.Option(help="example shape per input, batch first: 1,3,224,224")
+        list[str] | None, typer.Option(help="example shape per input, batch first: 1,3,224,224 (ONNX too)")
+    ] = None,
+    dim: Annotated[
+        list[str] | None, typer.Option(help="size of an ONNX model's dynamic dim, NAME=SIZE (seq=128); repeatable")
     ] = None,
     input_dtype: Annotated[list[str] | None, typer.Option(help="dtype per input (default float32)")] = None,
     input_name: Annotated[list[str] | None, typer.Option(help="name per input")] = None,
@@ -77,9 +99,10 @@ def import_cmd(
     """Import a trained model into the repository as a validated ONNX artifact plus a spec."""
     from kiln.console import import_summary
     from kiln.convert import import_model
+    from kiln.convert.example_shapes import parse_dims
 
     options: dict[str, Any] = {"name": name, "task": task, "weights": weights, "atol": atol, "rtol": rtol,
-                               "opset": opset, "force": force}  # fmt: skip
+                               "opset": opset, "force": force, "dims": parse_dims(dim) if dim else None}  # fmt: skip
     if input_shape:
         options["input_shapes"] = [parse_shape(s) for s in input_shape]
     for key, value in (
@@ -161,12 +184,11 @@ def predict(
     from kiln.console import err_console, predict_progress
     from kiln.predictor import load
     from kiln.processing import Pipeline
-    from kiln.repository import Repository
 
-    repository = Repository(repo)
+    repository = support.repository_at(repo)
     if ray or ray_address is not None:
-        summary = _predict_on_ray(repository, model, version, engine, threads, inputs, output, batch_size,
-                                  concurrency, ray_address)  # fmt: skip
+        summary = support.predict_on_ray(repository, model, version, engine, threads, inputs, output,
+                                         batch_size, concurrency, ray_address)  # fmt: skip
     else:
         predictor = load(repository, model, version=version, engine=engine, threads=threads)
         _, version_dir = repository.resolve(model, predictor.version)
@@ -201,9 +223,11 @@ def list_cmd(repo: RepoOpt) -> None:
     """List the models and versions in a repository."""
     from rich.table import Table
 
-    from kiln.repository import Repository
-
-    repository = Repository(repo)
+    repository = support.repository_at(repo)
+    if not repository.models():
+        console.print(f"repository {repo} holds no models; import one with `kiln import MODEL --repo {repo}`",
+                      highlight=False, markup=False)  # fmt: skip
+        return
     table = Table(title=str(repo), title_justify="left")
     for col in ("model", "task", "versions", "inputs", "outputs"):
         table.add_column(col)
@@ -280,6 +304,7 @@ def optimize(
     min_time: Annotated[float | None, typer.Option(help="seconds timed per variant and batch size")] = None,
     retime: Annotated[bool, typer.Option(help="time cached variants again")] = False,
     choose: Annotated[bool, typer.Option(help="record the choice in the model's spec")] = True,
+    replace: Annotated[bool, typer.Option("--replace", help="record this choice over a faster earlier one")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
 ) -> None:
     """Build, check and time this machine's variants; choose the fastest within the accuracy budget."""
@@ -292,12 +317,17 @@ def optimize(
         "min_sqnr_db": min_sqnr_db, "max_abs_error": max_abs_error, "data": data, "engines": engine,
         "int8": [] if no_int8 else int8, "compile_modes": [] if no_compile else compile_mode,
         "include": include, "exclude": exclude, "batch_size": batch_size, "threads": threads,
-        "min_time_s": min_time, "retime": retime or None, "choose": choose, "prune": prune, "prune_keep": prune_keep, "qat": qat or None,
+        "min_time_s": min_time, "retime": retime or None, "replace": replace or None, "choose": choose, "prune": prune, "prune_keep": prune_keep, "qat": qat or None,
         "train_data": train_data, "train_budget_s": None if train_budget is None else _seconds(train_budget),
     }  # fmt: skip
     options = {k: v for k, v in options.items() if v is not None}
-    with progress_bar(console, f"optimizing {model}") as hook:
-        result = run_optimize(repo, model, version=version, progress=hook, **options)
+    repository = support.repository_at(repo)
+    try:
+        with progress_bar(console, f"optimizing {model}") as hook:
+            result = run_optimize(repository, model, version=version, progress=hook, **options)
+    except KeyboardInterrupt:
+        support.say_what_optimize_kept(repository, model, version)
+        raise typer.Exit(130) from None
     if as_json:
         sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
         return
@@ -377,7 +407,12 @@ def bench_cmd(
     compare: Annotated[
         list[Path] | None, typer.Option(help="compare two bench JSON files: --compare a.json b.json")
     ] = None,
-    threshold: Annotated[float, typer.Option(help="--compare: regression threshold (0.1 = 10 %)")] = 0.10,
+    threshold: Annotated[
+        float, typer.Option(help="--compare: regression threshold (0.1 = 10 %); noisier figures allow their spread")
+    ] = 0.10,
+    time_budget: Annotated[
+        float | None, typer.Option(help="seconds: start no new measurement past it, and list what was skipped")
+    ] = None,
 ) -> None:
     """Measure latency, throughput, memory and load time; drive a V2 server; compare two runs."""
     from kiln.bench import report
@@ -418,7 +453,7 @@ def bench_cmd(
     if model is None or repo is None:
         raise SpecError("kiln bench needs MODEL and --repo (or --url, or --compare)")
     from kiln.bench.config import BenchConfig
-    from kiln.bench.runner import bench
+    from kiln.bench.runner import ANNOUNCE_FROM_S, bench, plan
 
     options: dict[str, Any] = {"scenarios": scenario} if scenario else {}
     if not scenario and (find_max_qps or qps):
@@ -426,14 +461,22 @@ def bench_cmd(
     config = BenchConfig.from_options(
         variants=_csv(variants), batch_sizes=_csv(batch_sizes, int), min_time_s=min_time, repeats=repeats,
         threads=threads, device=device, server_qps=qps, find_max_qps=find_max_qps, slo_ms=slo_ms, stream_fps=fps,
-        scenario_seconds=seconds, **options,
+        scenario_seconds=seconds, time_budget_s=time_budget, **options,
     )  # fmt: skip
+    support.repository_at(repo)  # a path that is no repository is said as such, not as a missing model
+    expected = plan(repo, model, config, version=version)
+    if expected.seconds >= ANNOUNCE_FROM_S:
+        console.print(f"[dim]{expected.text}[/]")
     with report.progress_bar(console, "bench") as hook:
         result = bench(repo, model, config, version=version, progress=hook)
     console.print(report.bench_table(result))
     console.print(report.variant_table(result))
     if (table := report.scenario_table(result)) is not None:
         console.print(table)
+    if (line := report.headline(result)) is not None:
+        from rich.markup import escape
+
+        console.print(f"[bold]{escape(line)}[/]")
     finish(result)
 
 
@@ -465,7 +508,9 @@ def serve(
     max_body_bytes: Annotated[str, typer.Option(help="largest request body, e.g. 64MB")] = "64MB",
     timeout: Annotated[float, typer.Option(help="request timeout in seconds")] = 30.0,
     drain_timeout: Annotated[float, typer.Option(help="seconds to finish in-flight requests on SIGTERM")] = 30.0,
-    log_format: Annotated[str, typer.Option(help="json or text")] = "json",
+    log_format: Annotated[
+        str, typer.Option(help="text, json, or auto: text lines on a terminal, JSON lines otherwise")
+    ] = "auto",
     access_log: Annotated[bool, typer.Option(help="log every request")] = False,
     ray: Annotated[
         bool, typer.Option("--ray", help="run the models' replicas on Ray Serve (kiln[ray]); kiln stays the front end")
@@ -493,14 +538,14 @@ def serve(
         "grpc_port": None if grpc_port < 0 else grpc_port,
         "token": token, "max_memory": max_memory, "models": model or [], "load_mode": "lazy" if lazy else "preload",
         "max_body_bytes": max_body_bytes, "request_timeout_s": timeout, "drain_timeout_s": drain_timeout,
-        "log_format": log_format, "access_log": access_log,
+        "log_format": support.log_format(log_format), "access_log": access_log,
     }  # fmt: skip
     if engine_threads is not None:
         fields["engine_threads"] = engine_threads
     ray = ray or ray_address is not None or emit_config is not None  # either implies --ray, as for predict
     fields.update(ray=ray, ray_address=ray_address)
     if emit_config is not None:
-        _emit_ray_config(fields["repo"], model or [], emit_config)
+        support.emit_ray_config(fields["repo"], model or [], emit_config)
         return
     try:  # the repository itself is checked by the server, before it binds a port
         settings = ServerSettings(**fields)
@@ -511,52 +556,12 @@ def serve(
         raise typer.Exit(code)
 
 
-def _predict_on_ray(
-    repository: Any, model: str, version: int | None, engine: str | None, threads: int | None,
-    inputs: list[Path], output: Path | None, batch_size: int, concurrency: int, address: str | None,
-) -> Any:  # fmt: skip
-    """``kiln predict --ray``: the inputs checked here, then read, pre-processed and run on Ray Data."""
-    from kiln.batch import count_items, plan
-    from kiln.console import predict_progress
-    from kiln.processing import Pipeline
-    from kiln.ray import connect, require_ray
-
-    require_ray("kiln predict --ray")  # before any work: exit 2 naming the extra when Ray is missing
-    number, version_dir = repository.resolve(model, version)
-    pipeline = Pipeline.from_spec(repository.spec(model), root=version_dir)
-    files = plan(pipeline, inputs)
-    connect(address, "kiln predict --ray")
-    from kiln.ray.data import predict_files_ray
-
-    sink = output.open("w", encoding="utf-8") if output is not None else sys.stdout
-    try:
-        with predict_progress(count_items(pipeline, files)) as advance:
-            return predict_files_ray(repository.root, model, number, engine, threads, files, sink, batch_size,
-                                     concurrency, on_result=advance)  # fmt: skip
-    finally:
-        if output is not None:
-            sink.close()
-
-
-def _emit_ray_config(repo: Path, models: list[str], path: Path) -> None:
-    from kiln.ray import require_ray
-    from kiln.repository import Repository
-    from kiln.serving.server import check_repository
-
-    require_ray("kiln serve --ray")
-    from kiln.ray.serve import emit_config
-
-    check_repository(repo)
-    repository = Repository(repo)
-    emit_config(repository, models or repository.models(), path)
-    console.print(f"wrote {path}: deploy the replicas with `serve deploy {path}`, then run "
-                  f"`kiln serve {repo} --ray --ray-address auto` for the front end")  # fmt: skip
-
-
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one red line and exit code 2, never a traceback."""
     try:
-        code = app(args=argv, standalone_mode=False)
+        code = support.readable_help(typer.main.get_command(app)).main(
+            args=argv, prog_name="kiln", standalone_mode=False
+        )
     except KilnError as exc:
         error_line(str(exc))
         sys.exit(2)
@@ -566,7 +571,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             ctx = getattr(exc, "ctx", None)
             hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
-            error_line(exc.format_message() + hint)
+            valid = support.valid_names(exc, ctx)
+            error_line((exc.format_message().rstrip(".") + valid if valid else exc.format_message()) + hint)
         sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):
         error_line("interrupted")

@@ -16,8 +16,25 @@ if TYPE_CHECKING:
 
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
+PIPE_WIDTH = 240  # output to a file, a pipe or CI: as wide as kiln's widest table, so that no row wraps
 if not console.is_terminal and "COLUMNS" not in os.environ:
-    console.width = 120  # logs and CI: wide enough for kiln's tables instead of rich's 80
+    console.width = PIPE_WIDTH  # a terminal's own width is used as it is (rich reads it)
+
+
+def quiet_runtimes() -> None:
+    """Silence ONNX Runtime's C++ log but for fatal errors: its warnings and a failed run's red ``[E:...]``
+    lines would precede kiln's own message, and each such error reaches kiln as an exception that it reports
+    (or records, for an optimizer variant); ``kiln -v`` leaves the log on."""
+    try:
+        import onnxruntime
+    except ImportError:  # pragma: no cover - a dependency of kiln
+        return
+    onnxruntime.set_default_logger_severity(4)
+
+
+def stderr_is_terminal() -> bool:
+    """Whether a person reads the logs: then they are text lines, else (a file, a collector) JSON."""
+    return err_console.is_terminal
 
 
 ProgressHook = Callable[[str, int, int], None]  # (what is happening, steps done, steps in all)
@@ -104,10 +121,16 @@ def import_summary(result: ImportResult) -> Table:
     for tensor in result.spec.outputs:
         t.add_row(f"output {tensor.name}", f"{tensor.dtype} {list(tensor.shape)}")
     worst: dict[str, float] = {}
+    batches: dict[str, list[int]] = {}
     for p in result.manifest.parity:
         worst[p["artifact"]] = max(worst.get(p["artifact"], 0.0), p["max_abs_error"])
+        seen = batches.setdefault(p["artifact"], [])
+        if p.get("batch") is not None and p["batch"] not in seen:
+            seen.append(p["batch"])
     for artifact, err in worst.items():
-        t.add_row(f"parity {artifact}", f"max abs error {err:.2e} (batches 1 and 4)")
+        at = batches.get(artifact) or []
+        where = f" (batch{'es' if len(at) > 1 else ''} {' and '.join(map(str, at))})" if at else ""
+        t.add_row(f"parity {artifact}", f"max abs error {err:.2e}{where}")
     for name, digest in result.manifest.artifacts.items():
         t.add_row(name, f"sha256 {digest[:16]}…")
     for note in result.notes:

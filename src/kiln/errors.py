@@ -10,6 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from kiln._pydantic import known_fields, location, pydantic_problem
+from kiln._version import DISTRIBUTION
+
 if TYPE_CHECKING:
     from pydantic import ValidationError
 
@@ -24,19 +27,19 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
 
 def pip_install(package: str, extra: str | None = None) -> str:
     """The command that installs ``package``: kiln's extra when one carries it, else the package itself."""
-    return f"pip install 'kiln[{extra}]'" if extra else f"pip install {package}"
+    return f"pip install '{DISTRIBUTION}[{extra}]'" if extra else f"pip install {package}"
 
 
 def spec_error(
     exc: ValidationError, what: str, *, empty: str = "", flag: bool = False, fix: str = ""
 ) -> SpecFieldError:
-    """The :class:`SpecFieldError` for pydantic's first problem: ``field`` is its dotted location, ``empty``
-    when the whole object is at fault, or with ``flag`` the command-line option (``--max-memory``). pydantic's
-    ``Value error,`` prefix is dropped: the validator's own message says what is wrong."""
+    """The :class:`SpecFieldError` for pydantic's first problem, in kiln's words: ``field`` is its location
+    (``inputs[0].dtype``), ``empty`` for the whole object, or with ``flag`` the option (``--max-memory``)."""
     err = exc.errors()[0]
     loc = err["loc"]
-    field = ("--" + str(loc[0]).replace("_", "-")) if flag and loc else ".".join(map(str, loc)) or empty
-    return SpecFieldError(what, field, str(err["msg"]).removeprefix("Value error, "), fix)
+    field = ("--" + str(loc[0]).replace("_", "-")) if flag and loc else location(loc) or empty
+    known = known_fields(exc, loc[:-1]) if err["type"] == "extra_forbidden" else []
+    return SpecFieldError(what, field, pydantic_problem(err, known), fix)
 
 
 class KilnError(Exception):
@@ -87,6 +90,15 @@ class CorruptModelError(KilnError):
         super().__init__(f"{path} is not a valid model: {reason}")
         self.path = path
         self.reason = reason
+
+
+class ExampleShapeError(KilnError):
+    """A model that ran at none of the sizes kiln tried for its dynamic ``dims`` besides batch."""
+
+    def __init__(self, source: str, dims: list[str], problem: str) -> None:
+        super().__init__(f"{source}: {problem}")
+        self.source = source
+        self.dims = dims
 
 
 class ExportError(KilnError):

@@ -16,6 +16,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from kiln._version import DISTRIBUTION
+
 # /proc/cpuinfo flag -> name users know
 _ISA_FLAGS: dict[str, str] = {
     "avx2": "AVX2",
@@ -258,7 +260,7 @@ def detect() -> HardwareInfo:
         "onnx": _version("onnx"),
         "openvino": _version("openvino"),
         "nncf": _version("nncf"),
-        "kiln": _version("kiln"),
+        "kiln": _version(DISTRIBUTION) or _version("kiln"),
     }
     physical = psutil.cpu_count(logical=False) or os.cpu_count() or 1
     logical = psutil.cpu_count(logical=True) or os.cpu_count() or 1

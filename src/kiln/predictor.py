@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from kiln.engines.base import Engine, EngineOptions, Precision, load_engine
+from kiln.engines.routed import BatchRoutedEngine
 from kiln.errors import InputError
 from kiln.repository import CHOSEN, REFERENCE, Repository, Variant
 from kiln.spec import InputCheck, ModelSpec
@@ -107,7 +108,9 @@ def open_variant(
     batch_sizes: tuple[int, ...] = (),
     **run: Any,
 ) -> Predictor:
-    """Load the variant a :class:`~kiln.repository.Variant` handle names (see :func:`load`)."""
+    """Load the variant a :class:`~kiln.repository.Variant` handle names (see :func:`load`). The chosen
+    variant's partner for large batches (``variant.large``), when the optimizer measured one, is loaded
+    beside it unless ``engine``, ``precision`` or run options ask for something else."""
     options = EngineOptions(
         device=device or variant.device,
         precision=precision or variant.precision,
@@ -115,4 +118,17 @@ def open_variant(
         run={**variant.options, **run},
         batch_sizes=tuple(batch_sizes),
     )
-    return Predictor(variant, load_engine(engine or variant.engine, variant.path, variant.spec, options))
+    loaded = load_engine(engine or variant.engine, variant.path, variant.spec, options)
+    large = variant.large
+    if large is None or engine is not None or precision is not None or run:
+        return Predictor(variant, loaded)
+    try:
+        big = EngineOptions(
+            device=device or large.device, precision=large.precision, intra_op_threads=threads,
+            run=large.options, batch_sizes=tuple(n for n in batch_sizes if n >= variant.large_from),
+        )  # fmt: skip
+        partner = load_engine(large.engine, large.path, large.spec, big)
+    except BaseException:
+        loaded.close()
+        raise
+    return Predictor(variant, BatchRoutedEngine(loaded, partner, variant.large_from))

@@ -140,6 +140,10 @@ class Variant:
     version_dir: Path  # the version's directory (its processing files: vocabularies, labels)
     path: Path  # the directory the engine loads from
     recipe: VariantRecipe | None = None  # None for the reference
+    # The chosen variant's partner for large batches (``ModelSpec.chosen_large``): batches of at least
+    # ``large_from`` rows run on it. Only the handle of "chosen" carries one.
+    large: Variant | None = None
+    large_from: int = 0
 
     @property
     def is_reference(self) -> bool:
@@ -331,6 +335,12 @@ class Repository:
         if which == CHOSEN:
             chosen = spec.chosen_variant
             which = chosen if chosen and _is_variant_dir(vdir / VARIANTS_DIR / chosen) else REFERENCE
+            large = spec.chosen_large
+            if which != REFERENCE and large is not None and _is_variant_dir(vdir / VARIANTS_DIR / large.variant):
+                return dataclasses.replace(
+                    self.variant(model, number, which), large=self.variant(model, number, large.variant),
+                    large_from=large.from_rows,
+                )  # fmt: skip
         if which == REFERENCE:
             return Variant(model, number, REFERENCE, spec, vdir, vdir)
         if not which or which.startswith(".") or any(c in which for c in "/\\\0"):

@@ -53,6 +53,11 @@ class TensorSpec(BaseModel):
     name: str = Field(min_length=1)
     dtype: DType
     shape: tuple[int, ...]
+    example_shape: tuple[int, ...] | None = Field(
+        default=None, repr=False,
+        description="a shape the model runs with (batch 1), for inputs with dynamic dims besides batch: what "
+        "random inputs use (import check, bench and optimize without data); chosen at import or set with --dim",
+    )  # fmt: skip
 
     @field_validator("shape")
     @classmethod
@@ -61,6 +66,36 @@ class TensorSpec(BaseModel):
             if d == 0 or d < -1:
                 raise ValueError(f"dimension {d} is invalid: use a positive size, or -1 for a dynamic one")
         return shape
+
+    @model_validator(mode="after")
+    def _example_fits(self) -> TensorSpec:
+        ex = self.example_shape
+        if ex is not None and (
+            len(ex) != len(self.shape)
+            or any(e < 1 or (d != -1 and e != d) for d, e in zip(self.shape, ex, strict=True))
+        ):
+            raise ValueError(
+                f"example_shape {list(ex)} does not fit shape {_fmt(self.shape)}: give a positive size for every "
+                "dim, equal to the fixed ones"
+            )
+        return self
+
+    def __eq__(self, other: object) -> bool:
+        """The signature (name, dtype, shape): the example shape is a hint for random inputs, so a new version
+        with other example sizes keeps the model's signature."""
+        if not isinstance(other, TensorSpec):
+            return NotImplemented
+        return (self.name, self.dtype, self.shape) == (other.name, other.dtype, other.shape)
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.dtype, self.shape))
+
+    def sample_shape(self, batch: int, default: int = 8) -> list[int]:
+        """The shape of a random input: the batch dim (a dynamic axis 0) at ``batch``, other dynamic dims at
+        the example shape's sizes, else at ``default``."""
+        ex = self.example_shape
+        return [batch if i == 0 and d == -1 else d if d != -1 else ex[i] if ex is not None else default
+                for i, d in enumerate(self.shape)]  # fmt: skip
 
     @property
     def numpy_dtype(self) -> np.dtype[Any]:
@@ -217,6 +252,16 @@ class InputCheck:
             self._spec.validate_inputs(inputs, max_batch)
 
 
+class LargeBatchChoice(BaseModel):
+    """The variant that runs batches of at least ``from_rows`` rows, when it is faster there than the chosen
+    one (ONNX Runtime's int8 at batch 1, OpenVINO's at 16, say): measured and set by ``kiln optimize``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    variant: str
+    from_rows: int = Field(ge=2)
+
+
 class ModelSpec(BaseModel):
     """A model's contract: tensors, task, labels, processing and serving settings."""
 
@@ -232,6 +277,9 @@ class ModelSpec(BaseModel):
     postprocess: list[ProcessingStep] = Field(default_factory=list)
     serving: ServingSettings = Field(default_factory=ServingSettings)
     chosen_variant: str | None = Field(default=None, description="set by `kiln optimize`; used by default")
+    chosen_large: LargeBatchChoice | None = Field(
+        default=None, description="set by `kiln optimize` when another variant runs large batches faster"
+    )
 
     @model_validator(mode="after")
     def _unique_names(self) -> ModelSpec:
@@ -247,6 +295,8 @@ class ModelSpec(BaseModel):
         data = self.model_dump(mode="json", exclude_defaults=False)
         for t in data["inputs"] + data["outputs"]:
             t["shape"] = list(t["shape"])
+            if t.get("example_shape") is None:
+                t.pop("example_shape", None)  # most tensors have none: keep model.yaml as it was
         return yaml.safe_dump(data, sort_keys=False)
 
     @classmethod

@@ -26,14 +26,14 @@ def test_url_run_writes_the_envelope_and_compares(tmp_path: Path, capsys: pytest
         code, out = run_cli(["bench", "m", "--url", other, "--concurrency", "1,4", "--requests", "40",
                              "--json", str(b)], capsys)  # fmt: skip
         assert code == 0, out
-    data = json.loads(a.read_text())
+    data = json.loads(a.read_text(encoding="utf-8"))
     assert data["kind"] == "load" and data["model"] == "m" and data["url"] == url and not data["interrupted"]
     assert data["machine"]["physical_cores"] >= 1 and data["machine"]["cpu_model"]
     assert data["config"]["concurrency"] == [1, 4] and data["created"]
     assert [(r["concurrency"], r["sent"], r["succeeded"]) for r in data["runs"]] == [(1, 40, 40), (4, 40, 40)]
     assert data["command"].startswith(f"kiln bench m --url {url} --concurrency 1,4 --requests 40")
 
-    html_text = page.read_text()
+    html_text = page.read_text(encoding="utf-8")
     assert html_text.count("<img ") == 2 and "data:image/png;base64," in html_text
     assert {p.name for p in (tmp_path / "served_plots").iterdir()} == {
         "throughput_vs_concurrency.png", "latency_vs_concurrency.png"}  # fmt: skip
@@ -41,7 +41,7 @@ def test_url_run_writes_the_envelope_and_compares(tmp_path: Path, capsys: pytest
     code, out = run_cli(["bench", "--compare", str(a), str(b), "--threshold", "100"], capsys)
     assert code == 0, out
     assert "req/s" in out and "p99 ms" in out and "c=4" in out and "different servers" in out
-    slow = json.loads(a.read_text())
+    slow = json.loads(a.read_text(encoding="utf-8"))
     for r in slow["runs"]:
         r["throughput"] /= 3
     b.write_text(json.dumps(slow))
@@ -64,7 +64,7 @@ def test_ctrl_c_in_url_mode_keeps_the_levels_measured(tmp_path: Path, capsys: py
         code, out = run_cli(["bench", "m", "--url", url, "--concurrency", "1,2,4", "--requests", "40",
                              "--json", str(out_json)], capsys)  # fmt: skip
     assert code == 130, out
-    data = json.loads(out_json.read_text())
+    data = json.loads(out_json.read_text(encoding="utf-8"))
     assert data["interrupted"] is True
     first, second = data["runs"]  # the third level never started
     assert (first["concurrency"], first["succeeded"], first["interrupted"]) == (1, 40, False)

@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+import yaml
 
 import kiln
 from kiln.errors import CorruptModelError, InputError, InvalidSourceError
@@ -82,3 +83,154 @@ def test_torch_engine_is_refused_for_onnx_models(repo: Path, tmp_path: Path) -> 
     kiln.import_model(onnx_models.save(onnx_models.linear_model(), tmp_path / "linear.onnx"), repo)
     with pytest.raises(kiln.KilnError, match="models imported from ONNX run on 'onnxruntime'"):
         kiln.load(repo, "linear", engine="torch")
+
+
+# ---- dynamic dims besides batch: example shapes found, given, or refused in one line (issue 16) --------
+def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    from kiln.cli import main
+
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_error_line(code: int, err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_stride_32_convs_get_multiples_of_32(repo: Path, tmp_path: Path) -> None:
+    # At the old 8×8 the skip Add fails ("broadcast ... 32 by 8"); kiln finds a size the strides divide.
+    path = onnx_models.save(onnx_models.strided_unet(), tmp_path / "unet.onnx")
+    result = kiln.import_model(path, repo)
+    x = result.spec.inputs[0]
+    assert x.shape == (-1, 3, -1, -1) and x.example_shape == (1, 3, 32, 32)
+    assert result.notes == ["example shapes: input 'x' 1×3×32×32 (height=32, width=32 from the stride-32 convs)"]
+    # stored in model.yaml, and what random inputs (bench, optimize without data) take
+    assert kiln.Repository(repo).spec("unet").inputs[0].example_shape == (1, 3, 32, 32)
+    stored = yaml.safe_load((repo / "unet" / "model.yaml").read_text())
+    assert stored["inputs"][0]["example_shape"] == [1, 3, 32, 32] and "example_shape" not in stored["outputs"][0]
+    out = kiln.load(repo, "unet").predict(np.zeros((2, 3, 64, 64), np.float32))["y"]
+    assert out.shape == (2, 3, 64, 64)
+
+
+def test_a_windowed_model_warms_up_and_serves_at_its_example_shape(repo: Path, tmp_path: Path) -> None:
+    """The server warms a model up at its example shape (a reflect pad of 32 cannot run at length 1: the
+    model would be marked failed) and answers."""
+    import json
+    import urllib.request
+
+    from kiln.serving import ServerSettings
+    from kiln.serving.server import ServerThread
+
+    kiln.import_model(onnx_models.save(onnx_models.reflect_padded_signal(pad=32), tmp_path / "s.onnx"), repo, name="s")
+    settings = ServerSettings(repo=repo, http_port=0, grpc_port=None, log_level="WARNING", load_mode="preload")
+    with ServerThread(settings) as server:
+        x = np.arange(2 * 48, dtype=np.float32).reshape(2, 48)
+        body = {"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
+        request = urllib.request.Request(f"http://127.0.0.1:{server.http_port}/v2/models/s/infer",
+                                         data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(request, timeout=30) as response:
+            out = json.loads(response.read())["outputs"][0]
+    assert out["name"] == "y" and out["shape"][0] == 2
+
+
+def test_stride_64_skips_sizes_it_does_not_divide(repo: Path, tmp_path: Path) -> None:
+    path = onnx_models.save(onnx_models.strided_unet(levels=6, dims=("N", "", "")), tmp_path / "deep.onnx")
+    result = kiln.import_model(path, repo)
+    assert result.spec.inputs[0].example_shape == (1, 3, 64, 64)  # unnamed NCHW dims: image sizes, stride 64
+    assert "x_2=64, x_3=64 from the stride-64 convs" in result.notes[0]
+
+
+def test_reflect_pad_gets_a_length_it_accepts(repo: Path, tmp_path: Path) -> None:
+    # At 8: "Pad reflect: pre-pad (32) exceeds maximum allowed (7)".
+    path = onnx_models.save(onnx_models.reflect_padded_signal(pad=32), tmp_path / "stft.onnx")
+    result = kiln.import_model(path, repo)
+    assert result.spec.inputs[0].example_shape == (1, 40)
+    assert result.notes == ["example shapes: input 'x' 1×40 (n=40 as a reflect Pad of 32 needs at least 33)"]
+
+
+def test_named_sequence_dim_is_shared_by_the_inputs_that_name_it(repo: Path, tmp_path: Path) -> None:
+    path = onnx_models.save(onnx_models.token_embedder(max_len=128), tmp_path / "enc.onnx")
+    spec = kiln.import_model(path, repo).spec
+    assert [t.example_shape for t in spec.inputs] == [(1, 16), (1, 16)]
+    # --dim overrides (a new version: other example shapes), and one size beyond the table is refused
+    again = kiln.import_model(path, repo, dims={"seq": 128})
+    assert again.version == 2 and [t.example_shape for t in again.spec.inputs] == [(1, 128), (1, 128)]
+    with pytest.raises(InvalidSourceError, match=r"cannot run it at seq=200 \(from --dim\): Add node: .*broadcast"):
+        kiln.import_model(path, repo, dims={"seq": 200})
+
+
+def test_input_shape_sizes_an_onnx_model(repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = onnx_models.save(onnx_models.strided_unet(), tmp_path / "unet.onnx")
+    code, out, _ = _cli(["import", str(path), "--repo", str(repo), "--input-shape", "4,3,320,224"], capsys)
+    assert code == 0 and "example shapes: input 'x' 1×3×320×224 (height=320, width=224 from --input-shape)" in out
+    code, out, _ = _cli(["import", str(path), "--repo", str(repo), "--dim", "height=64", "--dim", "width=96"], capsys)
+    assert code == 0 and "1×3×64×96 (height=64, width=96 from --dim)" in out
+    assert kiln.Repository(repo).spec("unet").inputs[0].example_shape == (1, 3, 64, 96)
+
+
+def test_impossible_sizes_fail_in_one_line_naming_dims_sizes_and_flags(
+    repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = onnx_models.save(onnx_models.fixed_size_bias(size=100), tmp_path / "model.onnx")
+    code, _, err = _cli(["import", str(path), "--repo", str(repo)], capsys)
+    line = _one_error_line(code, err)
+    assert (
+        f"{path}: could not find sizes for the dynamic dims height, width (tried 32, 64, 224, 320, 640): pass "
+        "--dim height=SIZE --dim width=SIZE or --input-shape 1,3,H,W; ONNX Runtime's last error: Add node: "
+        "Attempting to broadcast an axis by a dimension other than 1. 100 by 640"
+    ) in line
+    assert "[E:onnxruntime" not in err and "element_wise_ops" not in err  # ONNX Runtime's own log stays quiet
+    assert kiln.Repository(repo).models() == []
+    code, out, _ = _cli(["import", str(path), "--repo", str(repo), "--input-shape", "1,3,100,100"], capsys)
+    assert code == 0 and "1×3×100×100" in out
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragments"),
+    [
+        (["--dim", "height"], ("--dim 'height'", "NAME=SIZE", "--dim seq=128")),
+        (["--dim", "height=0"], ("--dim 'height=0'", "positive size")),
+        (["--dim", "height=big"], ("--dim 'height=big'",)),
+        (["--dim", "height=32", "--dim", "height=64"], ("--dim height is given twice", "32", "64")),
+        (["--dim", "N=4"], ("--dim N=4", "'N' is the batch dim")),
+        (
+            ["--dim", "depth=3"],
+            ("--dim depth=3", "no dynamic dim 'depth'", "its dynamic dims besides batch are height, width"),
+        ),
+        (["--input-shape", "1,3,32"], ("--input-shape 1,3,32", "3 dims", "the input has 4 (N×3×height×width)")),
+        (["--input-shape", "1,4,32,32"], ("axis 1 is fixed at 3, not 4",)),
+        (["--input-shape", "1,3,32,32", "--input-shape", "1,3,32,32"], ("given 2 time(s)", "1 input(s) (x)")),
+        (["--input-shape", "1,3,64,64", "--dim", "height=32"], ("--dim height=32 disagrees with --input-shape",)),
+    ],
+)
+def test_bad_dim_and_shape_flags_are_one_line(
+    repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], fragments: tuple[str, ...]
+) -> None:
+    path = onnx_models.save(onnx_models.strided_unet(levels=1), tmp_path / "unet.onnx")
+    line = _one_error_line(*_cli(["import", str(path), "--repo", str(repo), *flags], capsys)[::2])
+    for fragment in fragments:
+        assert fragment in line, line
+
+
+def test_bench_and_optimize_without_data_use_and_say_the_example_shapes(repo: Path, tmp_path: Path) -> None:
+    from kiln.bench.config import BenchConfig
+    from kiln.optimize.data import load_split
+
+    kiln.import_model(onnx_models.save(onnx_models.strided_unet(), tmp_path / "unet.onnx"), repo)
+    spec = kiln.Repository(repo).spec("unet")
+    split = load_split(spec, None, "unet.onnx", 8, 100)
+    assert split.validation.inputs["x"].shape == (64, 3, 32, 32)
+    said = "inputs are random, at the example shapes chosen at import: input 'x' N×3×32×32 (N: the batch size)"
+    assert any(n.startswith(said) for n in split.notes)
+    config = BenchConfig(batch_sizes=[1, 2], min_time_s=0.01, min_iters=2, repeats=1, variants=["reference"],
+                         scenarios=["single-stream"])  # fmt: skip
+    result = kiln.bench(repo, "unet", config)  # it ran: at 8×8 the model fails
+    assert [b.batch for b in result.variants[0].batches] == [1, 2]
+    assert any(w.startswith(said) for w in result.warnings)

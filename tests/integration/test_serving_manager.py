@@ -1,10 +1,13 @@
 """The model manager and service in process: version policies, reload races, lazy loads, errors,
-instances in parallel, the fallback's reference, warm-up, metric series and per-request timeouts."""
+instances in parallel, the fallback's reference, warm-up, metric series, per-request timeouts, predictive
+eviction, prefetch, the snapshot a restart restores, and the memory an unload hands back."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import json
+import logging
 import threading
 import weakref
 from collections.abc import Mapping
@@ -19,6 +22,7 @@ from kiln.errors import ModelNotReadyError, NotFoundError, ProtocolError, Reques
 from kiln.execution import instances as runner_module
 from kiln.execution.batcher import Batcher
 from kiln.repository import VARIANTS_DIR, Repository
+from kiln.serving.demand import LoadOrigin
 from kiln.serving.manager import ModelManager
 from kiln.serving.metrics import Metrics
 from kiln.serving.protocol import InferRequest
@@ -298,3 +302,212 @@ def test_a_request_past_its_timeout_is_answered_504_while_the_engine_finishes(tm
         await service.manager.close()  # drains: the engine's run finishes, then the version unloads
 
     asyncio.run(scenario())
+
+
+# ---- predictive eviction, prefetch, the snapshot a restart restores, memory handed back ---------------------
+MONDAY = 4 * 86400.0 + 2800 * 604800.0  # 00:00 UTC on a Monday: the usage clock of these tests
+
+
+class _Clock:
+    def __init__(self, t: float = MONDAY) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _models_repo(tmp_path: Path, names: str) -> Path:
+    repo = tmp_path / "repo"
+    for i, name in enumerate(names):
+        kiln.import_model(models.add_model(tmp_path / f"{name}.onnx", const=float(i)), repo, name=name)
+    return repo
+
+
+def _managed(repo: Path, clock: _Clock, **settings: object) -> Service:
+    s = ServerSettings(repo=repo, engine_threads=1, load_mode="lazy", prefetch_interval_s=3600, **settings)  # type: ignore[arg-type]
+    metrics = Metrics()
+    return Service(s, ModelManager(s, metrics, usage_clock=clock), metrics)
+
+
+def _count(counter: Any, *labels: str) -> float:
+    return float(counter.labels(*labels)._value.get())
+
+
+async def _ask(service: Service, name: str) -> float:
+    out = await service.infer(await service.resolve(name, None), _x())
+    return float(out["y"][0, 0])
+
+
+def test_a_restart_restores_the_snapshot_in_predicted_order_ready_after_the_first(tmp_path: Path) -> None:
+    repo = _models_repo(tmp_path, "abc")
+    clock = _Clock()
+
+    async def first_run() -> None:
+        service = _managed(repo, clock)
+        await service.manager.start()
+        for name, times in (("a", 1), ("b", 3), ("c", 10)):  # c the busiest and the most recent
+            for _ in range(times):
+                clock.t += 5
+                await _ask(service, name)
+        await service.manager.close()  # saves the history and the snapshot: a, b, c loaded
+
+    asyncio.run(first_run())
+    saved = json.loads((repo / ".kiln" / "usage.json").read_text())
+    assert sorted(saved["loaded"]) == ["a", "b", "c"] and sorted(saved["models"]) == ["a", "b", "c"]
+    loads: list[tuple[str, str]] = []
+
+    async def second_run() -> list[str]:
+        clock.t += 60
+        service = _managed(repo, clock)
+        manager = service.manager
+        real_load = manager.load
+
+        async def load(name: str, if_needed: bool = False, origin: LoadOrigin = LoadOrigin.EXPLICIT) -> Any:
+            loads.append((name, origin.value))
+            return await real_load(name, if_needed, origin)
+
+        manager.load = load  # type: ignore[method-assign]
+        await manager.start()
+        ready_at_start = [n for n in "abc" if manager.is_ready(n)]  # what the server reports ready with
+        assert manager.prefetcher is not None
+        await manager.prefetcher.restored.wait()
+        assert all(manager.is_ready(n) for n in "abc")
+        assert await _ask(service, "a") == 0.0  # a, restored, serves: a prefetch hit
+        m = service.metrics
+        assert _count(m.prefetch_hits, "a") == 1 and _count(m.cold_loads, "a") == 0
+        assert [_count(m.prefetches, n, "restore") for n in "abc"] == [1, 1, 1]
+        await manager.close()
+        assert _count(m.prefetch_wasted, "b") == 1 and _count(m.prefetch_wasted, "a") == 0  # b never served
+        return ready_at_start
+
+    assert asyncio.run(second_run()) == ["b", "c"]
+    assert loads == [("c", "restore"), ("b", "restore"), ("a", "restore")]  # by forecast, not as saved
+
+
+def test_predictive_eviction_keeps_the_model_due_soon_where_lru_evicts_it(tmp_path: Path) -> None:
+    repo = _models_repo(tmp_path, "tin")
+
+    def evicted(eviction: str) -> str:
+        clock = _Clock()
+        probe = _managed(repo, clock).manager
+        service = _managed(repo, clock, eviction=eviction, max_memory=int(probe.need_bytes("t") * 2.5))
+
+        async def scenario() -> str:
+            await service.manager.start()
+            for k in range(20):  # t: a timer, every 10 minutes
+                clock.t = MONDAY + 600 * k
+                await _ask(service, "t")
+            clock.t += 100
+            await _ask(service, "i")  # i: once, used more recently than t
+            clock.t += 400  # t is due in 100 s
+            await _ask(service, "n")  # the budget holds two: one of t and i goes
+            gone = [name for name in "ti" if not service.manager.is_ready(name)]
+            await service.manager.close()
+            assert service.metrics.evictions._value.get() == 1
+            return "".join(gone)
+
+        return asyncio.run(scenario())
+
+    assert evicted("lru") == "t"
+    assert evicted("predictive") == "i"
+
+
+def test_the_prefetcher_loads_a_model_before_it_is_due_and_counts_hits_and_waste(tmp_path: Path) -> None:
+    repo = _models_repo(tmp_path, "tu")
+    clock = _Clock()
+    service = _managed(repo, clock, prefetch_window_s=300)
+    manager, m = service.manager, service.metrics
+
+    async def scenario() -> None:
+        await manager.start()
+        assert manager.prefetcher is not None and manager.usage is not None
+        await manager.prefetcher.stop()  # the rounds are driven by hand here
+        for k in range(20):  # a history (as a previous run left it): t and u every 10 minutes, u 5 after t
+            for name, at in (("t", 0), ("u", 300)):
+                clock.t = MONDAY + 600 * k + at
+                manager.usage.record(name, 1)
+        clock.t = MONDAY + 600 * 19 + 360  # u just fired, t in 240 s
+        assert await manager.prefetcher.tick() and manager.is_ready("t") and not manager.is_ready("u")
+        assert not await manager.prefetcher.tick()  # u is not due
+        assert _count(m.prefetches, "t", "prefetch") == 1
+        clock.t += 240
+        assert await _ask(service, "t") == 0.0
+        assert _count(m.prefetch_hits, "t") == 1 and _count(m.cold_loads, "t") == 0
+        clock.t += 250  # u due in 50 s
+        assert await manager.prefetcher.tick() and manager.is_ready("u")
+        await manager.unload("u")  # unloaded unused: a wasted prefetch, and held back
+        assert _count(m.prefetch_wasted, "u") == 1
+        assert not await manager.prefetcher.tick() and not manager.is_ready("u")
+        assert await _ask(service, "u") == 1.0  # asked for: a cold load on the request path
+        assert _count(m.cold_loads, "u") == 1
+        await manager.close()
+
+    asyncio.run(scenario())
+
+
+def _mlp(path: Path, width: int, layers: int) -> Path:
+    """An MLP of ``layers`` [width, width] MatMuls: weights ONNX Runtime prepacks (unlike a Gather's)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, weights = [], []
+    for i in range(layers):
+        weights.append(numpy_helper.from_array(rng.standard_normal((width, width)).astype(np.float32), f"w{i}"))
+        nodes.append(helper.make_node("MatMul", ["x" if i == 0 else f"h{i}", f"w{i}"], [f"h{i + 1}"]))
+    nodes.append(helper.make_node("Identity", [f"h{layers}"], ["y"]))
+    graph = helper.make_graph(
+        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width])], weights,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save(model, str(path))
+    return path
+
+
+def test_an_unload_hands_back_the_memory_its_load_took_cycle_after_cycle(tmp_path: Path) -> None:
+    import psutil
+
+    repo = tmp_path / "repo"
+    kiln.import_model(_mlp(tmp_path / "mlp.onnx", 1536, 4), repo, name="mlp")  # 36 MiB of weights
+    s = ServerSettings(repo=repo, engine_threads=1, load_mode="lazy")
+    manager = ModelManager(s, Metrics())
+    process = psutil.Process()
+
+    async def scenario() -> tuple[list[float], int, int]:
+        await manager.load("mlp")  # the first load sets up ONNX Runtime for good (thread pools, kernels)
+        await manager.unload("mlp")
+        first = process.memory_info().rss
+        freed = []
+        for _ in range(10):
+            before = process.memory_info().rss
+            await manager.load("mlp")
+            loaded = process.memory_info().rss
+            await manager.unload("mlp")
+            freed.append((loaded - process.memory_info().rss) / (loaded - before))
+        return freed, first, process.memory_info().rss
+
+    freed, first, last = asyncio.run(scenario())
+    assert min(freed) >= 0.9, freed
+    assert (last - first) / first < 0.05, (first, last)
+
+
+def test_a_garbage_usage_file_is_ignored_with_a_warning_and_replaced(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    repo = _models_repo(tmp_path, "a")
+    usage = repo / ".kiln" / "usage.json"
+    usage.parent.mkdir()
+    usage.write_bytes(b'{"format": 1, "loaded": ["../../etc", "a"], "models": {"a": {"first": 1e999}}, "x": [[[')
+    service = _managed(repo, _Clock())
+
+    async def scenario() -> None:
+        await service.manager.start()
+        assert await _ask(service, "a") == 0.0
+        await service.manager.close()
+
+    with caplog.at_level(logging.WARNING, "kiln.serving"):
+        asyncio.run(scenario())
+    assert "ignoring usage file" in caplog.text and "not JSON" in caplog.text
+    assert list(json.loads(usage.read_text())["models"]) == ["a"]  # rewritten whole at shutdown

@@ -78,6 +78,11 @@ def test_the_default_budget_is_measured_batches_with_a_floor_and_a_burst_level()
     fast.record(1, 0.00002)
     assert queue_budget(AUTO, fast) == Budget(BUDGET_FLOOR_S, BURST_FLOOR_S)
     assert queue_budget(0.25, t) == Budget(0.25, 0.25)  # the user's: one level
+    # Requests merged into larger batches on a machine slower than at warm-up: the batch-1 estimate is
+    # stale, and the budget follows the recent time per row instead (a closed loop of clients is no burst).
+    assert queue_budget(AUTO, t, row_seconds=0.010) == Budget(sustained=0.030, burst=0.160)
+    assert queue_budget(AUTO, t, row_seconds=0.001) == queue_budget(AUTO, t)  # a GPU's cheap rows: batch 1 rules
+    assert queue_budget(AUTO, t, row_seconds=float("inf")) == queue_budget(AUTO, t)  # nothing timed yet
     assert queue_budget(None, t) is None  # off: only max_queue_size bounds the queue
 
 

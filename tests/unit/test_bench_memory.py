@@ -89,7 +89,7 @@ def test_cuda_is_refused_before_loading_what_cannot_use_it() -> None:
     # A CPU torch is fine when no torch variant is measured; NVML missing only costs the GPU figures.
     assert check_device("cuda", {"onnxruntime"}, FakeCuda(torch_ok=False)) == []
     (warning,) = check_device("cuda", {"onnxruntime"}, FakeCuda(nvml=False))
-    assert "pip install 'kiln[gpu]'" in warning
+    assert "pip install 'kiln-inference[gpu]'" in warning
 
 
 def test_nvml_for_every_engine_and_the_torch_peak_for_torch_only() -> None:

@@ -80,7 +80,7 @@ def test_messages_name_the_thing_and_the_fix() -> None:
         ),
         (
             MissingExtraError("zoo", "transformers", "the MiniLM zoo model"),
-            "the MiniLM zoo model needs transformers: pip install 'kiln[zoo]'",
+            "the MiniLM zoo model needs transformers: pip install 'kiln-inference[zoo]'",
         ),
         (
             MissingExtraError(None, "openvino", "engine 'openvino'"),
@@ -97,7 +97,7 @@ def test_not_found_fields_name_what_is_missing_and_what_exists() -> None:
     assert (err.kind, err.name, err.available, err.owner) == ("version", 7, [1, 2], "model 'm'")
     assert isinstance(VersionNotServedError("m", 1, "latest 1", [2]), NotFoundError)
     missing = MissingExtraError("interop", "keras", "importing Keras models")
-    assert isinstance(missing, EngineUnavailableError) and missing.install == "pip install 'kiln[interop]'"
+    assert isinstance(missing, EngineUnavailableError) and missing.install == "pip install 'kiln-inference[interop]'"
 
 
 class _Options(BaseModel):

@@ -38,7 +38,7 @@ def test_ray_without_the_extra_is_one_line_naming_it(
         main([a.format(repo=repo, tmp=tmp_path) for a in args])
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "kiln[ray]" in err and "Traceback" not in err, err
+    assert len(err.splitlines()) == 1 and "kiln-inference[ray]" in err and "Traceback" not in err, err
     assert not (tmp_path / "serve.yaml").exists()
 
 

@@ -34,6 +34,8 @@ class BenchConfig(BaseModel):
     max_iters: int = Field(default=100_000, ge=1)
     repeats: int = Field(default=3, ge=1)
     spread_warning: float = Field(default=0.15, gt=0, description="warn when (max-min)/median of repeats exceeds it")
+    time_budget_s: float | None = Field(default=None, gt=0, description="start no new measurement past this many "
+                                        "seconds; what is left is listed as skipped")  # fmt: skip
     # server and multi-stream scenarios (through the dynamic batcher)
     server_qps: float | None = Field(default=None, gt=0)
     find_max_qps: bool = False
@@ -120,6 +122,8 @@ class BenchConfig(BaseModel):
         for scenario in self.scenarios:
             args += ["--scenario", scenario]
         args += ["--min-time", f"{self.min_time_s:g}", "--repeats", str(self.repeats), "--device", self.device]
+        if self.time_budget_s is not None:
+            args += ["--time-budget", f"{self.time_budget_s:g}"]
         if self.threads is not None:
             args += ["--threads", str(self.threads)]
         if "server" in self.scenarios:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any, Protocol
 
-from kiln.errors import UnsupportedError
+from kiln.errors import UnsupportedError, pip_install
 
 
 class CudaRuntime(Protocol):
@@ -109,7 +109,9 @@ def check_device(device: str, engines: set[str], runtime: CudaRuntime | None = N
         if why is not None:
             raise UnsupportedError(f"--device {device}: engine {name!r} cannot run there: {why}; or use --device cpu")
     if runtime.nvml_used() is None:
-        return ["GPU memory is not measured: NVML is missing or failed; pip install 'kiln[gpu]' (nvidia-ml-py)"]
+        return [
+            f"GPU memory is not measured: NVML is missing or failed; {pip_install('nvidia-ml-py', 'gpu')} (nvidia-ml-py)"
+        ]
     return []
 
 

@@ -19,9 +19,14 @@ class BatchResult:
     items_per_s: float
     per_item_ms: float
     repeat_p50_ms: list[float]
-    spread_relative: float
+    spread_relative: float  # of the repeats' p50, (max - min) / median
     warnings: list[str] = field(default_factory=list)
     samples_ms: list[float] = field(default_factory=list)  # up to runner.MAX_SAMPLES, for the distribution plot
+    repeat_p99_ms: list[float] = field(default_factory=list)
+    repeat_items_per_s: list[float] = field(default_factory=list)
+    # (max - min) / median of the repeats, per figure ("p50_ms", "p90_ms", "p99_ms", "items_per_s"): the noise
+    # `kiln bench --compare` allows for before it calls a change a regression
+    spread: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -43,6 +48,7 @@ class VariantBench:
     torch_max_allocated_bytes: int | None = None  # torch.cuda.max_memory_allocated (torch engine on CUDA)
     params: int | None = None  # parameters of the artifact it runs (kiln.optimize.size)
     macs: int | None = None  # multiply-accumulates per item at batch 1; None where not countable
+    same_as: str = ""  # measured once under this name: the same artifact on the same engine (reference = chosen)
 
 
 @dataclass
@@ -67,6 +73,8 @@ class BenchResult:
     kind: str = "in-process"
     repo: str = ""
     command: str = ""  # the kiln bench command that measures this again
+    chosen: str = ""  # the id of the variant `kiln optimize` chose, when one was measured
+    skipped: list[str] = field(default_factory=list)  # what --time-budget left unmeasured
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

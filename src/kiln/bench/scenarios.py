@@ -194,63 +194,111 @@ def search_max(ok: Callable[[float], bool], start: float, integer: bool = False,
 
 # ---- scenario entry points ---------------------------------------------------------------------------
 def run(
-    scenario: str, repo: Repository, model: str, version: int, variant: str, config: BenchConfig, result: BenchResult
-) -> ScenarioResult | None:
+    scenario: str, repo: Repository, model: str, version: int, variant: str, config: BenchConfig, result: BenchResult,
+    *, deadline: float | None = None,
+) -> ScenarioResult | None:  # fmt: skip
+    """One scenario on one variant. Single-stream and offline read the figures the runner measured;
+    server and multi-stream run trials through the batcher, and start none past ``deadline``
+    (``time.monotonic()``; a search cut short says so in its metrics as ``stopped_by_budget``)."""
     measured = next((v for v in result.variants if v.variant == variant), None)
     if scenario == "single-stream":
         b1 = next((b for b in measured.batches if b.batch == 1), None) if measured else None
         if b1 is None:
             return None
+        spread = {"p90_ms": b1.spread["p90_ms"]} if "p90_ms" in b1.spread else {}
         return ScenarioResult("single-stream", variant, {"batch": 1},
-                              {"p90_ms": b1.latency.p90_ms, "p50_ms": b1.latency.p50_ms, "qps": 1e3 / b1.latency.p50_ms})  # fmt: skip
+                              {"p90_ms": b1.latency.p90_ms, "p50_ms": b1.latency.p50_ms, "qps": 1e3 / b1.latency.p50_ms,
+                               "spread": spread})  # fmt: skip
     if scenario == "offline":
         if not measured or not measured.batches:
             return None
         best = max(measured.batches, key=lambda b: b.items_per_s)
+        spread = {"items_per_s": best.spread["items_per_s"]} if "items_per_s" in best.spread else {}
         return ScenarioResult("offline", variant, {"batch_sizes": [b.batch for b in measured.batches]},
-                              {"items_per_s": best.items_per_s, "best_batch": best.batch})  # fmt: skip
+                              {"items_per_s": best.items_per_s, "best_batch": best.batch, "spread": spread})  # fmt: skip
     estimate = (
         1e3 / measured.batches[0].latency.p50_ms * measured.batches[0].batch if measured and measured.batches else 100.0
     )
     with batcher_for(repo, model, version, variant, config) as submitter:
         inputs = _one_request(submitter)
         if scenario == "server":
-            return _server(submitter, inputs, variant, config, estimate)
-        return _multi_stream(submitter, inputs, variant, config, estimate)
+            return _server(submitter, inputs, variant, config, estimate, deadline)
+        return _multi_stream(submitter, inputs, variant, config, estimate, deadline)
+
+
+def _past(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() > deadline
+
+
+def _bracket(trials: list[dict[str, Any]], key: str, found: float) -> float | None:
+    """How far above ``found`` the search's nearest failing trial was, relative: its resolution, the
+    spread ``kiln bench --compare`` allows for (None when nothing above failed, or nothing was found)."""
+    above = [t[key] for t in trials if not t["ok"] and t[key] > found and not t.get("skipped")]
+    return (min(above) - found) / found if above and found > 0 else None
 
 
 def _server(
-    submitter: Any, inputs: dict[str, np.ndarray], variant: str, config: BenchConfig, estimate: float
-) -> ScenarioResult:
+    submitter: Any, inputs: dict[str, np.ndarray], variant: str, config: BenchConfig, estimate: float,
+    deadline: float | None = None,
+) -> ScenarioResult:  # fmt: skip
+    """With ``find_max_qps``, the figures reported are those of the search's best passing trial (the
+    load it reports as the maximum), so the summary cannot call a run at that load a miss; with
+    ``server_qps`` as well, one more trial at that load follows."""
     params: dict[str, Any] = {"slo_ms": config.slo_ms, "seconds": config.scenario_seconds,
                               "max_batch_size": config.max_batch_size, "max_queue_delay_ms": config.max_queue_delay_ms}  # fmt: skip
     metrics: dict[str, Any] = {}
+    best: tuple[float, RunStats] | None = None
     if config.find_max_qps:
         trials: list[dict[str, Any]] = []
+        tried: list[tuple[float, RunStats]] = []
 
         def ok(qps: float) -> bool:
+            nonlocal best
+            if _past(deadline):
+                metrics["stopped_by_budget"] = True
+                trials.append({"qps": qps, "ok": False, "skipped": True})
+                return False
             stats = scheduled_run(submitter, inputs, poisson_arrivals(qps, config.scenario_seconds, seed=len(trials)))
+            met = stats.meets(config.slo_ms)
             trials.append({"qps": qps, "achieved_qps": stats.achieved_qps, "p99_ms": stats.latency["p99_ms"],
-                           "backlog_at_end": stats.backlog_at_end, "ok": stats.meets(config.slo_ms)})  # fmt: skip
-            return stats.meets(config.slo_ms)
+                           "backlog_at_end": stats.backlog_at_end, "ok": met})  # fmt: skip
+            tried.append((qps, stats))
+            if met and (best is None or qps > best[0]):
+                best = (qps, stats)
+            return met
 
         metrics["max_qps"] = search_max(ok, estimate / 2)
         metrics["trials"] = trials
-    qps = config.server_qps or metrics.get("max_qps") or estimate / 2
-    stats = scheduled_run(submitter, inputs, poisson_arrivals(qps, config.scenario_seconds, seed=99))
-    params["qps"] = qps
-    metrics.update(dataclasses.asdict(stats))
-    metrics["meets_slo"] = stats.meets(config.slo_ms)
+        if (resolution := _bracket(trials, "qps", metrics["max_qps"])) is not None:
+            metrics["spread"] = {"max_qps": resolution}
+        if best is None and tried and not config.server_qps:
+            best = min(tried, key=lambda t: t[0])  # nothing met the SLO: show the lightest load tried
+    if config.server_qps or best is None:
+        if _past(deadline) and best is None and config.find_max_qps:
+            params["qps"] = None
+            metrics["meets_slo"] = False
+            return ScenarioResult("server", variant, params, metrics)
+        qps = config.server_qps or estimate / 2
+        best = (qps, scheduled_run(submitter, inputs, poisson_arrivals(qps, config.scenario_seconds, seed=99)))
+    params["qps"] = best[0]
+    metrics.update(dataclasses.asdict(best[1]))
+    metrics["meets_slo"] = best[1].meets(config.slo_ms)
     return ScenarioResult("server", variant, params, metrics)
 
 
 def _multi_stream(
-    submitter: Any, inputs: dict[str, np.ndarray], variant: str, config: BenchConfig, estimate: float
-) -> ScenarioResult:
+    submitter: Any, inputs: dict[str, np.ndarray], variant: str, config: BenchConfig, estimate: float,
+    deadline: float | None = None,
+) -> ScenarioResult:  # fmt: skip
     deadline_ms = 1e3 / config.stream_fps
     trials: list[dict[str, Any]] = []
+    metrics: dict[str, Any] = {}
 
     def ok(streams: float) -> bool:
+        if _past(deadline):
+            metrics["stopped_by_budget"] = True
+            trials.append({"streams": int(streams), "ok": False, "skipped": True})
+            return False
         stats = scheduled_run(
             submitter,
             inputs,
@@ -261,9 +309,12 @@ def _multi_stream(
         return stats.meets(deadline_ms)
 
     streams = int(search_max(ok, max(1.0, estimate / config.stream_fps / 2), integer=True))
+    metrics.update({"max_streams": streams, "trials": trials})
+    if (resolution := _bracket(trials, "streams", streams)) is not None:
+        metrics["spread"] = {"max_streams": resolution}
     return ScenarioResult(
         "multi-stream", variant, {"fps": config.stream_fps, "deadline_ms": deadline_ms, "seconds": config.scenario_seconds},
-        {"max_streams": streams, "trials": trials},
+        metrics,
     )  # fmt: skip
 
 

@@ -45,9 +45,7 @@ def resolve(source: str) -> Any:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
-            raise InvalidSourceError(
-                source, f"module {exc.name!r} was not found (is it installed or on PYTHONPATH?)"
-            ) from None
+            raise InvalidSourceError(source, _not_found(module_name, attr, exc)) from None
         except Exception as exc:
             raise InvalidSourceError(source, f"importing {module_name} raised {type(exc).__name__}: {exc}") from None
     obj: Any = module
@@ -57,3 +55,26 @@ def resolve(source: str) -> Any:
         except AttributeError:
             raise InvalidSourceError(source, f"{module_name} has no attribute {attr!r}") from None
     return obj
+
+
+def _not_found(module_name: str, attr: str, exc: ModuleNotFoundError) -> str:
+    """Why ``import module_name`` found no module, and the fix: the module itself is not on the path (though
+    a file of that name may sit in this folder), or the module was found and an import inside it failed."""
+    missing = exc.name or module_name
+    top = module_name.split(".")[0]
+    if missing != module_name and not module_name.startswith(missing + "."):
+        where = module_name.replace(".", "/") + ".py"
+        return (
+            f"importing {module_name} failed: {where} imports {missing!r}, which is not installed; "
+            f"install it (pip install {missing.split('.')[0]}) or remove that import"
+        )
+    local = next((p for p in (Path(f"{top}.py"), Path(top) / "__init__.py", Path(top)) if p.exists()), None)
+    looked = "kiln looked for it with Python's import system (installed packages and PYTHONPATH)"
+    if local is not None:
+        shown = f"{top}.py" if local.suffix == ".py" and local.parent == Path() else f"{top}/"
+        path_form = f"'{module_name.replace('.', '/')}.py:{attr}'"
+        return (
+            f"module {module_name!r} was not found: {looked}, and the current folder, where {shown} is, is not "
+            f"on that path; pass the file instead ({path_form}) or run with PYTHONPATH=."
+        )
+    return f"module {missing!r} was not found: {looked}; install it, or add the folder that holds it to PYTHONPATH"

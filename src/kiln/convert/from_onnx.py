@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
+from typing import Any
 
-from kiln.convert import onnx_io
+from kiln.convert import example_shapes, onnx_io
 from kiln.convert.importer import ImportConfig, Staged
-from kiln.convert.parity import random_inputs
 from kiln.errors import CorruptModelError, first_line
 from kiln.files import sha256_file
 from kiln.spec import TensorSpec
+
+log = logging.getLogger(__name__)
 
 
 class OnnxImporter:
@@ -29,6 +32,8 @@ class OnnxImporter:
         for location in sorted(onnx_io.external_locations(header)):
             h.update(sha256_file(self.path.parent / location).encode())
         h.update(repr((self.config.input_names, self.config.output_names)).encode())
+        if self.config.dims or self.config.input_shapes:  # other example shapes: another version
+            h.update(repr((sorted((self.config.dims or {}).items()), self.config.input_shapes)).encode())
         return h.hexdigest()
 
     def stage(self, staging: Path) -> Staged:
@@ -44,24 +49,37 @@ class OnnxImporter:
         onnx_io.save(model, dst, force_external=external)
         del model
         onnx_io.infer_shapes(dst)
-        inputs, outputs = onnx_io.graph_tensors(onnx_io.load(dst, external_data=False))
+        header = onnx_io.load(dst, external_data=False)
+        inputs, outputs = onnx_io.graph_tensors(header)
         batched = all(t.shape and t.shape[0] == -1 for t in inputs)
-        _smoke_run(dst, inputs)
+        choice = _smoke_run(str(self.path), dst, inputs, header, batched, self.config)
+        inputs = [t if e is None else t.model_copy(update={"example_shape": e})
+                  for t, e in zip(inputs, choice.example, strict=True)]  # fmt: skip
+        if choice.summary:
+            log.info("%s: %s", self.path, choice.summary)
         return Staged(
             framework=self.framework,
             exporter="onnx file (checked, shapes inferred)",
             inputs=inputs,
             outputs=outputs,
             batched=batched,
+            notes=[choice.summary] if choice.summary else [],
         )
 
 
-def _smoke_run(path: Path, inputs: list[TensorSpec]) -> None:
-    """Run the model once, so that a model ONNX Runtime cannot execute fails at import, not at serve."""
+def _smoke_run(source: str, path: Path, inputs: list[TensorSpec], header: Any, batched: bool,
+               config: ImportConfig) -> example_shapes.Choice:  # fmt: skip
+    """Run the model at sizes it accepts for its dynamic dims, so that a model ONNX Runtime cannot execute
+    fails at import, not at serve; one session, its C++ log silenced (a failed trial is expected)."""
     import onnxruntime as ort
 
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # fatal only: at 3 ONNX Runtime still logs each failed trial's error
     try:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        session.run(None, random_inputs(inputs, batch=1, seed=0))
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise CorruptModelError(str(path), f"ONNX Runtime cannot run it: {first_line(exc)}") from None
+        raise CorruptModelError(source, f"ONNX Runtime cannot load it: {first_line(exc)}") from None
+    return example_shapes.choose(
+        source, inputs, onnx_io.input_dims(header), batched, example_shapes.analyse(header),
+        lambda feed: session.run(None, feed), dims=config.dims, shapes=config.input_shapes,
+    )  # fmt: skip

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 
 from kiln.convert import onnx_io
+from kiln.convert.diagnose import core_line, expectation, fixed_shape, state_dict_mismatch
+from kiln.convert.example_shapes import with_example
 from kiln.convert.factory import resolve
 from kiln.convert.importer import ImportConfig, Staged
 from kiln.convert.parity import ParityResult, compare, raise_on_failure, random_inputs
@@ -51,6 +53,12 @@ def load_weights(module: Any, path: Path, source: str) -> None:
         raise InvalidSourceError(source, f"cannot read weights {path}: {first_line(exc)}") from None
     if not isinstance(state, dict):
         raise InvalidSourceError(source, f"weights {path} hold a {type(state).__name__}, expected a state_dict")
+    problems = state_dict_mismatch(module, state)
+    if problems:
+        raise InvalidSourceError(
+            source, f"weights {path} do not fit the model ({type(module).__name__}): {problems}; pass the weights "
+            "saved from this model's state_dict(), or the factory that builds the model they came from"
+        )  # fmt: skip
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -224,7 +232,7 @@ class TorchExport:
                         source, f"input {n!r} axis {axis} is dynamic, so its example size must be at least 2 "
                         f"(got {s[axis]}): torch.export treats sizes 0 and 1 as constants"
                     )  # fmt: skip
-            inputs.append(TensorSpec(name=n, dtype=d, shape=tuple(shape)))
+            inputs.append(with_example(TensorSpec(name=n, dtype=d, shape=tuple(shape)), s, batched))
         return cls(module, source, config, inputs, [tuple(s) for s in shapes], dims, framework, reference)
 
     def fingerprint(self) -> str:
@@ -266,6 +274,99 @@ class TorchExport:
             for t in flatten_outputs(out)[0]
         ]
 
+    def _probe(self, example: tuple[Any, ...]) -> Any:
+        """The model run once on the example; a model that refuses it (a wrong --input-shape, a forgotten
+        batch dim) is a user error naming the shape given and what the refusing layer expects."""
+        import torch
+
+        stack: list[tuple[str, Any, list[int] | None]] = []
+        culprit: list[tuple[str, Any, list[int] | None]] = []
+        handles = []
+        if isinstance(self.reference, torch.nn.Module) and not isinstance(self.reference, torch.jit.ScriptModule):
+
+            def enter(name: str) -> Any:
+                def hook(mod: Any, args: Any) -> None:
+                    first = args[0] if args else None
+                    stack.append((name, mod, list(first.shape) if isinstance(first, torch.Tensor) else None))
+                    culprit[:] = stack[-1:]
+
+                return hook
+
+            def leave(_mod: Any, _args: Any, _out: Any) -> None:
+                stack.pop()
+                culprit[:] = []
+
+            for name, mod in self.reference.named_modules():
+                if name:  # the root itself is what the user called
+                    handles.append(mod.register_forward_pre_hook(enter(name)))
+                    handles.append(mod.register_forward_hook(leave))
+        try:
+            with torch.no_grad():
+                return self.reference(*example)
+        except Exception as exc:
+            where = culprit[0] if culprit else None
+            raise InvalidSourceError(self.source, self._rejection(example, where, exc)) from None
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _rejection(self, example: tuple[Any, ...], where: tuple[str, Any, list[int] | None] | None,
+                   exc: Exception) -> str:  # fmt: skip
+        given = " ".join(f"--input-shape {','.join(map(str, s))}" for s in self.example_shapes)
+        shapes = [list(t.shape) for t in example]
+        batch = f", run at batch {shapes[0][0]} as {shapes[0] if len(shapes) == 1 else shapes}" if self.batched else ""
+        head = f"the model rejects {given}{batch}"
+        if where is not None:
+            name, mod, got = where
+            expects = expectation(mod)
+            problem = f"{name} ({type(mod).__name__}) {expects}, got {got}" if expects and got else (
+                f"{name} ({type(mod).__name__}) raised {core_line(exc)}")  # fmt: skip
+        else:
+            problem = core_line(exc)
+        fix = self._suggest(where)
+        return f"{head}: {problem}; {fix}"
+
+    def _suggest(self, where: tuple[str, Any, list[int] | None] | None) -> str:
+        """A shape the model runs at, when one is near the given one: the batch dim put in front, or (one
+        input) the dim the refusing layer names set as it expects."""
+        import torch.nn as nn
+
+        if (
+            where is not None
+            and isinstance(where[1], nn.Embedding)
+            and any(t.dtype.startswith("float") for t in self.inputs)
+        ):
+            return (
+                f"token ids are integers, and the inputs were {[t.dtype for t in self.inputs]}: pass --input-dtype "
+                "int64 for the id inputs (one --input-dtype per input, in order)"
+            )
+        batched = [(1, *s) for s in self.example_shapes]
+        if self._runs(batched):
+            flags = " ".join(f"--input-shape {','.join(map(str, s))}" for s in batched)
+            return f"the first number of --input-shape is the batch dim, and it seems missing: pass {flags}"
+        if where is not None and len(self.example_shapes) == 1:
+            wanted = fixed_shape(where[1], self.example_shapes[0])
+            if wanted is not None and self._runs([wanted]):
+                return f"pass the shape the model takes, e.g. --input-shape {','.join(map(str, wanted))}"
+        return "pass the example shape the model takes, batch first (--input-shape 1,C,H,W for one image)"
+
+    def _runs(self, shapes: list[tuple[int, ...]]) -> bool:
+        import torch
+
+        try:
+            batch = 2 if self.batched else shapes[0][0]
+            sized = [(batch, *s[1:]) if self.batched else s for s in shapes]
+            feed = random_inputs(self.inputs_for(sized), batch, seed=0, shapes=sized)
+            with torch.no_grad():
+                self.reference(*(torch.from_numpy(a) for a in feed.values()))
+            return True
+        except Exception:
+            return False
+
+    def inputs_for(self, shapes: list[tuple[int, ...]]) -> list[TensorSpec]:
+        """The inputs with the rank of ``shapes`` (what a suggested shape would give)."""
+        return [t.model_copy(update={"shape": tuple(-1 for _ in s)}) for t, s in zip(self.inputs, shapes, strict=True)]
+
     def dynamic_shapes(self, module: Any = None, auto: bool = False) -> tuple[Any, ...] | None:
         """torch.export's ``dynamic_shapes`` for ``module`` (a ``forward(*args)`` takes them as one tuple);
         ``auto`` lets torch infer each dim's range (and equalities) instead of ``1..65536``."""
@@ -303,8 +404,7 @@ class TorchExport:
         example = self._example(
             _EXPORT_BATCH if self.batched else self.example_shapes[0][0] if self.inputs[0].shape else 1
         )
-        with torch.no_grad():
-            probe = self.reference(*example)
+        probe = self._probe(example)
         tensors, dict_names = flatten_outputs(probe)
         out_names = list(self.config.output_names or dict_names or (
             ["output"] if len(tensors) == 1 else [f"output_{i}" for i in range(len(tensors))]
@@ -411,7 +511,15 @@ class TorchExport:
         batches = PARITY_BATCHES if self.batched else (self.example_shapes[0][0] if self.inputs[0].shape else 1,)
         for k, batch in enumerate(batches):
             feed = random_inputs(self.inputs, batch, seed=100 + batch, shapes=self.shapes_at(batch, vary=k > 0))
-            reference = dict(zip(names, self._eager(feed), strict=True))
+            try:
+                reference = dict(zip(names, self._eager(feed), strict=True))
+            except Exception as exc:
+                shapes = [list(a.shape) for a in feed.values()]
+                raise InvalidSourceError(
+                    self.source,
+                    f"the model rejects inputs of shapes {shapes}, the example with its dynamic dims at "
+                    f"other sizes: {core_line(exc)}; a dim marked dynamic (--dynamic-axis) may be fixed by the model",
+                ) from None
             candidates = [(onnx_io.ONNX_FILE, dict(zip(names, session.run(names, feed), strict=True)))]
             if exported is not None:
                 try:

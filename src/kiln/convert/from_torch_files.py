@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.convert import onnx_io
+from kiln.convert.example_shapes import with_example
 from kiln.convert.from_pytorch import (
     _EXPORT_BATCH,
     TorchExport,
@@ -223,7 +224,8 @@ class ExportedProgramImporter:
             dtype: DType = dtype_name(str(val.dtype).replace("torch.", ""))  # type: ignore[assignment]
             inputs.append(TensorSpec(name=name, dtype=dtype, shape=tuple(shape)))
             examples.append(tuple(example))
-        return inputs, examples, batched and self.config.dynamic_batch
+        batched = batched and self.config.dynamic_batch
+        return [with_example(t, e, batched) for t, e in zip(inputs, examples, strict=True)], examples, batched
 
     def _range(self, dim: Any) -> tuple[int, int]:
         lo, hi = 2, 1 << 30

@@ -7,16 +7,19 @@ spec, the compatibility check with earlier versions, the manifest, and the atomi
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kiln.convert.parity import ParityResult
-from kiln.errors import InvalidSourceError, SpecError, spec_error
+from kiln.errors import InvalidSourceError, KilnError, SpecError, spec_error
+from kiln.files import STAGING_PREFIX
 from kiln.repository import Repository, VersionManifest
 from kiln.spec import DType, ModelSpec, ProcessingStep, ServingSettings, Task, TensorSpec
 
@@ -30,7 +33,12 @@ class ImportConfig(BaseModel):
     task: Task = "generic"
     labels: list[str] | None = None
     input_shapes: list[tuple[int, ...]] | None = Field(
-        default=None, description="example shape per input, batch first (PyTorch sources)"
+        default=None, description="example shape per input, batch first (for ONNX: the sizes of its dynamic dims)"
+    )
+    dims: dict[str, Annotated[int, Field(ge=1)]] | None = Field(
+        default=None,
+        description="sizes of an ONNX model's named dynamic dims, {'seq': 128}: the import check runs at them and "
+        "they become the example shapes (default: sizes kiln finds the model runs at)",
     )
     input_dtypes: list[DType] | None = None
     input_names: list[str] | None = None
@@ -183,7 +191,7 @@ def import_model(
                 notes=[f"{source} is already version {existing} of {name!r}; nothing imported (use force to redo)"],
             )  # fmt: skip
     repository.cleanup_staging(name)
-    with repository.new_version(name) as pending:
+    with _nothing_half_made(repository, name), repository.new_version(name) as pending:
         staged = importer.stage(pending.path)
         _copy_assets(config.assets or [], pending.path)
         spec = _build_spec(repository, name, config, staged)
@@ -199,6 +207,34 @@ def import_model(
     manifest = repository.manifest(name, pending.version)
     return ImportResult(name, pending.version, repository.root / name / str(pending.version), spec, manifest,
                         reused=False, notes=staged.notes)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _nothing_half_made(repository: Repository, name: str) -> Iterator[None]:
+    """A failed import leaves nothing behind: the model folder (and the repository) it created are removed
+    when empty, and an error that names a file in the hidden staging directory names it in the model instead."""
+    created = [d for d in (repository.root, repository.model_dir(name)) if not d.exists()]
+    try:
+        yield
+    except KilnError as exc:
+        _remove_empty(created)
+        shown = f"{repository.root / name}/<new version>/"
+        sep = re.escape(os.sep)
+        pattern = re.compile(rf"[^\s'\"]*{sep}{re.escape(STAGING_PREFIX)}[^\s'\"{sep}]*{sep}?")
+        for key, value in list(vars(exc).items()):
+            if isinstance(value, str):
+                setattr(exc, key, pattern.sub(shown, value))
+        exc.args = (exc.message,)
+        raise
+    except BaseException:
+        _remove_empty(created)
+        raise
+
+
+def _remove_empty(created: list[Path]) -> None:
+    for d in reversed(created):  # the model folder, then the repository
+        with contextlib.suppress(OSError):
+            d.rmdir()  # only when empty: another import may have put something there meanwhile
 
 
 def _with_assets(source_hash: str, assets: list[Path], source: str) -> str:
@@ -231,7 +267,7 @@ def _build_spec(repository: Repository, name: str, config: ImportConfig, staged:
     base: dict[str, Any] = {}
     if repository.has_model(name):
         # A new version keeps what the user set on the model: labels, processing, serving settings.
-        base = repository.spec(name).model_dump(exclude={"inputs", "outputs", "chosen_variant"})
+        base = repository.spec(name).model_dump(exclude={"inputs", "outputs", "chosen_variant", "chosen_large"})
     serving = ServingSettings.model_validate(base.get("serving", {}))
     if not staged.batched:
         serving = serving.model_copy(update={"max_batch_size": 0})

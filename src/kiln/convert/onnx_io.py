@@ -88,6 +88,24 @@ def _tensor(value_info: Any) -> TensorSpec:
     return TensorSpec(name=value_info.name, dtype=dtype, shape=dims)  # type: ignore[arg-type]
 
 
+def input_dims(model: Any) -> list[list[int | str]]:
+    """Per graph input (as :func:`graph_tensors` lists them), each axis: its size, or for a dynamic one its
+    symbolic name (``dim_param``), ``<input>_<axis>`` where it has none. One name in several places is one dim."""
+    initializers = {t.name for t in model.graph.initializer}
+    out: list[list[int | str]] = []
+    for v in model.graph.input:
+        if v.name in initializers:
+            continue
+        axes: list[int | str] = []
+        for axis, d in enumerate(v.type.tensor_type.shape.dim):
+            if d.HasField("dim_value") and d.dim_value > 0:
+                axes.append(int(d.dim_value))
+            else:
+                axes.append(d.dim_param or f"{v.name}_{axis}")
+        out.append(axes)
+    return out
+
+
 def rename_io(model: Any, inputs: dict[str, str], outputs: dict[str, str]) -> None:
     """Rename graph inputs/outputs in place, rewriting every node that refers to them.
 

@@ -58,14 +58,12 @@ def random_inputs(
     specs: list[Any], batch: int, seed: int, shapes: Sequence[Sequence[int]] | None = None
 ) -> dict[str, np.ndarray]:
     """Deterministic random inputs for a list of TensorSpecs: ``shapes`` when given, else the spec's
-    shape with the batch dim at ``batch`` and other dynamic dims at 8."""
+    shape with the batch dim at ``batch`` and other dynamic dims at the tensor's example shape (chosen
+    at import), or 8 for a tensor without one."""
     rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray] = {}
     for k, t in enumerate(specs):
-        if shapes is not None:
-            shape = list(shapes[k])
-        else:
-            shape = [batch if i == 0 and d == -1 else (8 if d == -1 else d) for i, d in enumerate(t.shape)]
+        shape = list(shapes[k]) if shapes is not None else t.sample_shape(batch)
         dt = t.numpy_dtype
         if dt.kind == "f":
             out[t.name] = rng.standard_normal(shape).astype(dt)

@@ -131,9 +131,11 @@ class Budget:
     burst: float
 
 
-def queue_budget(setting: float | str | None, times: ServiceTimes) -> Budget | None:
+def queue_budget(setting: float | str | None, times: ServiceTimes, row_seconds: float = 0.0) -> Budget | None:
     """The model's queue budget from its setting (seconds, :data:`AUTO` or None: no limit by wait, only
-    ``max_queue_size``) and the measured service times."""
+    ``max_queue_size``) and the measured service times. ``row_seconds`` is the recent engine time per row
+    of the batches actually run: while requests merge, batch 1 no longer runs and its estimate goes stale
+    (measured at warm-up on a quieter machine), so the budget follows the slower of the two."""
     b = setting
     if b is None:
         return None
@@ -141,5 +143,6 @@ def queue_budget(setting: float | str | None, times: ServiceTimes) -> Budget | N
         return Budget(float(b), float(b))
     if not times.known:
         return None  # nothing measured yet: admit, and learn
-    one = times.batch_seconds(1)
+    recent = row_seconds if 0.0 < row_seconds < float("inf") else 0.0
+    one = max(times.batch_seconds(1), recent)
     return Budget(max(BUDGET_BATCHES * one, BUDGET_FLOOR_S), max(BURST_BATCHES * one, BURST_FLOOR_S))

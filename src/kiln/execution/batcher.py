@@ -202,7 +202,7 @@ class Batcher:
         if budget_s is not None:
             budget, client = budget_s - self.times.batch_seconds(rows), True
         else:
-            b = queue_budget(self.policy.queue_budget_s, self.times)
+            b = queue_budget(self.policy.queue_budget_s, self.times, self.row_seconds)
             if b is None:
                 return
             budget, client = (b.sustained if now < self._overloaded_until else b.burst), False

@@ -123,11 +123,12 @@ class ModelRunner:
 
 
 def warmup_inputs(spec: ModelSpec, rows: int = 1) -> dict[str, np.ndarray]:
-    """Zero (or empty-string) inputs of the spec's shape, ``rows`` in the batch and 1 in other dynamic dims."""
+    """Zero (or empty-string) inputs of the spec's shape, ``rows`` in the batch and other dynamic dims at the
+    model's example shape (found at import: a stride-32 network may not run at 1), else 1."""
     batched = spec.serving.max_batch_size > 0
     feed: dict[str, np.ndarray] = {}
     for t in spec.inputs:
-        shape = [(rows if (i == 0 and batched) else 1) if d == -1 else d for i, d in enumerate(t.shape)]
+        shape = t.sample_shape(rows if batched else 1, default=1)
         if t.dtype == "string":
             feed[t.name] = np.full(shape, "", dtype=object)
         else:

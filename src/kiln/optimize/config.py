@@ -94,6 +94,9 @@ class OptimizeConfig(BaseModel):
     warmup: int = Field(default=10, ge=1)
     finalists: int = Field(default=3, ge=0, description="fastest variants timed again, interleaved, before choosing")
     retime: bool = Field(default=False, description="time cached variants again instead of reusing figures")
+    replace: bool = Field(
+        default=False, description="record this run's choice even over a faster earlier one it did not measure"
+    )
     choose: bool = Field(default=True, description="record the choice in the model's spec")
 
     @model_validator(mode="before")

@@ -103,14 +103,17 @@ def load_split(
         source = f"zoo split ({ZOO_DATA[manifest_source]})"
         calibration, validation = _call(ZOO_DATA[manifest_source], spec, tuple_means="split")
     else:
+        from kiln.convert.example_shapes import random_inputs_line
         from kiln.convert.parity import random_inputs
 
         source = "random inputs"
-        validation = Samples(random_inputs(spec.inputs, batch=min(validation_samples, 64), seed=1234))
+        validation = Samples(random_inputs(spec.inputs, batch=_random_count(spec, validation_samples), seed=1234))
         notes.append(
             "no validation data (pass --data): accuracy is output drift on random inputs, and static int8 "
             "variants are skipped rather than calibrated on noise"
         )
+        if (shapes := random_inputs_line(spec.inputs)) is not None:
+            notes.append(shapes)
     if validation.labels is not None and len(validation.labels) != len(validation):
         raise DataError(source, f"{len(validation.labels)} labels for {len(validation)} samples")
     if calibration is None and data is not None:
@@ -131,6 +134,16 @@ def load_split(
     if calibration is not None:
         _check(spec, calibration, source)
     return DataSplit(validation, calibration, source, notes)
+
+
+_RANDOM_BYTES = 64 * 2**20  # random validation inputs at large example shapes (640×640 images) stay this small
+
+
+def _random_count(spec: ModelSpec, wanted: int) -> int:
+    """How many random samples to make: ``wanted``, at most 64, and no more than fit in :data:`_RANDOM_BYTES`."""
+    per_sample = sum(int(np.prod(t.sample_shape(1))) * max(t.numpy_dtype.itemsize, 8 if t.dtype == "string" else 1)
+                     for t in spec.inputs)  # fmt: skip
+    return max(1, min(wanted, 64, _RANDOM_BYTES // max(per_sample, 1)))
 
 
 def _from_user(spec: ModelSpec, data: str) -> tuple[Samples, Samples | None]:

@@ -10,10 +10,9 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from kiln.console import ProgressHook
 from kiln.engines.base import EngineOptions, get_engine, load_engine
@@ -27,11 +26,12 @@ from kiln.errors import (
     first_line,
 )
 from kiln.memory import host_meter
-from kiln.optimize import accuracy, timing
+from kiln.optimize import accuracy, choice, timing
 from kiln.optimize.config import OptimizeConfig
 from kiln.optimize.data import DataSplit, Samples, load_split, load_training
 from kiln.optimize.passes import PassContext, run_passes
 from kiln.optimize.plan import COMPRESSED, enumerate_variants
+from kiln.optimize.results import OptimizeResult, VariantResult, fmt_objective
 from kiln.optimize.size import SizeFigures, count_size
 from kiln.optimize.training import factory_of
 from kiln.recipe import PassStep, Recipe, compression_prefix, stage_key
@@ -40,81 +40,6 @@ from kiln.spec import ModelSpec
 
 REPORT_FILE = "optimize.json"
 SLOWER = "int8 slower than"  # the reason an int8 variant is rejected on speed
-Status = Literal["chosen", "accepted", "rejected", "skipped", "failed"]
-
-
-@dataclass
-class VariantResult:
-    id: str
-    label: str
-    recipe: Recipe | None
-    status: Status = "accepted"
-    reason: str = ""
-    built: bool = False
-    accuracy: accuracy.AccuracyFigures | None = None
-    timing: timing.Timing | None = None
-    passes: list[dict[str, Any]] = field(default_factory=list)
-    pareto: bool = False
-    speedup: float | None = None
-    fresh: bool = False  # timed in this run (not read from figures.json)
-    size: SizeFigures | None = None  # parameters, MACs, file size, peak memory
-
-    def objective(self, objective: str) -> float | None:
-        """Lower is better: batch-1 ms, or seconds per item."""
-        if self.timing is None:
-            return None
-        return self.timing.latency_ms if objective == "latency" else 1.0 / self.timing.throughput
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id, "label": self.label, "status": self.status, "reason": self.reason, "built": self.built,
-            "pareto": self.pareto, "speedup": self.speedup,
-            "recipe": None if self.recipe is None else self.recipe.model_dump(mode="json"),
-            "accuracy": None if self.accuracy is None else self.accuracy.to_dict(),
-            "timing": None if self.timing is None else self.timing.to_dict(), "passes": self.passes,
-            "size": None if self.size is None else self.size.to_dict(),
-        }  # fmt: skip
-
-
-@dataclass
-class OptimizeResult:
-    model: str
-    version: int
-    objective: str
-    metric: str
-    budget: str
-    variants: list[VariantResult]
-    chosen: str | None
-    baseline: str | None
-    data_source: str
-    notes: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-
-    @property
-    def built(self) -> int:
-        return sum(v.built for v in self.variants)
-
-    @property
-    def reused(self) -> int:
-        return sum(1 for v in self.variants if v.recipe is not None and not v.built and v.status != "skipped")
-
-    def variant(self, variant_id: str) -> VariantResult:
-        for v in self.variants:
-            if v.id == variant_id:
-                return v
-        raise KeyError(variant_id)
-
-    @property
-    def chosen_variant(self) -> VariantResult | None:
-        return None if self.chosen is None else self.variant(self.chosen)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model, "version": self.version, "objective": self.objective, "metric": self.metric,
-            "budget": self.budget, "chosen": self.chosen, "baseline": self.baseline, "data": self.data_source,
-            "notes": self.notes, "seconds": round(self.seconds, 1), "built": self.built, "reused": self.reused,
-            "variants": [v.to_dict() for v in self.variants],
-        }  # fmt: skip
 
 
 def optimize(
@@ -161,13 +86,22 @@ def optimize(
         if not tried and failed:
             raise NoVariantBuiltError(model, len(failed), f"{failed[0].label}: {failed[0].reason}")
         raise NoVariantWithinBudgetError(model, tried, config.budget_text(metric))
+    current = repository.spec(model)
+    earlier = None if config.replace else choice.better_earlier(searcher, current.chosen_variant, results, chosen)
+    large = None if earlier is not None or not config.choose else choice.large_batch_partner(searcher, results, chosen)
+    if earlier is not None and config.choose:
+        notes.append(earlier)
+    if large is not None:
+        partner = next(v for v in results if v.id == large.variant)
+        notes.append(f"batches of {large.from_rows} rows or more run on {partner.label} ({partner.id}), faster "
+                     f"there than {chosen.label}")  # fmt: skip
     result = OptimizeResult(
         model, number, config.objective, metric, config.budget_text(metric), _order(results, config.objective),
         chosen.id, baseline.id if baseline else None, split.source, notes, time.perf_counter() - start,
     )  # fmt: skip
     repository.save_report(model, number, REPORT_FILE, result.to_dict())
-    if config.choose and repository.spec(model).chosen_variant != chosen.id:
-        repository.save_spec(repository.spec(model).model_copy(update={"chosen_variant": chosen.id}))
+    if config.choose and earlier is None and (current.chosen_variant, current.chosen_large) != (chosen.id, large):
+        repository.save_spec(current.model_copy(update={"chosen_variant": chosen.id, "chosen_large": large}))
     return result
 
 
@@ -265,17 +199,31 @@ class _Search:
             result.status, result.reason = "rejected", _budget_reason(exc)
         except KilnError as exc:
             result.status, result.reason = "failed", str(exc)
+            self._record_failure(vid, str(exc))
         except Exception as exc:  # a library failing on one variant must not end the search
             first = first_line(exc, 200)
             result.status, result.reason = "failed", f"{type(exc).__name__}: {first}"
+            self._record_failure(vid, f"{type(exc).__name__}: {str(exc).strip()}")
         return result
 
-    def _variant(self, vid: str) -> Variant:
+    def _record_failure(self, vid: str, text: str) -> None:
+        """A built variant that failed keeps the failure's whole text in its ``figures.json`` (the table shows
+        one line of it; ``report/optimize.json`` has the first line of each failure)."""
+        try:
+            variant = self.variant(vid)
+            if variant.recipe is None:
+                return
+            variant.save_figures({**variant.figures(), "failure": text,
+                                  "failed": datetime.now(UTC).isoformat(timespec="seconds")})  # fmt: skip
+        except (KilnError, OSError):
+            pass  # not built: nothing on disk to keep it in
+
+    def variant(self, vid: str) -> Variant:
         return self.repository.variant(self.reference_variant.model, self.reference_variant.version, vid)
 
     def _built(self, vid: str) -> Variant | None:
         try:
-            return self._variant(vid)
+            return self.variant(vid)
         except NotFoundError:
             return None
 
@@ -324,7 +272,7 @@ class _Search:
                 options = EngineOptions(
                     r.device, r.precision, self.threads, run=dict(r.options), batch_sizes=self.batch_sizes
                 )
-                engine = load_engine(r.engine, self._variant(v.id).path, self.spec, options)
+                engine = load_engine(r.engine, self.variant(v.id).path, self.spec, options)
                 engines.append(engine)
                 for _ in range(3):  # warm-up (compiles again for torch.compile variants)
                     engine.run(feed1)
@@ -337,7 +285,7 @@ class _Search:
             if v.timing is None:
                 continue
             v.timing = dataclasses.replace(v.timing, latency_ms=latency, throughput=throughput)
-            variant = self._variant(v.id)
+            variant = self.variant(v.id)
             stored = variant.figures()
             stored["timing"], stored["retimed_interleaved"] = v.timing.to_dict(), True
             variant.save_figures(stored)
@@ -489,7 +437,7 @@ def _judge(results: list[VariantResult], config: OptimizeConfig, baseline: Varia
             continue
         ref = plain.get(_engine_key(v.recipe))
         if ref is not None and (v.objective(obj) or 0) > (ref.objective(obj) or 0):
-            unit = _fmt_objective(v, obj), _fmt_objective(ref, obj)
+            unit = fmt_objective(v, obj), fmt_objective(ref, obj)
             v.status, v.reason = "rejected", f"{SLOWER} {ref.label} ({unit[0]} vs {unit[1]})"
     measured = [v for v in results if v.timing is not None and v.accuracy is not None]
     for v in measured:
@@ -505,14 +453,6 @@ def _judge(results: list[VariantResult], config: OptimizeConfig, baseline: Varia
         for v in results:
             if v.timing is not None:
                 v.speedup = b / (v.objective(obj) or 1)
-
-
-def _fmt_objective(v: VariantResult, objective: str) -> str:
-    if v.timing is None:
-        return "-"
-    if objective == "latency":
-        return f"{v.timing.latency_ms:.3f} ms"
-    return f"{v.timing.throughput:.0f}/s"
 
 
 def _choose(results: list[VariantResult], objective: str) -> VariantResult | None:

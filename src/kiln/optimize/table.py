@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:
@@ -80,6 +81,15 @@ def ratio_text(size: SizeFigures | None, base: SizeFigures | None) -> str:
     return " · ".join(parts) or "same"
 
 
+FAILURE_WIDTH = 60  # characters of a failure the table shows; figures.json keeps the whole text
+
+
+def failure_summary(reason: str, width: int = FAILURE_WIDTH) -> str:
+    """A failure in one short line for the table: its first line, cut at ``width`` characters."""
+    line = " ".join(reason.split())
+    return line if len(line) <= width else line[: width - 1].rstrip() + "…"
+
+
 def result_table(result: OptimizeResult, show_skipped: bool = False) -> Table:
     batch = next((v.timing.batch for v in result.variants if v.timing is not None), None)
     metric = {"top1": "top-1", "agreement": "agreement", "cosine": "cosine", "map50": "mAP@0.5"}.get(result.metric)
@@ -113,6 +123,8 @@ def result_table(result: OptimizeResult, show_skipped: bool = False) -> Table:
         t = v.timing
         style = {"chosen": "bold green", "rejected": "dim", "failed": "red", "skipped": "dim"}.get(v.status, "")
         verdict = {"chosen": "chosen", "accepted": "ok"}.get(v.status, f"{v.status}: {v.reason}")
+        if v.status == "failed":
+            verdict = f"failed: {failure_summary(v.reason)}"
         cells = [mark, v.label]
         if metric:
             cells.append(_metric_cell(v))
@@ -124,7 +136,7 @@ def result_table(result: OptimizeResult, show_skipped: bool = False) -> Table:
         ]
         if sized:
             cells += [*_size_cells(v), "" if v is base else ratio_text(v.size, base.size if base else None)]
-        cells.append(verdict)
+        cells.append(escape(verdict))  # library text such as "[ONNXRuntimeError]" is not markup
         table.add_row(*cells, style=style)
     return table
 
@@ -156,6 +168,12 @@ def summary_lines(result: OptimizeResult) -> list[str]:
         f"built {result.built} new variant(s), reused {result.reused} from the cache, in {result.seconds:.1f} s; "
         f"data: {result.data_source}"
     )
+    failed = [v for v in result.variants if v.status == "failed"]
+    if failed:
+        lines.append(
+            f"[red]{len(failed)} variant(s) failed[/]: each reason is in `kiln optimize --json` and "
+            "report/optimize.json, and a built variant's whole error in its variants/<id>/figures.json"
+        )
     lines += [f"[yellow]note:[/] {n}" for n in result.notes]
     lines += [f"[dim]not built: {v.label}: {v.reason}[/]" for v in result.variants if v.status == "skipped"]
     return lines

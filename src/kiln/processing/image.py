@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import re
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -68,6 +69,16 @@ def _eight_bit(img: Any) -> Any:
     return img
 
 
+def _decode_problem(exc: Exception, head: bytes) -> str:
+    """Pillow's reason in words about the bytes, not about its in-memory file (``<_io.BytesIO object at
+    0x...>``); the caller names the file or the instance."""
+    if type(exc).__name__ == "UnidentifiedImageError":
+        return (
+            f"Pillow recognises no image format in it (it starts with {head!r}); send a PNG, JPEG or other image file"
+        )
+    return re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the image", first_line(exc))
+
+
 def _as_image(value: Any) -> Any:
     Image = _pil()
     if isinstance(value, Image.Image):
@@ -109,7 +120,7 @@ class DecodeImage(InstanceOp):
             except ValueError:
                 raise
             except Exception as exc:  # PIL.UnidentifiedImageError, truncated files, OSError
-                raise ValueError(f"cannot decode the image: {first_line(exc)}") from None
+                raise ValueError(f"cannot decode the image: {_decode_problem(exc, bytes(value[:16]))}") from None
         elif isinstance(value, (Image.Image, np.ndarray)):
             img = _as_image(value)
         else:

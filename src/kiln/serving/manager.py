@@ -4,7 +4,10 @@ Versions follow each model's policy (latest N, all, or specific). A model loads 
 (``preload``) or on its first request (``lazy``), is warmed before it reports ready, reloads without
 failing a request (the new versions load and warm beside the old, the switch is one assignment in the
 event loop, the old ones drain), and unloads for real (engines closed, memory handed back to the OS).
-With a memory budget the least recently used models are unloaded to make room.
+With a memory budget, models are unloaded to make room: under ``eviction: predictive`` (the default)
+those whose forecast demand × reload time per byte is lowest, and a background task prefetches the
+models expected soon and restores the ones loaded before a restart (``prefetch.py``, ``demand.py``);
+under ``eviction: lru`` the least recently used.
 """
 
 from __future__ import annotations
@@ -30,8 +33,11 @@ from kiln.errors import (
 from kiln.execution.admission import AUTO
 from kiln.execution.batcher import Batcher, BatchPolicy, Runner
 from kiln.execution.instances import FallbackState, open_instances, warm_up, warmup_inputs
+from kiln.memory import tune_allocator
 from kiln.repository import CHOSEN, REFERENCE, REFERENCE_ENGINE, Repository, Variant, policy_versions
+from kiln.serving.demand import Candidate, LoadOrigin, UsageHistory, victims
 from kiln.serving.metrics import Metrics
+from kiln.serving.prefetch import Prefetcher
 from kiln.serving.raw import RawModel
 from kiln.serving.settings import ServerSettings
 from kiln.spec import InputCheck, ModelSpec
@@ -87,6 +93,9 @@ class ModelEntry:
     default: ServedVersion | None = None
     reason: str = ""
     last_used: float = 0.0
+    origin: LoadOrigin = LoadOrigin.EXPLICIT  # why the versions served now were loaded
+    used: bool = False  # whether a request used them (a prefetch that was not is counted wasted at unload)
+    held_back: bool = False  # unloaded on request: not prefetched until it is requested or loaded again
 
     @property
     def memory_bytes(self) -> int:
@@ -106,6 +115,8 @@ def version_bytes(repository: Repository, served: Variant, reference_copies: int
     ``reference_copies`` is what was loaded; before the load it is estimated as one shared copy.
     """
     own = served.artifact_bytes() * served.spec.serving.instances
+    if served.large is not None:  # the partner for large batches, loaded beside it in each instance
+        own += served.large.artifact_bytes() * served.spec.serving.instances
     if served.is_reference:
         return own
     reference = repository.variant(served.model, served.version, REFERENCE)
@@ -119,11 +130,16 @@ class ModelManager:
         metrics: Metrics,
         repository: Repository | None = None,
         clock: Callable[[], float] = time.monotonic,
+        usage_clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
         self.repository = repository or Repository(settings.repo, show_root=False)
         self.clock = clock
+        # the usage history is kept (and read at the first load) only under predictive eviction
+        self.usage = UsageHistory(usage_clock) if settings.eviction == "predictive" else None
+        self.prefetcher = Prefetcher(self, self.usage) if self.usage is not None else None
+        tune_allocator()  # so that an unload hands its memory back to the OS (see kiln.memory)
         self.entries: dict[str, ModelEntry] = {}
         self.draining = False
         self._loop: asyncio.AbstractEventLoop | None = None  # where a worker thread reports a failing model
@@ -140,7 +156,11 @@ class ModelManager:
 
     # ---- startup and shutdown ------------------------------------------------------------------------------
     async def start(self) -> None:
+        """Restore the models loaded before a restart (lazy mode, the first ones before this returns),
+        start prefetching, then preload (preload mode)."""
         self._loop = asyncio.get_running_loop()
+        if self.prefetcher is not None:
+            await self.prefetcher.start()
         if self.settings.load_mode == "lazy":
             return
         names = self.settings.models or self.repository.models()
@@ -151,6 +171,9 @@ class ModelManager:
         self.draining = True
         for task in list(self._recoveries):
             task.cancel()
+        if self.prefetcher is not None:
+            await self.prefetcher.stop()
+            await self.prefetcher.save(self.loaded_names())  # the snapshot a restart restores
         async with self.lock:
             for entry in list(self.entries.values()):
                 await self._unload_entry(entry)
@@ -164,6 +187,12 @@ class ModelManager:
         sv = entry.default if version is None else entry.versions.get(version)
         if sv is not None:
             entry.last_used = self.clock()
+            if self.usage is not None:
+                self.usage.record(name, sv.version)
+            if not entry.used:
+                entry.used = True
+                if entry.origin in (LoadOrigin.PREFETCH, LoadOrigin.RESTORE):
+                    self.metrics.prefetch_hits.labels(name).inc()
         return sv
 
     async def get(self, name: str, version: int | None) -> ServedVersion:
@@ -176,7 +205,7 @@ class ModelManager:
         entry = self.entries.get(name)
         if entry is None or entry.state is not State.READY:
             if self.settings.load_mode == "lazy":
-                await self.load(name, if_needed=True)
+                await self.load(name, if_needed=True, origin=LoadOrigin.REQUEST)
             elif entry is not None and entry.state is State.LOADING:
                 raise ModelNotReadyError(f"model {name!r} is loading; retry when /v2/models/{name}/ready says so")
             else:
@@ -247,23 +276,26 @@ class ModelManager:
         return rows
 
     # ---- load / reload / unload --------------------------------------------------------------------------
-    async def load(self, name: str, if_needed: bool = False) -> ModelEntry:
+    async def load(self, name: str, if_needed: bool = False, origin: LoadOrigin = LoadOrigin.EXPLICIT) -> ModelEntry:
         """Load (or reload) ``name``: new versions load and warm first, then replace the served ones."""
         if self.draining:
             raise ShuttingDownError("the server is shutting down and loads no models")
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
+        if self.prefetcher is not None:
+            self.prefetcher.begin()  # reads the saved history, once, if start() did not
+            if origin in (LoadOrigin.REQUEST, LoadOrigin.EXPLICIT):
+                self.prefetcher.skip.discard(name)
         spec = self.repository.spec(name)
         async with self.lock:
             entry = self.entries.setdefault(name, ModelEntry(name))
             if if_needed and entry.state is State.READY:
                 return entry
+            if origin in (LoadOrigin.PREFETCH, LoadOrigin.RESTORE) and entry.held_back:
+                return entry  # unloaded on request meanwhile
             spec = self.repository.spec(name)
-            versions = policy_versions(spec, self.repository.versions(name))
-            if not versions:
-                raise NotFoundError("version", None, owner=f"model {name!r}", where="the repository")
-            need = sum(version_bytes(self.repository, self.repository.variant(name, v, CHOSEN)) for v in versions)
-            await self._make_room(entry, need)
+            versions = self._served(name, spec)
+            await self._make_room(entry, self._bytes_of(name, versions))
             was = entry.state
             if was is not State.READY:
                 entry.state = State.LOADING
@@ -286,9 +318,17 @@ class ModelManager:
             entry.state = State.READY
             entry.reason = ""
             entry.last_used = self.clock()
+            entry.origin, entry.used, entry.held_back = origin, False, False
             for sv in loaded:
                 self.metrics.batchers.track(name, sv.version, sv.batcher)
-            self.metrics.load_seconds.labels(name).observe(time.perf_counter() - start)
+            took = time.perf_counter() - start
+            self.metrics.load_seconds.labels(name).observe(took)
+            if origin is LoadOrigin.REQUEST:
+                self.metrics.cold_loads.labels(name).inc()
+            elif origin is not LoadOrigin.EXPLICIT:
+                self.metrics.prefetches.labels(name, origin.value).inc()
+            if self.usage is not None:
+                self.usage.load_took(name, took, entry.memory_bytes)
             self._update_gauges()
             log.info(
                 "model %s ready: versions %s on %s", name, sorted(entry.versions),
@@ -305,9 +345,14 @@ class ModelManager:
             return
         async with self.lock:
             await self._unload_entry(entry)
+            entry.held_back = True
 
     async def _unload_entry(self, entry: ModelEntry) -> None:
         old = list(entry.versions.values())
+        if old and not entry.used and entry.origin in (LoadOrigin.PREFETCH, LoadOrigin.RESTORE):
+            self.metrics.prefetch_wasted.labels(entry.name).inc()
+            log.info("model %s was %s and unloaded unused", entry.name,
+                     "prefetched" if entry.origin is LoadOrigin.PREFETCH else "restored", extra={"model": entry.name})  # fmt: skip
         entry.versions = {}
         entry.default = None
         entry.state = State.UNLOADING
@@ -325,15 +370,58 @@ class ModelManager:
             return
         if need > budget:
             raise MemoryBudgetError(entry.name, need, budget)
-        while True:
-            others = [e for e in self.entries.values() if e is not entry and e.versions]
-            if sum(e.memory_bytes for e in others) + need <= budget:
-                return
-            victim = min(others, key=lambda e: e.last_used)
-            log.info("evicting model %s (least recently used) to load %s", victim.name, entry.name)
+        others = [e for e in self.entries.values() if e is not entry and e.versions]
+        free = budget - sum(e.memory_bytes for e in others)
+        policy = self.settings.eviction
+        for c in victims(self.candidates(entries=others), need, free, policy) or []:
+            victim = self.entries[c.name]
+            if policy == "lru":
+                why = "least recently used"
+            else:
+                why = f"{c.reason}; reload {c.cost_s:.2f} s; the least expected use per byte"
+            log.info("evicting model %s (%s) to load %s", victim.name, why, entry.name, extra={"model": victim.name})
             self.metrics.evictions.inc()
             await self._unload_entry(victim)
             victim.reason = f"evicted to fit {entry.name!r} in the memory budget"
+
+    # ---- what the eviction choice and the prefetcher read ----------------------------------------------------
+    def need_bytes(self, name: str) -> int:
+        """The memory estimate of loading ``name``: the versions its policy serves (reads the repository)."""
+        return self._bytes_of(name, self._served(name, self.repository.spec(name)))
+
+    def _served(self, name: str, spec: ModelSpec) -> list[int]:
+        versions = policy_versions(spec, self.repository.versions(name))
+        if not versions:
+            raise NotFoundError("version", None, owner=f"model {name!r}", where="the repository")
+        return versions
+
+    def _bytes_of(self, name: str, versions: list[int]) -> int:
+        return sum(version_bytes(self.repository, self.repository.variant(name, v, CHOSEN)) for v in versions)
+
+    def loaded_bytes(self) -> int:
+        return sum(e.memory_bytes for e in self.entries.values() if e.versions)
+
+    def loaded_names(self) -> list[str]:
+        return [e.name for e in self.entries.values() if e.state is State.READY and e.versions]
+
+    def may_prefetch(self, name: str) -> bool:
+        """Whether ``name`` is neither loaded, nor loading, nor held back by an explicit unload."""
+        entry = self.entries.get(name)
+        return entry is None or (entry.state is State.UNAVAILABLE and not entry.versions and not entry.held_back)
+
+    def candidates(self, now: float | None = None, entries: list[ModelEntry] | None = None) -> list[Candidate]:
+        """The loaded models as the eviction choice sees them: forecast, reload cost, size, last use."""
+        chosen = [e for e in self.entries.values() if e.versions] if entries is None else entries
+        usage, window = self.usage, self.settings.prefetch_window_s
+        out = []
+        for e in chosen:
+            nbytes = e.memory_bytes
+            if usage is None:
+                out.append(Candidate(e.name, nbytes, 0.0, 0.0, e.last_used))
+                continue
+            f = usage.forecast(e.name, window, now)
+            out.append(Candidate(e.name, nbytes, f.p, usage.reload_cost(e.name, nbytes), e.last_used, f.reason))
+        return out
 
     # ---- work done in a thread -----------------------------------------------------------------------------
     def _open_versions(self, spec: ModelSpec, versions: list[int]) -> list[ServedVersion]:

@@ -81,6 +81,22 @@ class Metrics:
         self.batchers = BatcherGauges()  # kiln_queue_depth and kiln_instances_busy of the versions being served
         r.register(self.batchers)
         self.evictions = Counter("kiln_evictions", "Models unloaded to fit the memory budget", registry=r)
+        self.cold_loads = Counter(
+            "kiln_cold_loads", "Loads on the request path: a request found its model not loaded (lazy mode)",
+            ["model"], registry=r,
+        )  # fmt: skip
+        self.prefetches = Counter(
+            "kiln_prefetches", "Loads ahead of demand: forecast (prefetch) or loaded before a restart (restore)",
+            ["model", "reason"], registry=r,
+        )  # fmt: skip
+        self.prefetch_hits = Counter(
+            "kiln_prefetch_hits", "Prefetched or restored models that served a request before they were unloaded",
+            ["model"], registry=r,
+        )  # fmt: skip
+        self.prefetch_wasted = Counter(
+            "kiln_prefetch_wasted", "Prefetched or restored models unloaded (evicted) before serving a request",
+            ["model"], registry=r,
+        )  # fmt: skip
         self.engine_failures = Counter(
             "kiln_engine_failures", "Batches the engine failed: error, oom (could not allocate), timeout, exit",
             ["model", "version", "kind"], registry=r,

@@ -178,6 +178,7 @@ class Server:
         if not held:
             log.warning("repository %s holds no models; import one with `kiln import MODEL --repo %s`", repo, repo)
         if self.settings.load_mode == "lazy":
+            await self.manager.start()  # restores the models loaded before a restart, starts prefetching
             return
         for name in self.settings.models or held:
             try:

@@ -44,7 +44,19 @@ class ServerSettings(BaseSettings):
         default="preload", description="preload: load at start; lazy: load a model on its first request"
     )
     models: list[str] = Field(default_factory=list, description="models to preload (default: all)")
-    max_memory: int | None = Field(default=None, ge=1, description="memory budget for loaded models (LRU eviction)")
+    max_memory: int | None = Field(
+        default=None, ge=1, description="memory budget for loaded models (models are evicted to fit it)"
+    )
+    eviction: Literal["lru", "predictive"] = Field(
+        default="predictive",
+        description="predictive: keep a usage history in the repository (REPO/.kiln/usage.json), evict the "
+        "models of least forecast demand x reload time per byte, prefetch (lazy mode) the ones expected within "
+        "prefetch_window_s and restore the ones loaded before a restart; lru: evict the least recently used",
+    )
+    prefetch_window_s: float = Field(
+        default=600.0, gt=0, le=7 * 86400, description="how far ahead demand is forecast (on the usage clock)"
+    )
+    prefetch_interval_s: float = Field(default=5.0, gt=0, description="seconds between two prefetch rounds")
     max_body_bytes: int = Field(default=64 * 2**20, ge=1024)
     shm_max_bytes: int | None = Field(
         default=None, ge=1, description="bytes of system shared memory clients may register; None: 64 x max_body_bytes"

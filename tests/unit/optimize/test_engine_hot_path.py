@@ -1,16 +1,20 @@
-"""The engines' hot path: static shapes compiled for the expected batch sizes (the dynamic model serving the
-rest), inputs handed over without a copy yet outputs that outlive the next call, and ONNX Runtime's direct
+"""The engines' hot path: static shapes compiled for the expected batch sizes and learnt from the shapes
+calls bring (the dynamic model serving the rest), inputs handed over without a copy yet outputs that outlive the next call, and ONNX Runtime's direct
 run giving what its public run gives."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+import kiln
 from kiln.engines.base import EngineOptions, load_engine
 from kiln.errors import InputError
 from kiln.repository import Repository
 from kiln.spec import InputCheck
+from tests import models
 
 from .conftest import Imported
 
@@ -20,21 +24,44 @@ def test_openvino_compiles_the_expected_batch_sizes_and_runs_every_other_size(cn
     with load_engine("onnxruntime", cnn.version_dir, spec, EngineOptions()) as ref:
         want = ref.run({"x": cnn.x[:16]})["y"]
     with load_engine("openvino", cnn.version_dir, spec, EngineOptions(batch_sizes=(1, 4))) as e:
-        assert sorted(e._static) == [1, 4]  # type: ignore[attr-defined]
+        assert e.static_shapes == [((1, 1, 8, 8),), ((4, 1, 8, 8),)]  # type: ignore[attr-defined]
         assert set(e.compile_s) == {"dynamic", "batch 1", "batch 4"}  # type: ignore[attr-defined]
         for n in (1, 4, 3, 16, 1):  # static, static, dynamic, dynamic, static again
             got = e.run({"x": cnn.x[:n]})["y"]
             np.testing.assert_allclose(got, want[:n], rtol=1e-4, atol=1e-5)
+        e.wait_compiled(timeout_s=60)  # type: ignore[attr-defined]
+        assert len(e.static_shapes) == 2  # type: ignore[attr-defined]  # batch 3 and 16 came once each
     with load_engine("openvino", cnn.version_dir, spec, EngineOptions(run={"static_shapes": False})) as e:
-        assert e._static == {}  # type: ignore[attr-defined]
-        np.testing.assert_allclose(e.run({"x": cnn.x[:2]})["y"], want[:2], rtol=1e-4, atol=1e-5)
+        for _ in range(3):
+            np.testing.assert_allclose(e.run({"x": cnn.x[:2]})["y"], want[:2], rtol=1e-4, atol=1e-5)
+        e.wait_compiled(timeout_s=60)  # type: ignore[attr-defined]
+        assert e.static_shapes == []  # type: ignore[attr-defined]
+
+
+def test_openvino_compiles_a_shape_that_comes_again_and_runs_it_there(tmp_path: Path) -> None:
+    """A dynamic length (text) is compiled at the lengths calls bring, once one comes a second time; the
+    dynamic model serves it meanwhile and every other shape, with the same answers."""
+    root = tmp_path / "repo"
+    kiln.import_model(models.seq_model(tmp_path / "seq.onnx"), root, name="seq")
+    spec = Repository(root).spec("seq")
+    rng = np.random.default_rng(0)
+    with load_engine("openvino", root / "seq" / "1", spec, EngineOptions(batch_sizes=(1, 4))) as e:
+        assert e.static_shapes == []  # type: ignore[attr-defined]  # the length is not known before calls
+        for n, length in ((2, 16), (1, 24), (2, 16), (2, 16), (1, 24), (3, 40)):
+            x = rng.standard_normal((n, length)).astype(np.float32)
+            np.testing.assert_allclose(e.run({"x": x})["y"], x.sum(axis=1, keepdims=True) * 2, rtol=1e-5, atol=1e-5)
+            e.wait_compiled(timeout_s=60)  # type: ignore[attr-defined]
+        assert e.static_shapes == [((1, 24),), ((2, 16),)]  # type: ignore[attr-defined]
+        assert {"shape 2x16", "shape 1x24"} <= set(e.compile_s)  # type: ignore[attr-defined]
+        x = rng.standard_normal((2, 16)).astype(np.float32)  # now on the static compile
+        np.testing.assert_allclose(e.run({"x": x})["y"], x.sum(axis=1, keepdims=True) * 2, rtol=1e-5, atol=1e-5)
 
 
 def test_openvino_defaults_to_batch_1_and_the_preferred_sizes(cnn: Imported) -> None:
     spec = Repository(cnn.repo).spec(cnn.name)
     spec = spec.model_copy(update={"serving": spec.serving.model_copy(update={"preferred_batch_sizes": [8]})})
     with load_engine("openvino", cnn.version_dir, spec, EngineOptions()) as e:
-        assert sorted(e._static) == [1, 8]  # type: ignore[attr-defined]
+        assert [key[0][0] for key in e.static_shapes] == [1, 8]  # type: ignore[attr-defined]
 
 
 def test_openvino_outputs_survive_the_next_call_and_inputs_of_any_layout_run(cnn: Imported) -> None:

@@ -9,13 +9,17 @@ import numpy as np
 import pytest
 
 import kiln
+from kiln.engines.routed import BatchRoutedEngine
 from kiln.errors import NoVariantWithinBudgetError
 from kiln.optimize.accuracy import AccuracyFigures
+from kiln.optimize.choice import crossover
 from kiln.optimize.config import OptimizeConfig
 from kiln.optimize.search import VariantResult, _choose, _judge
 from kiln.optimize.timing import Timing
 from kiln.recipe import PassStep, Recipe
 from kiln.repository import Repository
+from kiln.serving.manager import version_bytes
+from kiln.spec import LargeBatchChoice
 from tests.unit.optimize.conftest import Imported
 
 FAST = {"min_time_s": 0.02, "warmup": 2, "compile_modes": [], "calibration_methods": ["minmax"], "batch_size": 8}
@@ -115,10 +119,69 @@ def test_search_on_a_tiny_cnn_chooses_caches_and_records(cnn: Imported) -> None:
         with kiln.load(cnn.repo, cnn.name, variant=v.id) as predictor:
             assert predictor.engine.name == v.recipe.engine  # type: ignore[union-attr]
             assert predictor.predict({"x": cnn.x[:2]})["y"].dtype == "float32"
+    # A partner for large batches (what the optimizer stores when one wins there): kiln.load runs batches
+    # from its crossover on it and smaller ones on the choice, with the same answers.
+    repository = Repository(cnn.repo)
+    spec = repository.spec(cnn.name)
+    partner = next(v for v in built if v.recipe.engine != chosen.recipe.engine)  # type: ignore[union-attr]
+    repository.save_spec(spec.model_copy(update={"chosen_large": LargeBatchChoice(variant=partner.id, from_rows=4)}))
+    handle = repository.variant(cnn.name)
+    assert handle.id == chosen.id and handle.large is not None and handle.large.id == partner.id
+    assert version_bytes(repository, handle) > version_bytes(repository, repository.variant(cnn.name, None, chosen.id))
+    with (
+        kiln.load(cnn.repo, cnn.name) as routed,
+        kiln.load(cnn.repo, cnn.name, variant=partner.id) as large,
+        kiln.load(cnn.repo, cnn.name, variant=chosen.id) as small,  # a variant asked for by id runs alone
+    ):
+        engine = routed.engine
+        assert isinstance(engine, BatchRoutedEngine) and engine.name == chosen.recipe.engine  # type: ignore[union-attr]
+        assert not isinstance(small.engine, BatchRoutedEngine)
+        for rows in (1, 3, 4, 9):
+            feed = {"x": cnn.x[:rows]}
+            want = (large if rows >= 4 else small).predict(feed)["y"]
+            np.testing.assert_array_equal(routed.predict(feed)["y"], want)
+    repository.save_spec(spec)
     # A second run builds nothing and chooses the same.
     again = kiln.optimize(cnn.repo, cnn.name, data=str(cnn.data), engines=["onnxruntime", "openvino", "torch"], **FAST)
     assert again.built == 0 and again.chosen == result.chosen
     assert again.reused == sum(1 for v in again.variants if v.status != "skipped")
+
+
+def test_a_narrower_rerun_keeps_the_faster_earlier_choice_unless_told_to_replace(tmp_path: Path) -> None:
+    """A rerun that does not measure the earlier choice (a narrower preset, fewer engines) does not replace it
+    with a slower one; ``replace`` does, and a rerun that measured the earlier choice replaces it anyway."""
+    from .conftest import _import, tiny_mlp
+
+    m = _import(tmp_path, "m", tiny_mlp(), (1, 16), "classification")
+    repository = Repository(m.repo)
+    first = kiln.optimize(m.repo, m.name, data=str(m.data), engines=["onnxruntime"], **FAST)
+    # An earlier choice the narrower run will not measure, faster by its own figures (as a full search's
+    # choice is against a quick rerun's).
+    earlier = next(v for v in first.variants if v.status in ("accepted", "chosen") and v.recipe and v.recipe.passes)
+    handle = repository.variant(m.name, None, earlier.id)
+    figures = handle.figures()
+    figures["timing"]["latency_ms"] = first.chosen_variant.timing.latency_ms / 2  # type: ignore[union-attr]
+    handle.save_figures(figures)
+    repository.save_spec(repository.spec(m.name).model_copy(update={"chosen_variant": earlier.id}))
+    narrow = {"data": str(m.data), "engines": ["onnxruntime"], "exclude": [earlier.label], **FAST}
+    kept = kiln.optimize(m.repo, m.name, **narrow)
+    assert earlier.id not in {v.id for v in kept.variants} and kept.chosen != earlier.id
+    assert repository.spec(m.name).chosen_variant == earlier.id
+    assert any(n.startswith(f"kept the earlier choice {earlier.label}") and "--replace" in n for n in kept.notes)
+    kiln.optimize(m.repo, m.name, replace=True, **narrow)
+    assert repository.spec(m.name).chosen_variant == kept.chosen
+    repository.save_spec(repository.spec(m.name).model_copy(update={"chosen_variant": earlier.id}))
+    again = kiln.optimize(m.repo, m.name, data=str(m.data), engines=["onnxruntime"], **FAST)  # measures it
+    assert repository.spec(m.name).chosen_variant == again.chosen
+
+
+def test_the_large_batch_partner_takes_over_where_it_wins_from_then_on() -> None:
+    sizes = [2, 4, 8, 16]
+    assert crossover(sizes, [False, True, True, True]) == 4
+    assert crossover(sizes, [True, False, True, True]) == 8  # a win below a loss is noise: from where it holds
+    assert crossover(sizes, [True, True, True, True]) == 2
+    assert crossover(sizes, [True, True, True, False]) is None  # not at the throughput batch: no partner
+    assert crossover([], []) is None
 
 
 @pytest.mark.slow
