@@ -185,7 +185,9 @@ def test_cli_writes_json_and_html_and_compares(
     assert [b["batch"] for b in data["variants"][0]["batches"]] == [1, 2]
     assert (data["variants"][0]["params"], data["variants"][0]["macs"]) == (15, 12)
     assert html_path.is_file()
-    assert "<th>params</th><th>MACs</th>" in html_path.read_text(encoding="utf-8") and "<td>15</td><td>12</td>" in html_path.read_text(encoding="utf-8")
+    assert "<th>params</th><th>MACs</th>" in html_path.read_text(
+        encoding="utf-8"
+    ) and "<td>15</td><td>12</td>" in html_path.read_text(encoding="utf-8")
     assert {p.name for p in (tmp_path / "report_plots").iterdir()} == {
         "latency_vs_batch.png", "throughput_vs_batch.png", "latency_distribution.png"}  # fmt: skip
 
