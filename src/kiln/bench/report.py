@@ -398,7 +398,7 @@ def headline(result: BenchResult | dict[str, Any], search: dict[str, Any] | None
             return None
         return f"chosen: {_label(entry)}" + (f" · {here}" if here else "")
     parts = [f"chosen: {chosen.label}"]
-    ratios = [f"{_times(r)} {name}" for name, r in (("torch eager", _eager_ratio(optimized)),
+    ratios = [f"{_times(r)} {name}" for name, r in (("torch eager", plain_runtime_ratio(optimized, "torch")),
                                                      ("ONNX Runtime fp32", plain_runtime_ratio(optimized)))
               if r is not None and math.isfinite(r) and r > 0]  # fmt: skip
     if ratios and chosen.timing is not None:
@@ -446,18 +446,6 @@ def _optimize_result(search: dict[str, Any]) -> OptimizeResult | None:
     if result.chosen is not None and all(v.id != result.chosen for v in variants):
         return None
     return result
-
-
-def _eager_ratio(result: OptimizeResult) -> float | None:
-    """The chosen variant's speed against torch eager fp32 (a PyTorch import's starting point), on the
-    search's objective, as :func:`kiln.optimize.table.plain_runtime_ratio` does for ONNX Runtime."""
-    chosen = result.chosen_variant
-    eager = next((v for v in result.variants if v.timing is not None and v.recipe is not None
-                  and v.recipe.engine == "torch" and v.recipe.precision == "fp32" and v.recipe.int8 is None
-                  and not v.recipe.passes and not v.recipe.options), None)  # fmt: skip
-    if chosen is None or eager is None or chosen.timing is None:
-        return None
-    return (eager.objective(result.objective) or 0) / (chosen.objective(result.objective) or 1)
 
 
 def _accuracy_text(v: Any) -> str | None:

@@ -141,12 +141,12 @@ def result_table(result: OptimizeResult, show_skipped: bool = False) -> Table:
     return table
 
 
-def plain_runtime_ratio(result: OptimizeResult) -> float | None:
-    """The chosen variant's speed against plain ONNX Runtime fp32 (the best plain runtime, what a user
-    gets without kiln) on the search's objective, when that variant was timed."""
+def plain_runtime_ratio(result: OptimizeResult, engine: str = "onnxruntime") -> float | None:
+    """The chosen variant's speed against ``engine`` at plain fp32 (ONNX Runtime: the best plain runtime,
+    what a user gets without kiln; torch: eager PyTorch) on the search's objective, when that was timed."""
     chosen = result.chosen_variant
     plain = next((v for v in result.variants if v.timing is not None and v.recipe is not None
-                  and v.recipe.engine == "onnxruntime" and v.recipe.precision == "fp32" and v.recipe.int8 is None
+                  and v.recipe.engine == engine and v.recipe.precision == "fp32" and v.recipe.int8 is None
                   and not v.recipe.passes and not v.recipe.options), None)  # fmt: skip
     if chosen is None or plain is None or chosen.timing is None:
         return None
