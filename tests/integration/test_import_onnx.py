@@ -140,6 +140,53 @@ def test_a_windowed_model_warms_up_and_serves_at_its_example_shape(repo: Path, t
     assert out["name"] == "y" and out["shape"][0] == 2
 
 
+def test_bench_url_sends_the_example_shape_the_server_states(repo: Path, tmp_path: Path) -> None:
+    """Over HTTP and gRPC the model config carries the example shape, and ``kiln bench --url`` sizes the
+    window with it (at the old 8 every request failed: the pad of 32 needs a longer signal)."""
+    import tritonclient.http as httpclient
+
+    from kiln.bench import loadgen
+    from kiln.serving import ServerSettings
+    from kiln.serving.server import ServerThread
+
+    kiln.import_model(onnx_models.save(onnx_models.reflect_padded_signal(pad=32), tmp_path / "s.onnx"), repo, name="s")
+    example = list(kiln.Repository(repo).spec("s").inputs[0].example_shape or ())
+    assert len(example) == 2 and example[1] > 32
+    settings = ServerSettings(repo=repo, http_port=0, grpc_port=0, log_level="WARNING", load_mode="preload")
+    with ServerThread(settings) as server:
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{server.http_port}")
+        params = client.get_model_config("s")["parameters"]
+        assert params == {"kiln.example_shape.x": {"string_value": ",".join(map(str, example))}}
+        for url in (f"http://127.0.0.1:{server.http_port}", f"grpc://127.0.0.1:{server.grpc_port}"):
+            result = loadgen.apply_load(url, "s", requests=6, batch=3)
+            assert (result.succeeded, result.errors) == (6, {}), url
+            assert result.shapes == {"x": [3, example[1]]} and result.guessed == []
+    # Without an example (a model.yaml from before example shapes), the dims go at 8 and the run says so.
+    kiln.import_model(onnx_models.save(onnx_models.token_embedder(), tmp_path / "t.onnx"), repo, name="t")
+    path = repo / "t" / "model.yaml"
+    stored = yaml.safe_load(path.read_text(encoding="utf-8"))
+    for t in stored["inputs"]:
+        t.pop("example_shape", None)
+    path.write_text(yaml.safe_dump(stored), encoding="utf-8")
+    with ServerThread(settings.model_copy(update={"models": ["t"]})) as server:
+        report = loadgen.sweep(f"http://127.0.0.1:{server.http_port}", "t", requests=2)
+    names = [t["name"] for t in stored["inputs"]]
+    assert report.runs[0].succeeded == 2 and report.runs[0].guessed == names
+    assert all(shape[1] == 8 for shape in report.runs[0].shapes.values())
+    assert any("no example shape" in w and "at 8" in w for w in report.warnings), report.warnings
+
+
+def test_bench_url_refuses_example_shapes_that_do_not_fit() -> None:
+    """The example comes from the server: one of another rank, contradicting a fixed dim, or absurdly
+    large is not used."""
+    from kiln.bench.loadgen import _fitting
+
+    assert _fitting([1, 3, 64], [-1, 3, -1]) == [1, 3, 64]
+    for bad in ([1, 64], [1, 4, 64], [1, 3, 0], [1, 3, -5], [1, 3, 1 << 40]):
+        assert _fitting(bad, [-1, 3, -1]) is None, bad
+    assert _fitting(None, [-1, 3, -1]) is None
+
+
 def test_stride_64_skips_sizes_it_does_not_divide(repo: Path, tmp_path: Path) -> None:
     path = onnx_models.save(onnx_models.strided_unet(levels=6, dims=("N", "", "")), tmp_path / "deep.onnx")
     result = kiln.import_model(path, repo)

@@ -21,6 +21,7 @@ import numpy as np
 
 from kiln.bench.stats import latency_stats
 from kiln.errors import LoadTargetError, first_line
+from kiln.serving.metadata import EXAMPLE_SHAPE
 from kiln.spec import Transport
 
 _V2_TO_NUMPY = {
@@ -84,6 +85,8 @@ class LoadResult:
     duration_s: float = 0.0
     latency: dict[str, float] = field(default_factory=dict)
     interrupted: bool = False  # Ctrl-C stopped this level: its figures cover the requests before it
+    shapes: dict[str, list[int]] = field(default_factory=dict)  # the shape of each input sent
+    guessed: list[str] = field(default_factory=list)  # inputs whose dynamic dims were sent at 8 (no example)
 
     @property
     def throughput(self) -> float:
@@ -133,16 +136,45 @@ class _Client:
         self.client = client_mod.InferenceServerClient(url=target.address)
         self.inputs: list[Any] = []
         self.outputs: list[Any] = []
+        self.shapes: dict[str, list[int]] = {}  # what each request sends
+        self.guessed: list[str] = []  # inputs with dynamic dims the server gave no example shape for
+
+    async def _example_shapes(self) -> dict[str, list[int]]:
+        """The example shape of each input, from kiln's model-config parameters; none from other servers
+        (or a config that cannot be read)."""
+        try:
+            if self.target.protocol == "http":
+                config = await self.client.get_model_config(self.model)
+            else:
+                config = (await self.client.get_model_config(self.model, as_json=True)).get("config", {})
+            params = config.get("parameters") or {}
+        except Exception:  # a server without the configuration extension: no examples
+            return {}
+        out: dict[str, list[int]] = {}
+        for key, value in params.items() if isinstance(params, dict) else ():
+            text = value.get("string_value") if isinstance(value, dict) else None
+            if isinstance(key, str) and key.startswith(EXAMPLE_SHAPE) and isinstance(text, str):
+                try:
+                    out[key[len(EXAMPLE_SHAPE) :]] = [int(d) for d in text.split(",")]
+                except ValueError:
+                    continue  # not a shape: ignored like any parameter kiln does not know
+        return out
 
     async def prepare(self) -> None:
         if self.target.protocol == "http":
             meta = await self.client.get_model_metadata(self.model)
         else:
             meta = await self.client.get_model_metadata(self.model, as_json=True)
+        examples = await self._example_shapes()
         rng = np.random.default_rng(0)
         for spec in meta["inputs"]:
-            shape = [self.batch if i == 0 and int(d) == -1 else (8 if int(d) == -1 else int(d))
-                     for i, d in enumerate(spec["shape"])]  # fmt: skip
+            dims = [int(d) for d in spec["shape"]]
+            example = _fitting(examples.get(spec["name"]), dims)
+            if example is None and -1 in dims[1:]:
+                self.guessed.append(spec["name"])
+            shape = [self.batch if i == 0 and d == -1 else d if d != -1 else example[i] if example else _GUESS
+                     for i, d in enumerate(dims)]  # fmt: skip
+            self.shapes[spec["name"]] = shape
             dtype = _V2_TO_NUMPY[spec["datatype"]]
             if dtype is np.object_:
                 data = np.array([b"kiln"] * int(np.prod(shape)), dtype=object).reshape(shape)
@@ -227,6 +259,19 @@ async def _open_loop(
         await asyncio.gather(*inflight)
 
 
+_GUESS = 8  # the size of a dynamic dim no example names
+_MAX_ELEMENTS = 1 << 26  # an example shape from the server is trusted only up to this size per request
+
+
+def _fitting(example: list[int] | None, dims: list[int]) -> list[int] | None:
+    """``example`` when it fits ``dims`` (same rank, fixed dims equal, sizes positive and bounded)."""
+    if example is None or len(example) != len(dims):
+        return None
+    if any(e < 1 or (d != -1 and e != d) for d, e in zip(dims, example, strict=True)):
+        return None
+    return example if int(np.prod(example, dtype=np.int64)) <= _MAX_ELEMENTS else None
+
+
 def _error_kind(exc: BaseException) -> str:
     status = getattr(exc, "status", None)
     code = status() if callable(status) else status
@@ -269,6 +314,7 @@ async def run_load(
             ) from None
         except Exception as exc:
             raise LoadTargetError(f"cannot read model {model!r} from {url}: {first_line(exc)}") from None
+        result.shapes, result.guessed = client.shapes, client.guessed
         run.start = time.perf_counter()
         if qps:
             await _open_loop(client, run, qps, requests, seconds, max_inflight, request_timeout_s)
@@ -364,6 +410,9 @@ def sweep(
             row = None
         if row is not None:
             report.runs.append(row)
+            if i == 0 and row.guessed:
+                report.warnings.append(f"input(s) {', '.join(row.guessed)}: the server gives no example shape, so "
+                                       f"their dynamic dims were sent at {_GUESS}")  # fmt: skip
             if row.errors:
                 report.warnings.append(f"{row.level}: {sum(row.errors.values())} request(s) failed: {row.errors}")
         if row is None or row.interrupted:

@@ -141,7 +141,9 @@ def _server_summary(params: dict[str, Any], m: dict[str, Any]) -> str:
 def load_table(rows: LoadReport | list[LoadResult]) -> Table:
     """One row per load level from :mod:`kiln.bench.loadgen`."""
     runs = rows.runs if isinstance(rows, LoadReport) else rows
-    table = Table(title="served load", title_justify="left")
+    shapes = runs[0].shapes if runs else {}
+    sent = ", ".join(f"{name} {'×'.join(map(str, shape))}" for name, shape in shapes.items())
+    table = Table(title="served load" + (f" (each request: {sent})" if sent else ""), title_justify="left")
     for col in ("url", "mode", "level", "sent", "ok", "errors", "req/s", "p50 ms", "p99 ms"):
         table.add_column(col, justify="left" if col in ("url", "mode", "errors") else "right")
     for r in runs:

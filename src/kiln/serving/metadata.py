@@ -59,6 +59,9 @@ def model_config(model: str, spec: ModelSpec, engine: str, default_timeout_s: fl
         "instance_group": [{"name": f"{model}_0", "count": s.instances, "kind": "KIND_CPU"}],
         "response_cache": {"enable": s.response_cache},
     }
+    examples = example_parameters(spec.inputs if wire is None else ())
+    if examples:
+        config["parameters"] = examples
     if batched:
         config["dynamic_batching"] = {
             "preferred_batch_size": list(s.preferred_batch_sizes),
@@ -69,6 +72,16 @@ def model_config(model: str, spec: ModelSpec, engine: str, default_timeout_s: fl
             },
         }
     return config
+
+
+EXAMPLE_SHAPE = "kiln.example_shape."  # + input name: a model config parameter naming a runnable full shape
+
+
+def example_parameters(inputs: Sequence[TensorSpec]) -> dict[str, dict[str, str]]:
+    """Triton model-config ``parameters`` carrying each input's example shape (``"1,3,224,224"``), so a
+    remote client (``kiln bench --url``) sizes dynamic dims the way the model was checked to run."""
+    return {f"{EXAMPLE_SHAPE}{t.name}": {"string_value": ",".join(map(str, t.example_shape))}
+            for t in inputs if t.example_shape is not None}  # fmt: skip
 
 
 def _config_tensor(t: TensorSpec, batched: bool, takes_raw: bool) -> dict[str, Any]:
