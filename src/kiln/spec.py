@@ -45,6 +45,11 @@ def dtype_name(dtype: np.dtype[Any] | type | str) -> str:
     return str(dt.name)
 
 
+# A Triton model-config parameter ("kiln.example_shape.<input>": "1,48") naming a shape each input was checked
+# to run with: the server states it, a remote client (kiln bench --url) reads it to size dynamic dims.
+EXAMPLE_SHAPE_PARAMETER = "kiln.example_shape."
+
+
 class TensorSpec(BaseModel):
     """One input or output tensor. ``-1`` in ``shape`` marks a dynamic dimension."""
 

@@ -21,8 +21,7 @@ import numpy as np
 
 from kiln.bench.stats import latency_stats
 from kiln.errors import LoadTargetError, first_line
-from kiln.serving.metadata import EXAMPLE_SHAPE
-from kiln.spec import Transport
+from kiln.spec import EXAMPLE_SHAPE_PARAMETER, Transport
 
 _V2_TO_NUMPY = {
     "FP32": np.float32, "FP16": np.float16, "FP64": np.float64, "INT8": np.int8, "INT16": np.int16,
@@ -153,9 +152,9 @@ class _Client:
         out: dict[str, list[int]] = {}
         for key, value in params.items() if isinstance(params, dict) else ():
             text = value.get("string_value") if isinstance(value, dict) else None
-            if isinstance(key, str) and key.startswith(EXAMPLE_SHAPE) and isinstance(text, str):
+            if isinstance(key, str) and key.startswith(EXAMPLE_SHAPE_PARAMETER) and isinstance(text, str):
                 try:
-                    out[key[len(EXAMPLE_SHAPE) :]] = [int(d) for d in text.split(",")]
+                    out[key[len(EXAMPLE_SHAPE_PARAMETER) :]] = [int(d) for d in text.split(",")]
                 except ValueError:
                     continue  # not a shape: ignored like any parameter kiln does not know
         return out

@@ -15,7 +15,7 @@ from typing import Any
 from kiln._version import __version__
 from kiln.engines.base import get_engine
 from kiln.serving.raw import PREDICTIONS, RAW_INPUT, wire_spec
-from kiln.spec import ModelSpec, TensorSpec
+from kiln.spec import EXAMPLE_SHAPE_PARAMETER, ModelSpec, TensorSpec
 
 EXTENSIONS = [
     "binary_tensor_data", "model_configuration", "model_repository", "statistics", "system_shared_memory",
@@ -74,13 +74,10 @@ def model_config(model: str, spec: ModelSpec, engine: str, default_timeout_s: fl
     return config
 
 
-EXAMPLE_SHAPE = "kiln.example_shape."  # + input name: a model config parameter naming a runnable full shape
-
-
 def example_parameters(inputs: Sequence[TensorSpec]) -> dict[str, dict[str, str]]:
     """Triton model-config ``parameters`` carrying each input's example shape (``"1,3,224,224"``), so a
     remote client (``kiln bench --url``) sizes dynamic dims the way the model was checked to run."""
-    return {f"{EXAMPLE_SHAPE}{t.name}": {"string_value": ",".join(map(str, t.example_shape))}
+    return {f"{EXAMPLE_SHAPE_PARAMETER}{t.name}": {"string_value": ",".join(map(str, t.example_shape))}
             for t in inputs if t.example_shape is not None}  # fmt: skip
 
 
