@@ -26,14 +26,16 @@ class ServeProcess:
     """``python -m kiln.cli serve REPO ...`` (``--repo REPO`` with ``repo_flag``); :meth:`wait_ready` polls
     /v2/health/ready with a deadline."""
 
-    def __init__(self, repo: Path, *args: str, log: Path, repo_flag: bool = False) -> None:
+    def __init__(
+        self, repo: Path, *args: str, log: Path, repo_flag: bool = False, env: dict[str, str] | None = None
+    ) -> None:
         self.http_port = free_port()
         self.grpc_port = free_port()
         self.log = log
         where = ["--repo", str(repo)] if repo_flag else [str(repo)]
         cmd = [sys.executable, "-m", "kiln.cli", "serve", *where, "--http-port", str(self.http_port),
                "--grpc-port", str(self.grpc_port), "--engine-threads", "1", *args]  # fmt: skip
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self._log_file = log.open("wb")
         self.proc = subprocess.Popen(cmd, stdout=self._log_file, stderr=subprocess.STDOUT, env=env)
 

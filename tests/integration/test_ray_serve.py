@@ -57,7 +57,10 @@ def cluster() -> Iterator[Any]:
 @pytest.fixture(scope="module")
 def server(repo: Path, cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
     log = tmp_path_factory.mktemp("log") / "serve.log"
-    proc = ServeProcess(repo, "--ray", "--ray-address", cluster.address, log=log)
+    # inline runs on for every request (a lone request runs in the event loop's thread): a Ray handle call
+    # must never be made there, so the server keeps batches for Ray on its batcher threads
+    inline = {"KILN_SERVE_INLINE_BELOW_MS": "60000"}
+    proc = ServeProcess(repo, "--ray", "--ray-address", cluster.address, log=log, env=inline)
     try:
         yield proc.wait_ready(timeout=240)
     finally:

@@ -306,6 +306,21 @@ def test_an_idle_batcher_lends_its_instance_and_the_worker_waits_for_it() -> Non
     assert runner.batches == [1]
 
 
+def test_a_batcher_told_not_to_lend_never_lends_and_still_runs_requests() -> None:
+    runner = GatedRunner()
+    runner.release.set()
+    batcher = Batcher("m", [runner], BatchPolicy(max_batch_size=4), lends=False)  # e.g. Ray handle calls
+    batcher.start()
+    col = Collector(1)
+    try:
+        assert batcher.lend() is None  # idle, nothing queued: still nothing lent
+        batcher.submit({"x": np.zeros((1, 2), np.float32)}, 1, col.done)
+        assert col.all_done.wait(10)
+    finally:
+        batcher.close()
+    assert runner.batches == [1]
+
+
 def test_a_busy_or_queued_batcher_lends_nothing() -> None:
     runner = GatedRunner()
     batcher = Batcher("m", [runner], BatchPolicy(max_batch_size=4))

@@ -114,6 +114,7 @@ class Batcher:
         name: str | None = None,
         on_unhealthy: Callable[[str], None] | None = None,
         probe: Callable[[Runner], object] | None = None,
+        lends: bool = True,
     ) -> None:
         if not runners:
             raise ValueError("a batcher needs at least one runner")
@@ -125,6 +126,7 @@ class Batcher:
         self.observer = observer
         self.on_unhealthy = on_unhealthy  # called once (from a worker thread) with the reason
         self.probe = probe  # runs a known-good input on an instance: tells a bad request from a failing engine
+        self.lends = lends  # False where a run must not block the caller's event loop (a Ray Serve handle call)
         self._cond = threading.Condition()
         self._closing = False
         self._busy = 0
@@ -248,7 +250,14 @@ class Batcher:
         the watchdog can answer a hung one.
         """
         with self._cond:
-            if self._closing or self._busy or self._lent is not None or len(self.queue) or self._failures:
+            if (
+                not self.lends
+                or self._closing
+                or self._busy
+                or self._lent is not None
+                or len(self.queue)
+                or self._failures
+            ):
                 return None
             self._lent = self.runners[0]
             self._busy += 1

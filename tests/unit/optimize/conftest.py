@@ -31,6 +31,21 @@ def tiny_cnn() -> Any:
     return model.eval()
 
 
+def scaled_cnn() -> Any:
+    """:func:`tiny_cnn` on raw pixels scaled inside the model (``x / 16``), as the digits CNN is."""
+    from torch import nn
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = tiny_cnn()
+
+        def forward(self, x: Any) -> Any:
+            return self.body(x / 16.0)
+
+    return Scaled().eval()
+
+
 def tiny_mlp() -> Any:
     import torch
     from torch import nn
@@ -90,6 +105,11 @@ def _import(tmp: Path, name: str, model: Any, shape: tuple[int, ...], task: str)
 @pytest.fixture(scope="session")
 def cnn(tmp_path_factory: pytest.TempPathFactory) -> Imported:
     return _import(tmp_path_factory.mktemp("cnn"), "cnn", tiny_cnn(), (1, 1, 8, 8), "classification")
+
+
+@pytest.fixture(scope="session")
+def scaled(tmp_path_factory: pytest.TempPathFactory) -> Imported:
+    return _import(tmp_path_factory.mktemp("scaled"), "scaled", scaled_cnn(), (1, 1, 8, 8), "classification")
 
 
 @pytest.fixture(scope="session")

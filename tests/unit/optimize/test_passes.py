@@ -140,6 +140,71 @@ def test_ort_static_inserts_qdq_with_per_channel_weights(
     assert sqnr_db(_reference(cnn), _run("onnxruntime", work, cnn)) > 20
 
 
+def test_ort_static_folds_the_input_scaling_into_the_quantize_scale(scaled: Imported, tmp_path: Path) -> None:
+    import onnx
+
+    plain, folded = tmp_path / "plain", tmp_path / "folded"
+    for d, fold in ((plain, False), (folded, True)):
+        d.mkdir()
+        [report] = run_passes([PassStep(name="ort-static", params={"fold_scaling": fold, **NARROW})],
+                              _work(scaled, d, "model.onnx"))  # fmt: skip
+        assert report.details["folded_scalings"] == int(fold)
+    assert op_histogram(plain / "model.onnx")["Div"] == 1
+    assert "Div" not in op_histogram(folded / "model.onnx")
+    graph = onnx.load(str(folded / "model.onnx")).graph
+    [first] = [n for n in graph.node if graph.input[0].name in n.input]
+    assert first.op_type == "QuantizeLinear"  # the raw input goes straight to quantization
+    assert not {i.name for i in graph.initializer} - {i for n in graph.node for i in n.input}  # nothing left over
+    # the same quantized tensor: Q(x / 16, s) == Q(x, 16 s), so the outputs agree but for rounding ties
+    ref, a, b = (_run("onnxruntime", d, scaled) for d in (scaled.version_dir, plain, folded))
+    np.testing.assert_allclose(b, a, atol=1e-5)
+    assert sqnr_db(ref, b) > 20
+
+
+def _scaling_graph(op: str, factor: float, also_used: bool, path: Path) -> Path:
+    """x → op(x, factor) → QuantizeLinear → DequantizeLinear → y (and the scaled x as a second output)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node(op, ["x", "c"], ["xs"], name="scale"),
+             helper.make_node("QuantizeLinear", ["xs", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]  # fmt: skip
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])]
+    if also_used:
+        nodes.append(helper.make_node("Relu", ["xs"], ["r"]))
+        outputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, [4]))
+    inits = [numpy_helper.from_array(np.array(factor, np.float32), "c"),
+             numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+             numpy_helper.from_array(np.array(128, np.uint8), "z")]  # fmt: skip
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])], outputs, inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+@pytest.mark.parametrize(("op", "factor", "also_used", "folds"), [
+    ("Div", 16.0, False, True), ("Mul", 0.25, False, True),
+    ("Div", -2.0, False, False),  # a negative scale would flip the rounding direction: not folded
+    ("Div", 0.0, False, False), ("Div", 4.0, True, False),  # the scaled tensor is used elsewhere too
+])  # fmt: skip
+def test_input_scaling_folds_only_where_the_quantized_values_stay_the_same(
+    tmp_path: Path, op: str, factor: float, also_used: bool, folds: bool
+) -> None:
+    import onnx
+    import onnxruntime as ort
+
+    from kiln.optimize.passes.quantize import fold_input_scaling
+
+    path = _scaling_graph(op, factor, also_used, tmp_path / "model.onnx")
+    x = {"x": np.array([-3.0, 0.5, 2.0, 7.9], np.float32)}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        before = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, x)
+    assert fold_input_scaling(path) == int(folds)
+    assert ("scale" not in {n.name for n in onnx.load(str(path)).graph.node}) is folds
+    after = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, x)
+    for a, b in zip(before, after, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_ort_static_on_attention_quantizes_only_the_weighted_matmuls(attention: Imported, work: Path) -> None:
     import onnx
 
