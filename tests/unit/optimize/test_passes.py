@@ -161,19 +161,24 @@ def test_ort_static_folds_the_input_scaling_into_the_quantize_scale(scaled: Impo
     assert sqnr_db(ref, b) > 20
 
 
-def _scaling_graph(op: str, factor: float, also_used: bool, path: Path) -> Path:
-    """x → op(x, factor) → QuantizeLinear → DequantizeLinear → y (and the scaled x as a second output)."""
+def _scaling_graph(op: str, factor: np.ndarray, also_used: bool, twice: bool, path: Path) -> Path:
+    """x → op(x, factor) → QuantizeLinear → DequantizeLinear → y; with ``also_used`` the scaled x is a second
+    output too, with ``twice`` a second QuantizeLinear → DequantizeLinear on the same scale gives ``y2``."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     nodes = [helper.make_node(op, ["x", "c"], ["xs"], name="scale"),
              helper.make_node("QuantizeLinear", ["xs", "s", "z"], ["q"]),
              helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]  # fmt: skip
-    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
     if also_used:
         nodes.append(helper.make_node("Relu", ["xs"], ["r"]))
-        outputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, [4]))
-    inits = [numpy_helper.from_array(np.array(factor, np.float32), "c"),
+        outputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, None))
+    if twice:
+        nodes += [helper.make_node("QuantizeLinear", ["xs", "s", "z"], ["q2"]),
+                  helper.make_node("DequantizeLinear", ["q2", "s", "z"], ["y2"])]  # fmt: skip
+        outputs.append(helper.make_tensor_value_info("y2", TensorProto.FLOAT, None))
+    inits = [numpy_helper.from_array(factor.astype(np.float32), "c"),
              numpy_helper.from_array(np.array(0.05, np.float32), "s"),
              numpy_helper.from_array(np.array(128, np.uint8), "z")]  # fmt: skip
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])], outputs, inits)
@@ -181,27 +186,33 @@ def _scaling_graph(op: str, factor: float, also_used: bool, path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("op", "factor", "also_used", "folds"), [
-    ("Div", 16.0, False, True), ("Mul", 0.25, False, True),
-    ("Div", -2.0, False, False),  # a negative scale would flip the rounding direction: not folded
-    ("Div", 0.0, False, False), ("Div", 4.0, True, False),  # the scaled tensor is used elsewhere too
+@pytest.mark.parametrize(("op", "factor", "also_used", "twice", "folds"), [
+    ("Div", 16.0, False, False, True), ("Mul", 0.25, False, False, True), ("Div", [4.0], False, False, True),
+    ("Div", 8.0, False, True, True),  # two QuantizeLinear nodes on one scale: one folded scale for both
+    ("Div", -2.0, False, False, False),  # a negative scale would flip the rounding direction: not folded
+    ("Div", 0.0, False, False, False), ("Div", 4.0, True, False, False),  # the scaled tensor is used elsewhere
+    ("Div", [[4.0]], False, False, False),  # a [1, 1] factor broadcasts x from rank 1 to 2: not folded
+    ("Div", [2.0, 4.0, 2.0, 4.0], False, False, False),  # one factor per element is not one scale
 ])  # fmt: skip
 def test_input_scaling_folds_only_where_the_quantized_values_stay_the_same(
-    tmp_path: Path, op: str, factor: float, also_used: bool, folds: bool
+    tmp_path: Path, op: str, factor: object, also_used: bool, twice: bool, folds: bool
 ) -> None:
     import onnx
     import onnxruntime as ort
 
     from kiln.optimize.passes.quantize import fold_input_scaling
 
-    path = _scaling_graph(op, factor, also_used, tmp_path / "model.onnx")
+    path = _scaling_graph(op, np.array(factor), also_used, twice, tmp_path / "model.onnx")
     x = {"x": np.array([-3.0, 0.5, 2.0, 7.9], np.float32)}
     with np.errstate(divide="ignore", invalid="ignore"):
         before = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, x)
     assert fold_input_scaling(path) == int(folds)
-    assert ("scale" not in {n.name for n in onnx.load(str(path)).graph.node}) is folds
+    graph = onnx.load(str(path)).graph
+    assert ("scale" not in {n.name for n in graph.node}) is folds
+    assert len({i.name for i in graph.initializer}) == len(graph.initializer)  # no name twice
     after = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, x)
     for a, b in zip(before, after, strict=True):
+        assert a.shape == b.shape
         np.testing.assert_array_equal(a, b)
 
 

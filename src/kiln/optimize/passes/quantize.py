@@ -149,7 +149,9 @@ def fold_input_scaling(path: Path) -> int:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
     outputs = {o.name for o in graph.output}
-    folded = []
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in [*graph.input, *graph.value_info]
+             if v.type.tensor_type.HasField("shape")}  # fmt: skip
+    folded, touched = [], set()
     for n in graph.node:
         if n.op_type not in ("Div", "Mul") or len(n.input) != 2 or n.output[0] in outputs:
             continue
@@ -162,6 +164,8 @@ def fold_input_scaling(path: Path) -> int:
         users = consumers.get(n.output[0], [])
         if factor.size != 1 or not np.isfinite(factor).all() or float(factor.reshape(())) <= 0 or not users:
             continue
+        if factor.ndim > 1 or (factor.ndim == 1 and ranks.get(x, 0) < 1):  # broadcasting would change x's rank
+            continue
         if not all(u.op_type == "QuantizeLinear" and u.input[0] == n.output[0] and u.input[1] in init for u in users):
             continue
         k = float(factor.reshape(()))
@@ -169,15 +173,19 @@ def fold_input_scaling(path: Path) -> int:
             scale = numpy_helper.to_array(init[u.input[1]])
             new = (scale * k if n.op_type == "Div" else scale / k).astype(scale.dtype)
             name = f"{u.input[1]}_folded_{n.name or n.output[0]}"
-            graph.initializer.append(numpy_helper.from_array(new, name))
+            if name not in init:  # two QuantizeLinear nodes may share one scale
+                init[name] = numpy_helper.from_array(new, name)
+                graph.initializer.append(init[name])
+            touched.add(u.input[1])
             u.input[0], u.input[1] = x, name
+        touched.add(c)
         folded.append(n)
     if not folded:
         return 0
     for n in folded:
         graph.node.remove(n)
-    used = {i for n in graph.node for i in n.input} | outputs
-    for t in [t for t in graph.initializer if t.name not in used]:
+    used = {i for n in graph.node for i in n.input} | outputs | {i.name for i in graph.input}
+    for t in [t for t in graph.initializer if t.name in touched - used]:  # the constants folded away
         graph.initializer.remove(t)
     tmp = path.with_name(".folded-" + path.name)
     onnx.save(model, str(tmp))
