@@ -88,6 +88,14 @@ def compile_config(options: EngineOptions, threads: int) -> dict[str, Any]:
     return config
 
 
+def _numpy_dtype(element_type: Any) -> np.dtype[Any] | None:
+    """numpy's dtype for an OpenVINO element type; None where it has none (those inputs take ``infer``)."""
+    try:
+        return np.dtype(element_type.to_dtype())
+    except Exception:  # a dynamic or string element type
+        return None
+
+
 @register
 class OpenVINOEngine(Engine):
     name = "openvino"
@@ -113,6 +121,7 @@ class OpenVINOEngine(Engine):
         self.compiled = compiled
         self.compile_s = dict(compile_s or {})  # "dynamic" / "batch N" / "shape AxB" -> seconds
         self._input_names = [i.get_any_name() for i in compiled.inputs]
+        self._input_dtypes = [_numpy_dtype(i.get_element_type()) for i in compiled.inputs]
         # every input's shape -> an infer request of the model compiled for exactly those shapes
         self._static: dict[Shapes, Any] = {key: c.create_infer_request() for key, c in (static or {}).items()}
         self._keep = list((static or {}).values())  # the compiled models behind the requests
@@ -271,11 +280,33 @@ class OpenVINOEngine(Engine):
                 request = hit
             elif key:
                 self._count(key)
+        tensors = self._shared_tensors(inputs)
+        if tensors is not None:  # set on the request and run: 3 µs a call less than infer()'s argument handling
+            for i, t in enumerate(tensors):
+                request.set_input_tensor(i, t)
+            request.infer()
+            # The request reuses its output buffers on the next call: each output is copied out once.
+            return {want: request.get_output_tensor(i).data.astype(dtype, copy=True) for want, i, dtype in self._picks}
         # Inputs are shared with the request (no copy: OpenVINO copies only what it must, such as read-only
         # or non-contiguous arrays); outputs are copied out once, as the request reuses its buffers.
         result = request.infer(inputs, share_inputs=True, share_outputs=True).to_tuple()
-        # The request reuses its output buffers on the next call: each output is copied out once.
         return {want: result[i].astype(dtype, copy=True) for want, i, dtype in self._picks}
+
+    def _shared_tensors(self, inputs: Mapping[str, np.ndarray]) -> list[Any] | None:
+        """One tensor per model input, sharing the caller's memory, where every input is a writable
+        C-contiguous array of the input's own dtype; None otherwise (``infer`` converts or copies, and its
+        error names a missing input)."""
+        if len(inputs) != len(self._input_names):
+            return None
+        from openvino import Tensor
+
+        out = []
+        for name, dtype in zip(self._input_names, self._input_dtypes, strict=True):
+            a = inputs.get(name)
+            if type(a) is not np.ndarray or a.dtype != dtype or not (a.flags.c_contiguous and a.flags.writeable):
+                return None
+            out.append(Tensor(a, shared_memory=True))
+        return out
 
     def _count(self, key: Shapes) -> None:
         """Count a call at a shape with no static compile; the :data:`_COMPILE_AFTER`-th starts one."""

@@ -74,9 +74,14 @@ def test_openvino_outputs_survive_the_next_call_and_inputs_of_any_layout_run(cnn
         x = cnn.x[:2]
         read_only = np.frombuffer(x.tobytes(), dtype=np.float32).reshape(x.shape)  # as an HTTP body decodes
         strided = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)  # not C-contiguous
-        for arr in (read_only, strided, x):
+        wide = x.astype(np.float64)  # not the input's dtype: OpenVINO's infer converts it
+        for arr in (read_only, strided, wide, x):  # x itself is shared with the request, the others are not
             np.testing.assert_allclose(e.run({"x": arr})["y"], kept, rtol=1e-5, atol=1e-6)
         assert not np.shares_memory(e.run({"x": x})["y"], x)
+        shared = x.copy()
+        out = e.run({"x": shared})["y"]
+        shared[:] = 0  # the caller reuses its buffer: what it got back stays as it was
+        np.testing.assert_allclose(out, kept, rtol=1e-5, atol=1e-6)
 
 
 def test_onnxruntime_direct_run_matches_the_public_run(cnn: Imported) -> None:
