@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Mapping
 
@@ -9,7 +10,14 @@ import numpy as np
 import pytest
 
 from kiln import logs
-from kiln.errors import EngineFailedError, QueueFullError, RequestTimeoutError, ShuttingDownError
+from kiln.errors import (
+    ComputeTimeoutError,
+    EngineFailedError,
+    EngineInputError,
+    QueueFullError,
+    RequestTimeoutError,
+    ShuttingDownError,
+)
 from kiln.execution.batcher import Batcher, BatchPolicy, BatchQueue, Pending, concat_inputs, split_outputs
 
 
@@ -309,16 +317,80 @@ def test_an_idle_batcher_lends_its_instance_and_the_worker_waits_for_it() -> Non
 def test_a_batcher_told_not_to_lend_never_lends_and_still_runs_requests() -> None:
     runner = GatedRunner()
     runner.release.set()
-    batcher = Batcher("m", [runner], BatchPolicy(max_batch_size=4), lends=False)  # e.g. Ray handle calls
+    batcher = Batcher("m", [runner], BatchPolicy(max_batch_size=4), lends="await")  # e.g. Ray handle calls
     batcher.start()
     col = Collector(1)
     try:
-        assert batcher.lend() is None  # idle, nothing queued: still nothing lent
+        assert batcher.lend() is None  # idle, nothing queued: still nothing lent to run in this thread
         batcher.submit({"x": np.zeros((1, 2), np.float32)}, 1, col.done)
         assert col.all_done.wait(10)
     finally:
         batcher.close()
     assert runner.batches == [1]
+
+
+class AwaitedRunner:
+    """A runner whose run is awaited (as a Ray Serve handle call is); ``mode`` says what the next run does."""
+
+    def __init__(self) -> None:
+        self.mode = "ok"
+        self.probes = 0
+        self.release = asyncio.Event()
+
+    async def run_async(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.mode == "raise":
+            raise ValueError("bad row")
+        if self.mode == "hang":
+            await self.release.wait()
+        return {"y": inputs["x"] + 1}
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:  # the probe, off the loop
+        self.probes += 1
+        if self.mode == "raise" and not self.probes_pass:
+            raise RuntimeError("engine broken")
+        return {"y": inputs["x"] + 1}
+
+    probes_pass = True
+
+    def close(self) -> None:
+        pass
+
+
+def test_an_awaited_lent_run_answers_failures_and_timeouts_and_gives_the_instance_back() -> None:
+    runner = AwaitedRunner()
+    feed = {"x": np.zeros((1, 2), np.float32)}
+    policy = BatchPolicy(max_batch_size=4, compute_timeout_s=0.2, fail_after=5)
+    batcher = Batcher("m", [runner], policy, lends="await", probe=lambda r: r.run(feed))
+    batcher.start()
+
+    async def once() -> dict[str, np.ndarray]:
+        lent = batcher.lend(awaiting=True)
+        assert lent is runner and batcher.lend(awaiting=True) is None  # one at a time
+        return await batcher.run_lent_async(lent, feed, 1)
+
+    try:
+        assert batcher.lend() is None  # never lent to run in the caller's thread
+        np.testing.assert_array_equal(asyncio.run(once())["y"], feed["x"] + 1)
+        assert batcher.busy == 0 and batcher.row_seconds > 0  # given back, its time recorded
+        runner.mode = "raise"  # the probe runs: the inputs were at fault, nothing counts against the model
+        with pytest.raises(EngineInputError):
+            asyncio.run(once())
+        assert runner.probes == 1 and batcher.busy == 0 and not batcher.unhealthy
+        runner.probes_pass = False  # the probe fails too: the engine is failing
+        with pytest.raises(EngineFailedError):
+            asyncio.run(once())
+        assert batcher.lend(awaiting=True) is None  # failing of late: its runs go through the workers
+    finally:
+        batcher.close()
+    runner.mode = "hang"  # past compute_timeout_s: answered here, counted once
+    batcher = Batcher("m", [runner], policy, lends="await", probe=lambda r: r.run(feed))
+    batcher.start()
+    try:
+        with pytest.raises(ComputeTimeoutError):
+            asyncio.run(once())
+        assert batcher.busy == 0 and batcher.unhealthy  # a compute timeout marks the model unhealthy
+    finally:
+        batcher.close()
 
 
 def test_a_busy_or_queued_batcher_lends_nothing() -> None:

@@ -26,6 +26,7 @@ marks the model not ready and reloads it).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -33,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -114,7 +115,7 @@ class Batcher:
         name: str | None = None,
         on_unhealthy: Callable[[str], None] | None = None,
         probe: Callable[[Runner], object] | None = None,
-        lends: bool = True,
+        lends: Literal["call", "await", "never"] = "call",
     ) -> None:
         if not runners:
             raise ValueError("a batcher needs at least one runner")
@@ -126,7 +127,9 @@ class Batcher:
         self.observer = observer
         self.on_unhealthy = on_unhealthy  # called once (from a worker thread) with the reason
         self.probe = probe  # runs a known-good input on an instance: tells a bad request from a failing engine
-        self.lends = lends  # False where a run must not block the caller's event loop (a Ray Serve handle call)
+        # "call": a lent instance runs in the caller's thread (run_lent); "await": its run is awaited on the
+        # caller's event loop (run_lent_async: a Ray Serve handle call, which may not block the loop)
+        self.lends = lends
         self._cond = threading.Condition()
         self._closing = False
         self._busy = 0
@@ -241,17 +244,18 @@ class Batcher:
                 self._cond.notify_all()
         return item
 
-    def lend(self) -> Runner | None:
+    def lend(self, awaiting: bool = False) -> Runner | None:
         """An instance to run one request on in the caller's thread, when all are idle and nothing is queued.
 
         This is how an idle server adds no hand-off latency: the caller runs the engine itself and
         returns the instance with :meth:`give_back`; meanwhile the instance's worker takes nothing. A
         version that has failed of late gets no inline runs: its batches go through the workers, where
-        the watchdog can answer a hung one.
+        the watchdog can answer a hung one. ``awaiting``: for :meth:`run_lent_async`, where the batcher
+        ``lends="await"``.
         """
         with self._cond:
             if (
-                not self.lends
+                self.lends != ("await" if awaiting else "call")
                 or self._closing
                 or self._busy
                 or self._lent is not None
@@ -299,6 +303,42 @@ class Batcher:
         except BaseException as exc:
             self.give_back(runner, rows, self.clock() - start, failed=True)
             raise self._on_failure(runner, exc, 1) from exc
+        self.give_back(runner, rows, self.clock() - start)
+        return out
+
+    async def run_lent_async(self, runner: Runner, inputs: Mapping[str, np.ndarray], rows: int) -> Outputs:
+        """:meth:`run_lent` for an instance whose run is awaited (``runner.run_async``: a Ray Serve handle call)
+        on the caller's event loop, which goes on serving meanwhile. A run past ``compute_timeout_s`` is
+        answered here (the watchdog cannot answer a lent run); a failure is judged off the loop, since the
+        probe runs the instance the blocking way."""
+        start = self.clock()
+        limit = self.policy.compute_timeout_s
+        deadline = asyncio.timeout(limit)
+        run: Any = getattr(runner, "run_async")  # noqa: B009 - not part of the Runner protocol
+        try:
+            async with deadline:
+                out: Outputs = await run(inputs)
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            with self._cond:
+                running = self._running.get(id(runner))
+                counted = running is not None and running.timed_out  # the watchdog saw it first
+                if running is not None:
+                    running.timed_out = True
+            self.give_back(runner, rows, 0.0, failed=True)
+            err = ComputeTimeoutError(
+                self.model, "timeout", f"the engine ran past serving.compute_timeout_ms ({(limit or 0) * 1e3:g} ms)"
+            )
+            if not counted:
+                self._failed(err, "timeout", 1)
+            raise err from None
+        except asyncio.CancelledError:  # the client went away: the replica finishes on its own
+            self.give_back(runner, rows, 0.0, failed=True)
+            raise
+        except Exception as exc:
+            self.give_back(runner, rows, self.clock() - start, failed=True)
+            raise (await asyncio.to_thread(self._on_failure, runner, exc, 1)) from exc
         self.give_back(runner, rows, self.clock() - start)
         return out
 

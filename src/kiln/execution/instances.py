@@ -106,6 +106,13 @@ class ModelRunner:
         self.state.succeeded()
         return out
 
+    async def run_async(self, inputs: Mapping[str, np.ndarray]) -> Outputs:
+        """:meth:`run` awaited, for a primary that can be (a Ray Serve handle; its replicas fall back themselves,
+        so there is no reference here)."""
+        out: Outputs = await self.primary.run_async(inputs)
+        self.state.succeeded()
+        return out
+
     def abort(self) -> None:
         """Stop a hung run where the instance can be stopped (a process): see :meth:`ProcessEngine.abort`."""
         for engine in (self.primary, self.reference):

@@ -212,6 +212,14 @@ class RayReplicas:
             raise InstanceExitedError(f"{self.model}:{self.version}", None) from None
         return out
 
+    async def run_async(self, inputs: Mapping[str, np.ndarray]) -> Outputs:
+        """:meth:`run` awaited on the server's event loop (a lone request: no hand-off to a batcher thread)."""
+        try:
+            out: Outputs = await self._run.remote(dict(inputs))
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+            raise InstanceExitedError(f"{self.model}:{self.version}", None) from None
+        return out
+
     def close(self) -> None:
         """Called by each runner sharing it; the first call removes the application this server deployed."""
         if self._closed:

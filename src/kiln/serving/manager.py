@@ -469,7 +469,7 @@ class ModelManager:
         batcher = Batcher(
             name, runners, policy, observer=self.metrics.observer(name, version), name=label, probe=probe,
             on_unhealthy=lambda reason: self._report_unhealthy(name, version, batcher, reason),
-            lends=not self.settings.ray,  # a Ray Serve handle call may not block the event loop (Ray refuses it)
+            lends="await" if self.settings.ray else "call",  # a Ray Serve handle call is awaited, never blocks
         )  # fmt: skip
         try:
             if s.warmup:

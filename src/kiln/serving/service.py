@@ -114,8 +114,10 @@ class Service:
         return sv if sv is not None else await self.manager.get(model, v)
 
     async def _may_run_inline(self, sv: ServedVersion, rows: int) -> bool:
-        """True when this request is alone: no overlap seen of late, and a run short enough to block the loop."""
-        if sv.batcher.row_seconds * rows >= self.settings.inline_below_ms / 1e3:
+        """True when this request is alone: no overlap seen of late, and a run short enough to block the loop
+        (or one that is awaited: a Ray Serve handle call blocks nothing)."""
+        awaited = sv.batcher.lends == "await"
+        if not awaited and sv.batcher.row_seconds * rows >= self.settings.inline_below_ms / 1e3:
             return False
         if time.monotonic() < self._contended_until:
             return False
@@ -220,9 +222,14 @@ class Service:
         request still queued then is dropped before it runs."""
         batcher = sv.batcher
         if await self._may_run_inline(sv, rows):
-            runner = batcher.lend()  # nothing else in flight and the engine idle: run here, no hand-off
-            if runner is not None:
-                return batcher.run_lent(runner, req.inputs, rows)
+            if batcher.lends == "await":  # the run is awaited here: two thread hand-offs fewer
+                runner = batcher.lend(awaiting=True)
+                if runner is not None:
+                    return await batcher.run_lent_async(runner, req.inputs, rows)
+            else:
+                runner = batcher.lend()  # nothing else in flight and the engine idle: run here, no hand-off
+                if runner is not None:
+                    return batcher.run_lent(runner, req.inputs, rows)
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Outputs] = loop.create_future()
 
