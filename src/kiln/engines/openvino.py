@@ -122,6 +122,9 @@ class OpenVINOEngine(Engine):
         self.compile_s = dict(compile_s or {})  # "dynamic" / "batch N" / "shape AxB" -> seconds
         self._input_names = [i.get_any_name() for i in compiled.inputs]
         self._input_dtypes = [_numpy_dtype(i.get_element_type()) for i in compiled.inputs]
+        from openvino import Tensor
+
+        self._tensor = Tensor  # resolved once, not per call
         # every input's shape -> an infer request of the model compiled for exactly those shapes
         self._static: dict[Shapes, Any] = {key: c.create_infer_request() for key, c in (static or {}).items()}
         self._keep = list((static or {}).values())  # the compiled models behind the requests
@@ -298,14 +301,12 @@ class OpenVINOEngine(Engine):
         error names a missing input)."""
         if len(inputs) != len(self._input_names):
             return None
-        from openvino import Tensor
-
         out = []
         for name, dtype in zip(self._input_names, self._input_dtypes, strict=True):
             a = inputs.get(name)
             if type(a) is not np.ndarray or a.dtype != dtype or not (a.flags.c_contiguous and a.flags.writeable):
                 return None
-            out.append(Tensor(a, shared_memory=True))
+            out.append(self._tensor(a, shared_memory=True))
         return out
 
     def _count(self, key: Shapes) -> None:

@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 
@@ -115,7 +115,7 @@ class Batcher:
         name: str | None = None,
         on_unhealthy: Callable[[str], None] | None = None,
         probe: Callable[[Runner], object] | None = None,
-        lends: Literal["call", "await", "never"] = "call",
+        lends: Literal["call", "await"] = "call",
     ) -> None:
         if not runners:
             raise ValueError("a batcher needs at least one runner")
@@ -314,10 +314,9 @@ class Batcher:
         start = self.clock()
         limit = self.policy.compute_timeout_s
         deadline = asyncio.timeout(limit)
-        run: Any = getattr(runner, "run_async")  # noqa: B009 - not part of the Runner protocol
         try:
             async with deadline:
-                out: Outputs = await run(inputs)
+                out: Outputs = await runner.run_async(inputs)  # type: ignore[attr-defined]
         except TimeoutError:
             if not deadline.expired():
                 raise

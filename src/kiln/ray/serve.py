@@ -15,9 +15,10 @@ and turns Ray's proxy off (``proxy_location: Disabled``): nothing of Ray's liste
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -205,20 +206,23 @@ class RayReplicas:
         self._run = _over_grpc(handle).run
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> Outputs:
-        try:
+        with self._replica_lost():
             out: Outputs = self._run.remote(dict(inputs)).result()
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-            # The replica died with the batch (killed, out of memory, its node gone); Ray Serve replaces it.
-            raise InstanceExitedError(f"{self.model}:{self.version}", None) from None
         return out
 
     async def run_async(self, inputs: Mapping[str, np.ndarray]) -> Outputs:
         """:meth:`run` awaited on the server's event loop (a lone request: no hand-off to a batcher thread)."""
-        try:
+        with self._replica_lost():
             out: Outputs = await self._run.remote(dict(inputs))
+        return out
+
+    @contextlib.contextmanager
+    def _replica_lost(self) -> Iterator[None]:
+        """The replica died with the batch (killed, out of memory, its node gone): Ray Serve replaces it."""
+        try:
+            yield
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
             raise InstanceExitedError(f"{self.model}:{self.version}", None) from None
-        return out
 
     def close(self) -> None:
         """Called by each runner sharing it; the first call removes the application this server deployed."""

@@ -222,14 +222,12 @@ class Service:
         request still queued then is dropped before it runs."""
         batcher = sv.batcher
         if await self._may_run_inline(sv, rows):
-            if batcher.lends == "await":  # the run is awaited here: two thread hand-offs fewer
-                runner = batcher.lend(awaiting=True)
-                if runner is not None:
+            awaited = batcher.lends == "await"  # a Ray Serve handle call: awaited here, never run in this thread
+            runner = batcher.lend(awaiting=awaited)  # nothing else in flight and the engine idle: no hand-off
+            if runner is not None:
+                if awaited:
                     return await batcher.run_lent_async(runner, req.inputs, rows)
-            else:
-                runner = batcher.lend()  # nothing else in flight and the engine idle: run here, no hand-off
-                if runner is not None:
-                    return batcher.run_lent(runner, req.inputs, rows)
+                return batcher.run_lent(runner, req.inputs, rows)
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Outputs] = loop.create_future()
 
