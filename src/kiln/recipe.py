@@ -28,6 +28,9 @@ GRAPH_PASS_NAMES = ("onnxslim", "ort-optimize", "fold-conv-bn")
 COMPRESSION_PASSES = ("prune-structured", "distill")
 NO_CALIBRATION = "static int8 needs calibration data (--data, or a zoo model's own split); none was given"
 NO_TRAINING = "needs training data (--train-data, or a zoo model's training split); never fine-tuned on random noise"
+# What one quantization-aware fine-tune writes: an OpenVINO IR with FakeQuantize ops and an ONNX graph with
+# QuantizeLinear/DequantizeLinear pairs, so the OpenVINO and ONNX Runtime variants share one training run.
+QAT_EXPORTS = ("openvino-ir", "onnx-qdq")
 
 
 class PassStep(BaseModel):
@@ -71,6 +74,18 @@ class PlanContext:
     train_budget_s: float = 120.0
     qat: bool = False  # quantization-aware training asked for
     settings: Mapping[str, Any] = field(default_factory=dict)  # anything else of the config, by field name
+
+    def qat_step(self, label: str) -> tuple[PassStep | None, list[Skipped]]:
+        """The quantization-aware training step (None where QAT was not asked for or there is nothing to
+        train on) and why it is left out. Every engine offers the same step, so the search fine-tunes once
+        and the variants share its files (one artifact key)."""
+        if not self.qat or self.train is None:
+            return None, []
+        if self.calibration is None:
+            return None, [Skipped(f"{label} int8 qat", NO_CALIBRATION)]
+        qat = step("qat-int8", budget_s=self.train_budget_s, calibration=self.calibration, train=self.train,
+                   exports=list(QAT_EXPORTS))  # fmt: skip
+        return qat, []
 
     def plain(self, engine: str) -> Recipe:
         """The engine's plain fp32 run of the imported artifact."""

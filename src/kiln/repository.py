@@ -43,6 +43,7 @@ MANIFEST_FILE = "manifest.json"
 ONNX_FILE = "model.onnx"  # + model.onnx.data for weights stored beside a model over 2 GB
 PT2_FILE = "model.pt2"  # a torch.export program
 IR_FILE = "model.xml"  # OpenVINO IR (+ model.bin)
+IR_WEIGHTS_FILE = "model.bin"
 MODULE_WEIGHTS_FILE = "module.safetensors"  # a compressed variant's torch weights (their shapes: its widths)
 VARIANTS_DIR = "variants"
 RECIPE_FILE = "recipe.json"
@@ -182,11 +183,13 @@ class Variant:
 
     def artifact_files(self, artifact: str | None = None) -> list[Path]:
         """The files an engine loads: the variant's own (not its recipe and figures); for the reference,
-        the imported ``artifact`` (default the reference engine's) and its external data."""
+        or a variant that holds more than one engine's artifact (a QAT build: IR and QDQ ONNX), only the
+        named ``artifact`` (default the reference engine's) with its weights or external data."""
         files = [p for p in self.path.iterdir() if p.is_file() and p.name not in (RECIPE_FILE, FIGURES_FILE)]
-        if self.recipe is None:
-            name = artifact or ONNX_FILE
-            files = [p for p in files if p.name == name or p.name == name + EXTERNAL_DATA_SUFFIX]
+        name = artifact or ONNX_FILE
+        if self.recipe is None or (artifact is not None and (self.path / artifact).is_file()):
+            side = {name + EXTERNAL_DATA_SUFFIX, IR_WEIGHTS_FILE if name == IR_FILE else ""}
+            files = [p for p in files if p.name == name or p.name in side]
         return files
 
     def artifact_bytes(self, artifact: str | None = None) -> int:

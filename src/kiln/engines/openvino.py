@@ -198,13 +198,11 @@ class OpenVINOEngine(Engine):
                     recipes.append(Recipe(engine=cls.name, precision="bf16", int8="nncf", passes=quantized,
                                           options=opts))  # fmt: skip
         skipped = [Skipped("openvino int8 nncf", NO_CALIBRATION)] if "nncf" in ctx.int8 and not nncf else []
-        if ctx.qat and ctx.train is not None:  # quantization-aware training: NNCF on the torch model, run here
-            if ctx.calibration is None:
-                skipped.append(Skipped("openvino int8 qat", NO_CALIBRATION))
-            else:
-                qat = step("qat-int8", budget_s=ctx.train_budget_s, calibration=ctx.calibration, train=ctx.train)
-                for hint in ctx.openvino_hints:
-                    recipes.append(Recipe(engine=cls.name, int8="nncf-qat", passes=(qat,), options={"hint": hint}))
+        qat, no_qat = ctx.qat_step(cls.name)  # quantization-aware training: NNCF on the torch model, run here
+        skipped += no_qat
+        if qat is not None:
+            for hint in ctx.openvino_hints:
+                recipes.append(Recipe(engine=cls.name, int8="nncf-qat", passes=(qat,), options={"hint": hint}))
         return recipes, skipped
 
     @classmethod

@@ -158,6 +158,12 @@ class OrtEngine(Engine):
                 static = step("ort-static", method=method, per_channel=ctx.per_channel, calibration=ctx.calibration,
                               fold_scaling=True, **narrow)  # fmt: skip
                 recipes.append(Recipe(engine=cls.name, int8="ort-static", passes=(*slim, static)))
+        qat, no_qat = ctx.qat_step(cls.name)  # NNCF's fine-tuned quantizers as QDQ pairs, fused at load
+        skipped += no_qat
+        if qat is not None and cuda:
+            skipped.append(Skipped("onnxruntime int8 qat", "ONNX Runtime fuses QDQ int8 graphs on the CPU; on CUDA it runs them unfused"))  # fmt: skip
+        elif qat is not None:
+            recipes.append(Recipe(engine=cls.name, int8="nncf-qat", passes=(qat,)))
         return recipes, skipped
 
     @property

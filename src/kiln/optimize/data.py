@@ -35,6 +35,7 @@ ZOO_TRAIN: dict[str, str] = {
     "kiln.zoo.digits:build_model": "kiln.zoo.digits:train_data",
     "kiln.zoo.detector:build_model": "kiln.zoo.detector:train_data",
     "kiln.zoo.detector:build_large_model": "kiln.zoo.detector:large_train_data",
+    "kiln.zoo.minilm:build_model": "kiln.zoo.minilm:train_data",
 }
 
 

@@ -12,7 +12,11 @@ server and ``kiln predict`` take text::
     kiln.load("repo", "minilm")                          # tensors in; kiln serve / kiln predict take text
 
 Validation is a fixed list of sentences kiln ships (``sentences.txt``): the first
-:data:`CALIBRATION_SENTENCES` calibrate static int8, the rest measure the cosine.
+:data:`CALIBRATION_SENTENCES` calibrate static int8, the rest measure the cosine. The passes that
+fine-tune (distillation after pruning, quantization-aware training) need only inputs, since the original
+model's embeddings are the targets; the training split is English prose found offline on every machine,
+the sentences of the Python standard library's docstrings (:func:`train_sentences`), none of them a
+validation sentence.
 """
 
 from __future__ import annotations
@@ -31,6 +35,19 @@ DIM = 384
 SEQ = 128  # the example (and optimizer) sequence length; the exported graph takes any length
 MAX_LENGTH = 256  # all-MiniLM-L6-v2 was trained on at most 256 word pieces
 CALIBRATION_SENTENCES = 32
+TRAIN_SEQ = 64  # the training split's padded length: docstring sentences are 6-40 words
+TRAIN_SENTENCES = 2048
+# Standard-library modules whose docstrings give the training sentences (a fixed list: the same split on
+# every machine with the same Python).
+_DOC_MODULES = (
+    "argparse", "asyncio", "collections", "concurrent.futures", "contextlib", "csv", "dataclasses", "datetime",
+    "decimal", "difflib", "email", "enum", "fractions", "functools", "gzip", "hashlib", "heapq", "html",
+    "http.client", "http.server", "inspect", "io", "ipaddress", "itertools", "json", "logging", "mailbox", "math",
+    "multiprocessing", "os", "pathlib", "pickle", "platform", "queue", "random", "re", "shutil", "socket",
+    "sqlite3", "ssl", "statistics", "string", "subprocess", "tarfile", "tempfile", "textwrap", "threading", "time",
+    "typing", "unittest", "urllib.parse", "urllib.request", "uuid", "warnings", "weakref", "xml.etree.ElementTree",
+    "zipfile", "zlib",
+)  # fmt: skip
 SENTENCES_FILE = Path(__file__).with_name("sentences.txt")
 PREPROCESS: list[dict[str, Any]] = [
     {"op": "tokenize", "args": {"tokenizer": "tokenizer.json", "max_length": MAX_LENGTH}},
@@ -102,6 +119,49 @@ def import_into(repo: str | Path, name: str = "minilm", **overrides: Any) -> Any
 def sentences() -> list[str]:
     """The fixed sentences kiln ships for calibrating and validating this model."""
     return [line.strip() for line in SENTENCES_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def train_sentences(limit: int = TRAIN_SENTENCES) -> list[str]:
+    """Up to ``limit`` sentences of 6-40 words from the docstrings of :data:`_DOC_MODULES` (their modules,
+    public classes, functions and methods), in a fixed order, without the validation sentences."""
+    import importlib
+    import inspect
+    import re
+
+    held_out = set(sentences())
+    found: dict[str, None] = {}
+    for name in _DOC_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # a Python built without it (tkinter-less, ssl-less): the split is a little smaller
+            continue
+        objects: list[Any] = [module]
+        for key, value in sorted(vars(module).items()):
+            if key.startswith("_") or getattr(value, "__module__", None) != module.__name__:
+                continue
+            if inspect.isfunction(value) or inspect.isclass(value):
+                objects.append(value)
+            if inspect.isclass(value):
+                objects += [
+                    v for k, v in sorted(vars(value).items()) if not k.startswith("_") and inspect.isfunction(v)
+                ]
+        for obj in objects:
+            for paragraph in (inspect.getdoc(obj) or "").split("\n\n"):
+                for sentence in re.split(r"(?<=[.!?])\s+", " ".join(paragraph.split())):
+                    words = sentence.split()
+                    prose = sum(c.isalpha() or c == " " for c in sentence) / max(1, len(sentence))
+                    wanted = 6 <= len(words) <= 40 and sentence[0].isupper() and sentence.endswith(".")
+                    if wanted and prose > 0.9 and sentence not in held_out:
+                        found.setdefault(sentence)
+                    if len(found) >= limit:
+                        return list(found)
+    return list(found)
+
+
+def train_data() -> dict[str, np.ndarray]:
+    """The training split for the fine-tuning passes: :func:`train_sentences` tokenized at
+    :data:`TRAIN_SEQ` (no labels: the original model's embeddings are the targets)."""
+    return tokenize(train_sentences(), TRAIN_SEQ)
 
 
 def tokenize(texts: list[str], length: int = SEQ) -> dict[str, np.ndarray]:

@@ -1,5 +1,5 @@
 """What the planner makes of compression: every engine's recipes again after prune → distill, QAT on
-OpenVINO, and without training data (or without the model's code) a reason in the not-built list instead."""
+OpenVINO and ONNX Runtime from one shared fine-tune, and without training data (or without the model's code) a reason in the not-built list instead."""
 
 from __future__ import annotations
 
@@ -29,8 +29,10 @@ def test_with_training_data_every_engine_is_tried_again_pruned_and_distilled(cnn
         assert (distill.name, distill.params) == ("distill", {"budget_s": 30, "train": "t0"})
         assert "+ prune" in r.label() and "distill" in r.label()
         assert not r.is_reference  # a pruned model is judged on its own, never the fp32 int8 is held to
-    assert {r.label() for r in qat} == {"openvino int8 qat"}
+    assert {r.label() for r in qat} == {"openvino int8 qat", "onnxruntime int8 qat"}
     assert qat[0].passes[0].params["train"] == "t0" and qat[0].passes[0].params["calibration"] == "c"
+    assert len({r.artifact_key("h") for r in qat}) == 1  # one fine-tune writes what both engines run
+    assert qat[0].passes[0].params["exports"] == ["openvino-ir", "onnx-qdq"]
     assert not any("pruned" in s.label for s in skipped)
     # one stage per prefix: the two ratios build apart, every engine after one ratio shares its build
     keys = {stage_key("h", compression_prefix(r.passes)) for r in pruned}
@@ -93,13 +95,22 @@ def test_the_search_builds_prune_distill_int8_and_qat_once_and_a_rerun_builds_no
     first = kiln.optimize(repo, "c", **options)
     pruned = [v for v in first.variants if v.recipe is not None and compression_prefix(v.recipe.passes)]
     qat = [v for v in first.variants if v.recipe is not None and v.recipe.int8 == "nncf-qat"]
-    assert {v.recipe.engine for v in pruned} == {"onnxruntime", "openvino"} and len(qat) == 2  # alone and pruned
+    assert {v.recipe.engine for v in pruned} == {"onnxruntime", "openvino"}
+    assert sorted((v.recipe.engine, bool(compression_prefix(v.recipe.passes))) for v in qat) == [
+        ("onnxruntime", False), ("onnxruntime", True), ("openvino", False), ("openvino", True)]  # fmt: skip
     measured = [v for v in [*pruned, *qat] if v.accuracy is not None and v.timing is not None]
     assert len(measured) == len(pruned) + len(qat), [(v.label, v.reason) for v in [*pruned, *qat]]
     reference = next(v for v in first.variants if v.recipe is not None and v.recipe.is_reference
                      and v.recipe.engine == "onnxruntime")  # fmt: skip
     for v in pruned:
         assert v.size is not None and reference.size is not None and v.size.params < 0.5 * reference.size.params
+    for alone in (False, True):  # the ONNX Runtime and OpenVINO QAT variants share one fine-tune's files
+        ort_qat, ov_qat = sorted((v for v in qat if bool(compression_prefix(v.recipe.passes)) == alone),
+                                 key=lambda v: v.recipe.engine)  # fmt: skip
+        files = repo / "c" / "1" / "variants"
+        assert (files / ort_qat.id / "model.onnx").samefile(files / ov_qat.id / "model.onnx")
+        assert (files / ov_qat.id / "model.xml").is_file() and ort_qat.size is not None and ov_qat.size is not None
+        assert ort_qat.size.file_bytes == (files / ort_qat.id / "model.onnx").stat().st_size  # its own file only
     stages = list((repo / "c" / "1" / "variants").glob(".stage-*"))
     assert len(stages) == 1  # one prune+distill build served every engine and int8 kind after it
     again = kiln.optimize(repo, "c", **options)

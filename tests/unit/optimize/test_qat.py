@@ -104,6 +104,34 @@ def test_qat_leaves_an_int8_ir_that_agrees_with_fp32_at_batch_1_and_8(cnn: Facto
     assert agreement >= 0.9
 
 
+def test_qat_exports_a_qdq_onnx_graph_that_onnx_runtime_runs_like_the_ir(cnn: Factory, tmp_path: Path) -> None:
+    import onnx
+
+    params = {"budget_s": 3, "epochs": 1, "exports": ["openvino-ir", "onnx-qdq"]}
+    [report] = run_passes([PassStep(name="qat-int8", params=params)], _context(cnn, tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.bin", "model.onnx", "model.xml"]
+    graph = onnx.load(str(tmp_path / "model.onnx"))
+    ops = [n.op_type for n in graph.graph.node]
+    assert "FakeQuantize" not in ops and ops.count("QuantizeLinear") == report.details["quantize_linear"] >= 2
+    assert ops.count("DequantizeLinear") >= ops.count("QuantizeLinear")
+    assert [i.name for i in graph.graph.input] == ["x"] and graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    assert report.details["exports"] == ["openvino-ir", "onnx-qdq"] and report.details["fake_quantize"] >= 2
+    x = cnn.validation.inputs["x"]
+    ir = _run(tmp_path, cnn.spec, x)["output"]
+    with load_engine("onnxruntime", tmp_path, cnn.spec, EngineOptions()) as engine:
+        qdq = engine.run({"x": x})["output"]
+        one = np.concatenate([engine.run({"x": x[i : i + 1]})["output"] for i in range(8)])
+    np.testing.assert_allclose(one, qdq[:8], rtol=1e-4, atol=1e-4)  # the batch dim is dynamic
+    assert float((qdq.argmax(axis=1) == ir.argmax(axis=1)).mean()) >= 0.95  # the same quantizers, two runtimes
+    reference = _run(cnn.version_dir, cnn.spec, x)["output"].argmax(axis=1)
+    assert float((qdq.argmax(axis=1) == reference).mean()) >= 0.9
+
+
+def test_qat_refuses_an_unknown_export(cnn: Factory, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="exports \\['tflite'\\]: use one or more of"):
+        run_passes([PassStep(name="qat-int8", params={"budget_s": 1, "exports": ["tflite"]})], _context(cnn, tmp_path))
+
+
 def test_qat_respects_the_time_budget(cnn: Factory, tmp_path: Path) -> None:
     big = Samples({"x": np.concatenate([cnn.train.inputs["x"]] * 8)}, np.concatenate([cnn.train.labels] * 8))
     ctx = _context(cnn, tmp_path, train=big)

@@ -1,5 +1,5 @@
 """Quantization-aware training: NNCF int8 on the PyTorch module, fine-tuned against the original model,
-saved as an OpenVINO IR.
+saved as an OpenVINO IR and as an ONNX graph of QuantizeLinear/DequantizeLinear pairs.
 
 Post-training quantization rounds weights and activations once and hopes the model tolerates it; where it
 does not (the PTQ variants fall out of the accuracy budget), QAT lets the weights and the quantizers'
@@ -11,8 +11,11 @@ model it replaces, plus the task loss where class labels exist. It runs within a
 early when the validation metric stops improving and keeps the best weights, the PTQ starting point
 included, so QAT never hands back something worse than the PTQ it started from.
 
-The ONNX export of an NNCF model holds FakeQuantize custom ops that ONNX Runtime cannot run, so the only
-artifact is the IR: the pass removes the torch and ONNX files from the work directory.
+One fine-tune serves two engines. OpenVINO converts the module with FakeQuantize ops (the IR); for ONNX
+Runtime each NNCF quantizer is exported as a QuantizeLinear/DequantizeLinear pair (NNCF's
+``ONNX_QUANTIZE_DEQUANTIZE_PAIRS`` export mode, through the TorchScript exporter that its quantizers
+trace under), which ONNX Runtime fuses into int8 kernels at load. NNCF's default ONNX export would hold
+FakeQuantize custom ops that ONNX Runtime cannot run. The torch files go: nothing runs them after this.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from kiln.optimize.passes.base import PassContext, PassReport, onnx_node_count, 
 from kiln.optimize.passes.graph import _quiet
 from kiln.optimize.passes.quantize import _nncf_quiet
 from kiln.optimize.training import factory_of, held_out_split, load_module
-from kiln.recipe import NO_CALIBRATION, NO_TRAINING
+from kiln.recipe import NO_CALIBRATION, NO_TRAINING, QAT_EXPORTS
 from kiln.repository import IR_FILE, MODULE_WEIGHTS_FILE, ONNX_FILE, PT2_FILE
 
 TEMPERATURE = 4.0  # softens the teacher's logits so the student also learns the ranking of the wrong classes
@@ -58,9 +61,13 @@ class _Metric:
 @register_pass("qat-int8")
 def qat_pass(ctx: PassContext, params: dict[str, Any]) -> PassReport:
     """NNCF int8 quantizers on the current module, fine-tuned by distillation from the original, saved as
-    an OpenVINO IR with FakeQuantize ops."""
+    the ``exports`` asked for: an OpenVINO IR with FakeQuantize ops, a QDQ ONNX graph."""
     import nncf
     import torch
+
+    exports = [str(e) for e in params.get("exports", ["openvino-ir"])]
+    if not exports or any(e not in QAT_EXPORTS for e in exports):
+        raise ValueError(f"qat-int8 exports {exports}: use one or more of {list(QAT_EXPORTS)}")
 
     factory_of(ctx.source)  # an ONNX-only import says why it cannot be fine-tuned before anything else
     if not ctx.calibration:
@@ -98,15 +105,24 @@ def qat_pass(ctx: PassContext, params: dict[str, Any]) -> PassReport:
         fit = _fine_tune(qmodel, teacher, train, names, loss_fn, evaluate, metric, ctx.progress,
                          budget_s=budget_s, lr=lr, batch_size=batch_size, epochs=epochs, patience=patience,
                          weight_decay=float(params.get("weight_decay", 0.0)))  # fmt: skip
-    model = _convert(qmodel.eval(), ctx)
-    fq = sum(1 for op in model.get_ops() if op.get_type_name() == "FakeQuantize")
-    if fq == 0:
-        raise RuntimeError("the quantized module converted to an OpenVINO IR without FakeQuantize ops")
-    _save_ir(model, ctx)
+    qmodel.eval()
+    written: dict[str, Any] = {}
+    for stale in [*ctx.work.glob(ONNX_FILE + "*"), ctx.work / PT2_FILE, ctx.work / MODULE_WEIGHTS_FILE]:
+        with contextlib.suppress(FileNotFoundError):  # the fp32 files are this module before quantization
+            stale.unlink()
+    if "openvino-ir" in exports:
+        model = _convert(qmodel, ctx)
+        fq = sum(1 for op in model.get_ops() if op.get_type_name() == "FakeQuantize")
+        if fq == 0:
+            raise RuntimeError("the quantized module converted to an OpenVINO IR without FakeQuantize ops")
+        _save_ir(model, ctx)
+        written.update(fake_quantize=fq, ir_ops=len(model.get_ops()))
+    if "onnx-qdq" in exports:
+        written.update(_export_qdq(qmodel, ctx))
     calibrated = sum(len(b[names[0]]) for b in ctx.calibration)
     return PassReport(
-        "qat-int8", nodes_before=before, nodes_after=len(model.get_ops()),
-        details={"fake_quantize": fq, "transformer": transformer, "calibration_samples": calibrated,
+        "qat-int8", nodes_before=before, nodes_after=written.get("ir_ops", written.get("onnx_nodes")),
+        details={**written, "exports": exports, "transformer": transformer, "calibration_samples": calibrated,
                  "train_samples": len(train), "validation_samples": len(validation), "metric": metric.name,
                  "lr": lr, "batch_size": batch_size, **fit},
     )  # fmt: skip
@@ -309,14 +325,59 @@ def _convert(qmodel: Any, ctx: PassContext) -> Any:
 
 
 def _save_ir(model: Any, ctx: PassContext) -> None:
-    """Write the IR beside, then rename it into place (the files may be hard links to the repository's),
-    and drop the torch and ONNX artifacts: the IR is this variant's only artifact."""
+    """Write the IR beside, then rename it into place (the files may be hard links to the repository's)."""
     import openvino as ov
 
     tmp = ctx.work / ".qat.xml"
     ov.save_model(model, str(tmp), compress_to_fp16=False)
     tmp.replace(ctx.work / IR_FILE)
     tmp.with_suffix(".bin").replace((ctx.work / IR_FILE).with_suffix(".bin"))
-    for stale in [*ctx.work.glob(ONNX_FILE + "*"), ctx.work / PT2_FILE, ctx.work / MODULE_WEIGHTS_FILE]:
-        with contextlib.suppress(FileNotFoundError):
-            stale.unlink()
+
+
+def _export_qdq(qmodel: Any, ctx: PassContext) -> dict[str, Any]:
+    """Write the quantized module as ``model.onnx`` with a QuantizeLinear/DequantizeLinear pair per NNCF
+    quantizer (8-bit; per channel where NNCF chose it), inputs and outputs named as in the spec, the batch
+    and every other variable dimension dynamic; checked to load in ONNX Runtime and to answer like the
+    module it came from. Returns the figures for the pass report."""
+    import onnx
+    import onnxruntime as ort
+    import torch
+    from nncf.torch.quantization.layers import BaseQuantizer, QuantizerExportMode
+
+    from kiln.convert.parity import random_inputs
+
+    batched = ctx.spec.serving.max_batch_size != 0
+    feed = random_inputs(ctx.spec.inputs, batch=2 if batched else 1, seed=0)
+    example = tuple(torch.from_numpy(feed[t.name]) for t in ctx.spec.inputs)
+    in_names, out_names = [t.name for t in ctx.spec.inputs], [t.name for t in ctx.spec.outputs]
+    dynamic = {t.name: {i: "batch" if i == 0 and batched else f"{t.name}_{i}" for i, d in enumerate(t.shape)
+                        if d < 0 or (i == 0 and batched)} for t in [*ctx.spec.inputs, *ctx.spec.outputs]}  # fmt: skip
+    quantizers = [m for m in qmodel.modules() if isinstance(m, BaseQuantizer)]
+    modes = [q._export_mode for q in quantizers]
+    tmp = ctx.work / ".qat.onnx"
+    try:
+        for q in quantizers:
+            q.set_export_mode(QuantizerExportMode.ONNX_QUANTIZE_DEQUANTIZE_PAIRS)
+        with _quiet(), torch.no_grad():  # the tracer warns that quantizer levels become constants: they are
+            torch.onnx.export(qmodel, example, str(tmp), dynamo=False, input_names=in_names, output_names=out_names,
+                              dynamic_axes={k: v for k, v in dynamic.items() if v}, opset_version=17)  # fmt: skip
+            want = [t.numpy() for t in qmodel(*example)]
+    finally:
+        for q, mode in zip(quantizers, modes, strict=True):
+            q.set_export_mode(mode)
+    graph = onnx.load(str(tmp))
+    pairs = sum(1 for n in graph.graph.node if n.op_type == "QuantizeLinear")
+    if pairs == 0:
+        raise RuntimeError("the quantized module exported to ONNX without QuantizeLinear nodes")
+    session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+    got = session.run(out_names, feed)
+    error = max(
+        float(np.max(np.abs(g.astype(np.float64) - w))) if g.size else 0.0 for g, w in zip(got, want, strict=True)
+    )
+    scale = max(float(np.max(np.abs(w))) if w.size else 0.0 for w in want)
+    if not np.isfinite(error) or error > 0.1 * max(scale, 1e-6):  # int8 rounding differs; a wrong graph differs more
+        raise RuntimeError(
+            f"the QDQ ONNX graph answers {error:.3g} away from the quantized module (outputs up to {scale:.3g})"
+        )
+    tmp.replace(ctx.work / ONNX_FILE)
+    return {"quantize_linear": pairs, "onnx_nodes": len(graph.graph.node), "onnx_max_error": round(error, 6)}
