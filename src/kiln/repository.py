@@ -187,7 +187,8 @@ class Variant:
         named ``artifact`` (default the reference engine's) with its weights or external data."""
         files = [p for p in self.path.iterdir() if p.is_file() and p.name not in (RECIPE_FILE, FIGURES_FILE)]
         name = artifact or ONNX_FILE
-        if self.recipe is None or (artifact is not None and (self.path / artifact).is_file()):
+        held = {p.name for p in files} & {ONNX_FILE, IR_FILE, PT2_FILE}
+        if self.recipe is None or (artifact in held and len(held) > 1):
             side = {name + EXTERNAL_DATA_SUFFIX, IR_WEIGHTS_FILE if name == IR_FILE else ""}
             files = [p for p in files if p.name == name or p.name in side]
         return files
