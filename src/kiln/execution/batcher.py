@@ -326,9 +326,7 @@ class Batcher:
                 if running is not None:
                     running.timed_out = True
             self.give_back(runner, rows, 0.0, failed=True)
-            err = ComputeTimeoutError(
-                self.model, "timeout", f"the engine ran past serving.compute_timeout_ms ({(limit or 0) * 1e3:g} ms)"
-            )
+            err = self._timeout_error()
             if not counted:
                 self._failed(err, "timeout", 1)
             raise err from None
@@ -500,9 +498,7 @@ class Batcher:
                 for r in late:
                     r.timed_out = True
             for r in late:
-                err = ComputeTimeoutError(
-                    self.model, "timeout", f"the engine ran past serving.compute_timeout_ms ({limit * 1e3:g} ms)"
-                )
+                err = self._timeout_error()
                 for p in r.batch:
                     self._finish(p, None, err)
                 abort = getattr(r.runner, "abort", None)
@@ -510,6 +506,12 @@ class Batcher:
                     with contextlib.suppress(Exception):
                         abort()  # a process instance is killed; its worker's run() returns with an error
                 self._failed(err, "timeout", len(r.batch))
+
+    def _timeout_error(self) -> ComputeTimeoutError:
+        limit = self.policy.compute_timeout_s or 0.0
+        return ComputeTimeoutError(
+            self.model, "timeout", f"the engine ran past serving.compute_timeout_ms ({limit * 1e3:g} ms)"
+        )
 
     def _finish(self, p: Pending, out: Outputs | None, err: BaseException | None) -> None:
         with self._cond:

@@ -302,17 +302,25 @@ def _fine_tune(
             "stopped_by": stopped_by}  # fmt: skip
 
 
-def _convert(qmodel: Any, ctx: PassContext) -> Any:
-    """The quantized module as an OpenVINO model: inputs named and shaped as in the spec (the batch and
-    every other variable dimension dynamic), outputs named as in the spec."""
-    import openvino as ov
+def _example(ctx: PassContext) -> tuple[bool, dict[str, np.ndarray], tuple[Any, ...]]:
+    """Whether the model takes a batch dim, and the example both exports trace: random inputs at batch 2
+    (1 for an unbatched model), as arrays by name and as the module's positional tensors."""
     import torch
 
     from kiln.convert.parity import random_inputs
 
     batched = ctx.spec.serving.max_batch_size != 0
     feed = random_inputs(ctx.spec.inputs, batch=2 if batched else 1, seed=0)
-    example = tuple(torch.from_numpy(feed[t.name]) for t in ctx.spec.inputs)
+    return batched, feed, tuple(torch.from_numpy(feed[t.name]) for t in ctx.spec.inputs)
+
+
+def _convert(qmodel: Any, ctx: PassContext) -> Any:
+    """The quantized module as an OpenVINO model: inputs named and shaped as in the spec (the batch and
+    every other variable dimension dynamic), outputs named as in the spec."""
+    import openvino as ov
+    import torch
+
+    batched, _, example = _example(ctx)
     shapes = [ov.PartialShape([-1 if d < 0 or (i == 0 and batched) else d for i, d in enumerate(t.shape)])
               for t in ctx.spec.inputs]  # fmt: skip
     with _quiet(), torch.no_grad():  # the tracer warns that quantizer levels become constants: they are
@@ -344,11 +352,7 @@ def _export_qdq(qmodel: Any, ctx: PassContext) -> dict[str, Any]:
     import torch
     from nncf.torch.quantization.layers import BaseQuantizer, QuantizerExportMode
 
-    from kiln.convert.parity import random_inputs
-
-    batched = ctx.spec.serving.max_batch_size != 0
-    feed = random_inputs(ctx.spec.inputs, batch=2 if batched else 1, seed=0)
-    example = tuple(torch.from_numpy(feed[t.name]) for t in ctx.spec.inputs)
+    batched, feed, example = _example(ctx)
     in_names, out_names = [t.name for t in ctx.spec.inputs], [t.name for t in ctx.spec.outputs]
     dynamic = {t.name: {i: "batch" if i == 0 and batched else f"{t.name}_{i}" for i, d in enumerate(t.shape)
                         if d < 0 or (i == 0 and batched)} for t in [*ctx.spec.inputs, *ctx.spec.outputs]}  # fmt: skip
