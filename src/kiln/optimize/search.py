@@ -33,7 +33,7 @@ from kiln.optimize.passes import PassContext, run_passes
 from kiln.optimize.plan import COMPRESSED, enumerate_variants
 from kiln.optimize.results import OptimizeResult, VariantResult, fmt_objective
 from kiln.optimize.size import SizeFigures, count_size
-from kiln.optimize.training import factory_of
+from kiln.optimize.training import check_trainable
 from kiln.recipe import PassStep, Recipe, compression_prefix, stage_key
 from kiln.repository import REFERENCE, REFERENCE_ENGINE, Repository, Variant, VariantRecipe
 from kiln.spec import ModelSpec
@@ -64,7 +64,7 @@ def optimize(
     metric = accuracy.choose_metric(config, spec, split.validation)
     device = detect().device(config.device)  # a device this machine lacks is a clear error here
     calibration = None if split.calibration is None else split.calibration.fingerprint()
-    train, untrainable = _training(config, spec, manifest.source)
+    train, untrainable = _training(config, spec, manifest.source, vdir)
     recipes, skipped = enumerate_variants(
         config, vdir, device, calibration, None if train is None else train.fingerprint(), untrainable
     )
@@ -378,12 +378,12 @@ def _detector(spec: ModelSpec, vdir: Path, samples: Samples) -> accuracy.Detect:
     return lambda outputs: pipeline.postprocess(outputs, batch)
 
 
-def _training(config: OptimizeConfig, spec: ModelSpec, source: str) -> tuple[Samples | None, str | None]:
+def _training(config: OptimizeConfig, spec: ModelSpec, source: str, vdir: Path) -> tuple[Samples | None, str | None]:
     """The training data for pruning/QAT when they are asked for, and why the model cannot be fine-tuned."""
     if not (config.prune or config.qat):
         return None, None
     try:
-        factory_of(source)
+        check_trainable(source, vdir)
     except PassNotApplicable as exc:
         return None, str(exc)
     return load_training(spec, config.train_data, source), None

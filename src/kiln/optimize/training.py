@@ -1,13 +1,18 @@
 """The trainable PyTorch module behind a model version, for the passes that change or fine-tune it
 (``prune-structured``, ``distill``, ``qat-int8``).
 
-Compression needs the model as ``torch.nn.Module`` code, not an exported graph: Torch-Pruning follows the
-module's layers and NNCF hooks into them. kiln rebuilds it from the factory the model was imported from
-(the manifest's ``module:callable`` source) with the weights of the imported ``model.pt2``. A pass that
-changes the module saves it with :func:`save_module`: its weights (``module.safetensors``, whose tensor
-shapes also record the pruned widths) and the artifacts every later pass and engine reads, ``model.pt2``
-and ``model.onnx``, exported and checked against the module as at import. The next pass rebuilds it with
-:func:`load_module`. Nothing is unpickled: weights are safetensors, programs ``torch.export`` archives.
+Compression needs the model as a ``torch.nn.Module`` with layers, not an ONNX graph: Torch-Pruning follows
+the module's layers and NNCF hooks into them. A model imported from a factory (the manifest's
+``module:callable`` source) is rebuilt from that code with the weights of the imported ``model.pt2``. Any
+other PyTorch import (a ``.pt2`` file, TorchScript, Keras on the torch backend, an ``nn.Module`` object)
+is rebuilt from its ``model.pt2`` program, its calls lifted into layers
+(:func:`~kiln.optimize.program_layers.program_module`). An ONNX-only import has neither and says so.
+
+A pass that changes the module saves it with :func:`save_module`: its weights (``module.safetensors``,
+whose tensor shapes also record the pruned widths) and the artifacts every later pass and engine reads,
+``model.pt2`` and ``model.onnx``, exported and checked against the module as at import. The next pass
+rebuilds it with :func:`load_module`: the same architecture, resized to the saved widths. Nothing is
+unpickled: weights are safetensors, programs ``torch.export`` archives.
 """
 
 from __future__ import annotations
@@ -25,16 +30,22 @@ from kiln.spec import ModelSpec
 _FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 
 
-def factory_of(source: str) -> str:
-    """The ``module:callable`` a version was imported from, or :class:`PassNotApplicable` saying why there
-    is no module to train (an ONNX or ``.pt2`` file holds a graph, not the model's code)."""
-    if not _FACTORY.fullmatch(source):
-        what = f"an object in memory ({source.strip('<>')})" if source.startswith("<") else repr(source)
-        raise PassNotApplicable(
-            f"fine-tuning needs the model's PyTorch code: this version was imported from {what}, not from a "
-            "factory 'module:callable' (import it with `kiln import package.module:build --weights ...`)"
-        )
-    return source
+def is_factory(source: str) -> bool:
+    """Whether ``source`` names a factory ``module:callable`` (the model's code) rather than a file."""
+    return bool(_FACTORY.fullmatch(source))
+
+
+def check_trainable(source: str, version_dir: Path | None) -> None:
+    """:class:`PassNotApplicable` saying why this version has no PyTorch module to fine-tune: neither a
+    factory to rebuild it from nor a ``model.pt2`` program (an ONNX or scikit-learn import)."""
+    if is_factory(source) or (version_dir is not None and (version_dir / PT2_FILE).is_file()):
+        return
+    what = f"an object in memory ({source.strip('<>')})" if source.startswith("<") else repr(source)
+    raise PassNotApplicable(
+        f"fine-tuning needs the model's PyTorch code or program: this version was imported from {what}, which "
+        f"left no {PT2_FILE} (import the PyTorch model: a factory 'package.module:build', a .pt2, TorchScript, "
+        "or Keras on the torch backend)"
+    )
 
 
 def load_module(source: str, version_dir: Path, work: Path | None = None) -> Any:
@@ -42,9 +53,12 @@ def load_module(source: str, version_dir: Path, work: Path | None = None) -> Any
     when ``work`` holds a module a pass saved there, that module (its layers resized to the saved widths)."""
     import torch
 
+    check_trainable(source, version_dir)
+    if not is_factory(source):
+        return _from_program(source, version_dir, work)
     from kiln.convert.factory import resolve
 
-    factory = factory_of(source)
+    factory = source
     try:
         module = resolve(factory)()
     except InvalidSourceError as exc:
@@ -68,6 +82,35 @@ def load_module(source: str, version_dir: Path, work: Path | None = None) -> Any
     if missing or unexpected:
         raise PassNotApplicable(
             f"the weights do not fit {factory!r}: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+    return module.eval()
+
+
+def _from_program(source: str, version_dir: Path, work: Path | None) -> Any:
+    """The version's ``model.pt2`` as a module with layers; with the widths and weights a pass saved in
+    ``work`` when there are any."""
+    import torch
+
+    from kiln.optimize.program_layers import program_module
+
+    try:
+        module = program_module(torch.export.load(str(version_dir / PT2_FILE)))
+    except Exception as exc:
+        raise PassNotApplicable(
+            f"cannot rebuild a trainable module from {PT2_FILE} ({type(exc).__name__}: {exc})"
+        ) from None
+    saved = work / MODULE_WEIGHTS_FILE if work is not None else None
+    if saved is None or not saved.is_file():
+        return module
+    from safetensors.torch import load_file
+
+    state = load_file(str(saved))
+    _resize(module, state)
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise PassNotApplicable(
+            f"the saved weights do not fit the program of {source!r}: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
         )
     return module.eval()
 

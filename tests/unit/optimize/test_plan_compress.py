@@ -1,16 +1,20 @@
 """What the planner makes of compression: every engine's recipes again after prune → distill, QAT on
-OpenVINO and ONNX Runtime from one shared fine-tune, and without training data (or without the model's code) a reason in the not-built list instead."""
+OpenVINO and ONNX Runtime from one shared fine-tune, a model imported from memory fine-tuned from its
+program, and without training data a reason in the not-built list instead."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import pytest
 
 import kiln
 from kiln.hardware import detect
 from kiln.optimize.config import OptimizeConfig
 from kiln.optimize.plan import enumerate_variants
 from kiln.recipe import NO_TRAINING, compression_prefix, stage_key
-from tests.unit.optimize.conftest import Imported
+from tests.fixtures import compress_models
+from tests.unit.optimize.conftest import Imported, _import
 
 CPU = detect().device("cpu")
 
@@ -46,16 +50,18 @@ def test_without_training_data_compression_is_skipped_with_the_reason(cnn: Impor
     assert {s.label: s.reason for s in skipped}["pruned and QAT variants"] == NO_TRAINING
 
 
-def test_a_model_without_its_code_says_why_it_cannot_be_fine_tuned(cnn: Imported) -> None:
+def test_a_model_imported_from_memory_is_pruned_from_its_program(tmp_path_factory: pytest.TempPathFactory) -> None:
+    # No factory to rebuild it from: the passes rebuild the module from its model.pt2 program instead.
+    cnn = _import(tmp_path_factory.mktemp("memory"), "wide", compress_models.cnn(), (1, 1, 8, 8), "classification")
     result = kiln.optimize(
         cnn.repo, cnn.name, prune=[0.5], engines=["onnxruntime"], int8=[], graph_passes=False, choose=False,
-        data=str(cnn.data), min_time_s=0.02, warmup=2, finalists=0,
+        data=str(cnn.data), train_data=str(cnn.data), train_budget_s=2.0, min_time_s=0.02, warmup=2, finalists=0,
     )  # fmt: skip
-    reasons = {v.label: v.reason for v in result.variants if v.status == "skipped"}
-    assert (
-        "factory 'module:callable'" in reasons["pruned variants"] and "object in memory" in reasons["pruned variants"]
-    )
-    assert not any(v.recipe is not None and compression_prefix(v.recipe.passes) for v in result.variants)
+    pruned = [v for v in result.variants if v.recipe is not None and compression_prefix(v.recipe.passes)]
+    assert pruned and all(v.status != "skipped" and v.status != "failed" for v in pruned), [
+        (v.label, v.status, v.reason) for v in pruned
+    ]
+    assert {p.name for p in pruned[0].recipe.passes} >= {"prune-structured", "distill"}
 
 
 def test_pruning_ratios_are_checked() -> None:

@@ -24,7 +24,8 @@ from kiln.errors import PassNotApplicable
 from kiln.optimize.data import Samples
 from kiln.optimize.passes.base import PassContext, PassReport, onnx_node_count, register_pass
 from kiln.optimize.passes.graph import ONNX, _quiet
-from kiln.optimize.training import factory_of, held_out_split, load_module, save_module
+from kiln.optimize.program_layers import fixed_width_layers
+from kiln.optimize.training import check_trainable, held_out_split, load_module, save_module
 from kiln.recipe import NO_TRAINING
 from kiln.repository import MODULE_WEIGHTS_FILE
 
@@ -57,10 +58,16 @@ def prune_structured_pass(ctx: PassContext, params: dict[str, Any]) -> PassRepor
     example = _example_inputs(ctx)
     names = {m: n for n, m in module.named_modules()}
     widths_before = _widths(module)
+    if not widths_before:
+        raise PassNotApplicable(
+            "no Conv or Linear layer to prune: the model computes its convolutions and matmuls on reshaped "
+            "weights (as Keras does with its kernels), which Torch-Pruning cannot follow"
+        )
     nodes_before = onnx_node_count(ctx.work / ONNX) if (ctx.work / ONNX).is_file() else None
     with _quiet():  # tracing needs autograd: the dependency graph is read from the grad_fn chain
         ops_before, params_before = _ops_and_params(module, example)
-        ignored = _kept_layers(module, keep) + _output_layers(module, example)
+        # a program's literal shapes (a view to [b, s, 12, 32]) pin the widths of the layers feeding them
+        ignored = _kept_layers(module, keep) + _output_layers(module, example) + fixed_width_layers(module)
         heads, unsupported = _attention_heads(module)
         ignored += unsupported
         pruner = _pruner_class()(
@@ -354,7 +361,7 @@ def distill_pass(ctx: PassContext, params: dict[str, Any]) -> PassReport:
     score best on validation: early stopping after ``patience`` evaluations without improvement."""
     import torch
 
-    factory_of(ctx.source)  # an ONNX-only model says so before anything else
+    check_trainable(ctx.source, ctx.version_dir)  # an ONNX-only model says so before anything else
     if ctx.train is None or len(ctx.train) == 0:
         raise PassNotApplicable(NO_TRAINING)
     if not (ctx.work / MODULE_WEIGHTS_FILE).is_file():

@@ -35,7 +35,7 @@ from kiln.optimize.data import Samples
 from kiln.optimize.passes.base import PassContext, PassReport, onnx_node_count, op_histogram, register_pass
 from kiln.optimize.passes.graph import _quiet
 from kiln.optimize.passes.quantize import _nncf_quiet
-from kiln.optimize.training import factory_of, held_out_split, load_module
+from kiln.optimize.training import check_trainable, held_out_split, load_module
 from kiln.recipe import NO_CALIBRATION, NO_TRAINING, QAT_EXPORTS
 from kiln.repository import IR_FILE, MODULE_WEIGHTS_FILE, ONNX_FILE, PT2_FILE
 
@@ -69,7 +69,9 @@ def qat_pass(ctx: PassContext, params: dict[str, Any]) -> PassReport:
     if not exports or any(e not in QAT_EXPORTS for e in exports):
         raise ValueError(f"qat-int8 exports {exports}: use one or more of {list(QAT_EXPORTS)}")
 
-    factory_of(ctx.source)  # an ONNX-only import says why it cannot be fine-tuned before anything else
+    check_trainable(
+        ctx.source, ctx.version_dir
+    )  # an ONNX-only import says why it cannot be fine-tuned before anything else
     if not ctx.calibration:
         raise PassNotApplicable(NO_CALIBRATION)
     if ctx.train is None or len(ctx.train) == 0:
