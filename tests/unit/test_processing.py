@@ -263,7 +263,14 @@ def test_tokenize_pads_to_the_default_buckets_unless_the_spec_names_some(tmp_pat
     nine = "the kiln fires clay pots slowly hot cold the"
     default = Pipeline.from_spec(text_spec(tok, max_length=32), root=tmp_path)
     assert default.preprocess([nine, "hot"]).inputs["input_ids"].shape == (2, 10)  # 9 tokens: bucket 10
-    assert default.preprocess(["hot pots cold"]).inputs["input_ids"].shape == (1, 3)  # exact up to 8
+    assert default.preprocess(["hot pots cold", "hot"]).inputs["input_ids"].shape == (2, 3)  # exact up to 8
+    # a lone sentence pads to a multiple of 8: fewer shapes where one row's time is flat in its length
+    assert default.preprocess(["hot pots cold"]).inputs["input_ids"].shape == (1, 8)
+    assert default.preprocess([nine]).inputs["input_ids"].shape == (1, 16)
+    assert default.preprocess([" ".join([nine] * 3)]).inputs["input_ids"].shape == (1, 32)  # 27 tokens: 32
+    single = Pipeline.from_spec(text_spec(tok, max_length=32, single_buckets=[12, 32]), root=tmp_path)
+    assert single.preprocess([nine]).inputs["input_ids"].shape == (1, 12)
+    assert single.preprocess([nine, nine]).inputs["input_ids"].shape == (2, 10)  # more rows: the default buckets
     explicit = Pipeline.from_spec(text_spec(tok, max_length=32, buckets=[16, 4]), root=tmp_path)
     assert explicit.preprocess([nine]).inputs["input_ids"].shape == (1, 16)
     assert explicit.preprocess(["hot"]).inputs["input_ids"].shape == (1, 4)
