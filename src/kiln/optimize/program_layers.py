@@ -26,11 +26,10 @@ import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
-# Ops a weight passes through unchanged on its way to where it is used (casts, layout, views).
-_PASS_THROUGH = {
-    "to", "_to_copy", "permute", "contiguous", "reshape", "view", "t", "transpose", "unsqueeze", "squeeze",
-    "expand", "clone", "alias", "detach", "lift_fresh_copy", "type_as", "_unsafe_view", "numpy_T",
-}  # fmt: skip
+# Ops that change a weight's dtype or layout only: folded into the weight when a layer is lifted.
+_FOLDABLE = {"to", "_to_copy", "permute", "contiguous", "t", "transpose", "clone", "detach", "alias", "lift_fresh_copy"}
+# Ops a weight passes through unchanged on its way to where it is used: those, and views.
+_PASS_THROUGH = _FOLDABLE | {"reshape", "view", "unsqueeze", "squeeze", "expand", "type_as", "_unsafe_view", "numpy_T"}
 _CHECKS = {"_assert_tensor_metadata", "sym_size", "sym_constrain_range_for_size"}
 _WEIGHT_OPS = {"conv1d", "conv2d", "conv3d", "convolution", "linear", "matmul", "mm", "bmm", "addmm", "einsum",
                "embedding", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}  # fmt: skip
@@ -90,6 +89,12 @@ def _aliases() -> dict[Any, Any]:
             if src is not None and dst is not None:
                 table[src] = dst
     return table
+
+
+def _owner(root: Any, target: str) -> tuple[Any, str]:
+    """The submodule holding attribute ``target`` (``a.b.weight``) and the attribute's own name."""
+    owner_name, _, name = target.rpartition(".")
+    return (root.get_submodule(owner_name) if owner_name else root), name
 
 
 def _attr(node: Any) -> bool:
@@ -154,7 +159,6 @@ def _lift(root: Any, graph: Any, node: Any) -> bool:
     return True
 
 
-_FOLDABLE = {"to", "_to_copy", "permute", "contiguous", "t", "transpose", "clone", "detach", "alias", "lift_fresh_copy"}
 LIFTED = "lifted"  # the submodule holding layers built around weights the program stored in another layout
 
 
@@ -181,8 +185,7 @@ def _fold(root: Any, attr: Any, chain: list[Any]) -> Any:
     """The attribute's tensor with ``chain``'s ops applied: the weight as the consuming op sees it."""
     import torch
 
-    owner_name, _, name = attr.target.rpartition(".")
-    tensor = getattr(root.get_submodule(owner_name) if owner_name else root, name)
+    tensor = getattr(*_owner(root, attr.target))
     with torch.no_grad():
         for op in reversed(chain):
             tensor = op.target(tensor, *op.args[1:], **op.kwargs)
@@ -237,8 +240,7 @@ def _lift_folded(root: Any, graph: Any, node: Any) -> None:
                 graph.erase_node(check)
         for n in chain:
             graph.erase_node(n)
-        owner_name, _, name = attr.target.rpartition(".")
-        owner = root.get_submodule(owner_name) if owner_name else root
+        owner, name = _owner(root, attr.target)
         graph.erase_node(attr)
         for table in (owner._parameters, owner._buffers, owner.__dict__):
             table.pop(name, None)
@@ -296,8 +298,7 @@ def _promote_weights(root: Any, graph: Any) -> None:
     for node in graph.nodes:
         if node.op != "get_attr":
             continue
-        owner_name, _, name = node.target.rpartition(".")
-        owner = root.get_submodule(owner_name) if owner_name else root
+        owner, name = _owner(root, node.target)
         tensor = getattr(owner, name, None)
         if not isinstance(tensor, torch.Tensor) or isinstance(tensor, torch.nn.Parameter):
             continue

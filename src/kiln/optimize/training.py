@@ -49,70 +49,69 @@ def check_trainable(source: str, version_dir: Path | None) -> None:
 
 
 def load_module(source: str, version_dir: Path, work: Path | None = None) -> Any:
-    """The model as an ``nn.Module`` in eval mode: the factory's architecture with the imported weights, or,
-    when ``work`` holds a module a pass saved there, that module (its layers resized to the saved widths)."""
-    import torch
-
+    """The model as an ``nn.Module`` in eval mode: the factory's architecture (or the program's, lifted into
+    layers) with the imported weights, or, when ``work`` holds a module a pass saved there, that module
+    (its layers resized to the saved widths)."""
     check_trainable(source, version_dir)
-    if not is_factory(source):
-        return _from_program(source, version_dir, work)
-    from kiln.convert.factory import resolve
-
-    factory = source
-    try:
-        module = resolve(factory)()
-    except InvalidSourceError as exc:
-        raise PassNotApplicable(f"cannot rebuild the model from {factory!r}: {exc.reason}") from None
-    if not isinstance(module, torch.nn.Module):
-        raise PassNotApplicable(f"{factory!r} returned {type(module).__name__}, not a torch.nn.Module")
+    module = _from_factory(source) if is_factory(source) else _from_program(version_dir)
     saved = work / MODULE_WEIGHTS_FILE if work is not None else None
     if saved is not None and saved.is_file():
         from safetensors.torch import load_file
 
         state = load_file(str(saved))
         _resize(module, state)
-    else:
-        if not (version_dir / PT2_FILE).is_file():
-            raise PassNotApplicable(f"this version has no {PT2_FILE} to take the weights from")
-        state = dict(torch.export.load(str(version_dir / PT2_FILE)).state_dict)
-        # a model returning a dict was exported inside from_pytorch's FlatOutputs wrapper: its weights sit under "inner."
-        if state and all(k.startswith("inner.") for k in state) and not hasattr(module, "inner"):
-            state = {k.removeprefix("inner."): v for k, v in state.items()}
+    elif is_factory(source):
+        state = _imported_weights(module, version_dir)
+    else:  # the program holds its own weights
+        return module.eval()
     missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise PassNotApplicable(
-            f"the weights do not fit {factory!r}: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+            f"the weights do not fit the model of {source!r}: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
         )
     return module.eval()
 
 
-def _from_program(source: str, version_dir: Path, work: Path | None) -> Any:
-    """The version's ``model.pt2`` as a module with layers; with the widths and weights a pass saved in
-    ``work`` when there are any."""
+def _from_factory(factory: str) -> Any:
+    import torch
+
+    from kiln.convert.factory import resolve
+
+    try:
+        module = resolve(factory)()
+    except InvalidSourceError as exc:
+        raise PassNotApplicable(f"cannot rebuild the model from {factory!r}: {exc.reason}") from None
+    if not isinstance(module, torch.nn.Module):
+        raise PassNotApplicable(f"{factory!r} returned {type(module).__name__}, not a torch.nn.Module")
+    return module
+
+
+def _imported_weights(module: Any, version_dir: Path) -> dict[str, Any]:
+    """The weights of the imported ``model.pt2``, named as ``module`` names them."""
+    import torch
+
+    if not (version_dir / PT2_FILE).is_file():
+        raise PassNotApplicable(f"this version has no {PT2_FILE} to take the weights from")
+    state = dict(torch.export.load(str(version_dir / PT2_FILE)).state_dict)
+    # a model returning a dict was exported inside from_pytorch's FlatOutputs wrapper: its weights sit under "inner."
+    if state and all(k.startswith("inner.") for k in state) and not hasattr(module, "inner"):
+        state = {k.removeprefix("inner."): v for k, v in state.items()}
+    return state
+
+
+def _from_program(version_dir: Path) -> Any:
+    """The version's ``model.pt2`` as a module with layers (and the program's weights)."""
     import torch
 
     from kiln.optimize.program_layers import program_module
 
     try:
-        module = program_module(torch.export.load(str(version_dir / PT2_FILE)))
+        return program_module(torch.export.load(str(version_dir / PT2_FILE)))
     except Exception as exc:
         raise PassNotApplicable(
             f"cannot rebuild a trainable module from {PT2_FILE} ({type(exc).__name__}: {exc})"
         ) from None
-    saved = work / MODULE_WEIGHTS_FILE if work is not None else None
-    if saved is None or not saved.is_file():
-        return module
-    from safetensors.torch import load_file
-
-    state = load_file(str(saved))
-    _resize(module, state)
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise PassNotApplicable(
-            f"the saved weights do not fit the program of {source!r}: missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]}"
-        )
-    return module.eval()
 
 
 def save_module(module: Any, spec: ModelSpec, work: Path, source: str) -> None:

@@ -78,8 +78,7 @@ def single_buckets(max_length: int) -> list[int]:
     """The buckets a lone sentence pads to: multiples of 8 up to 64 tokens (fewer shapes where one row's
     time is nearly flat in its length), then :func:`default_buckets`."""
     coarse = [b for b in range(SINGLE_STEP, min(SINGLE_UP_TO, max_length) + 1, SINGLE_STEP)]
-    edges = coarse + [b for b in default_buckets(max_length) if b > (coarse[-1] if coarse else 0)]
-    return edges or [max_length]
+    return coarse + [b for b in default_buckets(max_length) if b > (coarse[-1] if coarse else 0)]
 
 
 def bucket_length(longest: int, buckets: Sequence[int], max_length: int) -> int:

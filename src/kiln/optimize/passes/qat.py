@@ -69,9 +69,8 @@ def qat_pass(ctx: PassContext, params: dict[str, Any]) -> PassReport:
     if not exports or any(e not in QAT_EXPORTS for e in exports):
         raise ValueError(f"qat-int8 exports {exports}: use one or more of {list(QAT_EXPORTS)}")
 
-    check_trainable(
-        ctx.source, ctx.version_dir
-    )  # an ONNX-only import says why it cannot be fine-tuned before anything else
+    # an ONNX-only import says why it cannot be fine-tuned before anything else
+    check_trainable(ctx.source, ctx.version_dir)
     if not ctx.calibration:
         raise PassNotApplicable(NO_CALIBRATION)
     if ctx.train is None or len(ctx.train) == 0:
