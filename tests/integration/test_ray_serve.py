@@ -118,6 +118,8 @@ def test_v2_over_http_and_grpc_through_ray_matches_in_process_predict(server: Se
         http.close()
         grpc.close()
     assert server.metric("kiln_requests_total", model="add", outcome="ok") >= 2
+    # the lone requests awaited a handle routing on the server's own loop, not the default handle
+    assert "cannot route on the server's event loop" not in server.output()
 
 
 def test_one_model_is_served_by_replicas_on_two_nodes(server: ServeProcess) -> None:
@@ -141,6 +143,7 @@ def test_small_models_share_one_replica_through_multiplexing(server: ServeProces
     assert seen[0]["pid"] == seen[1]["pid"], "both models answer from the one shared replica"
     assert {"small1:1", "small2:1"} <= set(seen[1]["models"])
     assert "kiln-small1-v1" not in serve.status().applications  # no replicas of their own
+    assert "cannot route on the server's event loop" not in server.output()
 
 
 class _Load:
