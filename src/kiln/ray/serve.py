@@ -101,7 +101,7 @@ class _Pace:
         import asyncio
         import time
 
-        rows = _rows(inputs)
+        rows = max(1, _rows(inputs))  # an empty batch counts as one row
         start = time.perf_counter()
         out = runner.run(inputs) if self.inline(rows) else await asyncio.to_thread(runner.run, inputs)
         per_row = (time.perf_counter() - start) / rows
