@@ -20,6 +20,7 @@ import numpy as np
 import orjson
 
 from kiln.errors import InputError, ProtocolError, SharedMemoryError, UnknownSharedMemoryRegionError
+from kiln.serving.json_numbers import JsonNumbers, load_infer_json
 from kiln.serving.shared_memory import ShmSession, ShmTarget, shm_ref
 from kiln.spec import V2_DATATYPES, ModelSpec
 
@@ -260,7 +261,10 @@ def decode_http(
             "Inference-Header-Content-Length", f"{header_length} must lie in 1..{len(body)} (the body size)"
         )
     end = len(body) if header_length is None else header_length
-    doc = load_json(body[:end])
+    header = body[:end]
+    doc = load_infer_json(header)  # numeric tensors straight into numpy, else (None) the usual way
+    if doc is None:
+        doc = load_json(header)
     if not isinstance(doc, dict):
         raise ProtocolError("body", f"must be a JSON object, got {type(doc).__name__}")
     raw_inputs = doc.get("inputs")
@@ -406,7 +410,9 @@ _KIND_NAMES = {"b": "true/false", "i": "integers", "u": "integers", "f": "non-in
 
 
 def _from_json(name: str, data: Any, dtype: np.dtype[Any], shape: tuple[int, ...], raw: bool = False) -> np.ndarray:
-    if not isinstance(data, list):
+    if isinstance(data, JsonNumbers) and dtype.kind == "O":
+        data = data.as_list()  # numbers for a BYTES input: refused element by element below
+    if not isinstance(data, (list, JsonNumbers)):
         data = [data]
     count = math.prod(shape)
     try:
@@ -425,15 +431,17 @@ def _from_json(name: str, data: Any, dtype: np.dtype[Any], shape: tuple[int, ...
     return flat.reshape(shape)
 
 
-def _numeric_json(name: str, data: list[Any], dtype: np.dtype[Any]) -> np.ndarray:
+def _numeric_json(name: str, data: list[Any] | JsonNumbers, dtype: np.dtype[Any]) -> np.ndarray:
     """``data`` as ``dtype``, refusing elements of the wrong kind (checked on the array, not per element)."""
-    arr = np.asarray(data)  # numpy picks the kind: bool, int64 (uint64 past it), float64, str, or object
+    # numpy picks the kind: bool, int64 (uint64 past it), float64, str, or object; simdjson's numbers come so
+    arr = data.array if isinstance(data, JsonNumbers) else np.asarray(data)
     if arr.size == 0:
         return arr.astype(dtype)
     allowed, wanted = _JSON_KINDS[dtype.kind]
     got = _KIND_NAMES.get(arr.dtype.kind, "null, objects, mixed kinds or integers past 64 bits")
     if dtype.kind in "iu" and arr.dtype.kind == "f":
-        arr, got = _integers_read_as_floats(name, data, arr, dtype)
+        exact = data.as_list() if isinstance(data, JsonNumbers) else data
+        arr, got = _integers_read_as_floats(name, exact, arr, dtype)
     if arr.dtype.kind not in allowed:
         datatype = V2_DATATYPES.get(str(dtype), str(dtype).upper())
         raise ProtocolError(f"input {name!r}: data", f"must hold {wanted} for {datatype}, got {got}")
