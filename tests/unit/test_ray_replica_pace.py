@@ -1,5 +1,6 @@
 """Where a Ray replica runs a batch: on its event loop when the batch is expected to be short, else in a
-thread (a long batch must not hold up the loop that answers Serve's health checks)."""
+thread (a long batch must not hold up the loop that answers Serve's health checks). No Ray import: a Ray
+imported before the cluster fixtures set token auth would start its clusters without it."""
 
 from __future__ import annotations
 
@@ -11,9 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-pytest.importorskip("ray")
-
-from kiln.ray.serve import _INLINE_BELOW_S, _Pace
+from kiln.ray.pace import _INLINE_BELOW_S
+from kiln.ray.pace import Pace as _Pace
 
 
 class _Runner:

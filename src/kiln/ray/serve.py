@@ -30,6 +30,7 @@ from ray.serve.handle import DeploymentHandle
 from kiln.errors import InstanceExitedError
 from kiln.execution.batcher import Outputs
 from kiln.execution.instances import FallbackState, Instances, ModelRunner, open_instances, warm_up
+from kiln.ray.pace import Pace as _Pace
 from kiln.repository import CHOSEN, REFERENCE, Repository, Variant, policy_versions
 from kiln.spec import ModelSpec, RayServing
 
@@ -80,40 +81,6 @@ class KilnReplica:
         runner = getattr(self, "runner", None)
         if runner is not None:
             runner.close()
-
-
-_INLINE_BELOW_S = 0.002  # a batch expected to take less runs on the replica's event loop, not in a thread
-
-
-class _Pace:
-    """Where a replica runs a batch: on its event loop when the batch is expected to be short (no thread hop:
-    about 0.15 ms of a ~1 ms handle round trip here), else in a thread, so that a long batch never holds up
-    the loop that answers Serve's health checks and takes the next request. The expectation is the batch's
-    rows times a running mean of seconds per row, seeded by warm-up (unknown: a thread)."""
-
-    def __init__(self, row_seconds: float | None) -> None:
-        self.row_seconds = row_seconds if row_seconds else float("inf")
-
-    def inline(self, rows: int) -> bool:
-        return self.row_seconds * rows < _INLINE_BELOW_S
-
-    async def run(self, runner: ModelRunner, inputs: dict[str, np.ndarray]) -> Outputs:
-        import asyncio
-        import time
-
-        rows = max(1, _rows(inputs))  # an empty batch counts as one row
-        start = time.perf_counter()
-        out = runner.run(inputs) if self.inline(rows) else await asyncio.to_thread(runner.run, inputs)
-        per_row = (time.perf_counter() - start) / rows
-        prev = self.row_seconds
-        self.row_seconds = per_row if prev == float("inf") else 0.8 * prev + 0.2 * per_row
-        return out
-
-
-def _rows(inputs: Mapping[str, np.ndarray]) -> int:
-    for arr in inputs.values():
-        return int(arr.shape[0]) if getattr(arr, "ndim", 0) else 1
-    return 1
 
 
 class KilnSharedReplica:
