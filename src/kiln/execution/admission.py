@@ -58,6 +58,13 @@ class ServiceTimes:
         return self._seconds[near] * rows / near
 
 
+def next_row_seconds(prev: float, seconds: float, rows: int) -> float:
+    """The running mean of seconds per row after a batch of ``rows`` took ``seconds`` (``prev`` is inf before
+    the first measurement): what decides whether a batch is short enough to run without a thread hop."""
+    per_row = seconds / max(rows, 1)
+    return per_row if prev == float("inf") else 0.8 * prev + 0.2 * per_row
+
+
 def expected_wait(
     now: float,
     running: Sequence[tuple[float, int]],

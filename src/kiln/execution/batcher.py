@@ -51,7 +51,15 @@ from kiln.errors import (
     ShuttingDownError,
     first_line,
 )
-from kiln.execution.admission import OVERLOAD_S, ServiceTimes, expected_wait, merge_cap, merge_limit, queue_budget
+from kiln.execution.admission import (
+    OVERLOAD_S,
+    ServiceTimes,
+    expected_wait,
+    merge_cap,
+    merge_limit,
+    next_row_seconds,
+    queue_budget,
+)
 from kiln.execution.batch_queue import (
     BatchPolicy,
     BatchQueue,
@@ -290,9 +298,7 @@ class Batcher:
 
     def record_compute(self, seconds: float, rows: int) -> None:
         """Fold one batch's engine time into the estimates (per row for inline runs, per size for admission)."""
-        per_row = seconds / max(rows, 1)
-        prev = self.row_seconds
-        self.row_seconds = per_row if prev == float("inf") else 0.8 * prev + 0.2 * per_row
+        self.row_seconds = next_row_seconds(self.row_seconds, seconds, rows)
         self.times.record(rows, seconds)
 
     def run_lent(self, runner: Runner, inputs: Mapping[str, np.ndarray], rows: int) -> Outputs:

@@ -7,7 +7,8 @@ from typing import Any
 
 import numpy as np
 
-Outputs = dict[str, np.ndarray]
+from kiln.execution.admission import next_row_seconds
+from kiln.execution.instances import Outputs
 
 _INLINE_BELOW_S = 0.002  # a batch expected to take less runs on the replica's event loop, not in a thread
 
@@ -28,12 +29,10 @@ class Pace:
         import asyncio
         import time
 
-        rows = max(1, _rows(inputs))  # an empty batch counts as one row
+        rows = _rows(inputs)
         start = time.perf_counter()
         out = runner.run(inputs) if self.inline(rows) else await asyncio.to_thread(runner.run, inputs)
-        per_row = (time.perf_counter() - start) / rows
-        prev = self.row_seconds
-        self.row_seconds = per_row if prev == float("inf") else 0.8 * prev + 0.2 * per_row
+        self.row_seconds = next_row_seconds(self.row_seconds, time.perf_counter() - start, rows)
         return out
 
 

@@ -115,9 +115,9 @@ def load_infer_json(header: bytes) -> Any | None:
         doc = parser.parse(header)
     except (ValueError, RuntimeError, UnicodeDecodeError):  # not JSON, or JSON only the usual way reads
         return None
+    if not isinstance(doc, simdjson.Object):
+        return None  # the usual way refuses it, naming what it is
     try:
-        if not isinstance(doc, simdjson.Object):
-            return _python(doc)
         out: dict[str, Any] = {}
         for key in _fields(doc):
             value = doc[key]
