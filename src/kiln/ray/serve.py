@@ -29,6 +29,7 @@ from ray.serve.handle import DeploymentHandle
 
 from kiln.errors import InstanceExitedError
 from kiln.execution.batcher import Outputs
+from kiln.execution.gil import favour_engine_threads
 from kiln.execution.instances import FallbackState, Instances, ModelRunner, open_instances, warm_up
 from kiln.ray.pace import Pace as _Pace
 from kiln.repository import CHOSEN, REFERENCE, Repository, Variant, policy_versions
@@ -49,6 +50,7 @@ class KilnReplica:
     """One replica: kiln's engine path for one model version, loaded from the repository on its node."""
 
     def __init__(self, repo: str, model: str, version: int, threads: int | None = None) -> None:
+        favour_engine_threads()  # the replica's process: Ray's event loop beside the engine's thread
         repository = Repository(Path(repo))
         served = repository.variant(model, version, CHOSEN)
         reference = repository.variant(model, version, REFERENCE)
@@ -89,6 +91,7 @@ class KilnSharedReplica:
     ``max_models`` most recently used, closing the one it evicts."""
 
     def __init__(self, repo: str, max_models: int, threads: int | None = None) -> None:
+        favour_engine_threads()
         self.repository = Repository(Path(repo))
         self.threads = threads or max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
         self.node_id = ray.get_runtime_context().get_node_id()

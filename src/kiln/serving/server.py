@@ -34,6 +34,7 @@ from kiln.errors import (
     RepositoryUnreadableError,
     first_line,
 )
+from kiln.execution.gil import favour_engine_threads
 from kiln.serving.app import build_app
 from kiln.serving.grpc_service import build_grpc_server
 from kiln.serving.manager import ModelManager
@@ -264,6 +265,7 @@ async def _main(settings: ServerSettings) -> int:
 def serve(settings: ServerSettings) -> int:
     """Run until SIGTERM or SIGINT; return the exit code (0 after a clean drain)."""
     logs.configure(settings.log_format, settings.log_level)
+    favour_engine_threads()  # this process is the server's: its engine threads get the GIL back promptly
     if settings.ray:  # on the main thread: Ray installs its signal handlers there
         _start_ray(settings.ray_address)
     try:
