@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,33 +31,38 @@ from kiln.execution.gil import SWITCH_INTERVAL_S
 INTERVALS = (0.005, 0.001, 0.0005, SWITCH_INTERVAL_S)  # 5 ms is CPython's default
 
 
-def spin(stop: threading.Event, count: list[int]) -> None:
-    n = 0
-    while not stop.is_set():
-        sum(range(200))
-        n += 1
-    count.append(n)
+class Spinner:
+    """A thread running Python (as a busy event loop does) for the length of a ``with`` block; ``rate`` is
+    its iterations/s over the block."""
+
+    def __enter__(self) -> Spinner:
+        self._stop, self._count = threading.Event(), 0
+        self._thread = threading.Thread(target=self._spin)
+        self._thread.start()
+        self._start = time.perf_counter()
+        return self
+
+    def _spin(self) -> None:
+        n = 0
+        while not self._stop.is_set():
+            sum(range(200))
+            n += 1
+        self._count = n
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.rate = self._count / (time.perf_counter() - self._start)
 
 
-def spin_rate(seconds: float) -> float:
-    """The spinning thread's iterations/s with no engine beside it."""
-    stop, count = threading.Event(), []
-    t = threading.Thread(target=spin, args=(stop, count))
-    t.start()
-    time.sleep(seconds)
-    stop.set()
-    t.join()
-    return count[0] / seconds
-
-
-def engine_ms(run: object, feed: dict[str, np.ndarray], seconds: float) -> float:
+def engine_ms(run: Callable[[dict[str, np.ndarray]], object], feed: dict[str, np.ndarray], seconds: float) -> float:
     """ms per call of ``run(feed)`` in a worker thread (as the batcher runs it) for ``seconds``."""
     out: list[float] = []
 
     def work() -> None:
         n, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
-            run(feed)  # type: ignore[operator]
+            run(feed)
             n += 1
         out.append((time.perf_counter() - start) / n * 1e3)
 
@@ -91,16 +97,13 @@ def main() -> None:
             for _ in range(args.rounds):
                 for s in INTERVALS:
                     sys.setswitchinterval(s)
-                    spun_alone[s].append(spin_rate(args.seconds))
+                    with Spinner() as idle:
+                        time.sleep(args.seconds)
+                    spun_alone[s].append(idle.rate)
                     alone[s].append(engine_ms(p.engine.run, feed, args.seconds))
-                    stop, count = threading.Event(), []
-                    t = threading.Thread(target=spin, args=(stop, count))
-                    t.start()
-                    start = time.perf_counter()
-                    beside[s].append(engine_ms(p.engine.run, feed, args.seconds))
-                    stop.set()
-                    t.join()
-                    spun[s].append(count[0] / (time.perf_counter() - start))
+                    with Spinner() as busy:
+                        beside[s].append(engine_ms(p.engine.run, feed, args.seconds))
+                    spun[s].append(busy.rate)
         finally:
             sys.setswitchinterval(before)
 

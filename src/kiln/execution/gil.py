@@ -5,8 +5,8 @@ on. CPython makes a thread that wants the GIL wait out the switch interval (5 ms
 asks the holder to let go, so whenever the event loop is busy parsing requests, a batch that took 1 ms
 to compute can take up to 6 ms to come back. ``benchmarks/gil_handoff.py`` measures it: a small CNN on
 ONNX Runtime (1 thread, batch 1) ran 0.87 ms a call alone and 6.3 ms beside a thread running Python at
-the default interval; at 0.1 ms, 1.1 ms, while the Python thread kept 0.94 of its pace (0.86 at the
-default: the same within noise). Behind ``kiln serve`` at concurrency 8, where the loop is busy only
+the default interval; at 0.1 ms, 1.1 ms. The Python thread's pace beside it is noisy on this machine:
+0.6-1.1 of its pace alone at 0.1 ms across runs, 0.8-0.9 at the default. Behind ``kiln serve`` at concurrency 8, where the loop is busy only
 part of the time, the engine's wall time per row over its CPU time fell from 0.045 to 0.032 ms (median of
 5 runs each): about 1.5 % of the engine's time.
 
