@@ -64,6 +64,24 @@ def test_openvino_defaults_to_batch_1_and_the_preferred_sizes(cnn: Imported) -> 
         assert [key[0][0] for key in e.static_shapes] == [1, 8]  # type: ignore[attr-defined]
 
 
+def test_openvino_throughput_hint_runs_equal_parts_on_static_compiles_of_the_part(cnn: Imported) -> None:
+    """With the THROUGHPUT hint a batch is spread over the infer requests; an even split runs on a static
+    compile of the part's shape (compiled at load for the expected sizes, learnt for others), an uneven one
+    on the dynamic model, with the same answers as the LATENCY engine."""
+    spec = Repository(cnn.repo).spec(cnn.name)
+    with load_engine("openvino", cnn.version_dir, spec, EngineOptions(run={"static_shapes": False})) as ref:
+        want = ref.run({"x": cnn.x[:16]})["y"]
+    options = EngineOptions(intra_op_threads=2, batch_sizes=(1, 4), run={"hint": "throughput", "num_requests": 2})
+    with load_engine("openvino", cnn.version_dir, spec, options) as e:
+        assert e.static_shapes == [((1, 1, 8, 8),), ((2, 1, 8, 8),)]  # type: ignore[attr-defined]  # batch 4 = 2 + 2
+        for n in (4, 6, 7, 6, 7, 1):  # static parts, dynamic, dynamic (uneven), dynamic, uneven, static
+            np.testing.assert_allclose(e.run({"x": cnn.x[:n]})["y"], want[:n], rtol=1e-4, atol=1e-5)
+            e.wait_compiled(timeout_s=60)  # type: ignore[attr-defined]
+        # batch 6 came twice: its part (3 rows) is compiled; batch 7 splits 3 + 4 and stays dynamic
+        assert e.static_shapes == [((1, 1, 8, 8),), ((2, 1, 8, 8),), ((3, 1, 8, 8),)]  # type: ignore[attr-defined]
+        np.testing.assert_allclose(e.run({"x": cnn.x[:6]})["y"], want[:6], rtol=1e-4, atol=1e-5)
+
+
 def test_openvino_outputs_survive_the_next_call_and_inputs_of_any_layout_run(cnn: Imported) -> None:
     spec = Repository(cnn.repo).spec(cnn.name)
     with load_engine("openvino", cnn.version_dir, spec, EngineOptions(batch_sizes=(2,))) as e:
