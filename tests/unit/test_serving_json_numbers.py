@@ -102,3 +102,22 @@ def test_duplicate_keys_go_the_usual_way_and_nested_ones_keep_the_last() -> None
     assert load_infer_json(b'{"inputs": [{"name": "x", "name": "FP32", "data": [1]}]}') is None
     doc = load_infer_json(b'{"parameters": {"t": 1, "t": 2}, "inputs": [{"name": "FP32", "data": [1]}]}')
     assert doc["parameters"] == {"t": 2}
+
+
+@pytest.mark.parametrize("where", ["data", "extra"])
+def test_an_array_past_simdjsons_element_limit_is_read_the_usual_way(where: str) -> None:
+    # pysimdjson counts elements in 24 bits: as_list on a longer array corrupted the heap and killed the server
+    n = 2**24 + 5
+    zeros = b"[" + b"0," * (n - 1) + b"0]"
+    if where == "data":
+        body = b'{"inputs": [{"name": "FP32", "shape": [4], "datatype": "FP32", "data": ' + zeros + b"}]}"
+    else:
+        body = (
+            b'{"unknown": ' + zeros + b', "inputs": [{"name": "FP32", "shape": [1], "datatype": "FP32", "data": [0]}]}'
+        )
+    assert load_infer_json(body) is None
+    if where == "data":
+        with pytest.raises(ProtocolError, match=f"holds {n} elements but shape \\[4\\] needs 4"):
+            decode_http(body, None, SPEC)
+    else:
+        assert decode_http(body, None, SPEC).inputs["FP32"].tolist() == [0.0]

@@ -15,6 +15,10 @@ is not all numbers (booleans, strings, null, objects) becomes the Python list an
 always took. Nested ``data`` is read in C when its element count is the product of the sizes along its first
 elements (regular, as far as that tells; a ragged array almost always fails it and goes to
 ``np.asarray``, which refuses it), and only up to 32 levels deep.
+
+pysimdjson counts an array's elements in 24 bits: past 2**24 - 1 elements ``len`` is wrong and ``as_list``
+corrupts the heap (the process dies in ``free``). A JSON array of n elements takes at least 2n + 1 bytes,
+so a document of at most 2**24 bytes holds at most 2**23; larger documents go the usual way.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ class JsonNumbers:
 _KINDS = (("i", np.int64), ("u", np.uint64), ("d", np.float64))
 
 
+_MAX_SIMDJSON_BYTES = 2**24  # no array in a document this size comes near pysimdjson's 2**24-element limit
 _MAX_DIMS = 32  # numpy's own limit is 64; deeper data takes the usual path, which refuses it
 
 
@@ -110,6 +115,8 @@ def _tensor(value: Any) -> Any:
 def load_infer_json(header: bytes) -> Any | None:
     """The infer header as Python objects with each input's numeric ``data`` as :class:`JsonNumbers`, or
     None where simdjson does not read it (the caller reads it the usual way)."""
+    if len(header) > _MAX_SIMDJSON_BYTES:
+        return None
     parser = simdjson.Parser()  # one per document: a parser's objects die with its next parse
     try:
         doc = parser.parse(header)
