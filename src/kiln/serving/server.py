@@ -37,6 +37,7 @@ from kiln.errors import (
 from kiln.execution.gil import favour_engine_threads
 from kiln.serving.app import build_app
 from kiln.serving.grpc_service import build_grpc_server
+from kiln.serving.http_connection import guarded_http
 from kiln.serving.manager import ModelManager
 from kiln.serving.metrics import Metrics
 from kiln.serving.service import Service
@@ -103,12 +104,12 @@ class Server:
         config = uvicorn.Config(
             build_app(self.service),
             loop="none",
-            http="httptools",
+            http=guarded_http(s.max_header_bytes, s.header_timeout_s, s.body_timeout_s),
             lifespan="off",
             access_log=False,
             log_config=None,
             timeout_graceful_shutdown=math.ceil(s.drain_timeout_s),
-            timeout_keep_alive=30,
+            timeout_keep_alive=s.keep_alive_s,  # type: ignore[arg-type]  # uvicorn takes a float as call_later does
             server_header=False,
             proxy_headers=False,
             date_header=False,

@@ -62,6 +62,18 @@ class ServerSettings(BaseSettings):
         default=None, ge=1, description="bytes of system shared memory clients may register; None: 64 x max_body_bytes"
     )
     request_timeout_s: float = Field(default=30.0, gt=0)
+    max_header_bytes: int = Field(
+        default=64 * 2**10, ge=1024, description="largest HTTP request line and headers together (431 past it)"
+    )
+    header_timeout_s: float = Field(
+        default=20.0, gt=0, description="seconds an HTTP request's headers may take to arrive (408 past it)"
+    )
+    body_timeout_s: float = Field(
+        default=20.0, gt=0, description="seconds an HTTP request body may go without a byte arriving (408 past it)"
+    )
+    keep_alive_s: float = Field(
+        default=30.0, gt=0, description="seconds an HTTP connection may stay open without a request in it"
+    )
     drain_timeout_s: float = Field(default=30.0, ge=0)
     engine_threads: int = Field(default_factory=default_engine_threads, ge=1)
     cache_max_bytes: int = Field(default=64 * 2**20, ge=0, description="response cache size, shared by all models")
@@ -83,7 +95,9 @@ class ServerSettings(BaseSettings):
     log_level: str = "INFO"
     access_log: bool = Field(default=False, description="log every request (costs a few µs each)")
 
-    @field_validator("max_memory", "max_body_bytes", "cache_max_bytes", "shm_max_bytes", mode="before")
+    @field_validator(
+        "max_memory", "max_body_bytes", "max_header_bytes", "cache_max_bytes", "shm_max_bytes", mode="before"
+    )
     @classmethod
     def _size(cls, v: Any) -> Any:
         return parse_size(v)

@@ -1,0 +1,216 @@
+"""HTTP connections held to their limits, over raw sockets as an attacker would write them: a request head
+past ``max_header_bytes`` (sent whole, or trickled without end) gets 431, a head that trickles in past
+``header_timeout_s`` (slowloris) and a body that stalls past ``body_timeout_s`` get 408, a connection that
+never sends a byte is closed after ``keep_alive_s``; every refusal is a JSON error, and the same server keeps
+answering ordinary, pipelined and piecewise requests exactly."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+
+import kiln
+from kiln.serving.server import ServerThread
+from kiln.serving.settings import ServerSettings
+from tests import models
+
+HEAD_LIMIT = 4096
+HEAD_TIMEOUT = 0.6
+BODY_TIMEOUT = 0.6
+IDLE = 0.6
+PATIENCE = 10.0  # the most a test waits for the server to act on a limit
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    d = tmp_path_factory.mktemp("connections")
+    kiln.import_model(models.add_model(d / "add.onnx"), d / "repo", name="add")
+    settings = ServerSettings(
+        repo=d / "repo", http_port=0, grpc_port=None, engine_threads=1, max_header_bytes=HEAD_LIMIT,
+        header_timeout_s=HEAD_TIMEOUT, body_timeout_s=BODY_TIMEOUT, keep_alive_s=IDLE,
+    )  # fmt: skip
+    srv = ServerThread(settings).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def connect(server: ServerThread) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", server.http_port), timeout=PATIENCE)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def read_all(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (a timeout fails the test)."""
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def refusal(answer: bytes) -> tuple[int, str]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    assert "connection: close" in [line.lower() for line in lines[1:]], head
+    assert "content-type: application/json" in [line.lower() for line in lines[1:]], head
+    return int(lines[0].split()[1]), json.loads(body)["error"]
+
+
+def infer_request(body: bytes, extra: bytes = b"") -> bytes:
+    return (
+        b"POST /v2/models/add/infer HTTP/1.1\r\nhost: kiln\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n%s\r\n" % (len(body), extra)
+    ) + body
+
+
+BODY = b'{"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}'
+
+
+def answer_of(reader: BinaryIO) -> dict[str, object]:
+    """One keep-alive response, read to exactly its content-length (pipelined answers follow it)."""
+    status = reader.readline()
+    assert status.startswith(b"HTTP/1.1 200"), status
+    length = 0
+    while (line := reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    out: dict[str, object] = json.loads(reader.read(length))
+    return out
+
+
+def test_a_head_past_the_limit_in_one_piece_gets_431(server: ServerThread) -> None:
+    with connect(server) as sock:
+        sock.sendall(infer_request(BODY, b"x-junk: " + b"a" * (2 * HEAD_LIMIT) + b"\r\n"))
+        status, error = refusal(read_all(sock))
+    assert status == 431 and f"larger than {HEAD_LIMIT} bytes" in error and "MAX_HEADER_BYTES" in error
+
+
+def test_a_long_url_counts_as_head_too(server: ServerThread) -> None:
+    with connect(server) as sock:
+        sock.sendall(b"GET /v2/models/" + b"m" * (2 * HEAD_LIMIT) + b" HTTP/1.1\r\nhost: kiln\r\n\r\n")
+        status, _ = refusal(read_all(sock))
+    assert status == 431
+
+
+def test_a_header_that_never_ends_is_cut_off_at_the_limit_not_buffered(server: ServerThread) -> None:
+    with connect(server) as sock:
+        sock.sendall(b"GET /v2/health/ready HTTP/1.1\r\nx-endless: ")
+        sent, answer = 0, b""
+        sock.settimeout(PATIENCE)
+        try:
+            while sent < 100 * HEAD_LIMIT:  # far past the limit if the server kept buffering it
+                sock.sendall(b"b" * 1024)
+                sent += 1024
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # closed mid-send, after its answer
+        answer = read_all(sock)
+    status, _ = refusal(answer)
+    assert status == 431 and sent < 100 * HEAD_LIMIT
+
+
+def test_many_headers_within_the_limit_are_served(server: ServerThread) -> None:
+    extra = b"".join(b"x-h%d: %s\r\n" % (i, b"v" * 40) for i in range(HEAD_LIMIT // 80))
+    with connect(server) as sock, sock.makefile("rb") as reader:
+        sock.sendall(infer_request(BODY, extra))
+        assert answer_of(reader)["outputs"][0]["data"] == [2, 3, 4, 5]  # type: ignore[index]
+
+
+def test_slowloris_headers_get_408_at_the_header_deadline(server: ServerThread) -> None:
+    with connect(server) as sock:
+        start = time.monotonic()
+        sock.sendall(b"GET /v2/health/ready HTTP/1.1\r\n")
+        sock.settimeout(0.1)
+        answer = b""
+        while time.monotonic() - start < PATIENCE:
+            try:
+                sock.sendall(b"x-slow-%d: 1\r\n" % int((time.monotonic() - start) * 1e3))  # a header every 0.1 s
+                answer = sock.recv(65536)  # the client's pace: it waits 0.1 s for an answer between headers
+                break
+            except TimeoutError:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        sock.settimeout(PATIENCE)
+        answer += read_all(sock)
+        took = time.monotonic() - start
+    status, error = refusal(answer)
+    assert status == 408 and "headers did not arrive" in error
+    assert HEAD_TIMEOUT <= took < HEAD_TIMEOUT + 3, took
+
+
+def test_a_stalled_body_gets_408_after_the_body_timeout(server: ServerThread) -> None:
+    with connect(server) as sock:
+        start = time.monotonic()
+        sock.sendall(infer_request(BODY)[: -len(BODY) + 10])  # headers and 10 bytes of the body, then silence
+        answer = read_all(sock)
+        took = time.monotonic() - start
+    status, error = refusal(answer)
+    assert status == 408 and "request body" in error
+    assert BODY_TIMEOUT <= took < BODY_TIMEOUT + 3, took
+
+
+def test_a_body_that_keeps_arriving_is_not_timed_out(server: ServerThread) -> None:
+    with connect(server) as sock, sock.makefile("rb") as reader:
+        request = infer_request(BODY)
+        head_end = request.index(b"\r\n\r\n") + 4
+        sock.sendall(request[:head_end])
+        body = request[head_end:]
+        start = time.monotonic()
+        for i in range(0, len(body), 8):  # 8 bytes every 0.1 s: longer than the body timeout in all
+            sock.sendall(body[i : i + 8])
+            time.sleep(0.1)  # the client's pace, not synchronisation
+        assert time.monotonic() - start > BODY_TIMEOUT
+        assert answer_of(reader)["outputs"][0]["data"] == [2, 3, 4, 5]  # type: ignore[index]
+
+
+def test_a_connection_that_never_speaks_is_closed_after_the_keep_alive_time(server: ServerThread) -> None:
+    with connect(server) as sock:
+        start = time.monotonic()
+        assert read_all(sock) == b""
+        assert IDLE <= time.monotonic() - start < IDLE + 3
+
+
+def test_not_http_gets_a_json_400(server: ServerThread) -> None:
+    with connect(server) as sock:
+        sock.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 hello TLS\r\n\r\n")
+        status, error = refusal(read_all(sock))
+    assert status == 400 and "not valid HTTP/1.1" in error
+
+
+def test_keep_alive_and_pipelined_requests_are_answered_in_order(server: ServerThread) -> None:
+    bodies = [BODY.replace(b"[1, 2, 3, 4]", b"[%d, 0, 0, 0]" % i) for i in range(5)]
+    with connect(server) as sock, sock.makefile("rb") as reader:
+        sock.sendall(b"".join(infer_request(b) for b in bodies))  # all five in one write
+        for i in range(5):
+            assert answer_of(reader)["outputs"][0]["data"] == [i + 1, 1, 1, 1]  # type: ignore[index]
+        sock.sendall(infer_request(BODY))  # and the connection stays usable
+        assert answer_of(reader)["outputs"][0]["data"] == [2, 3, 4, 5]  # type: ignore[index]
+
+
+def test_the_server_answers_exactly_after_every_refusal(server: ServerThread) -> None:
+    with httpclient.InferenceServerClient(f"127.0.0.1:{server.http_port}") as client:
+        assert client.is_server_ready()
+        x = np.array([[1, 2, 3, 4]], np.float32)
+        i = httpclient.InferInput("x", [1, 4], "FP32")
+        i.set_data_from_numpy(x, binary_data=True)
+        np.testing.assert_array_equal(client.infer("add", [i]).as_numpy("y"), x + 1)
+
+
+def test_the_limits_are_settings_with_sane_bounds(tmp_path: Path) -> None:
+    s = ServerSettings(repo=tmp_path, max_header_bytes="16KB")  # type: ignore[arg-type]
+    assert s.max_header_bytes == 16 * 2**10 and s.header_timeout_s > 0 and s.body_timeout_s > 0
+    with pytest.raises(ValueError, match="max_header_bytes"):
+        ServerSettings(repo=tmp_path, max_header_bytes=10)
+    with pytest.raises(ValueError, match="header_timeout_s"):
+        ServerSettings(repo=tmp_path, header_timeout_s=0)
