@@ -20,6 +20,7 @@ import kiln
 from kiln.processing import Pipeline
 from kiln.serving.server import ServerThread
 from kiln.serving.settings import ServerSettings
+from tests import models
 from tests.fixtures.processing import IMAGE_POST, IMAGE_PRE, gradient_image, minilm_tokenizer, png_bytes
 
 BODY_LIMIT = 64 * 1024
@@ -40,6 +41,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         preprocess=[{"op": "tokenize", "args": {"tokenizer": "tokenizer.json", "max_length": 32}}],
     )  # fmt: skip
     kiln.import_model("tests.fixtures.tiny_models:mlp", root, name="mlp", input_shapes=[(1, 4)])
+    kiln.import_model(models.mixed_model(root.parent / "mixed.onnx"), root, name="mixed")
     return root
 
 
@@ -105,7 +107,7 @@ PNGS = [png_bytes(gradient_image(h, w)) for h, w in ((8, 8), (16, 12), (30, 21))
 
 # ---- KServe V1 --------------------------------------------------------------------------------------------
 def test_v1_model_list_and_status(server: ServerThread) -> None:
-    assert get(server, "/v1/models") == (200, {"models": ["cls", "emb", "mlp"]})
+    assert get(server, "/v1/models") == (200, {"models": ["cls", "emb", "mixed", "mlp"]})
     assert get(server, "/v1/models/cls") == (200, {"name": "cls", "ready": True})
     status, body = get(server, "/v1/models/nope")
     assert status == 404 and "nope" in body["error"]
@@ -138,6 +140,47 @@ def test_v1_numeric_instances_for_a_model_without_processing(server: ServerThrea
     np.testing.assert_allclose(np.asarray(body["predictions"]), want, rtol=1e-5, atol=1e-6)
     status, body = post(server, "/v1/models/mlp:predict", {"instances": [[1, 2, 3, 4], [1, 2, 3]]})
     assert status == 400 and "instance 1" in body["error"], body
+
+
+def test_v1_instances_of_a_string_integer_and_float_model_keep_their_datatypes(server: ServerThread) -> None:
+    instance = {"text": ["héllo", ""], "ids": [1, -2, 2**40], "x": [0.5, -1]}
+    status, body = post(server, "/v1/models/mixed:predict", {"instances": [instance, {**instance, "ids": [0, 0, 0]}]})
+    assert status == 200, body
+    first, second = body["predictions"]
+    assert first == {"text_out": ["héllo", ""], "ids_out": [2, -1, 2**40 + 1], "z": [1.0, -2.0]}
+    assert second["ids_out"] == [1, 1, 1]
+
+
+MIXED = {"text": ["a", "b"], "ids": [1, 2, 3], "x": [0.5, 1.0]}
+
+
+@pytest.mark.parametrize(
+    ("instance", "reason"),
+    [
+        ({**MIXED, "text": ["a", 7]}, "input 'text' is a string input: it takes strings only, got int"),
+        ({**MIXED, "text": [True, "b"]}, "input 'text' is a string input: it takes strings only, got bool"),
+        ({**MIXED, "text": [None, "b"]}, "input 'text' is a string input: it takes strings only, got NoneType"),
+        ({**MIXED, "ids": [True, 2, 3]}, "input 'ids' must hold integers for INT64, got true/false among them"),
+        ({**MIXED, "ids": [1.5, 2, 3]}, "input 'ids' must hold integers for INT64, got non-integer numbers"),
+        ({**MIXED, "ids": ["1", "2", "3"]}, "input 'ids' must hold integers for INT64, got strings"),
+        ({**MIXED, "ids": [1, 2, 2**63]}, "out of range for INT64"),
+        ({**MIXED, "x": [False, 1.0]}, "input 'x' must hold numbers for FP32, got true/false among them"),
+        ({**MIXED, "x": "0.5"}, "input 'x' must be numbers"),
+        ({**MIXED, "extra": [1]}, "'extra' is not an input of the model; its inputs are ['ids', 'text', 'x']"),
+        (["a", "b"], "the model takes inputs ['ids', 'text', 'x']; give each instance as a dict of them"),
+    ],
+)  # fmt: skip
+def test_v1_instances_of_the_wrong_kind_are_refused_not_converted(
+    server: ServerThread, instance: Any, reason: str
+) -> None:
+    status, body = post(server, "/v1/models/mixed:predict", {"instances": [MIXED, instance]})
+    assert status == 400, body
+    assert body["error"].startswith("instance 1: ") and reason in body["error"], body
+
+
+def test_v1_booleans_among_a_numeric_models_numbers_are_refused(server: ServerThread) -> None:
+    status, body = post(server, "/v1/models/mlp:predict", {"instances": [[1, 2, 3, 4], [True, 2, 3, 4]]})
+    assert status == 400 and "instance 1" in body["error"] and "true/false among them" in body["error"], body
 
 
 @pytest.mark.parametrize(

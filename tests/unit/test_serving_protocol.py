@@ -165,6 +165,10 @@ def _typed(name: str, data: list[object]) -> np.ndarray:
         ("f32", ["1.5"], "must hold numbers for FP32, got strings"),
         ("f32", [1.0, None], "must hold numbers for FP32, got null"),
         ("flag", [1, 0], "must hold true/false for BOOL, got integers"),
+        ("f32", [True, 2.5], "must hold numbers for FP32, got true/false among them"),  # numpy: [1.0, 2.5]
+        ("i64", [3, False], "must hold integers for INT64, got true/false among them"),  # numpy: [3, 0]
+        ("u8", [1, True], "must hold integers for UINT8, got true/false among them"),
+        ("flag", [True, 1], "must hold true/false for BOOL, got integers"),
         ("i8", [1, 300], "300 is out of range for INT8 \\(-128..127\\)"),
         ("u8", [-1, 2], "-1 is out of range for UINT8 \\(0..255\\)"),
     ],

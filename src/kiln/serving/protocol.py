@@ -420,7 +420,7 @@ def _from_json(name: str, data: Any, dtype: np.dtype[Any], shape: tuple[int, ...
             convert = _to_raw_element if raw else _to_text
             flat = np.array([convert(x) for x in _flatten(data)] or [], dtype=object)
         else:
-            flat = _numeric_json(name, data, dtype).reshape(-1)
+            flat = numbers_from_json(name, data, dtype).reshape(-1)
     except (TypeError, ValueError, OverflowError, RecursionError) as exc:  # ragged, mixed, too deep
         datatype = V2_DATATYPES.get(str(dtype), "BYTES" if dtype.kind == "O" else str(dtype).upper())
         raise ProtocolError(f"input {name!r}: data", f"cannot be read as {datatype} ({_clip(exc)})") from None
@@ -431,14 +431,18 @@ def _from_json(name: str, data: Any, dtype: np.dtype[Any], shape: tuple[int, ...
     return flat.reshape(shape)
 
 
-def _numeric_json(name: str, data: list[Any] | JsonNumbers, dtype: np.dtype[Any]) -> np.ndarray:
-    """``data`` as ``dtype``, refusing elements of the wrong kind (checked on the array, not per element)."""
+def numbers_from_json(name: str, data: list[Any] | JsonNumbers, dtype: np.dtype[Any]) -> np.ndarray:
+    """``data`` as ``dtype``, refusing elements of the wrong kind (checked on the array, not per element,
+    but for booleans among numbers in a Python list, which numpy reads as 1 and 0)."""
     # numpy picks the kind: bool, int64 (uint64 past it), float64, str, or object; simdjson's numbers come so
     arr = data.array if isinstance(data, JsonNumbers) else np.asarray(data)
     if arr.size == 0:
         return arr.astype(dtype)
     allowed, wanted = _JSON_KINDS[dtype.kind]
     got = _KIND_NAMES.get(arr.dtype.kind, "null, objects, mixed kinds or integers past 64 bits")
+    if dtype.kind != "b" and arr.dtype.kind in "iuf" and not isinstance(data, JsonNumbers) and _holds_bool(data):
+        datatype = V2_DATATYPES.get(str(dtype), str(dtype).upper())
+        raise ProtocolError(f"input {name!r}: data", f"must hold {wanted} for {datatype}, got true/false among them")
     if dtype.kind in "iu" and arr.dtype.kind == "f":
         exact = data.as_list() if isinstance(data, JsonNumbers) else data
         arr, got = _integers_read_as_floats(name, exact, arr, dtype)
@@ -479,6 +483,11 @@ def _check_range(name: str, low: int, high: int, dtype: np.dtype[Any]) -> None:
         bad = low if low < info.min else high
         datatype = V2_DATATYPES.get(str(dtype), str(dtype).upper())
         raise ProtocolError(f"input {name!r}: data", f"{bad} is out of range for {datatype} ({info.min}..{info.max})")
+
+
+def _holds_bool(data: Any) -> bool:
+    """Whether nested lists hold a bool (simdjson's all-number arrays never come here)."""
+    return isinstance(data, bool) or (isinstance(data, list) and any(type(x) is bool for x in _flatten(data)))
 
 
 def _flatten(data: list[Any]) -> list[Any]:

@@ -31,6 +31,7 @@ import numpy as np
 from kiln.errors import ProcessingError, ProtocolError
 from kiln.processing.pipeline import Pipeline
 from kiln.processing.registry import Batch
+from kiln.serving.protocol import numbers_from_json
 from kiln.spec import ModelSpec, TensorSpec
 
 RAW_INPUT = "raw"
@@ -99,9 +100,19 @@ class RawModel:
                 except UnicodeDecodeError:
                     raise ProcessingError("tokenize", "the text is not valid UTF-8", index=index) from None
             return x
+        specs = {t.name: t for t in self.spec.inputs}
         if isinstance(x, Mapping):
-            return {k: _array(v, index, f"input {k!r}") for k, v in x.items()}
-        return _array(x, index, "instance")
+            unknown = sorted(set(x) - set(specs))
+            if unknown:
+                raise ProcessingError(
+                    "instances", f"{unknown[0]!r} is not an input of the model; its inputs are {sorted(specs)}", index
+                )
+            return {k: _array(v, index, specs[k]) for k, v in x.items()}
+        if len(specs) != 1:
+            raise ProcessingError(
+                "instances", f"the model takes inputs {sorted(specs)}; give each instance as a dict of them", index
+            )
+        return _array(x, index, self.spec.inputs[0], "instance")
 
     def _unbatched(self, instances: Sequence[Any]) -> Batch:
         if self.pipeline.takes_raw_inputs:
@@ -160,18 +171,46 @@ def predictions_tensor(predictions: Sequence[Any]) -> np.ndarray:
     return np.array([json.dumps(p, separators=(",", ":")) for p in predictions], dtype=object)
 
 
-def _array(x: Any, index: int, what: str) -> np.ndarray:
-    if isinstance(x, (str, bytes, dict)):
+def _array(x: Any, index: int, spec: TensorSpec, what: str | None = None) -> np.ndarray:
+    """One instance's value for input ``spec``, held to its datatype as V2 JSON is: strings for a string
+    input, true/false for bool, integers for integer types, numbers for floats; never converted."""
+    what = what or f"input {spec.name!r}"
+    if isinstance(x, dict):
+        raise ProcessingError(
+            "instances", f"{what} must be a nested list; this model declares no pre-processing", index
+        )
+    if spec.dtype == "string":
+        bad = [v for v in _leaves(x) if not isinstance(v, str)]
+        if bad:
+            raise ProcessingError(
+                "instances", f"{what} is a string input: it takes strings only, got {type(bad[0]).__name__}", index
+            )
+        try:
+            return np.asarray(x).astype(object)
+        except (ValueError, TypeError) as exc:
+            raise ProcessingError("instances", f"{what} is not a rectangular array of strings ({exc})", index) from None
+    if isinstance(x, (str, bytes)):
         raise ProcessingError(
             "instances", f"{what} must be numbers (a nested list); this model declares no pre-processing", index
         )
     try:
-        arr = np.asarray(x)
-    except (ValueError, TypeError) as exc:
+        arr = numbers_from_json(spec.name, x if isinstance(x, list) else [x], spec.numpy_dtype)
+        return arr if isinstance(x, list) else arr.reshape(())
+    except ProtocolError as exc:
+        raise ProcessingError("instances", f"{what} {exc.problem}", index) from None
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
         raise ProcessingError("instances", f"{what} is not a rectangular array of numbers ({exc})", index) from None
-    if arr.dtype.kind not in "biuf":
-        raise ProcessingError("instances", f"{what} must hold numbers only, got {arr.dtype}", index)
-    return arr
+
+
+def _leaves(x: Any) -> list[Any]:
+    stack, out = [x], []
+    while stack:
+        v = stack.pop()
+        if isinstance(v, list):
+            stack.extend(v)
+        else:
+            out.append(v)
+    return out
 
 
 def _rows(outputs: Mapping[str, np.ndarray], i: int | None) -> Any:
