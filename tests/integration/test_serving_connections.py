@@ -1,11 +1,13 @@
 """HTTP connections held to their limits, over raw sockets as an attacker would write them: a request head
 past ``max_header_bytes`` (sent whole, or trickled without end) gets 431, a head that trickles in past
 ``header_timeout_s`` (slowloris) and a body that stalls past ``body_timeout_s`` get 408, a connection that
-never sends a byte is closed after ``keep_alive_s``; every refusal is a JSON error, and the same server keeps
-answering ordinary, pipelined and piecewise requests exactly."""
+never sends a byte is closed after ``keep_alive_s``; a method a path does not take gets 405 with ``Allow``;
+every refusal is a JSON error, and the same server keeps answering ordinary, pipelined and piecewise
+requests exactly."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import socket
 import time
@@ -214,3 +216,27 @@ def test_the_limits_are_settings_with_sane_bounds(tmp_path: Path) -> None:
         ServerSettings(repo=tmp_path, max_header_bytes=10)
     with pytest.raises(ValueError, match="header_timeout_s"):
         ServerSettings(repo=tmp_path, header_timeout_s=0)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("GET", "/v2/models/add/infer", "POST"),
+        ("PUT", "/v2/models/add/versions/1/infer", "POST"),
+        ("DELETE", "/v2/models/nope/infer", "POST"),  # the path's shape decides, not whether the model exists
+        ("POST", "/v2/health/ready", "GET"),
+        ("DELETE", "/v2/models/add", "GET"),
+    ],
+)
+def test_a_method_the_path_does_not_take_gets_405_naming_what_it_takes(
+    server: ServerThread, method: str, path: str, allow: str
+) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=PATIENCE)
+    try:
+        conn.request(method, path, body=b"{}" if method != "GET" else None)
+        resp = conn.getresponse()
+        body = json.loads(resp.read())
+    finally:
+        conn.close()
+    assert resp.status == 405, body
+    assert allow in (resp.getheader("allow") or "") and f"{method} is not allowed" in body["error"], body

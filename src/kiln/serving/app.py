@@ -58,10 +58,14 @@ def build_app(service: Service) -> ASGIApp:
             await _ENCODED_SEPARATOR_ANSWER(scope, receive, send)
             return
         # The hot path skips Starlette's middleware, router and Request/Response objects: plain ASGI.
-        if scope["type"] == "http" and scope["method"] == "POST":
+        if scope["type"] == "http":
             match = _INFER_PATH.match(scope["path"])
             if match is not None:
-                await infer(match.group("model"), match.group("version"), scope, receive, send)
+                if scope["method"] == "POST":
+                    await infer(match.group("model"), match.group("version"), scope, receive, send)
+                else:  # the path exists: 405 saying what it takes, not 404
+                    message = f"{scope['method']} is not allowed on {scope['path']!r}; infer takes POST"
+                    await JSONResponse({"error": message}, 405, headers={"allow": "POST"})(scope, receive, send)
                 return
         await rest(scope, receive, send)
 
@@ -455,4 +459,12 @@ async def _not_found(request: Request, exc: Exception) -> Response:
 
 
 async def _not_allowed(request: Request, exc: Exception) -> Response:
-    return JSONResponse({"error": f"{request.method} is not allowed on {request.url.path!r}"}, status_code=405)
+    allow = (getattr(exc, "headers", None) or {}).get("Allow")  # Starlette's 405 names the methods the route takes
+    return JSONResponse(
+        {
+            "error": f"{request.method} is not allowed on {request.url.path!r}"
+            + (f"; it takes {allow}" if allow else "")
+        },
+        status_code=405,
+        headers={"allow": allow} if allow else None,
+    )
