@@ -48,7 +48,8 @@ def configure(fmt: str = "json", level: str = "INFO") -> None:
     """Send kiln's (and uvicorn's) logs to stderr, as JSON lines or plain text."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    for name in ("kiln", "uvicorn", "uvicorn.error"):
+    logging.captureWarnings(True)  # a library's warning is one log line in the same format, not raw stderr text
+    for name in ("kiln", "uvicorn", "uvicorn.error", "py.warnings"):
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]
         logger.setLevel(level.upper())

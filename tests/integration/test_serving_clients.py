@@ -281,6 +281,10 @@ def test_bad_requests_get_4xx_naming_the_problem_and_the_server_keeps_serving(
         bad.set_data_from_numpy(np.zeros((1, 4), np.int64))
         grpc.infer("add", [bad])
     assert "INVALID_ARGUMENT" in str(info.value.status())
+    twice = [grpcclient.InferRequestedOutput("y"), grpcclient.InferRequestedOutput("y")]
+    with pytest.raises(InferenceServerException, match="output 'y' is requested more than once") as info:
+        grpc.infer("add", _inputs(grpcclient, {"x": np.zeros((1, 4), np.float32)}), outputs=twice)
+    assert "INVALID_ARGUMENT" in str(info.value.status())
     with pytest.raises(InferenceServerException, match="not in the repository") as info:
         grpc.infer("nope", _inputs(grpcclient, {"x": np.zeros((1, 4), np.float32)}))
     assert "NOT_FOUND" in str(info.value.status())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -83,6 +84,11 @@ def test_json_inputs_decode() -> None:
         (lambda d: d["inputs"][0].pop("data"), ProtocolError, "input 'x': data: is missing"),
         (lambda d: d["inputs"][1].update(data=[3]), ProtocolError, "BYTES elements in JSON must be strings"),
         (lambda d: d.update(outputs=[{"name": "zz"}]), ProtocolError, "unknown output 'zz'"),
+        (
+            lambda d: d.update(outputs=[{"name": "y"}, {"name": "t"}, {"name": "y"}]),
+            ProtocolError,
+            "outputs: output 'y' is requested more than once",
+        ),
         (lambda d: d.pop("inputs"), ProtocolError, "inputs: must be a non-empty list"),
     ],
 )
@@ -274,6 +280,12 @@ def test_json_nan_and_infinity_inputs_are_read_as_before() -> None:
     assert np.isnan(_typed("f32", [float("nan"), float("inf")])).tolist() == [True, False]
     with pytest.raises(ProtocolError, match="must hold integers for INT64, got non-integer numbers"):
         _typed("i64", [float("nan")])
+
+
+def test_json_floats_past_the_types_range_are_infinity_without_a_warning() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "overflow encountered in cast" went raw to the server's stderr
+        assert _typed("f32", [1e39, -1e39, 2.5]).tolist() == [float("inf"), float("-inf"), 2.5]
 
 
 @pytest.mark.parametrize(

@@ -193,9 +193,13 @@ def output_datatype(arr: np.ndarray) -> str:
 
 def check_outputs(spec: ModelSpec, names: Sequence[str]) -> None:
     known = {t.name for t in spec.outputs}
+    seen: set[str] = set()
     for n in names:
         if n not in known:
             raise ProtocolError("outputs", f"unknown output {n!r}; the model has outputs {sorted(known)}")
+        if n in seen:  # as Triton: an output is asked for once, or its answer would carry it twice
+            raise ProtocolError("outputs", f"output {n!r} is requested more than once")
+        seen.add(n)
 
 
 # ---- system shared memory (the regions: shared_memory.py) ---------------------------------------------------
@@ -452,6 +456,9 @@ def numbers_from_json(name: str, data: list[Any] | JsonNumbers, dtype: np.dtype[
     if dtype.kind in "iu" and arr.dtype != dtype:
         low, high = arr.min(), arr.max()
         _check_range(name, int(low), int(high), dtype)
+    if dtype.kind == "f" and arr.dtype != dtype:
+        with np.errstate(over="ignore"):  # past the type's range is +-inf, as Triton's JSON reader gives it
+            return arr.astype(dtype)
     return arr.astype(dtype, copy=False)
 
 
