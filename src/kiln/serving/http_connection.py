@@ -168,6 +168,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         if self.cycle is not None and not self.cycle.response_complete:
+            if self._in_head:  # a pipelined request's head while the one before it is answered: let that
+                self.cycle.keep_alive = False  # answer finish, then close; nothing may interleave with it
+                return
             if self.cycle.response_started:  # the app is answering: cut it off rather than interleave
                 self.transport.close()
                 return
