@@ -78,16 +78,23 @@ def infer_request(body: bytes, extra: bytes = b"") -> bytes:
 BODY = b'{"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}'
 
 
-def answer_of(reader: BinaryIO) -> dict[str, object]:
-    """One keep-alive response, read to exactly its content-length (pipelined answers follow it)."""
+def response_of(reader: BinaryIO) -> tuple[int, dict[str, object]]:
+    """One keep-alive response's status and JSON body, read to exactly its content-length (pipelined
+    answers follow it)."""
     status = reader.readline()
-    assert status.startswith(b"HTTP/1.1 200"), status
+    assert status.startswith(b"HTTP/1.1 "), status
     length = 0
     while (line := reader.readline()) not in (b"\r\n", b""):
         name, _, value = line.partition(b":")
         if name.strip().lower() == b"content-length":
             length = int(value)
     out: dict[str, object] = json.loads(reader.read(length))
+    return int(status.split()[1]), out
+
+
+def answer_of(reader: BinaryIO) -> dict[str, object]:
+    status, out = response_of(reader)
+    assert status == 200, out
     return out
 
 
@@ -240,3 +247,28 @@ def test_a_method_the_path_does_not_take_gets_405_naming_what_it_takes(
         conn.close()
     assert resp.status == 405, body
     assert allow in (resp.getheader("allow") or "") and f"{method} is not allowed" in body["error"], body
+
+
+def test_a_refused_body_left_unread_closes_the_connection_instead_of_being_read_and_dropped(
+    server: ServerThread,
+) -> None:
+    with connect(server) as sock:  # 1 GiB announced: refused on its length, before a byte of it is read
+        sock.sendall(b"POST /v2/models/add/infer HTTP/1.1\r\nhost: kiln\r\ncontent-length: %d\r\n\r\n" % 2**30)
+        answer = read_all(sock)  # the server closes: it does not wait for the gigabyte
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413") and b"connection: close" in head.lower(), head
+    assert "exceeds the limit" in json.loads(body)["error"]
+    with connect(server) as sock:  # an unknown model with a large body: answered, then closed
+        big = BODY.replace(b"[1, 2, 3, 4]", b"[" + b"0, " * 40_000 + b"0]")
+        sock.sendall(infer_request(big).replace(b"/models/add/", b"/models/nope/"))
+        head = read_all(sock).partition(b"\r\n\r\n")[0]
+    assert head.startswith(b"HTTP/1.1 404") and b"connection: close" in head.lower(), head
+
+
+def test_a_refused_small_request_keeps_its_connection(server: ServerThread) -> None:
+    with connect(server) as sock, sock.makefile("rb") as reader:
+        sock.sendall(infer_request(BODY).replace(b"/models/add/", b"/models/nope/"))
+        status, out = response_of(reader)
+        assert status == 404 and "not in the repository" in str(out["error"]), out
+        sock.sendall(infer_request(BODY))
+        assert answer_of(reader)["outputs"][0]["data"] == [2, 3, 4, 5]  # type: ignore[index]

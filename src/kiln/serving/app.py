@@ -334,6 +334,7 @@ class InferEndpoint:
         version = ""
         status = 200
         shm: ShmSession | None = None
+        body: bytes | None = None
         self.in_flight.inc()
         try:
             sv = await service.resolve(model, version_text)
@@ -371,6 +372,8 @@ class InferEndpoint:
             out_headers = [(b"x-request-id", rid.encode("latin-1")), (b"content-type", b"application/json")]
             if answer.retry_after is not None:
                 out_headers.append((b"retry-after", answer.retry_after.encode()))
+            if body is None and _large_body(headers):  # unread: close rather than read and drop it all
+                out_headers.append((b"connection", b"close"))
             if status >= 500 and status != 503:  # 503s (overload) are counted, not logged one by one
                 log.warning("infer %s failed: %s", model, answer.message, extra={"status": status})
         finally:
@@ -413,6 +416,12 @@ class InferEndpoint:
         if inflater is not None:
             return inflater.finish()
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _large_body(headers: dict[bytes, bytes]) -> bool:
+    """Whether a body left unread may be large: over 64 KiB, or of a length not declared (chunked)."""
+    declared = headers.get(b"content-length")
+    return declared is None or not declared.isdigit() or int(declared) > 64 * 2**10
 
 
 _WANTED = frozenset(

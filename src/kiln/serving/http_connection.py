@@ -82,7 +82,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:  # uvicorn's answer to bytes that are not HTTP
         if not self._refused:
-            self._refuse(400, "the request is not valid HTTP/1.1")
+            self._refuse(400, "the request is not valid HTTP/1.1", logged=True)  # uvicorn has logged it
 
     # parser callbacks
     def on_message_begin(self) -> None:
@@ -159,12 +159,13 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             else:
                 self._arm(self.body_timeout_s - idle)
 
-    def _refuse(self, status: int, message: str) -> None:
+    def _refuse(self, status: int, message: str, logged: bool = False) -> None:
         """Answer ``status`` with a JSON error where no response is under way, and close the connection."""
         self._refused = True
         self._cancel_timer()
         self._unset_keepalive_if_required()
-        log.warning("HTTP %d to %s: %s", status, _peer(self.client), message)
+        if not logged:
+            log.warning("HTTP %d to %s: %s", status, _peer(self.client), message)
         if self.transport.is_closing():
             return
         if self.cycle is not None and not self.cycle.response_complete:
