@@ -377,6 +377,22 @@ class QueueFullError(KilnError):
         self.limit = limit
 
 
+class RequestMemoryFullError(KilnError):
+    """Back-pressure on memory: the requests in flight hold as many bytes as the server allows."""
+
+    http_status = 503
+    retry_after_s = 1.0
+
+    def __init__(self, held: int, size: int, limit: int) -> None:
+        super().__init__(
+            f"the server is holding {held} bytes of requests in flight, and this one ({size} bytes so far) would "
+            f"pass its budget of {limit} bytes (KILN_SERVE_MAX_INFLIGHT_BYTES); retry later"
+        )
+        self.held = held
+        self.size = size
+        self.limit = limit
+
+
 class OverloadedError(KilnError):
     """Deadline-aware admission: the work queued ahead would not finish within the request's budget."""
 

@@ -18,7 +18,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.applications import Starlette
@@ -31,6 +31,7 @@ from kiln import logs
 from kiln.errors import PayloadTooLargeError, ProtocolError
 from kiln.repository import parse_version
 from kiln.serving import metadata
+from kiln.serving.body_budget import BodyBudget
 from kiln.serving.encoding import MIN_COMPRESS_BYTES, Inflater, compress, request_coding, response_coding
 from kiln.serving.error_map import error_answer
 from kiln.serving.protocol import decode_http, encode_http, load_json, short_repr
@@ -97,26 +98,57 @@ def endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
     return route
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, decompressed, refusing (413) past ``limit`` bytes before reading more than that."""
-    coding = request_coding(request.headers.get("content-encoding"))
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLargeError(int(declared), limit)
+async def read_body(request: Request, limit: int, budget: BodyBudget | None = None, held: Held | None = None) -> bytes:
+    """The request body, decompressed, refusing (413) past ``limit`` bytes before reading more than that;
+    with ``budget``, its bytes are held there (``held`` counts them for the caller to give back)."""
+    return await collect_body(
+        request.stream(), request.headers.get("content-length"), request.headers.get("content-encoding"), limit,
+        budget, held,
+    )  # fmt: skip
+
+
+class Held:
+    """Bytes one request holds in the server's :class:`BodyBudget`."""
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
+
+
+async def collect_body(
+    chunks: AsyncIterator[bytes], declared: str | bytes | None, encoding: str | bytes | None, limit: int,
+    budget: BodyBudget | None = None, held: Held | None = None,
+) -> bytes:  # fmt: skip
+    """A body from its chunks, decompressed as it arrives, within ``limit`` (413 on the declared length before a
+    byte is read); with ``budget``, held there from its declared length, or chunk by chunk without one."""
+    coding = request_coding(encoding.decode("latin-1") if isinstance(encoding, bytes) else encoding)
+    if declared is not None and declared.isdigit():
+        if int(declared) > limit:
+            raise PayloadTooLargeError(int(declared), limit)
+        if budget is not None and held is not None:
+            held.n += budget.take(int(declared))
     inflater = Inflater(coding, limit) if coding is not None else None
-    chunks: list[bytes] = []
+    parts: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    async for chunk in chunks:
+        if not chunk:
+            continue
         size += len(chunk)
         if size > limit:
             raise PayloadTooLargeError(size, limit)
+        if budget is not None and held is not None and size > held.n:  # no declared length: held as it arrives
+            held.n += budget.take(size - held.n)
         if inflater is not None:
             inflater.feed(chunk)
-        elif chunk:
-            chunks.append(chunk)
-    if inflater is not None:
-        return inflater.finish()
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        else:
+            parts.append(chunk)
+    if inflater is None:
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+    body = inflater.finish()
+    if budget is not None and held is not None:
+        held.n += budget.take(len(body))  # the decompressed copy is held too
+    return body
 
 
 async def _json_body(request: Request, service: Service) -> dict[str, Any]:
@@ -259,10 +291,12 @@ async def v1_predict(request: Request, service: Service) -> Response:
     version, status = "", 200
     in_flight = service.metrics.in_flight.labels("http")
     in_flight.inc()
+    held = Held()
     try:
         sv = await service.resolve(name, None)
         version = str(sv.version)
-        instances = parse_instances(load_json(await read_body(request, service.settings.max_body_bytes)))
+        body = await read_body(request, service.settings.max_body_bytes, service.body_budget, held)
+        instances = parse_instances(load_json(body))
         predictions, _ = await service.predict(sv, instances)
         payload = json.dumps({"predictions": predictions}, separators=(",", ":")).encode()
         response: Response = Response(payload, media_type="application/json")
@@ -271,6 +305,7 @@ async def v1_predict(request: Request, service: Service) -> Response:
         status = response.status_code
     finally:
         in_flight.dec()
+        service.body_budget.give(held.n)
     elapsed = time.perf_counter() - start
     service.record(service.model_label(name) if status >= 400 else name, version, "http", status, elapsed)
     return response
@@ -335,11 +370,12 @@ class InferEndpoint:
         status = 200
         shm: ShmSession | None = None
         body: bytes | None = None
+        held = Held()
         self.in_flight.inc()
         try:
             sv = await service.resolve(model, version_text)
             version = str(sv.version)
-            body = await self._body(headers, receive)
+            body = await self._body(headers, receive, held)
             hlen = headers.get(b"inference-header-content-length")
             if hlen is not None and not (hlen.isdigit() and len(hlen) <= 18):  # no body is 10**18 bytes long
                 raise ProtocolError(
@@ -378,6 +414,7 @@ class InferEndpoint:
                 log.warning("infer %s failed: %s", model, answer.message, extra={"status": status})
         finally:
             self.in_flight.dec()
+            service.body_budget.give(held.n)
             if shm is not None:
                 shm.release()
         out_headers.append((b"content-length", str(len(payload)).encode()))
@@ -389,33 +426,21 @@ class InferEndpoint:
         if self.access_log:
             access.info("infer", extra={"model": model, "version": version, "status": status, "ms": elapsed * 1e3})
 
-    async def _body(self, headers: dict[bytes, bytes], receive: Receive) -> bytes:
-        encoding = headers.get(b"content-encoding")
-        coding = request_coding(encoding.decode("latin-1")) if encoding is not None else None
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            raise PayloadTooLargeError(int(declared), self.limit)
-        inflater = Inflater(coding, self.limit) if coding is not None else None
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise ProtocolError("body", "the client closed the connection before sending the whole body")
-            chunk = message.get("body", b"")
-            if chunk:
-                size += len(chunk)
-                if size > self.limit:
-                    raise PayloadTooLargeError(size, self.limit)
-                if inflater is not None:
-                    inflater.feed(chunk)  # decompressed as it arrives, within the same limit
-                else:
-                    chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        if inflater is not None:
-            return inflater.finish()
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    async def _body(self, headers: dict[bytes, bytes], receive: Receive, held: Held) -> bytes:
+        return await collect_body(
+            _asgi_chunks(receive), headers.get(b"content-length"), headers.get(b"content-encoding"), self.limit,
+            self.service.body_budget, held,
+        )  # fmt: skip
+
+
+async def _asgi_chunks(receive: Receive) -> AsyncIterator[bytes]:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ProtocolError("body", "the client closed the connection before sending the whole body")
+        yield message.get("body", b"")
+        if not message.get("more_body", False):
+            return
 
 
 def _large_body(headers: dict[bytes, bytes]) -> bool:

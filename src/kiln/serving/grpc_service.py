@@ -255,7 +255,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         version = ""
         status, message = 200, ""
         shm: ShmSession | None = None
+        held = 0
         try:
+            held = self.service.body_budget.take(request.ByteSize())  # received already; held while it waits
             sv = await self.service.resolve(model, request.model_version)
             version = str(sv.version)
             shm = self.service.shared_memory.session()
@@ -272,6 +274,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             status = answer.status
             return None, status, answer.message
         finally:
+            self.service.body_budget.give(held)
             if shm is not None:
                 shm.release()
             label = model if status < 400 else self.service.model_label(model)

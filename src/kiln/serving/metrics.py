@@ -74,6 +74,10 @@ class Metrics:
         self.models_loaded = Gauge("kiln_models_loaded", "Model versions loaded and ready", registry=r)
         self.memory_bytes = Gauge("kiln_model_memory_bytes", "Estimated memory of loaded models", registry=r)
         self.in_flight = Gauge("kiln_inflight_requests", "Requests being served", ["protocol"], registry=r)
+        self.inflight_bytes = Gauge(
+            "kiln_inflight_request_bytes", "Bytes held by requests in flight (KILN_SERVE_MAX_INFLIGHT_BYTES bounds it)",
+            registry=r,
+        )  # fmt: skip
         self.fallbacks = Counter(
             "kiln_fallback", "Batches rerun on the reference variant after the chosen one failed",
             ["model", "version"], registry=r,

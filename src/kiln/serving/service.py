@@ -27,6 +27,7 @@ from kiln.errors import (
 from kiln.execution.batcher import Outputs
 from kiln.repository import parse_version
 from kiln.serving import metadata
+from kiln.serving.body_budget import BodyBudget
 from kiln.serving.cache import ResponseCache, cache_key
 from kiln.serving.manager import ModelManager, ServedVersion
 from kiln.serving.metrics import Metrics, outcome_for
@@ -80,6 +81,8 @@ class Service:
         self._contended_until = 0.0  # requests overlapped recently: use the batcher, not inline runs
         self._pool: ThreadPoolExecutor | None = None
         self.shared_memory = SharedMemoryRegistry(max_bytes=settings.shm_max_bytes or 64 * settings.max_body_bytes)
+        self.body_budget = BodyBudget(settings.max_inflight_bytes or 16 * settings.max_body_bytes)
+        metrics.inflight_bytes.set_function(lambda: self.body_budget.held)
 
     @property
     def processing_pool(self) -> ThreadPoolExecutor:

@@ -62,6 +62,10 @@ class ServerSettings(BaseSettings):
         default=None, ge=1, description="bytes of system shared memory clients may register; None: 64 x max_body_bytes"
     )
     request_timeout_s: float = Field(default=30.0, gt=0)
+    max_inflight_bytes: int | None = Field(
+        default=None, ge=1, description="bytes all requests in flight may hold together (503 past it); "
+        "None: 16 x max_body_bytes",
+    )  # fmt: skip
     max_header_bytes: int = Field(
         default=64 * 2**10, ge=1024, description="largest HTTP request line and headers together (431 past it)"
     )
@@ -96,7 +100,13 @@ class ServerSettings(BaseSettings):
     access_log: bool = Field(default=False, description="log every request (costs a few µs each)")
 
     @field_validator(
-        "max_memory", "max_body_bytes", "max_header_bytes", "cache_max_bytes", "shm_max_bytes", mode="before"
+        "max_memory",
+        "max_body_bytes",
+        "max_header_bytes",
+        "max_inflight_bytes",
+        "cache_max_bytes",
+        "shm_max_bytes",
+        mode="before",
     )
     @classmethod
     def _size(cls, v: Any) -> Any:
