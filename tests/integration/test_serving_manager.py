@@ -511,3 +511,26 @@ def test_a_garbage_usage_file_is_ignored_with_a_warning_and_replaced(
         asyncio.run(scenario())
     assert "ignoring usage file" in caplog.text and "not JSON" in caplog.text
     assert list(json.loads(usage.read_text())["models"]) == ["a"]  # rewritten whole at shutdown
+
+
+def test_a_request_whose_model_is_evicted_under_it_loads_it_again_in_lazy_mode(tmp_path: Path) -> None:
+    repo = _models_repo(tmp_path, "abc")
+    probe = _managed(repo, _Clock()).manager
+    service = _managed(repo, _Clock(), eviction="lru", max_memory=int(probe.need_bytes("a") * 1.5))  # room for one
+
+    async def scenario() -> list[float]:
+        await service.manager.start()
+        resolved = await service.resolve("a", None)  # a request has resolved a, and is reading its body...
+        assert await _ask(service, "b") == 1.0  # ...when b's load evicts a
+        assert not service.manager.is_ready("a")
+        out = await service.infer(resolved, _x())  # it followed a into a reload instead of failing 503
+        first = float(out["y"][0, 0])
+        # 36 requests at once over three models that fit one at a time: every one answered, exactly
+        answers = await asyncio.gather(*(_ask(service, "abc"[k % 3]) for k in range(36)))
+        await service.manager.close()
+        return [first, *answers]
+
+    first, *answers = asyncio.run(scenario())
+    assert first == 0.0
+    assert answers == [float(k % 3) for k in range(36)]
+    assert service.metrics.evictions._value.get() >= 2

@@ -38,6 +38,7 @@ from kiln.serving.shared_memory import SharedMemoryRegistry
 from kiln.spec import ModelSpec
 
 _CONTENTION_MEMORY_S = 0.5
+_FOLLOW_ATTEMPTS = 4  # how often a request follows its model to a new version, or into a reload, before failing
 _WATCH_AFTER_S = 0.02  # a queued request listens for its client's disconnect once it has waited this long
 REPOSITORY_ENDPOINTS = "the model-repository endpoints"  # what a token guards, as error messages name it
 SHM_ENDPOINTS = "the shared-memory endpoints"
@@ -237,17 +238,22 @@ class Service:
         def done(out: Outputs | None, err: BaseException | None) -> None:
             loop.call_soon_threadsafe(_settle, fut, out, err)
 
-        while True:
+        for attempt in range(_FOLLOW_ATTEMPTS):
             timeout_s = sv.timeout_s if client_s is None else min(sv.timeout_s, client_s)
             try:
                 pending = sv.batcher.submit(req.inputs, rows, done, timeout_s, budget_s=client_s)
                 break
             except BatcherClosedError:
                 # A reload switched versions after this request resolved its model: follow it to the new one.
+                # Evicted (or unloaded) meanwhile in lazy mode: load it again, as a request arriving now would.
                 fresh = self.manager.lookup(sv.model, req.version)
+                if fresh is None and self.settings.load_mode == "lazy" and attempt + 1 < _FOLLOW_ATTEMPTS:
+                    fresh = await self.manager.get(sv.model, req.version)
                 if fresh is None or fresh is sv:
                     raise
                 sv = fresh
+        else:
+            raise BatcherClosedError(sv.model)  # unloaded under it each time: the models outgrow the memory budget
         timer = loop.call_later(timeout_s, _drop, fut, pending, RequestTimeoutError, sv.model, timeout_s)
         watching: list[asyncio.Task[object]] = []
         watch_timer = None
