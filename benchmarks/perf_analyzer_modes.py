@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import signal
 import socket
 import subprocess
@@ -27,28 +26,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-SETUP = ROOT.parent / "shared" / "tools" / "perf_analyzer_setup.sh"
-CACHE = Path(os.environ.get("KILN_TEST_CACHE", Path.home() / ".cache" / "kiln-tests")) / "perf_analyzer"
-MODES = {
-    "http-sync": ["-i", "http"],
-    "http-async": ["-i", "http", "--async"],
-    "grpc-sync": ["-i", "grpc"],
-    "grpc-async": ["-i", "grpc", "--async"],
-    "grpc-streaming": ["-i", "grpc", "--streaming"],
-    "http-shm": ["-i", "http", "--shared-memory", "system", "--output-shared-memory-size", "64"],
-    "grpc-shm": ["-i", "grpc", "--shared-memory", "system", "--output-shared-memory-size", "64"],
-}
-
-
-def perf_analyzer() -> Path:
-    given = os.environ.get("KILN_PERF_ANALYZER")
-    if given:
-        return Path(given)
-    binary = CACHE / "perf_analyzer"
-    if not binary.exists():
-        subprocess.run(["bash", str(SETUP), str(CACHE)], check=True, timeout=900)
-    return binary
 
 
 def free_port() -> int:
@@ -64,10 +41,11 @@ def main() -> int:
     args = ap.parse_args()
 
     from tests import models
+    from tests.fixtures import perf_analyzer as fixtures
 
     import kiln
 
-    pa = perf_analyzer()
+    pa = fixtures.perf_analyzer()
     work = Path(tempfile.mkdtemp(prefix="kiln-pa-"))
     kiln.import_model(models.add_model(work / "add.onnx"), work / "repo", name="add")
     http_port, grpc_port = free_port(), free_port()
@@ -91,7 +69,7 @@ def main() -> int:
                 time.sleep(0.2)  # polling the server's start-up, not synchronising two threads
         print(f"{'mode':16s} {'conc':>4s} {'exit':>4s} {'csv':>4s} {'infer/s':>9s} {'p99 ms':>8s}  server side (µs)")
         failed = []
-        for mode, flags in MODES.items():
+        for mode, flags in fixtures.MODES.items():
             url = f"127.0.0.1:{grpc_port if flags[1] == 'grpc' else http_port}"
             for c in args.concurrency:
                 out = work / f"{mode}-{c}.csv"
@@ -117,7 +95,7 @@ def main() -> int:
                 )
                 if not ok:
                     print("   ", (run.stdout + run.stderr).strip()[-600:])
-        points = len(MODES) * len(args.concurrency)
+        points = len(fixtures.MODES) * len(args.concurrency)
         verdict = "PASS" if not failed else f"FAIL ({', '.join(failed)})"
         print(f"perf_analyzer: {points - len(failed)} of {points} runs exit 0 with their CSV: {verdict}")
         return 0 if not failed else 1

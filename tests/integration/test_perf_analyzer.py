@@ -9,7 +9,6 @@ the tests skip with the reason."""
 from __future__ import annotations
 
 import csv
-import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,29 +17,16 @@ import pytest
 
 import kiln
 from tests import models
+from tests.fixtures import perf_analyzer as pa
 from tests.integration.conftest import ServeProcess
-
-ROOT = Path(__file__).resolve().parents[2]
-SETUP = ROOT.parent / "shared" / "tools" / "perf_analyzer_setup.sh"
-CACHE = Path(os.environ.get("KILN_TEST_CACHE", Path.home() / ".cache" / "kiln-tests")) / "perf_analyzer"
 
 
 @pytest.fixture(scope="module")
 def perf_analyzer() -> Path:
-    given = os.environ.get("KILN_PERF_ANALYZER")
-    if given:
-        return Path(given)
-    binary = CACHE / "perf_analyzer"
-    if not binary.exists():
-        if not SETUP.is_file():
-            pytest.skip(f"perf_analyzer is not set up and {SETUP} is not there to set it up")
-        run = subprocess.run(["bash", str(SETUP), str(CACHE)], capture_output=True, text=True, timeout=600)
-        if run.returncode != 0:
-            pytest.skip(f"perf_analyzer could not be set up: {run.stderr.strip().splitlines()[-1:]}")
-    check = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=60)
-    if check.returncode != 0:
-        pytest.skip(f"perf_analyzer does not run here: {check.stderr.strip()[-200:]}")
-    return binary
+    try:
+        return pa.perf_analyzer()
+    except pa.Unavailable as exc:
+        pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="module")
@@ -54,15 +40,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
         assert proc.terminate() == 0, proc.output()
 
 
-MODES = {
-    "http-sync": ["-i", "http"],
-    "http-async": ["-i", "http", "--async"],
-    "grpc-sync": ["-i", "grpc"],
-    "grpc-async": ["-i", "grpc", "--async"],
-    "grpc-streaming": ["-i", "grpc", "--streaming"],
-    "http-shm": ["-i", "http", "--shared-memory", "system", "--output-shared-memory-size", "64"],
-    "grpc-shm": ["-i", "grpc", "--shared-memory", "system", "--output-shared-memory-size", "64"],
-}
+MODES = pa.MODES
 
 
 @pytest.mark.slow
