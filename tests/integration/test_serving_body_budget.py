@@ -35,11 +35,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
         repo=d / "repo", http_port=0, grpc_port=0, engine_threads=1, max_body_bytes=MAX_BODY,
         max_inflight_bytes=BUDGET,
     )  # fmt: skip
-    srv = ServerThread(settings).start()
-    try:
+    with ServerThread(settings) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def exchange(port: int, request: bytes) -> tuple[bytes, bytes]:

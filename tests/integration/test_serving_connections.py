@@ -40,11 +40,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
         repo=d / "repo", http_port=0, grpc_port=None, engine_threads=1, max_header_bytes=HEAD_LIMIT,
         header_timeout_s=HEAD_TIMEOUT, body_timeout_s=BODY_TIMEOUT, keep_alive_s=IDLE,
     )  # fmt: skip
-    srv = ServerThread(settings).start()
-    try:
+    with ServerThread(settings) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def connect(server: ServerThread) -> socket.socket:
