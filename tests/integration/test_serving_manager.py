@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 
 import kiln
-from kiln.errors import ModelNotReadyError, NotFoundError, ProtocolError, RequestTimeoutError
+from kiln.errors import ModelNotReadyError, NotFoundError, ProtocolError
 from kiln.execution import instances as runner_module
 from kiln.execution.batcher import Batcher
+from kiln.execution.errors import RequestTimeoutError
 from kiln.repository import VARIANTS_DIR, Repository
 from kiln.serving.demand import LoadOrigin
 from kiln.serving.manager import ModelManager

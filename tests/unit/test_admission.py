@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kiln.errors import OverloadedError, QueueFullError
 from kiln.execution.admission import (
     AUTO,
     BUDGET_FLOOR_S,
@@ -17,6 +16,7 @@ from kiln.execution.admission import (
     queue_budget,
 )
 from kiln.execution.batcher import Batcher, BatchPolicy, Running
+from kiln.execution.errors import OverloadedError, QueueFullError
 
 
 class FakeClock:

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from kiln import logs
-from kiln.errors import (
+from kiln.execution.batcher import Batcher, BatchPolicy, BatchQueue, Pending, concat_inputs, split_outputs
+from kiln.execution.errors import (
     ComputeTimeoutError,
     EngineFailedError,
     EngineInputError,
@@ -18,7 +19,6 @@ from kiln.errors import (
     RequestTimeoutError,
     ShuttingDownError,
 )
-from kiln.execution.batcher import Batcher, BatchPolicy, BatchQueue, Pending, concat_inputs, split_outputs
 
 
 class FakeClock:

@@ -6,7 +6,6 @@ import pytest
 from pydantic import BaseModel, ValidationError, field_validator
 
 from kiln.errors import (
-    BatcherClosedError,
     CorruptModelError,
     EngineUnavailableError,
     InputError,
@@ -22,6 +21,7 @@ from kiln.errors import (
     first_line,
     spec_error,
 )
+from kiln.execution.errors import BatcherClosedError
 
 CASES = [
     InvalidSourceError("pkg:fn", "module 'pkg' was not found"),

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kiln.errors import QueueFullError
+from kiln.execution.errors import QueueFullError
 
 Clock = Callable[[], float]
 Outputs = dict[str, np.ndarray]

@@ -39,18 +39,7 @@ from typing import Literal, Protocol
 import numpy as np
 
 from kiln import logs
-from kiln.errors import (
-    BatcherClosedError,
-    ComputeTimeoutError,
-    EngineFailedError,
-    EngineInputError,
-    EngineOutOfMemoryError,
-    KilnError,
-    OverloadedError,
-    RequestTimeoutError,
-    ShuttingDownError,
-    first_line,
-)
+from kiln.errors import KilnError, first_line
 from kiln.execution.admission import (
     OVERLOAD_S,
     ServiceTimes,
@@ -70,6 +59,16 @@ from kiln.execution.batch_queue import (
     Take,
     concat_inputs,
     split_outputs,
+)
+from kiln.execution.errors import (
+    BatcherClosedError,
+    ComputeTimeoutError,
+    EngineFailedError,
+    EngineInputError,
+    EngineOutOfMemoryError,
+    OverloadedError,
+    RequestTimeoutError,
+    ShuttingDownError,
 )
 
 log = logging.getLogger("kiln.serving")

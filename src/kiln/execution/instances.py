@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from kiln.engines.base import engine_modules
-from kiln.errors import InstanceExitedError
+from kiln.execution.errors import InstanceExitedError
 from kiln.predictor import Predictor, open_variant
 from kiln.repository import Variant
 from kiln.spec import ModelSpec, ServingSettings

@@ -27,8 +27,8 @@ import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from kiln.errors import InstanceExitedError
 from kiln.execution.batcher import Outputs
+from kiln.execution.errors import InstanceExitedError
 from kiln.execution.gil import favour_engine_threads
 from kiln.execution.instances import FallbackState, Instances, ModelRunner, open_instances, warm_up
 from kiln.ray.pace import Pace as _Pace

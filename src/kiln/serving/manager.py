@@ -25,13 +25,13 @@ from kiln.errors import (
     MemoryBudgetError,
     ModelNotReadyError,
     NotFoundError,
-    ShuttingDownError,
     VersionNotServedError,
     WarmupFailedError,
     first_line,
 )
 from kiln.execution.admission import AUTO
 from kiln.execution.batcher import Batcher, BatchPolicy, Runner
+from kiln.execution.errors import ShuttingDownError
 from kiln.execution.instances import FallbackState, open_instances, warm_up, warmup_inputs
 from kiln.memory import tune_allocator
 from kiln.repository import CHOSEN, REFERENCE, REFERENCE_ENGINE, Repository, Variant, policy_versions

@@ -18,7 +18,8 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from kiln.errors import KilnError, ShuttingDownError
+from kiln.errors import KilnError
+from kiln.execution.errors import ShuttingDownError
 from kiln.serving.demand import Candidate, LoadOrigin, UsageHistory, plan_prefetch, usage_path
 
 if TYPE_CHECKING:

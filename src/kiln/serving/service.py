@@ -15,16 +15,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from kiln.errors import (
-    BatcherClosedError,
-    ClientClosedError,
-    KilnError,
-    NotFoundError,
-    ProtocolError,
-    RequestTimeoutError,
-    UnauthorizedError,
-)
+from kiln.errors import ClientClosedError, KilnError, NotFoundError, ProtocolError, UnauthorizedError
 from kiln.execution.batcher import Outputs
+from kiln.execution.errors import BatcherClosedError, RequestTimeoutError
 from kiln.repository import parse_version
 from kiln.serving import metadata
 from kiln.serving.body_budget import BodyBudget
