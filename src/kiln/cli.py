@@ -12,6 +12,7 @@ import typer
 
 from kiln import cli_support as support
 from kiln.console import console, error_line
+from kiln.environment import MAX_THREADS
 from kiln.errors import KilnError, SpecError, spec_error
 
 app = typer.Typer(
@@ -41,6 +42,10 @@ def _root(
     ] = False,
 ) -> None:
     """Options before the verb: kiln --version, kiln -v import ..."""
+    if ctx.invoked_subcommand is not None:
+        from kiln.environment import get_settings
+
+        get_settings()  # a bad KILN_* variable is one line before any work, whichever verb reads it
     if ctx.invoked_subcommand is not None and not verbose:
         from kiln.console import quiet_runtimes
 
@@ -116,9 +121,7 @@ def import_cmd(
     if asset:
         options["assets"] = asset
     if labels is not None:
-        if not labels.is_file():
-            raise SpecError(f"--labels {labels}: file not found")
-        options["labels"] = [ln.strip() for ln in labels.read_text().splitlines() if ln.strip()]
+        options["labels"] = support.read_labels(labels)
     with console.status(f"importing {source} …"):
         result = import_model(source, repo, **options)
     console.print(import_summary(result))
@@ -172,7 +175,7 @@ def predict(
     prefetch: Annotated[int, typer.Option(min=0, help="batches decoded ahead of the engine")] = 2,
     version: Annotated[int | None, typer.Option(help="model version (default: latest)")] = None,
     engine: Annotated[str | None, typer.Option(help="engine (default: the chosen variant, else onnxruntime)")] = None,
-    threads: Annotated[int | None, typer.Option(min=1, help="engine intra-op threads")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, max=MAX_THREADS, help="engine intra-op threads")] = None,
     ray: Annotated[
         bool, typer.Option("--ray", help="run on Ray Data: reading spread over the cluster, engines in actors")
     ] = False,
@@ -198,15 +201,15 @@ def predict(
         except KilnError:
             predictor.close()
             raise
-        sink = output.open("w", encoding="utf-8") if output is not None else sys.stdout
         try:
-            with predict_progress(count_items(pipeline, files)) as advance:
+            with (
+                support.predictions_sink(output, files) as sink,
+                predict_progress(count_items(pipeline, files)) as advance,
+            ):
                 summary = predict_files(
                     pipeline, predictor.predict, files, sink, batch_size, workers, prefetch, on_result=advance
                 )
         finally:
-            if output is not None:
-                sink.close()
             predictor.close()
     from rich.markup import escape
 
@@ -300,7 +303,7 @@ def optimize(
     include: Annotated[list[str] | None, typer.Option(help="only variants whose label contains this")] = None,
     exclude: Annotated[list[str] | None, typer.Option(help="drop variants whose label contains this")] = None,
     batch_size: Annotated[int | None, typer.Option(help="batch for throughput and accuracy runs")] = None,
-    threads: Annotated[int | None, typer.Option(help="intra-op threads")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, max=MAX_THREADS, help="intra-op threads")] = None,
     min_time: Annotated[float | None, typer.Option(help="seconds timed per variant and batch size")] = None,
     retime: Annotated[bool, typer.Option(help="time cached variants again")] = False,
     choose: Annotated[bool, typer.Option(help="record the choice in the model's spec")] = True,
@@ -385,7 +388,7 @@ def bench_cmd(
     report_out: Annotated[Path | None, typer.Option("--report", help="write a self-contained HTML report")] = None,
     min_time: Annotated[float, typer.Option(help="seconds of timed runs per batch size")] = 1.0,
     repeats: Annotated[int, typer.Option(help="repeats per batch size (spread is reported)")] = 3,
-    threads: Annotated[int | None, typer.Option(help="engine intra-op threads")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, max=MAX_THREADS, help="engine intra-op threads")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda[:N]")] = "cpu",
     qps: Annotated[float | None, typer.Option(help="server scenario / open loop: offered queries per second")] = None,
     find_max_qps: Annotated[
@@ -504,7 +507,9 @@ def serve(
     max_memory: Annotated[str | None, typer.Option(help="memory budget for loaded models, e.g. 2GB (LRU)")] = None,
     model: Annotated[list[str] | None, typer.Option(help="preload only these models (repeatable)")] = None,
     lazy: Annotated[bool, typer.Option(help="load each model on its first request instead of at start")] = False,
-    engine_threads: Annotated[int | None, typer.Option(help="intra-op threads per engine (default: cores - 1)")] = None,
+    engine_threads: Annotated[
+        int | None, typer.Option(min=1, max=MAX_THREADS, help="intra-op threads per engine (default: cores - 1)")
+    ] = None,
     max_body_bytes: Annotated[str, typer.Option(help="largest request body, e.g. 64MB")] = "64MB",
     timeout: Annotated[float, typer.Option(help="request timeout in seconds")] = 30.0,
     drain_timeout: Annotated[float, typer.Option(help="seconds to finish in-flight requests on SIGTERM")] = 30.0,

@@ -3,9 +3,12 @@ checks, the Ctrl-C summary of ``kiln optimize``, the log format, and the Ray pat
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 import typer
 
@@ -77,14 +80,96 @@ def predict_on_ray(
     connect(address, "kiln predict --ray")
     from kiln.ray.data import predict_files_ray
 
-    sink = output.open("w", encoding="utf-8") if output is not None else sys.stdout
+    with predictions_sink(output, files) as sink, predict_progress(count_items(pipeline, files)) as advance:
+        return predict_files_ray(repository.root, model, number, engine, threads, files, sink, batch_size,
+                                 concurrency, on_result=advance)  # fmt: skip
+
+
+def read_labels(path: Path) -> list[str]:
+    """``--labels``: one class label per line, UTF-8 (a BOM is dropped); blank lines do not count."""
+    from kiln.errors import SpecError
+
+    if path.is_dir():
+        raise SpecError(f"--labels {path}: is a directory; name a text file with one label per line")
     try:
-        with predict_progress(count_items(pipeline, files)) as advance:
-            return predict_files_ray(repository.root, model, number, engine, threads, files, sink, batch_size,
-                                     concurrency, on_result=advance)  # fmt: skip
-    finally:
-        if output is not None:
-            sink.close()
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise SpecError(f"--labels {path}: file not found") from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"--labels {path}: is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise SpecError(f"--labels {path}: cannot be read ({exc.strerror})") from None
+    return [ln.strip() for ln in text.splitlines() if ln.strip()]
+
+
+def check_output(output: Path, files: Sequence[Path]) -> None:
+    """Refuse, before anything is written, an ``--output`` that cannot be written or that is an input."""
+    from kiln.errors import OutputFileError
+
+    shown = str(output)
+    if output.is_dir():
+        raise OutputFileError(shown, "is a directory", f"name a file, e.g. -o {output / 'predictions.jsonl'}")
+    parent = output.parent
+    if not parent.is_dir():
+        problem = "does not exist" if not parent.exists() else "is not a directory"
+        raise OutputFileError(shown, f"the folder {parent} {problem}", f"create it first (mkdir -p {parent})")
+    if output.exists():
+        for f in files:
+            with contextlib.suppress(OSError):
+                if os.path.samefile(f, output):
+                    raise OutputFileError(shown, f"is also an input ({f}); writing it would destroy it",
+                                          "write the predictions to another file")  # fmt: skip
+
+
+@contextlib.contextmanager
+def predictions_sink(output: Path | None, files: Sequence[Path]) -> Iterator[IO[str]]:
+    """Where ``kiln predict`` writes its JSON lines: stdout, or ``output`` (checked by :func:`check_output`),
+    which is replaced only once every line is written (a failure or Ctrl-C leaves it as it was). An OS error
+    while writing it (a full disk) is one line naming the file."""
+    from kiln.files import replacing
+
+    if output is None:
+        yield sys.stdout
+        return
+    check_output(output, files)
+    in_body = False
+    try:
+        with replacing(output) as f:
+            in_body = True
+            yield cast(IO[str], _NamedWrites(f, output))
+            in_body = False
+    except OSError as exc:
+        if in_body:  # not a write to the output (those are named by _NamedWrites)
+            raise
+        raise _write_error(output, exc) from None
+
+
+def _write_error(output: Path, exc: OSError) -> KilnError:
+    from kiln.errors import OutputFileError
+
+    reason = exc.strerror or type(exc).__name__
+    return OutputFileError(str(output), f"cannot be written ({reason}), so it was left as it was",
+                           "free some space or fix its permissions, or name another file")  # fmt: skip
+
+
+class _NamedWrites:
+    """A text file whose write errors name ``path`` (what the user passed), not the temporary file."""
+
+    def __init__(self, sink: IO[str], path: Path) -> None:
+        self._sink = sink
+        self._path = path
+
+    def write(self, text: str) -> int:
+        try:
+            return self._sink.write(text)
+        except OSError as exc:
+            raise _write_error(self._path, exc) from None
+
+    def flush(self) -> None:
+        try:
+            self._sink.flush()
+        except OSError as exc:
+            raise _write_error(self._path, exc) from None
 
 
 def emit_ray_config(repo: Path, models: list[str], path: Path) -> None:

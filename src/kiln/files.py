@@ -1,15 +1,24 @@
 """Files written so that readers never see half of one: atomic replaces, staging directories named after
-their process (so a clean-up can tell a live build from an abandoned one), content hashes and shared links.
+their process (so a clean-up can tell a live build from an abandoned one), content hashes and shared links; and
+kiln's own files read back so that a damaged one is an error naming it, never a codec traceback.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
+import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO, Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from kiln.errors import CorruptModelError
 
 STAGING_PREFIX = ".staging-"
 EXTERNAL_DATA_SUFFIX = ".data"  # ONNX weights stored beside a model over 2 GB
@@ -78,6 +87,38 @@ def write_atomic(path: Path, data: str | bytes) -> None:
         raise
 
 
+@contextlib.contextmanager
+def replacing(path: Path, encoding: str = "utf-8") -> Iterator[IO[str]]:
+    """A text file that becomes ``path`` only when the block ends without error: it is written under a
+    temporary name beside ``path`` and then replaces it, so a failure or Ctrl-C part-way leaves the old file
+    as it was, never a truncated one. A ``path`` that is there and is no regular file (``/dev/null``, a FIFO)
+    is written directly, as ``open`` would. The file gets the old file's mode, else the umask's."""
+    target = Path(os.path.realpath(path))  # through a symbolic link, as open() writes
+    try:
+        info = target.stat()
+    except FileNotFoundError:
+        info = None
+    if info is not None and not stat.S_ISREG(info.st_mode):
+        with target.open("w", encoding=encoding) as f:
+            yield f
+        return
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding=encoding) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        if info is not None:
+            os.chmod(tmp, stat.S_IMODE(info.st_mode))
+        else:
+            shareable(Path(tmp))
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 def link(src: Path, dst: Path) -> None:
     """Share a file: a hard link, except for ONNX external data, which onnx refuses to read once it has
     several links (its guard against hard-link attacks), so it is copied."""
@@ -88,3 +129,36 @@ def link(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
+
+
+_Record = TypeVar("_Record", bound=BaseModel)
+
+
+def read_text(path: Path, shown: str) -> str:
+    """A file kiln wrote itself (``shown`` relative to the repository): one that became unreadable or is no
+    UTF-8 text is a :class:`CorruptModelError` naming it, not an OS or codec error."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CorruptModelError(
+            shown, f"{exc.strerror or exc}" if isinstance(exc, OSError) else "not UTF-8 text"
+        ) from None
+
+
+def read_record(cls: type[_Record], path: Path, shown: str) -> _Record:
+    """A pydantic record kiln wrote as JSON (a manifest, a recipe); a damaged one is a :class:`CorruptModelError`."""
+    try:
+        return cls.model_validate_json(read_text(path, shown))
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        raise CorruptModelError(shown, f"{problem['msg']} at {'.'.join(map(str, problem['loc'])) or 'the top'}; "
+                                "restore the file or import the model again") from None  # fmt: skip
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object kiln keeps as a cache or a note (figures, skips): missing or damaged reads as empty."""
+    with contextlib.suppress(FileNotFoundError, UnicodeDecodeError, json.JSONDecodeError):
+        data = json.loads(path.read_text())
+        if isinstance(data, dict):
+            return data
+    return {}

@@ -32,8 +32,18 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from kiln.errors import CorruptModelError, InvalidNameError, NotFoundError, SpecError
-from kiln.files import EXTERNAL_DATA_SUFFIX, STAGING_PREFIX, is_abandoned, sha256_file, staging_dir, write_atomic
+from kiln.errors import CorruptModelError, InvalidNameError, NotFoundError, RepositoryUnreadableError, SpecError
+from kiln.files import (
+    EXTERNAL_DATA_SUFFIX,
+    STAGING_PREFIX,
+    is_abandoned,
+    read_json,
+    read_record,
+    read_text,
+    sha256_file,
+    staging_dir,
+    write_atomic,
+)
 from kiln.files import link as _link
 from kiln.recipe import Recipe
 from kiln.spec import MODEL_NAME_PATTERN, ModelSpec
@@ -75,6 +85,12 @@ def parse_version(text: str | None, field: str = "version") -> int | None:
     if _VERSION.fullmatch(text) is None or int(text) < 1:
         raise InvalidNameError(field, text, "is not a version number; versions are positive integers")
     return int(text)
+
+
+def is_version_name(name: str) -> bool:
+    """Whether a directory name is a version number: ASCII digits only (``str.isdigit`` also takes ``"²"``,
+    which ``int`` then refuses)."""
+    return _VERSION.fullmatch(name) is not None
 
 
 @dataclass
@@ -176,7 +192,7 @@ class Variant:
 
     def figures(self) -> dict[str, Any]:
         """What the optimizer measured (accuracy, timing); empty for the reference or when never measured."""
-        return {} if self.recipe is None else _read_json(self.path / FIGURES_FILE)
+        return {} if self.recipe is None else read_json(self.path / FIGURES_FILE)
 
     def save_figures(self, figures: dict[str, Any]) -> None:
         write_atomic(self.path / FIGURES_FILE, json.dumps(figures, indent=2))
@@ -195,14 +211,6 @@ class Variant:
 
     def artifact_bytes(self, artifact: str | None = None) -> int:
         return sum(p.stat().st_size for p in self.artifact_files(artifact))
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
-        data = json.loads(path.read_text())
-        if isinstance(data, dict):
-            return data
-    return {}
 
 
 def policy_versions(spec: ModelSpec, available: list[int]) -> list[int]:
@@ -276,7 +284,7 @@ class Repository:
         return sorted(
             int(p.name)
             for p in mdir.iterdir()
-            if _VERSION.fullmatch(p.name) and _is_own_dir(p) and (p / MANIFEST_FILE).is_file()
+            if is_version_name(p.name) and _is_own_dir(p) and (p / MANIFEST_FILE).is_file()
         )
 
     def _missing(self, model: str) -> NotFoundError:
@@ -287,7 +295,7 @@ class Repository:
         if not path.is_file():
             raise self._missing(model)
         _confine(path, SPEC_FILE, f"model {model!r}: {SPEC_FILE}")
-        return ModelSpec.from_yaml(path.read_text(), source=f"{model}/{SPEC_FILE}")
+        return ModelSpec.from_yaml(read_text(path, f"{model}/{SPEC_FILE}"), source=f"{model}/{SPEC_FILE}")
 
     def resolve(self, model: str, version: int | None = None) -> tuple[int, Path]:
         """The version number and directory for ``version`` (the latest when None)."""
@@ -299,13 +307,15 @@ class Repository:
                                 fix="import one with `kiln import`")  # fmt: skip
         if version is None:
             version = versions[-1]
+        elif not isinstance(version, int) or isinstance(version, bool) or version < 1:  # True == 1 to Python
+            raise InvalidNameError("version", str(version), "is not a version number; versions are positive integers")
         elif version not in versions:
             raise NotFoundError("version", version, versions, owner=f"model {model!r}")
         return version, self.version_dir(model, version)
 
     def manifest(self, model: str, version: int | None = None) -> VersionManifest:
         version, vdir = self.resolve(model, version)
-        return VersionManifest.model_validate_json((vdir / MANIFEST_FILE).read_text())
+        return read_record(VersionManifest, vdir / MANIFEST_FILE, f"{model}/{version}/{MANIFEST_FILE}")
 
     def find_source(self, model: str, source_hash: str) -> int | None:
         """The version that was imported from exactly this source, if any."""
@@ -353,7 +363,9 @@ class Repository:
         if not _is_variant_dir(path):
             available = [REFERENCE, *self.variant_ids(model, number)]
             raise NotFoundError("variant", which, available, owner=f"model {model!r} version {number}")
-        recipe = VariantRecipe.model_validate_json((path / RECIPE_FILE).read_text())
+        recipe = read_record(
+            VariantRecipe, path / RECIPE_FILE, f"{model}/{number}/{VARIANTS_DIR}/{which}/{RECIPE_FILE}"
+        )
         return Variant(model, number, which, spec, vdir, path, recipe)
 
     def original(self, model: str, version: int | None = None) -> Variant:
@@ -376,7 +388,7 @@ class Repository:
     def new_variant(self, model: str, version: int) -> Iterator[Path]:
         """A staging directory to build a variant in; removed at exit unless :meth:`save_variant` took it."""
         variants = self.version_dir(model, version) / VARIANTS_DIR
-        variants.mkdir(parents=True, exist_ok=True)
+        self._make_dir(variants, f"the variants of model {model!r} version {version}")
         staging = staging_dir(variants)
         try:
             yield staging
@@ -409,8 +421,10 @@ class Repository:
         path = self.version_dir(model, version) / VARIANTS_DIR / f"{_STAGE_PREFIX}{key}"
         if not _is_own_dir(path) or not (path / _STAGE_REPORTS).is_file():
             return None
-        reports = json.loads((path / _STAGE_REPORTS).read_text())
-        return path, reports if isinstance(reports, list) else []
+        with contextlib.suppress(OSError, UnicodeDecodeError, json.JSONDecodeError):  # a damaged cache is rebuilt
+            reports = json.loads((path / _STAGE_REPORTS).read_text())
+            return path, reports if isinstance(reports, list) else []
+        return None
 
     def save_stage(self, model: str, version: int, key: str, staging: Path, reports: list[dict[str, Any]]) -> Path:
         """Publish ``staging`` as the stage ``key`` (a stage another process published first is kept)."""
@@ -442,7 +456,7 @@ class Repository:
 
     def skipped_variants(self, model: str, version: int) -> dict[str, str]:
         """Variant id -> why its pass had nothing to do on this model (remembered, so reruns skip it)."""
-        return _read_json(self.version_dir(model, version) / VARIANTS_DIR / SKIPS_FILE)
+        return read_json(self.version_dir(model, version) / VARIANTS_DIR / SKIPS_FILE)
 
     def save_skipped_variants(self, model: str, version: int, skips: dict[str, str]) -> None:
         write_atomic(self.version_dir(model, version) / VARIANTS_DIR / SKIPS_FILE, json.dumps(skips, indent=2))
@@ -477,7 +491,7 @@ class Repository:
         Call :meth:`commit_version` inside the block to write the manifest; the rename happens at exit.
         """
         mdir = self.model_dir(model)
-        mdir.mkdir(parents=True, exist_ok=True)
+        self._make_dir(mdir, f"model {model!r}")
         staging = staging_dir(mdir)
         pending = PendingVersion(staging)
         try:
@@ -487,6 +501,22 @@ class Repository:
             pending.version = self._publish(mdir, staging)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+    def _make_dir(self, path: Path, what: str) -> None:
+        """``mkdir -p path``; a file where one of its directories goes (the repository itself, or a model's
+        folder) is a one-line error naming it, not an OS error."""
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            below = [path, *path.parents]
+            blocker = next((p for p in reversed(below) if p.exists() and not p.is_dir()), None)
+            if blocker is None:
+                problem = f"cannot hold {what}: creating {path} failed ({exc.strerror or type(exc).__name__})"
+                raise RepositoryUnreadableError(str(self.root), problem, "check its permissions") from None
+            fix = ("pass a directory as --repo" if blocker == self.root
+                   else f"move the file {blocker} away, or use another model name (--name)")  # fmt: skip
+            problem = f"cannot hold {what}: {blocker} is a file, not a directory"
+            raise RepositoryUnreadableError(str(self.root), problem, fix) from None
 
     def commit_version(self, staging: Path, **fields: Any) -> VersionManifest:
         """Hash every file in ``staging`` and write its manifest (the version number is set at publish)."""
@@ -512,7 +542,7 @@ class Repository:
     def _publish(self, mdir: Path, staging: Path) -> int:
         data = json.loads((staging / MANIFEST_FILE).read_text())
         while True:
-            taken = [int(p.name) for p in mdir.iterdir() if p.name.isdigit()]
+            taken = [int(p.name) for p in mdir.iterdir() if is_version_name(p.name)]
             version = max(taken, default=0) + 1
             data["version"] = version
             write_atomic(staging / MANIFEST_FILE, json.dumps(data, indent=2))

@@ -308,8 +308,11 @@ class ModelSpec(BaseModel):
     def from_yaml(cls, text: str, source: str = "the spec") -> ModelSpec:
         try:
             data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise SpecError(f"{source} is not valid YAML: {exc}") from None
+        except yaml.YAMLError as exc:  # its text spans lines (a caret under a quote of the line): one line here
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+            raise SpecError(f"{source} is not valid YAML{where}: {problem}") from None
         if not isinstance(data, dict):
             raise SpecError(f"{source} must hold a mapping of spec fields, got {type(data).__name__}")
         try:

@@ -12,6 +12,7 @@ import pytest
 from kiln.errors import ProcessingError, SpecError
 from kiln.processing import Batch, Pipeline, known_ops
 from kiln.processing.detection import anchor_points, batched_nms, nms
+from kiln.processing.registry import OpContext
 from kiln.processing.text import bucket_length, default_buckets
 from kiln.spec import ModelSpec
 from tests.fixtures.processing import WORDS, gradient_image, png_bytes, word_tokenizer
@@ -397,3 +398,19 @@ def test_yolo_decode_with_the_wrong_strides_says_so() -> None:
     feed = {"scores": np.zeros((1, 4, 1), np.float32), "boxes": np.zeros((1, 4, 4), np.float32)}
     with pytest.raises(ProcessingError, match=r"yolo_decode: the outputs hold 4 anchor points but .* has 16"):
         pipe.postprocess(feed, Batch({"image": np.zeros((1, 3, 16, 16))}, [{}]))
+
+
+@pytest.mark.parametrize("name", ["../other/tokenizer.json", "/etc/passwd", "sub/../../x.json", "link.json"])
+def test_a_step_file_outside_the_model_version_is_refused(tmp_path: Path, name: str) -> None:
+    version = tmp_path / "m" / "1"
+    version.mkdir(parents=True)
+    (tmp_path / "secret.json").write_text("{}")
+    (version / "link.json").symlink_to(tmp_path / "secret.json")
+    with pytest.raises(SpecError, match="outside the model version"):
+        OpContext(root=version).path(name)
+
+
+def test_a_step_file_inside_the_model_version_is_read_from_it(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    assert OpContext(root=tmp_path).path("sub/tokenizer.json") == tmp_path / "sub" / "tokenizer.json"
+    assert OpContext().path("/abs/tokenizer.json") == Path("/abs/tokenizer.json")  # no version: as given

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from kiln.convert.parity import ParityResult
 from kiln.errors import InvalidSourceError, KilnError, SpecError, spec_error
@@ -61,6 +61,18 @@ class ImportConfig(BaseModel):
     rtol: float = Field(default=1e-3, ge=0)
     opset: int | None = Field(default=None, ge=7)
     force: bool = Field(default=False, description="import again even if this exact source is already a version")
+
+    @field_validator("opset")
+    @classmethod
+    def _known_opset(cls, value: int | None) -> int | None:
+        """An opset past the installed onnx's newest is refused here: the exporter would log a traceback and
+        quietly write another opset."""
+        import onnx
+
+        newest = onnx.defs.onnx_opset_version()
+        if value is not None and value > newest:
+            raise ValueError(f"must be at most {newest}, the newest opset the installed onnx knows, not {value}")
+        return value
 
 
 @dataclass
@@ -188,7 +200,7 @@ def import_model(
             _, vdir = repository.resolve(name, existing)
             return ImportResult(
                 name, existing, vdir, repository.spec(name), repository.manifest(name, existing), reused=True,
-                notes=[f"{source} is already version {existing} of {name!r}; nothing imported (use force to redo)"],
+                notes=[f"{source} is already version {existing} of {name!r}; nothing imported (--force imports it again)"],
             )  # fmt: skip
     repository.cleanup_staging(name)
     with _nothing_half_made(repository, name), repository.new_version(name) as pending:

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.errors import CorruptModelError, first_line
-from kiln.files import EXTERNAL_DATA_SUFFIX
+from kiln.files import EXTERNAL_DATA_SUFFIX, shareable
 from kiln.repository import ONNX_FILE
 from kiln.spec import TensorSpec, dtype_name
 
@@ -47,6 +47,9 @@ def save(model: Any, path: Path, force_external: bool = False) -> None:
             model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
             location=EXTERNAL_DATA_FILE, size_threshold=0 if force_external else 1024,
         )  # fmt: skip
+        data = path.parent / EXTERNAL_DATA_FILE
+        if data.is_file():  # onnx creates it 0600, which a server running as another user could not read
+            shareable(data)
     else:
         onnx.save_model(model, str(path))
 

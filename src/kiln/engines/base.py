@@ -49,6 +49,23 @@ class EngineOptions:
     # may compile a static shape for each (OpenVINO does), its dynamic model serving every other size.
     batch_sizes: tuple[int, ...] = ()
 
+    def __post_init__(self) -> None:
+        from kiln.environment import MAX_THREADS
+        from kiln.errors import SpecFieldError
+
+        threads = self.intra_op_threads
+        if threads is not None and (not _is_int(threads) or not 1 <= threads <= MAX_THREADS):
+            raise SpecFieldError("engine option", "threads", f"must be a whole number from 1 to {MAX_THREADS} "
+                                 f"(or None: the physical cores), not {threads!r}")  # fmt: skip
+        bad = [n for n in self.batch_sizes if not _is_int(n) or n < 1]
+        if bad:
+            raise SpecFieldError("engine option", "batch_sizes", f"must be positive whole numbers, not {bad[0]!r}")
+
+
+def _is_int(value: object) -> bool:
+    """An int that is not a bool (``True`` is an int to Python, never a count to a user)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
 
 class RunOptions(BaseModel):
     """An engine's typed run options (what ``kiln optimize`` writes into a recipe's ``options``); an

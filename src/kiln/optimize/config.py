@@ -51,7 +51,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 class OptimizeConfig(BaseModel):
     """How ``kiln.optimize`` searches: what it may build, the accuracy budget, and how it times."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # nan passes every bound
 
     preset: str | None = Field(default=None, description=f"defaults from a table: {sorted(PRESETS)}")
     objective: Objective = "latency"
@@ -62,7 +62,7 @@ class OptimizeConfig(BaseModel):
         description="auto: top1 with labels, map50 for detection with boxes, cosine for embeddings, else sqnr",
     )
     max_drop: float = Field(default=0.01, ge=0, le=1, description="allowed drop of top1/agreement/cosine/map50")
-    min_sqnr_db: float = Field(default=30.0, description="the bound when the metric is sqnr")
+    min_sqnr_db: float = Field(default=30.0, ge=0, description="the bound when the metric is sqnr")
     max_abs_error: float | None = Field(default=None, gt=0, description="also bound the max abs error")
     # ---- what to build -----------------------------------------------------------------------------
     engines: list[str] = Field(default_factory=lambda: _default_engines(), description="registered engine names")

@@ -55,9 +55,15 @@ class OpContext:
     root: Path | None = None
 
     def path(self, value: str) -> Path:
-        p = Path(value)
-        if not p.is_absolute() and self.root is not None:
-            p = self.root / p
+        """A step's file, relative to ``root``; with a ``root`` (a model version) it must lie inside it, so a
+        ``model.yaml`` from elsewhere cannot make kiln read ``/etc/passwd`` or a file of another model."""
+        if self.root is None:
+            return Path(value)
+        p = self.root / value
+        root = self.root.resolve()
+        if not p.resolve().is_relative_to(root):
+            raise SpecError(f"processing step file {value!r} lies outside the model version; steps name the "
+                            "files imported with it (--asset), relative to the version")  # fmt: skip
         return p
 
     @property

@@ -9,6 +9,8 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from kiln.environment import LogLevel, log_level_name
+
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
           "g": 2**30, "gb": 2**30, "gib": 2**30}  # fmt: skip
 
@@ -96,8 +98,10 @@ class ServerSettings(BaseSettings):
         default=None, description="Ray cluster to join ('auto', or HOST:PORT); None: start a private local one"
     )
     log_format: Literal["json", "text"] = "json"
-    log_level: str = "INFO"
+    log_level: LogLevel = Field(default="INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL (any case)")
     access_log: bool = Field(default=False, description="log every request (costs a few µs each)")
+
+    _log_level = field_validator("log_level", mode="before")(log_level_name)
 
     @field_validator(
         "max_memory",
