@@ -235,6 +235,7 @@ class Repository:
         self.root = Path(root)
         self._where = f"repository {self.root}" if show_root else "the repository"
         self._forms: list[str] | None = None
+        self._bare: re.Pattern[str] | None = None
 
     def __repr__(self) -> str:
         return f"Repository({str(self.root)!r})"
@@ -261,9 +262,14 @@ class Repository:
             with contextlib.suppress(OSError, RuntimeError):
                 forms.add(str(self.root.resolve()))
             self._forms = sorted((f for f in forms if os.sep in f), key=len, reverse=True)
+            self._bare = (
+                None
+                if os.sep in str(self.root)
+                else re.compile(rf"(?<![\w.{re.escape(os.sep)}-]){re.escape(str(self.root) + os.sep)}")
+            )
         for form in self._forms:
             text = text.replace(form + os.sep, "").replace(form, "the repository")
-        return text
+        return text if self._bare is None else self._bare.sub("", text)  # a root of one name, relative: "rr/m/1"
 
     # ---- reading -----------------------------------------------------------------------------------------
     def models(self) -> list[str]:

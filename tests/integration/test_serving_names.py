@@ -253,6 +253,10 @@ def test_the_grammar_and_confinement_in_one_place(tmp_path: Path) -> None:
         hidden.spec("nope")
     assert str(repo) not in str(info.value)
     assert hidden.relative(f"cannot read {repo}/m/1/model.onnx") == "cannot read m/1/model.onnx"
+    # `kiln serve models` from the folder above: the root as given, one relative name, is taken out too
+    bare = Repository("models", show_root=False)
+    said = "models/m/2/model.onnx is not valid: Load model from models/m/2/model.onnx failed (not my_models/x)"
+    assert bare.relative(said) == "m/2/model.onnx is not valid: Load model from m/2/model.onnx failed (not my_models/x)"
 
 
 def test_the_cli_refuses_the_same_names(planted: tuple[Path, Path, ServerThread]) -> None:
