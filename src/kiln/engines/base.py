@@ -9,6 +9,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import importlib
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,8 +64,8 @@ class EngineOptions:
 
 
 def _is_int(value: object) -> bool:
-    """An int that is not a bool (``True`` is an int to Python, never a count to a user)."""
-    return isinstance(value, int) and not isinstance(value, bool)
+    """A whole number (numpy's too) that is not a bool (``True`` is an int to Python, never a count to a user)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
 class RunOptions(BaseModel):
