@@ -73,38 +73,36 @@ def is_abandoned(staging: Path) -> bool:
 def write_atomic(path: Path, data: str | bytes) -> None:
     """Write ``data`` to ``path`` so readers see the old file or the new one, never a partial one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        shareable(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with _replacing(path, "wb", follow=False) as f:
+        f.write(data.encode() if isinstance(data, str) else data)
 
 
-@contextlib.contextmanager
-def replacing(path: Path, encoding: str = "utf-8") -> Iterator[IO[str]]:
+def replacing(path: Path, encoding: str = "utf-8") -> contextlib.AbstractContextManager[IO[str]]:
     """A text file that becomes ``path`` only when the block ends without error: it is written under a
     temporary name beside ``path`` and then replaces it, so a failure or Ctrl-C part-way leaves the old file
     as it was, never a truncated one. A ``path`` that is there and is no regular file (``/dev/null``, a FIFO)
     is written directly, as ``open`` would. The file gets the old file's mode, else the umask's."""
-    target = Path(os.path.realpath(path))  # through a symbolic link, as open() writes
+    return _replacing(path, "w", encoding)
+
+
+@contextlib.contextmanager
+def _replacing(path: Path, mode: str, encoding: str | None = None, follow: bool = True) -> Iterator[IO[Any]]:
+    """``follow``: write through a symbolic link (and into a device) as ``open`` does, for a user's file;
+    kiln's own files replace whatever is at ``path``, so a planted link never redirects a write."""
+    target = Path(os.path.realpath(path)) if follow else path
     try:
-        info = target.stat()
+        info: os.stat_result | None = target.stat() if follow else target.lstat()
     except FileNotFoundError:
         info = None
     if info is not None and not stat.S_ISREG(info.st_mode):
-        with target.open("w", encoding=encoding) as f:
-            yield f
-        return
+        if follow:
+            with target.open(mode, encoding=encoding) as f:
+                yield f
+            return
+        info = None  # a link or a FIFO where kiln keeps a file: replaced by a new file
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding=encoding) as f:
+        with os.fdopen(fd, mode, encoding=encoding) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())

@@ -268,3 +268,15 @@ def test_weights_stored_beside_a_model_are_as_readable_as_the_model(tmp_path: Pa
     data = tmp_path / "model.onnx.data"
     assert data.is_file()
     assert data.stat().st_mode & 0o777 == path.stat().st_mode & 0o777
+
+
+def test_kilns_own_files_replace_a_planted_link_and_never_write_through_it(tmp_path: Path) -> None:
+    from kiln.files import write_atomic
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    planted = tmp_path / "model.yaml"
+    planted.symlink_to(victim)
+    write_atomic(planted, "name: m\n")
+    assert victim.read_text() == "keep me"
+    assert not planted.is_symlink() and planted.read_text() == "name: m\n"
