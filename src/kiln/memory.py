@@ -5,20 +5,25 @@ On Linux the kernel keeps the process's peak resident set (``VmHWM``) and resets
 thread samples RSS (``rss-sampled-delta``), which costs a little CPU meanwhile.
 
 Core, not the bench's: the optimizer records each variant's peak memory in its figures with the same
-meter that ``kiln bench`` uses, and the optimizer stands left of the bench.
+meter that ``kiln bench`` uses, and the optimizer stands left of the bench. Both also refuse up front a
+batch size whose inputs could not fit in memory (:func:`check_batch_memory`).
 """
 
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import re
 import sys
 import threading
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from kiln.engines.base import release_memory
+
+if TYPE_CHECKING:
+    from kiln.spec import ModelSpec
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
 MMAP_THRESHOLD_BYTES = 2**20
@@ -161,3 +166,21 @@ def release_free_memory() -> None:
 def host_meter() -> HostMeter:
     """The kernel's peak where it can be read and reset, else the sampler."""
     return KernelPeak() if KernelPeak.available() else SampledPeak()
+
+
+def check_batch_memory(spec: ModelSpec, batch: int, what: str, field: str) -> None:
+    """Refuse, before anything loads, a batch size whose random inputs alone would not fit: generating them
+    holds about three times their bytes (float64 draws, then the cast), and the engine needs as much again
+    for its activations; ``kiln bench --batch-sizes 1000000000`` would otherwise swap the machine or be killed."""
+    import psutil
+
+    from kiln.errors import SpecFieldError
+
+    sizes = {t.name: math.prod(t.sample_shape(batch)) * t.numpy_dtype.itemsize for t in spec.inputs}
+    need = 3 * sum(sizes.values())
+    free = int(psutil.virtual_memory().available)
+    if need > free // 2:
+        largest = max(sizes, key=sizes.__getitem__)
+        raise SpecFieldError(what, field, f"batch {batch} needs about {need / 2**30:.1f} GiB to "
+                             f"make its inputs ({largest}: {sizes[largest] / 2**30:.2f} GiB), more than half the "
+                             f"{free / 2**30:.1f} GiB this machine has free", "use a smaller batch")  # fmt: skip

@@ -280,3 +280,14 @@ def test_kilns_own_files_replace_a_planted_link_and_never_write_through_it(tmp_p
     write_atomic(planted, "name: m\n")
     assert victim.read_text() == "keep me"
     assert not planted.is_symlink() and planted.read_text() == "name: m\n"
+
+
+@pytest.mark.parametrize(("verb", "flag"), [("optimize", "--batch-size"), ("bench", "--batch-sizes")])
+def test_a_batch_too_large_for_memory_is_one_line_before_any_work(
+    mlp_repo: Path, capsys: pytest.CaptureFixture[str], verb: str, flag: str
+) -> None:
+    import psutil
+
+    rows = psutil.virtual_memory().total // 16 + 1  # mlp's rows are 4 float32: more than the machine holds
+    code, _, err = run([verb, "mlp", "--repo", str(mlp_repo), flag, str(rows)], capsys)
+    assert_one_line_error(code, err, f"batch {rows} needs about", "GiB", "use a smaller batch")

@@ -467,14 +467,15 @@ def test_the_headline_says_what_was_chosen_and_how_much_faster() -> None:
 def test_a_batch_whose_inputs_cannot_fit_is_refused_before_anything_loads() -> None:
     import psutil
 
+    from kiln.memory import check_batch_memory
     from kiln.spec import ModelSpec
 
     spec = ModelSpec.model_validate(
         {"name": "m", "inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 3, 224, 224]}],
          "outputs": [{"name": "y", "dtype": "float32", "shape": [-1, 10]}]}
     )  # fmt: skip
-    runner.check_batch_memory(spec, 16)  # 9.6 MB: fits anywhere
+    check_batch_memory(spec, 16, "bench option", "batch_sizes")  # 9.6 MB: fits anywhere
     row = 3 * 224 * 224 * 4
     too_many = psutil.virtual_memory().total // row + 1  # its inputs alone are more than the machine holds
     with pytest.raises(SpecError, match=rf"batch_sizes: batch {too_many} needs about .* GiB .* \(x: "):
-        runner.check_batch_memory(spec, too_many)
+        check_batch_memory(spec, too_many, "bench option", "batch_sizes")

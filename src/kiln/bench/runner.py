@@ -39,11 +39,10 @@ from kiln.console import ProgressHook
 from kiln.convert.example_shapes import random_inputs_line
 from kiln.convert.parity import random_inputs
 from kiln.engines.base import get_engine
-from kiln.errors import NotFoundError, SpecFieldError
-from kiln.memory import host_meter
+from kiln.errors import NotFoundError
+from kiln.memory import check_batch_memory, host_meter
 from kiln.predictor import open_variant
 from kiln.repository import CHOSEN, REFERENCE, Repository, Variant
-from kiln.spec import ModelSpec
 
 MAX_SAMPLES = 2000
 
@@ -334,22 +333,6 @@ def _noise_warning(result: BenchResult, config: BenchConfig) -> str | None:
             "figures from one run only (kiln bench --compare allows for the spread it measured)")  # fmt: skip
 
 
-def check_batch_memory(spec: ModelSpec, batch: int) -> None:
-    """Refuse, before anything loads, a batch size whose random inputs alone would not fit: generating them
-    holds about three times their bytes (float64 draws, then the cast), and the engine needs as much again
-    for its activations; ``--batch-sizes 100000000`` would otherwise swap the machine or be killed."""
-    import psutil
-
-    sizes = {t.name: math.prod(t.sample_shape(batch)) * t.numpy_dtype.itemsize for t in spec.inputs}
-    need = 3 * sum(sizes.values())
-    free = int(psutil.virtual_memory().available)
-    if need > free // 2:
-        largest = max(sizes, key=sizes.__getitem__)
-        raise SpecFieldError("bench option", "batch_sizes", f"batch {batch} needs about {need / 2**30:.1f} GiB to "
-                             f"make its inputs ({largest}: {sizes[largest] / 2**30:.2f} GiB), more than half the "
-                             f"{free / 2**30:.1f} GiB this machine has free", "bench smaller batch sizes")  # fmt: skip
-
-
 def bench(
     repo: str | Path | Repository,
     model: str,
@@ -372,7 +355,7 @@ def bench(
     variants = resolve_variants(repository, model, number, config.variants)
     device_warnings = check_device(config.device, {v.engine for v in variants})  # refuse before anything runs
     spec = repository.spec(model)
-    check_batch_memory(spec, max(config.batch_sizes))
+    check_batch_memory(spec, max(config.batch_sizes), "bench option", "batch_sizes")
     chosen = spec.chosen_variant or ""
     shapes = random_inputs_line(spec.inputs)  # what the figures hold for, where the model's dims are dynamic
     warnings = device_warnings + ([shapes] if shapes else [])

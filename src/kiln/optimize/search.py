@@ -25,7 +25,7 @@ from kiln.errors import (
     PassNotApplicable,
     first_line,
 )
-from kiln.memory import host_meter
+from kiln.memory import check_batch_memory, host_meter
 from kiln.optimize import accuracy, choice, timing
 from kiln.optimize.config import OptimizeConfig
 from kiln.optimize.data import DataSplit, Samples, load_split, load_training
@@ -58,6 +58,7 @@ def optimize(
     config = OptimizeConfig.build(config, **overrides)
     repository = repo if isinstance(repo, Repository) else Repository(repo)
     spec = repository.spec(model)
+    check_batch_memory(spec, config.batch_size, "optimize option", "batch_size")
     number, vdir = repository.resolve(model, version)
     manifest = repository.manifest(model, number)
     split = load_split(spec, config.data, manifest.source, config.calibration_samples, config.validation_samples)
