@@ -555,7 +555,8 @@ def serve(
     try:  # the repository itself is checked by the server, before it binds a port
         settings = ServerSettings(**fields)
     except ValidationError as exc:
-        raise spec_error(exc, "", flag=True) from None
+        options = {"request_timeout_s": "--timeout", "drain_timeout_s": "--drain-timeout", "load_mode": "--lazy"}
+        raise spec_error(exc, "", flag=True, options=options) from None
     code = run_server(settings)
     if code:
         raise typer.Exit(code)

@@ -31,13 +31,16 @@ def pip_install(package: str, extra: str | None = None) -> str:
 
 
 def spec_error(
-    exc: ValidationError, what: str, *, empty: str = "", flag: bool = False, fix: str = ""
-) -> SpecFieldError:
+    exc: ValidationError, what: str, *, empty: str = "", flag: bool = False, fix: str = "",
+    options: dict[str, str] | None = None,
+) -> SpecFieldError:  # fmt: skip
     """The :class:`SpecFieldError` for pydantic's first problem, in kiln's words: ``field`` is its location
-    (``inputs[0].dtype``), ``empty`` for the whole object, or with ``flag`` the option (``--max-memory``)."""
+    (``inputs[0].dtype``), ``empty`` for the whole object, or with ``flag`` the option (``--max-memory``;
+    ``options`` names those whose flag is not the field's name, ``{"request_timeout_s": "--timeout"}``)."""
     err = exc.errors()[0]
     loc = err["loc"]
-    field = ("--" + str(loc[0]).replace("_", "-")) if flag and loc else location(loc) or empty
+    option = (options or {}).get(str(loc[0])) if loc else None
+    field = (option or "--" + str(loc[0]).replace("_", "-")) if flag and loc else location(loc) or empty
     known = known_fields(exc, loc[:-1]) if err["type"] == "extra_forbidden" else []
     return SpecFieldError(what, field, pydantic_problem(err, known), fix)
 

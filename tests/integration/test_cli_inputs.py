@@ -291,3 +291,19 @@ def test_a_batch_too_large_for_memory_is_one_line_before_any_work(
     rows = psutil.virtual_memory().total // 16 + 1  # mlp's rows are 4 float32: more than the machine holds
     code, _, err = run([verb, "mlp", "--repo", str(mlp_repo), flag, str(rows)], capsys)
     assert_one_line_error(code, err, f"batch {rows} needs about", "GiB", "use a smaller batch")
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragments"),
+    [
+        (["--token", ""], ("--token", "at least 8 characters", "is the variable you pass set?")),
+        (["--token", "abc"], ("--token", "at least 8 characters")),
+        (["--timeout", "0"], ("--timeout:", "> 0")),
+        (["--drain-timeout", "nan"], ("--drain-timeout:",)),
+    ],
+)
+def test_serve_options_are_named_as_typed(
+    mlp_repo: Path, capsys: pytest.CaptureFixture[str], extra: list[str], fragments: tuple[str, ...]
+) -> None:
+    code, _, err = run(["serve", str(mlp_repo), "--http-port", "0", "--grpc-port", "0", *extra], capsys)
+    assert_one_line_error(code, err, *fragments)

@@ -11,6 +11,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kiln.environment import LogLevel, log_level_name
 
+MIN_TOKEN_CHARS = 8
+
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
           "g": 2**30, "gb": 2**30, "gib": 2**30}  # fmt: skip
 
@@ -102,6 +104,16 @@ class ServerSettings(BaseSettings):
     access_log: bool = Field(default=False, description="log every request (costs a few µs each)")
 
     _log_level = field_validator("log_level", mode="before")(log_level_name)
+
+    @field_validator("token")
+    @classmethod
+    def _real_token(cls, v: SecretStr | None) -> SecretStr | None:
+        """An empty token (``--token "$TOKEN"`` with TOKEN unset) would lock every management call out unseen;
+        one of a few characters is guessed as fast."""
+        if v is not None and len(v.get_secret_value().strip()) < MIN_TOKEN_CHARS:
+            raise ValueError(f"must be at least {MIN_TOKEN_CHARS} characters (is the variable you pass set?), or "
+                             "leave it out to leave the management endpoints open")  # fmt: skip
+        return v
 
     @field_validator(
         "max_memory",
