@@ -307,3 +307,14 @@ def test_serve_options_are_named_as_typed(
 ) -> None:
     code, _, err = run(["serve", str(mlp_repo), "--http-port", "0", "--grpc-port", "0", *extra], capsys)
     assert_one_line_error(code, err, *fragments)
+
+
+@pytest.mark.parametrize("name", ["../x", ".hidden", "m/1", "a b", "-rf", "ünï", "a" * 129])
+def test_an_import_name_is_held_to_the_repositorys_rule_in_its_words(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    model = onnx_models.save(onnx_models.linear_model(), tmp_path / "m.onnx")
+    code, _, err = run(["import", str(model), "--repo", str(tmp_path / "repo"), "--name", name], capsys)
+    assert_one_line_error(code, err, "is not a model name", "1-128 letters")
+    repo = tmp_path / "repo"
+    assert not (tmp_path / "x").exists() and (not repo.exists() or not any(repo.iterdir()))

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from kiln.convert.parity import ParityResult
 from kiln.errors import InvalidSourceError, KilnError, SpecError, spec_error
 from kiln.files import STAGING_PREFIX
-from kiln.repository import Repository, VersionManifest
+from kiln.repository import MODEL_NAME, NAME_RULE, Repository, VersionManifest
 from kiln.spec import DType, ModelSpec, ProcessingStep, ServingSettings, Task, TensorSpec
 
 
@@ -29,7 +29,7 @@ class ImportConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+    name: str | None = Field(default=None, description=f"the model's name in the repository: {NAME_RULE}")
     task: Task = "generic"
     labels: list[str] | None = None
     input_shapes: list[tuple[int, ...]] | None = Field(
@@ -61,6 +61,14 @@ class ImportConfig(BaseModel):
     rtol: float = Field(default=1e-3, ge=0)
     opset: int | None = Field(default=None, ge=7)
     force: bool = Field(default=False, description="import again even if this exact source is already a version")
+
+    @field_validator("name")
+    @classmethod
+    def _model_name(cls, value: str | None) -> str | None:
+        """The repository's own rule and words (the pattern alone told a user nothing)."""
+        if value is not None and not MODEL_NAME.fullmatch(value):
+            raise ValueError(f"{value[:60]!r}{'...' if len(value) > 60 else ''} is not a model name: {NAME_RULE}")
+        return value
 
     @field_validator("opset")
     @classmethod
