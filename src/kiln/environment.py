@@ -4,18 +4,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
-LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
-
-
-def log_level_name(value: Any) -> Any:
-    """A log level in any case and spacing (`` debug`` is ``DEBUG``), for a pydantic ``mode="before"`` check."""
-    return value.strip().upper() if isinstance(value, str) else value
-
 
 ENV_PREFIX = "KILN_"
 # The most intra-op threads kiln asks an engine for (``--threads``, ``threads=``, ``KILN_NUM_THREADS``): far past

@@ -9,7 +9,15 @@ import logging
 import sys
 import time
 import uuid
-from typing import Any
+from typing import Any, Literal
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+
+def log_level_name(value: Any) -> Any:
+    """A log level in any case and spacing (`` debug`` is ``DEBUG``), for a pydantic ``mode="before"`` check."""
+    return value.strip().upper() if isinstance(value, str) else value
+
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("kiln_request_id", default="")
 

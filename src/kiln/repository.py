@@ -65,7 +65,7 @@ CHOSEN = "chosen"  # what `kiln optimize` chose, else the reference
 REFERENCE_ENGINE = "onnxruntime"  # what runs the reference: the imported model.onnx
 _STAGE_PREFIX = ".stage-"  # variants/.stage-<key>: a build step shared by several variants (hidden: not one)
 _STAGE_REPORTS = "stage.json"  # what the stage's passes reported
-MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
+_MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
 _VERSION = re.compile(r"[0-9]{1,18}")
 NAME_RULE = "use 1-128 letters, digits, '_', '.' or '-', starting with a letter, digit or '_'"
 
@@ -73,7 +73,7 @@ NAME_RULE = "use 1-128 letters, digits, '_', '.' or '-', starting with a letter,
 def check_model_name(name: object, field: str = "model name", kind: str = "model name") -> str:
     """``name`` if it follows the name grammar (so it is one path component, never '.' or '..'); models
     and shared-memory regions share it."""
-    if not isinstance(name, str) or MODEL_NAME.fullmatch(name) is None:
+    if not isinstance(name, str) or _MODEL_NAME.fullmatch(name) is None:
         raise InvalidNameError(field, str(name), f"is not a {kind}: {NAME_RULE}")
     return name
 

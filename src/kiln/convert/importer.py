@@ -18,9 +18,9 @@ from typing import Annotated, Any, Protocol
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from kiln.convert.parity import ParityResult
-from kiln.errors import InvalidSourceError, KilnError, SpecError, spec_error
+from kiln.errors import InvalidNameError, InvalidSourceError, KilnError, SpecError, spec_error
 from kiln.files import STAGING_PREFIX
-from kiln.repository import MODEL_NAME, NAME_RULE, Repository, VersionManifest
+from kiln.repository import NAME_RULE, Repository, VersionManifest, check_model_name
 from kiln.spec import DType, ModelSpec, ProcessingStep, ServingSettings, Task, TensorSpec
 
 
@@ -66,9 +66,12 @@ class ImportConfig(BaseModel):
     @classmethod
     def _model_name(cls, value: str | None) -> str | None:
         """The repository's own rule and words (the pattern alone told a user nothing)."""
-        if value is not None and not MODEL_NAME.fullmatch(value):
-            raise ValueError(f"{value[:60]!r}{'...' if len(value) > 60 else ''} is not a model name: {NAME_RULE}")
-        return value
+        if value is None:
+            return None
+        try:
+            return check_model_name(value)
+        except InvalidNameError as exc:  # pydantic names the option; the problem is the repository's words
+            raise ValueError(exc.problem) from None
 
     @field_validator("opset")
     @classmethod

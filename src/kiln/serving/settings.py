@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from kiln.environment import LogLevel, log_level_name
+from kiln.logs import LogLevel, log_level_name
 
 MIN_TOKEN_CHARS = 8
 
