@@ -400,12 +400,15 @@ def test_yolo_decode_with_the_wrong_strides_says_so() -> None:
         pipe.postprocess(feed, Batch({"image": np.zeros((1, 3, 16, 16))}, [{}]))
 
 
-@pytest.mark.parametrize("name", ["../other/tokenizer.json", "/etc/passwd", "sub/../../x.json", "link.json"])
+@pytest.mark.parametrize(
+    "name", ["../other/tokenizer.json", "/etc/passwd", "sub/../../x.json", "link.json", "loop.json"]
+)
 def test_a_step_file_outside_the_model_version_is_refused(tmp_path: Path, name: str) -> None:
     version = tmp_path / "m" / "1"
     version.mkdir(parents=True)
     (tmp_path / "secret.json").write_text("{}")
     (version / "link.json").symlink_to(tmp_path / "secret.json")
+    (version / "loop.json").symlink_to(version / "loop.json")
     with pytest.raises(SpecError, match="outside the model version"):
         OpContext(root=version).path(name)
 

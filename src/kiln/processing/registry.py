@@ -60,8 +60,11 @@ class OpContext:
         if self.root is None:
             return Path(value)
         p = self.root / value
-        root = self.root.resolve()
-        if not p.resolve().is_relative_to(root):
+        try:
+            inside = p.resolve().is_relative_to(self.root.resolve())
+        except (OSError, RuntimeError):  # a symbolic link loop
+            inside = False
+        if not inside:
             raise SpecError(f"processing step file {value!r} lies outside the model version; steps name the "
                             "files imported with it (--asset), relative to the version")  # fmt: skip
         return p
