@@ -289,7 +289,9 @@ def test_a_request_past_its_timeout_is_answered_504_while_the_engine_finishes(tm
     kiln.import_model(models.slow_model(tmp_path / "slow.onnx", layers=120), repo, name="slow")
     repository = Repository(repo)
     spec = repository.spec("slow")
-    serving = spec.serving.model_copy(update={"timeout_ms": 20, "max_batch_size": 256})
+    # The compute timeout defaults to the request's: set apart, so that the engine finishes its run (the
+    # scenario) and the two 20 ms timers never race (CI once saw the batcher's fire first on a loaded box).
+    serving = spec.serving.model_copy(update={"timeout_ms": 20, "compute_timeout_ms": 60_000, "max_batch_size": 256})
     repository.save_spec(spec.model_copy(update={"serving": serving}))
     service = _service(repo, inline_below_ms=0)
 
